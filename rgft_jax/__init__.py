@@ -1,0 +1,15 @@
+"""Residual-Guided Fine-Tuning (RGFT) for JAX."""
+
+from rgft_jax._components import Components
+from rgft_jax._schedules import linear_threshold
+from rgft_jax._transform import ScaleByResidualErrorState, rgft, scale_by_residual_error
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "Components",
+  "ScaleByResidualErrorState",
+  "linear_threshold",
+  "rgft",
+  "scale_by_residual_error",
+)
