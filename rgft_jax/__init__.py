@@ -2,12 +2,16 @@
 
 from rgft_jax._components import Components
 from rgft_jax._schedules import linear_threshold
-from rgft_jax._transform import ScaleByResidualErrorState, rgft, scale_by_residual_error
+from rgft_jax._tracker import ErrorTracker
+from rgft_jax._transform import ScaleByResidualErrorState
+from rgft_jax._transform import rgft
+from rgft_jax._transform import scale_by_residual_error
 
 __version__ = "0.1.0"
 
 __all__ = (
   "Components",
+  "ErrorTracker",
   "ScaleByResidualErrorState",
   "linear_threshold",
   "rgft",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from rgft_jax import _schedules, _validation
+from rgft_jax import _schedules
+from rgft_jax import _validation
 from rgft_jax._components import Components
 
 

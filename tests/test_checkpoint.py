@@ -2,7 +2,11 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from test_transform import as_dict, error_maps, grads_at, make_components, make_params
+from test_transform import as_dict
+from test_transform import error_maps
+from test_transform import grads_at
+from test_transform import make_components
+from test_transform import make_params
 
 import rgft_jax
 

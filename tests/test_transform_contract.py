@@ -5,17 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _reference import ReferenceRGFT
-from test_transform import (
-  NAMES,
-  OWNERS,
-  SHAPES,
-  as_dict,
-  error_maps,
-  grads_at,
-  make_components,
-  make_params,
-  run_and_compare,
-)
+from test_transform import NAMES
+from test_transform import OWNERS
+from test_transform import SHAPES
+from test_transform import as_dict
+from test_transform import error_maps
+from test_transform import grads_at
+from test_transform import make_components
+from test_transform import make_params
+from test_transform import run_and_compare
 
 import rgft_jax
 

@@ -1,0 +1,374 @@
+"""ErrorTracker: per-component error attribution from a Flax Linen model.
+
+Component outputs are captured by method interception
+(`flax.linen.intercept_methods`) while the user's own loss function runs, so the
+model's code is never edited. Each tapped output `h` gets a zero perturbation
+`h + d` made inside the traced function (the same device as Flax's `perturb`,
+made at the shape of this call, so any batch size works), and one backward pass
+gives `dL/dh = dL/dd` for every tap at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgft_jax._components import Components
+
+Path = tuple[str, ...]
+Select = str | Callable[[Path, nn.Module], bool]
+
+METHODS = ("norm_product", "taylor", "ablation")
+_BRANCH_CLASS = re.compile(r"(?i)mlp|feed_?forward|ffn")
+_NORM_CLASS = re.compile(r"(?i)norm")
+
+
+def _is_branch(path: Path, module: nn.Module) -> bool:
+  """A transformer block's attention or MLP branch."""
+  del path
+  return isinstance(module, nn.MultiHeadDotProductAttention) or bool(
+    _BRANCH_CLASS.search(type(module).__name__)
+  )
+
+
+def _is_head_projection(module: nn.Module) -> bool:
+  """The output projection of `nn.MultiHeadDotProductAttention` (its input is per head)."""
+  return (
+    isinstance(module, nn.DenseGeneral)
+    and module.name == "out"
+    and isinstance(module.parent, nn.MultiHeadDotProductAttention)
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tap:
+  path: Path
+  heads: int | None  # Number of heads for a per-head tap, None for a whole output.
+  feeder: Path | None = None  # Norm layer called just before, owned with the tap.
+
+
+class ErrorTracker:
+  """Loss, gradients and the batch's error map of a Flax model in one pass.
+
+  Args:
+    model: the `flax.linen.Module` the loss function applies.
+    select: which submodules are components: `"branches"` (each attention and
+      MLP branch of a transformer block, measured on the branch output before it
+      joins the residual stream: every `nn.MultiHeadDotProductAttention` and every
+      module whose class name says MLP/FeedForward/FFN), `"heads"` (every head of
+      every `nn.MultiHeadDotProductAttention`, measured on the per-head output
+      before the output projection), or a predicate `select(path, module)` on
+      the module path (a tuple of names) and the bound module.
+    method: `"norm_product"` (per example `||dL/dh|| ||h||`, batch mean),
+      `"taylor"` (per example `|<dL/dh, h>|`, batch mean) or `"ablation"`
+      (exact `L - L(component output zeroed)`, one extra forward per component).
+
+  The loss function must return the mean over the batch of per-example losses,
+  and tapped outputs must have the batch on their leading axis: then
+  `dL_b/dh[b] = B dL/dh[b]` gives every per-example gradient from one backward
+  pass. Models that couple examples (batch norm in training mode) break that
+  identity; their per-example attributions are then approximate.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp
+    >>> import rgft_jax
+    >>> class Mlp(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(4)(nn.relu(nn.Dense(8)(x)))
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = x + Mlp()(nn.LayerNorm()(x))
+    ...     return x + Mlp()(nn.LayerNorm()(x))
+    >>> model, x = Net(), jnp.ones((2, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tracker = rgft_jax.ErrorTracker(model, select="branches")
+    >>> tracker.components(params, x).names
+    ('Mlp_0', 'Mlp_1')
+    >>> loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+    >>> loss, grads, error_map = tracker.value_and_grad(loss_fn)(params, x)
+    >>> sorted(error_map)
+    ['Mlp_0', 'Mlp_1']
+  """
+
+  def __init__(
+    self, model: nn.Module, select: Select = "branches", method: str = "norm_product"
+  ):
+    if not isinstance(model, nn.Module):
+      raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}.")
+    if method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if isinstance(select, str):
+      if select not in ("branches", "heads"):
+        raise ValueError(
+          f"select must be 'branches', 'heads' or a predicate, got {select!r}."
+        )
+    elif not callable(select):
+      raise TypeError(
+        f"select must be a string or a callable, got {type(select).__name__}."
+      )
+    self.model = model
+    self.select = select
+    self.method = method
+
+  # Interception.
+
+  def _wants_output(self, path: Path, module: nn.Module) -> bool:
+    if not path or self.select == "heads":
+      return False
+    if self.select == "branches":
+      return _is_branch(path, module)
+    return bool(self.select(path, module))
+
+  def _intercept(self, visit: Callable[[_Tap, Any], Any], calls: list | None = None):
+    """An interceptor that passes each tapped value through `visit(tap, value)`.
+
+    With `calls`, it also records `(path, module)` of every call, in order.
+    """
+    last_done: dict[Path, tuple[Path, nn.Module]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      module = context.module
+      path = tuple(module.scope.path)
+      if calls is not None:
+        calls.append((path, module))
+      if self.select == "heads" and _is_head_projection(module):
+        heads = args[0].shape[-2]
+        x = visit(_Tap(path[:-1], heads), args[0])
+        return next_fun(x, *args[1:], **kwargs)
+      before = last_done.get(path[:-1]) if path else None
+      out = next_fun(*args, **kwargs)
+      if path:
+        last_done[path[:-1]] = (path, module)
+      if not self._wants_output(path, module):
+        return out
+      feeder = None
+      if before is not None and _NORM_CLASS.search(type(before[1]).__name__):
+        feeder = before[0]
+      return visit(_Tap(path, None, feeder), out)
+
+    return nn.intercept_methods(interceptor)
+
+  def _record(
+    self, fn: Callable[..., Any], *args, **kwargs
+  ) -> tuple[list[tuple[_Tap, Any]], list]:
+    """Taps (with abstract values) and module calls of `fn(*args, **kwargs)`."""
+    taps, calls = [], []
+
+    def visit(tap, value):
+      _check_tappable(tap, value)
+      taps.append(
+        (tap, jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), value))
+      )
+      return value
+
+    def run(*args):
+      with self._intercept(visit, calls):
+        return fn(*args, **kwargs)
+
+    jax.eval_shape(run, *args)
+    if not taps:
+      modules = sorted({"/".join(p) for p, _ in calls if p})
+      raise ValueError(
+        f"select={self.select!r} matched no submodule of {type(self.model).__name__}; "
+        f"its submodules are: {modules}."
+      )
+    return taps, calls
+
+  # Components.
+
+  def components(self, params: Any, *inputs: Any, **apply_kwargs: Any) -> Components:
+    """The components the taps define, with the parameters each one owns.
+
+    Runs `model.apply({"params": params}, *inputs, **apply_kwargs)` abstractly
+    (no FLOPs) to find the tapped modules. A whole-output tap owns the
+    parameters under its module, and the norm layer called just before it in the
+    same parent (the pre-norm that feeds a residual branch); a head owns its
+    slices of the query/key/value kernels and biases and of the output kernel.
+    Every other parameter (embeddings, a new head, shared biases) is in no
+    component; `Components.unassigned(params)` lists them.
+    """
+
+    def apply(p):
+      return self.model.apply({"params": p}, *inputs, **apply_kwargs)
+
+    taps, _ = self._record(apply, params)
+    rules = []
+    seen = set()
+    for tap, _ in sorted(taps, key=lambda t: -len(t[0].path)):
+      if tap in seen:
+        continue
+      seen.add(tap)
+      prefix = re.escape("/".join(tap.path))
+      name = "/".join(tap.path).replace("\\", "\\\\")
+      if tap.heads is None:
+        rules.append((prefix + r"/.*", name))
+        if tap.feeder is not None:
+          rules.append((re.escape("/".join(tap.feeder)) + r"/.*", name))
+      else:
+        head_name = name + "/head{head}"
+        rules += [
+          (prefix + r"/(query|key|value)/(kernel|bias)", head_name, -2),
+          (prefix + r"/out/kernel", head_name, 0),
+        ]
+    rules.append((r".*", None))
+    return Components.from_regex(params, rules)
+
+  # Attribution.
+
+  def value_and_grad(
+    self, loss_fn: Callable[..., Any], has_aux: bool = False
+  ) -> Callable[..., Any]:
+    """Wraps `loss_fn(params, *args, **kwargs)` to return `(loss, grads, error_map)`.
+
+    `loss_fn` calls the model itself (with its own rngs and `mutable`
+    collections); with `has_aux` it returns `(loss, aux)` and the first output
+    is `(loss, aux)`, as with `jax.value_and_grad`. `error_map` maps each
+    component name to a float32 scalar, ready for `rgft()`'s `error_map=`.
+    Call it inside `jax.jit`; it works on any batch size.
+    """
+
+    def wrapped(params, *args, **kwargs):
+      def call(p):
+        return loss_fn(p, *args, **kwargs)
+
+      recorded, _ = self._record(call, params)
+      if self.method == "ablation":
+        taps = [tap for tap, _ in recorded]
+        (loss, aux), grads, error_map = self._ablation(call, has_aux, taps, params)
+        return ((loss, aux) if has_aux else loss), grads, error_map
+
+      def perturbed(params, deltas):
+        values = []
+        it = iter(deltas)
+
+        def visit(tap, value):
+          values.append((tap, value))
+          return jax.tree.map(jnp.add, value, next(it))
+
+        with self._intercept(visit):
+          out = call(params)
+        loss, aux = out if has_aux else (out, None)
+        return loss, (aux, values)
+
+      zeros = [
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v) for _, v in recorded
+      ]
+      (loss, (aux, values)), (grads, dgrads) = jax.value_and_grad(
+        perturbed, argnums=(0, 1), has_aux=True
+      )(params, zeros)
+      error_map = self._cheap_map(values, dgrads)
+      return ((loss, aux) if has_aux else loss), grads, error_map
+
+    return wrapped
+
+  def _cheap_map(self, values, dgrads) -> dict[str, jax.Array]:
+    per_example: dict[str, jax.Array] = {}
+    batch = None
+    for (tap, h), g in zip(values, dgrads, strict=True):
+      h_leaves, g_leaves = jax.tree.leaves(h), jax.tree.leaves(g)
+      b = h_leaves[0].shape[0]
+      batch = b if batch is None else batch
+      if b != batch:
+        raise ValueError(
+          f"Tapped outputs disagree on the batch size (leading axis): {'/'.join(tap.path)} "
+          f"has {b}, an earlier tap has {batch}."
+        )
+      # Per-example gradient of a batch-mean loss: B times the batch gradient.
+      hh = sum(_per_example(x * x, tap) for x in _f32(h_leaves))
+      gg = sum(_per_example(x * x, tap) for x in _f32(g_leaves)) * float(b) ** 2
+      gh = sum(
+        _per_example(x * y, tap)
+        for x, y in zip(_f32(g_leaves), _f32(h_leaves), strict=True)
+      ) * float(b)
+      for name, cols in _columns(tap):
+        prev = per_example.get(name)
+        if self.method == "norm_product":
+          val = (
+            jnp.sqrt(gg[:, cols]) * jnp.sqrt(hh[:, cols])
+            if cols is not None
+            else jnp.sqrt(gg) * jnp.sqrt(hh)
+          )
+        else:
+          val = gh[:, cols] if cols is not None else gh
+        per_example[name] = val if prev is None else prev + val
+    if self.method == "taylor":
+      per_example = {k: jnp.abs(v) for k, v in per_example.items()}
+    return {k: jnp.mean(v) for k, v in per_example.items()}
+
+  def _ablation(self, call, has_aux, taps, params):
+    names = list(dict.fromkeys(name for tap in taps for name, _ in _columns(tap)))
+    position = {name: i for i, name in enumerate(names)}
+
+    def masked_loss(params, keep):
+      def visit(tap, value):
+        idx = np.array([position[name] for name, _ in _columns(tap)])
+        k = keep[idx]
+
+        def scale(v):
+          if tap.heads is None:
+            return v * k[0].astype(v.dtype)
+          shape = (1,) * (v.ndim - 2) + (tap.heads, 1)  # Along the head axis.
+          return v * k.reshape(shape).astype(v.dtype)
+
+        return jax.tree.map(scale, value)
+
+      with self._intercept(visit):
+        out = call(params)
+      return out if has_aux else (out, None)
+
+    ones = jnp.ones(len(names), jnp.float32)
+    (loss, aux), grads = jax.value_and_grad(
+      lambda p: masked_loss(p, ones), has_aux=True
+    )(params)
+    ablated = jax.lax.map(
+      lambda keep: masked_loss(params, keep)[0], 1.0 - jnp.eye(len(names))
+    )
+    diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
+    return (loss, aux), grads, {name: diffs[i] for i, name in enumerate(names)}
+
+
+def _f32(leaves):
+  return [jnp.asarray(x, jnp.float32) for x in leaves]
+
+
+def _per_example(x: jax.Array, tap: _Tap) -> jax.Array:
+  """Sums over all axes but the batch (and the head axis of a per-head tap)."""
+  if tap.heads is None:
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+  x = jnp.moveaxis(x, -2, 1)
+  return jnp.sum(x.reshape(x.shape[0], x.shape[1], -1), axis=2)
+
+
+def _columns(tap: _Tap) -> list[tuple[str, int | None]]:
+  name = "/".join(tap.path)
+  if tap.heads is None:
+    return [(name, None)]
+  return [(f"{name}/head{h}", h) for h in range(tap.heads)]
+
+
+def _check_tappable(tap: _Tap, value: Any) -> None:
+  leaves = jax.tree.leaves(value)
+  bad = [
+    type(v).__name__ if not hasattr(v, "shape") else f"{v.dtype}{list(v.shape)}"
+    for v in leaves
+    if not hasattr(v, "shape")
+    or not jnp.issubdtype(v.dtype, jnp.floating)
+    or v.ndim < 1
+  ]
+  if not leaves or bad:
+    raise ValueError(
+      f"Cannot tap the output of {'/'.join(tap.path)!r}: every leaf must be a "
+      f"floating array with a leading batch axis; got {bad or 'no arrays'}."
+    )
