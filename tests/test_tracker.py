@@ -1,0 +1,408 @@
+"""ErrorTracker against attributions computed by hand, example by example."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rgft_jax
+
+HEADS, WIDTH, SEQ, CLASSES = 2, 8, 5, 3
+
+
+class MlpBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(WIDTH)(nn.gelu(nn.Dense(2 * WIDTH)(x)))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with vision_transformer's child names."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(
+      num_heads=HEADS, name="MultiHeadDotProductAttention_1"
+    )(y, y)
+    x = x + y
+    y = nn.LayerNorm(name="LayerNorm_2")(x)
+    return x + MlpBlock(name="MlpBlock_3")(y)
+
+
+class TinyTransformer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(WIDTH, name="embedding")(x)
+    for i in range(2):
+      x = Block(name=f"encoderblock_{i}")(x)
+    return nn.Dense(CLASSES, name="head")(x.mean(axis=1))
+
+
+def _data(batch, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, SEQ, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, CLASSES, size=batch))
+  return x, y
+
+
+def _setup():
+  model = TinyTransformer()
+  x, y = _data(6)
+  params = model.init(jax.random.key(0), x)["params"]
+  # Move off the initialisation so that no gradient is trivially zero.
+  params = jax.tree.map(
+    lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params
+  )
+  return model, params, x, y
+
+
+def _loss_fn(model):
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss_fn
+
+
+def _heads_by_hand(p, y):
+  """Per-head attention outputs [B, L, H, K] from the weights, written out."""
+  q, k, v = (
+    jnp.einsum("bld,dhk->blhk", y, p[n]["kernel"]) + p[n]["bias"][None, None]
+    for n in ("query", "key", "value")
+  )
+  logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / jnp.sqrt(q.shape[-1])
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqs,bshk->bqhk", weights, v)
+
+
+def _reference_forward(params, x, y, edit, granularity):
+  """Loss of the tiny transformer with each tapped value passed through `edit`.
+
+  Branch outputs and per-head outputs are computed from the sub-modules' own
+  parameters, outside any interception.
+  """
+  ln = nn.LayerNorm()
+  h = nn.Dense(WIDTH).apply({"params": params["embedding"]}, x)
+  for i in range(2):
+    p = params[f"encoderblock_{i}"]
+    name = f"encoderblock_{i}/MultiHeadDotProductAttention_1"
+    a_in = ln.apply({"params": p["LayerNorm_0"]}, h)
+    pa = p["MultiHeadDotProductAttention_1"]
+    if granularity == "heads":
+      o = _heads_by_hand(pa, a_in)
+      o = edit(name, o)
+      a = (
+        jnp.einsum("blhk,hkd->bld", o, pa["out"]["kernel"])
+        + pa["out"]["bias"][None, None]
+      )
+    else:
+      a = nn.MultiHeadDotProductAttention(num_heads=HEADS).apply(
+        {"params": pa}, a_in, a_in
+      )
+      a = edit(name, a)
+    h = h + a
+    m_in = ln.apply({"params": p["LayerNorm_2"]}, h)
+    m = MlpBlock().apply({"params": p["MlpBlock_3"]}, m_in)
+    if granularity != "heads":
+      m = edit(f"encoderblock_{i}/MlpBlock_3", m)
+    h = h + m
+  logits = nn.Dense(CLASSES).apply({"params": params["head"]}, h.mean(axis=1))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+@functools.partial(jax.jit, static_argnames=("granularity", "method"))
+def _reference_cheap_map(params, x, y, granularity, method):
+  """Per-example vmap of the gradient with respect to each tapped value."""
+  values = {}
+
+  def record(name, v):
+    values[name] = v
+    return v
+
+  _reference_forward(params, x, y, record, granularity)
+  names = list(values)
+
+  def example_loss(deltas, xb, yb):
+    def add(name, v):
+      return v + deltas[name]
+
+    return _reference_forward(params, xb[None], yb[None], add, granularity)[0]
+
+  deltas = {n: jnp.zeros_like(values[n]) for n in names}
+  per_example_grads = jax.vmap(
+    lambda d, xb, yb: jax.grad(example_loss)(
+      jax.tree.map(lambda t: t[None], d), xb, yb
+    ),
+  )(deltas, x, y)
+  out = {}
+  for n in names:
+    g = per_example_grads[n][:, 0]  # [B, ...] one example's gradient each.
+    h = values[n]
+    if granularity == "heads":  # One value per head: sum over sequence and head_dim.
+      for head in range(HEADS):
+        out[f"{n}/head{head}"] = _combine(
+          g[:, :, head], h[:, :, head], method, axes=(1, 2)
+        )
+    else:
+      out[n] = _combine(g, h, method, axes=(1, 2))
+  return out
+
+
+def _combine(g, h, method, axes):
+  if method == "norm_product":
+    per = jnp.sqrt(jnp.sum(g**2, axes)) * jnp.sqrt(jnp.sum(h**2, axes))
+  else:
+    per = jnp.abs(jnp.sum(g * h, axes))
+  return jnp.mean(per)
+
+
+@pytest.mark.parametrize("granularity", ["branches", "heads"])
+@pytest.mark.parametrize("method", ["norm_product", "taylor"])
+def test_cheap_methods_match_per_example_vmap(granularity, method):
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select=granularity, method=method)
+  loss, grads, error_map = jax.jit(tracker.value_and_grad(_loss_fn(model)))(
+    params, x, y
+  )
+  expected = _reference_cheap_map(params, x, y, granularity, method)
+  assert sorted(error_map) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(error_map[name], value, rtol=2e-4, err_msg=name)
+  ref_loss, ref_grads = jax.value_and_grad(_loss_fn(model))(params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["branches", "heads"])
+def test_ablation_matches_masked_forwards(granularity):
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select=granularity, method="ablation")
+  loss, _, error_map = jax.jit(tracker.value_and_grad(_loss_fn(model)))(params, x, y)
+  full = _reference_forward(params, x, y, lambda n, v: v, granularity).mean()
+  for name, value in error_map.items():
+    if granularity == "heads":
+      module, head = name.rsplit("/head", 1)
+
+      def zero(n, v, module=module, head=int(head)):
+        return v.at[:, :, head].set(0.0) if n == module else v
+    else:
+
+      def zero(n, v, name=name):
+        return jnp.zeros_like(v) if n == name else v
+
+    ablated = _reference_forward(params, x, y, zero, granularity).mean()
+    np.testing.assert_allclose(
+      value, full - ablated, rtol=1e-4, atol=1e-6, err_msg=name
+    )
+  assert len(error_map) == (4 if granularity == "branches" else 2 * HEADS)
+  np.testing.assert_allclose(loss, full, rtol=1e-6)
+
+
+def test_components_own_the_right_parameters():
+  model, params, x, _ = _setup()
+  branches = rgft_jax.ErrorTracker(model, select="branches").components(params, x)
+  attn, mlp = "MultiHeadDotProductAttention_1", "MlpBlock_3"
+  names = [f"encoderblock_{i}/{m}" for i in range(2) for m in (attn, mlp)]
+  assert sorted(branches.names) == sorted(names)
+  owned = branches.owned_paths()
+  for i in range(2):
+    blk = f"encoderblock_{i}"
+    assert sorted(owned[f"{blk}/{attn}"]) == sorted(
+      [f"{blk}/LayerNorm_0/{v}" for v in ("bias", "scale")]
+      + [
+        f"{blk}/{attn}/{d}/{v}"
+        for d in ("query", "key", "value", "out")
+        for v in ("kernel", "bias")
+      ]
+    )
+    assert sorted(owned[f"{blk}/{mlp}"]) == sorted(
+      [f"{blk}/LayerNorm_2/{v}" for v in ("bias", "scale")]
+      + [f"{blk}/{mlp}/Dense_{j}/{v}" for j in range(2) for v in ("kernel", "bias")]
+    )
+  assert branches.unassigned(params) == [
+    "embedding/bias",
+    "embedding/kernel",
+    "head/bias",
+    "head/kernel",
+  ]
+
+  heads = rgft_jax.ErrorTracker(model, select="heads").components(params, x)
+  assert len(heads) == 2 * HEADS
+  idx = heads.index["encoderblock_1"][attn]
+  for h in range(HEADS):
+    c = heads.names.index(f"encoderblock_1/{attn}/head{h}")
+    np.testing.assert_array_equal(
+      np.asarray(idx["query"]["kernel"])[0, :, 0] == c, np.arange(HEADS) == h
+    )
+    np.testing.assert_array_equal(
+      np.asarray(idx["value"]["bias"])[:, 0] == c, np.arange(HEADS) == h
+    )
+    np.testing.assert_array_equal(
+      np.asarray(idx["out"]["kernel"])[:, 0, 0] == c, np.arange(HEADS) == h
+    )
+  assert int(idx["out"]["bias"]) == -1
+  assert int(heads.index["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"]) == -1
+
+
+def test_any_batch_size_under_jit():
+  model, params, _, _ = _setup()
+  tracker = rgft_jax.ErrorTracker(model)
+  step = jax.jit(tracker.value_and_grad(_loss_fn(model)))
+  for batch in (3, 7):
+    x, y = _data(batch, seed=batch)
+    _, _, error_map = step(params, x, y)
+    expected = _reference_cheap_map(params, x, y, "branches", "norm_product")
+    for name, value in expected.items():
+      np.testing.assert_allclose(error_map[name], value, rtol=2e-4)
+
+
+class ResBranch(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(4, (3, 3))(nn.relu(nn.Conv(4, (3, 3))(x)))
+
+
+class ResCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), name="stem")(x)
+    for i in range(2):
+      x = x + ResBranch(name=f"res{i}")(x)
+    return nn.Dense(CLASSES, name="head")(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("method", ["norm_product", "taylor"])
+def test_residual_cnn_with_predicate(method):
+  model = ResCNN()
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(5, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, CLASSES, size=5))
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(
+    model, select=lambda path, m: isinstance(m, ResBranch), method=method
+  )
+  assert tracker.components(params, x).names == ("res0", "res1")
+  _, _, error_map = jax.jit(tracker.value_and_grad(_loss_fn(model)))(params, x, y)
+
+  def forward(deltas, xb, yb):
+    h = nn.Conv(4, (3, 3)).apply({"params": params["stem"]}, xb)
+    outs = {}
+    for i in range(2):
+      r = ResBranch().apply({"params": params[f"res{i}"]}, h)
+      outs[f"res{i}"] = r
+      h = h + r + deltas[f"res{i}"]
+    logits = nn.Dense(CLASSES).apply({"params": params["head"]}, h.mean(axis=(1, 2)))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb)[0], outs
+
+  zeros = {f"res{i}": jnp.zeros((1, 6, 6, 4)) for i in range(2)}
+  g, outs = jax.vmap(
+    lambda xb, yb: jax.grad(forward, has_aux=True)(zeros, xb[None], yb[None])
+  )(x, y)
+  for name in ("res0", "res1"):
+    expected = _combine(g[name][:, 0], outs[name][:, 0], method, axes=(1, 2, 3))
+    np.testing.assert_allclose(error_map[name], expected, rtol=2e-4)
+
+
+def test_has_aux_and_mutable_collections_pass_through():
+  class WithStats(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(WIDTH)(x)
+      x = x + MlpBlock()(nn.BatchNorm(use_running_average=not train)(x))
+      return nn.Dense(CLASSES)(nn.Dropout(0.5, deterministic=not train)(x))
+
+  model = WithStats()
+  x, y = _data(4)
+  x = x[:, 0]
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def loss_fn(params, x, y, key):
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+
+  tracker = rgft_jax.ErrorTracker(model)
+  (loss, updates), grads, error_map = jax.jit(
+    tracker.value_and_grad(loss_fn, has_aux=True)
+  )(variables["params"], x, y, jax.random.key(5))
+  (ref_loss, ref_updates), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    variables["params"], x, y, jax.random.key(5)
+  )
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert list(error_map) == ["MlpBlock_0"]
+
+
+def test_select_matching_nothing_names_submodules():
+  model, params, x, _ = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select=lambda path, m: False)
+  with pytest.raises(
+    ValueError, match=r"matched no submodule.*encoderblock_0/MlpBlock_3"
+  ):
+    tracker.components(params, x)
+
+
+def test_untappable_output_is_a_clear_error():
+  class IntOut(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.argmax(nn.Dense(3)(x), -1)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(x) * IntOut(name="picker")(x)[:, None]
+
+  model = Net()
+  x = jnp.ones((2, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(model, select=lambda path, m: path == ("picker",))
+  with pytest.raises(
+    ValueError, match=r"Cannot tap the output of 'picker'.*int32\[2\]"
+  ):
+    tracker.components(params, x)
+
+
+def test_tuple_outputs_are_tapped_leaf_by_leaf():
+  class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x), {"b": nn.Dense(3)(x)}
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a, d = Pair(name="pair")(x)
+      return (a * d["b"]).sum(-1)
+
+  model = Net()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(model, select=lambda path, m: path == ("pair",))
+
+  def loss_fn(p, x):
+    return jnp.mean(model.apply({"params": p}, x) ** 2)
+
+  _, _, error_map = tracker.value_and_grad(loss_fn)(params, x)
+  a, d = Pair().apply({"params": params["pair"]}, x)
+  b = d["b"]
+  f = (a * b).sum(-1)
+  # Per-example loss f_b^2: gradients 2 f b and 2 f a for the two leaves.
+  ga, gb = 2 * f[:, None] * b, 2 * f[:, None] * a
+  g_norm = jnp.sqrt((ga**2).sum(-1) + (gb**2).sum(-1))
+  h_norm = jnp.sqrt((a**2).sum(-1) + (b**2).sum(-1))
+  np.testing.assert_allclose(error_map["pair"], jnp.mean(g_norm * h_norm), rtol=1e-5)
