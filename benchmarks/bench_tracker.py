@@ -27,8 +27,10 @@ from experiments.vit import VisionTransformer
 
 def synthetic_images(key, n, classes=10, size=32):
   """Class templates (smooth random patterns), randomly shifted, plus noise."""
-  kt, kl, ks, kn = jax.random.split(key, 4)
-  coarse = jax.random.normal(kt, (classes, 4, 4, 3))
+  kl, ks, kn = jax.random.split(key, 3)
+  coarse = jax.random.normal(
+    jax.random.key(1234), (classes, 4, 4, 3)
+  )  # Same for every split.
   templates = jax.image.resize(coarse, (classes, size, size, 3), "bilinear")
   labels = jax.random.randint(kl, (n,), 0, classes)
   shifts = jax.random.randint(ks, (n, 2), -4, 5)
