@@ -207,11 +207,13 @@ class Components:
   def sizes(self, params: Any) -> np.ndarray:
     """Number of parameter entries in each component, int64[n]."""
     self.check(params)
-    sizes = np.zeros(len(self.names) + 1, np.int64)
+    counts = np.zeros(len(self.names) + 1, np.int64)  # Entry 0: no component.
     for path, leaf in leaves_by_path(params).items():
-      idx = np.broadcast_to(self._by_path[path], np.shape(leaf))
-      np.add.at(sizes, idx.ravel(), 1)
-    return sizes[:-1]
+      idx = self._by_path[path]
+      # Each index entry covers size(leaf) / size(idx) parameter entries.
+      per_entry = int(np.prod(np.shape(leaf))) // idx.size
+      counts += per_entry * np.bincount(idx.ravel() + 1, minlength=len(counts))
+    return counts[1:]
 
   def unassigned(self, params: Any) -> list[str]:
     """Paths of parameter leaves with entries in no component."""
