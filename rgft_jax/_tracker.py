@@ -3,7 +3,7 @@
 Component outputs are captured by method interception
 (`flax.linen.intercept_methods`) while the user's own loss function runs, so the
 model's code is never edited. Each tapped output `h` gets a zero perturbation
-`h + d` made inside the traced function (the same device as Flax's `perturb`,
+`h + d` made inside the traced function (what Flax's `perturb` does, but
 made at the shape of this call, so any batch size works), and one backward pass
 gives `dL/dh = dL/dd` for every tap at once.
 """
