@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Rule = tuple[str, str | None] | tuple[str, str | None, int]
 
@@ -21,9 +22,18 @@ def path_str(path: jax.tree_util.KeyPath) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def leaves_by_path(tree: Any) -> dict[str, Any]:
-  """The leaves of `tree` keyed by their `/`-joined path."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  """The leaves of `tree` keyed by their `/`-joined path.
+
+  An `nnx.Variable` counts as one leaf, so `nnx.state(model, nnx.Param)` and
+  its pure form (`nnx.as_pure`, what `nnx.Optimizer` hands to optax) have the
+  same paths.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
   return {path_str(p): leaf for p, leaf in leaves}
 
 
@@ -157,7 +167,7 @@ class Components:
       unmatched.append(path)
       return np.full((), -1, np.int32)
 
-    index = jax.tree_util.tree_map_with_path(assign, params)
+    index = jax.tree_util.tree_map_with_path(assign, params, is_leaf=_is_variable)
     if unmatched:
       raise ValueError(
         "Every parameter must be matched by a rule (use name None to leave "

@@ -1,8 +1,9 @@
-"""ErrorTracker: per-component error attribution from a Flax Linen model.
+"""ErrorTracker: per-component error attribution from a Flax model.
 
-Component outputs are captured by method interception
-(`flax.linen.intercept_methods`) while the user's own loss function runs, so the
-model's code is never edited. Each tapped output `h` gets a zero perturbation
+Component outputs are captured by method interception while the user's own loss
+function runs, so the model's code is never edited: `flax.linen.intercept_methods`
+for Linen, a scoped wrapper of `__call__` for Flax NNX modules (NNX has no
+interceptor API). Each tapped output `h` gets a zero perturbation
 `h + d` made inside the traced function (what Flax's `perturb` does, but
 made at the shape of this call, so any batch size works), and one backward pass
 gives `dL/dh = dL/dd` for every tap at once.
@@ -10,7 +11,9 @@ gives `dL/dh = dL/dd` for every tap at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -19,27 +22,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rgft_jax._components import Components
 
 Path = tuple[str, ...]
-Select = str | Callable[[Path, nn.Module], bool]
+Module = nn.Module | nnx.Module
+Select = str | Callable[[Path, Module], bool]
 
 METHODS = ("norm_product", "taylor", "ablation")
 _BRANCH_CLASS = re.compile(r"(?i)mlp|feed_?forward|ffn")
 _NORM_CLASS = re.compile(r"(?i)norm")
 
 
-def _is_branch(path: Path, module: nn.Module) -> bool:
+_ATTENTION = (nn.MultiHeadDotProductAttention, nnx.MultiHeadAttention)
+
+
+def _is_branch(path: Path, module: Module) -> bool:
   """A transformer block's attention or MLP branch."""
   del path
-  return isinstance(module, nn.MultiHeadDotProductAttention) or bool(
+  return isinstance(module, _ATTENTION) or bool(
     _BRANCH_CLASS.search(type(module).__name__)
   )
 
 
-def _is_head_projection(module: nn.Module) -> bool:
+def _is_linen_head_projection(path: Path, module: nn.Module) -> bool:
   """The output projection of `nn.MultiHeadDotProductAttention` (its input is per head)."""
+  del path
   return (
     isinstance(module, nn.DenseGeneral)
     and module.name == "out"
@@ -58,7 +67,9 @@ class ErrorTracker:
   """Loss, gradients and the batch's error map of a Flax model in one pass.
 
   Args:
-    model: the `flax.linen.Module` the loss function applies.
+    model: the `flax.linen.Module` the loss function applies, or the
+      `flax.nnx.Module` it calls (taps are found on the model object that
+      `value_and_grad`'s wrapper receives, so it works under `nnx.jit`).
     select: which submodules are components: `"branches"` (each attention and
       MLP branch of a transformer block, measured on the branch output before it
       joins the residual stream: every `nn.MultiHeadDotProductAttention` and every
@@ -101,10 +112,13 @@ class ErrorTracker:
   """
 
   def __init__(
-    self, model: nn.Module, select: Select = "branches", method: str = "norm_product"
+    self, model: Module, select: Select = "branches", method: str = "norm_product"
   ):
-    if not isinstance(model, nn.Module):
-      raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}.")
+    if not isinstance(model, (nn.Module, nnx.Module)):
+      raise TypeError(
+        "model must be a flax.linen.Module or a flax.nnx.Module, got "
+        f"{type(model).__name__}."
+      )
     if method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if isinstance(select, str):
@@ -120,30 +134,33 @@ class ErrorTracker:
     self.select = select
     self.method = method
 
+  @property
+  def _is_nnx(self) -> bool:
+    return isinstance(self.model, nnx.Module)
+
   # Interception.
 
-  def _wants_output(self, path: Path, module: nn.Module) -> bool:
+  def _wants_output(self, path: Path, module: Module) -> bool:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
       return _is_branch(path, module)
     return bool(self.select(path, module))
 
-  def _intercept(self, visit: Callable[[_Tap, Any], Any], calls: list | None = None):
-    """An interceptor that passes each tapped value through `visit(tap, value)`.
+  def _handler(
+    self, visit: Callable[[_Tap, Any], Any], calls: list | None, is_head_projection
+  ):
+    """`handle(path, module, next_fun, args, kwargs)` for one module call.
 
-    With `calls`, it also records `(path, module)` of every call, in order.
+    Passes each tapped value through `visit(tap, value)`; with `calls`, also
+    records `(path, module)` of every call, in order.
     """
-    last_done: dict[Path, tuple[Path, nn.Module]] = {}
+    last_done: dict[Path, tuple[Path, Module]] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-      if context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
-      module = context.module
-      path = tuple(module.scope.path)
+    def handle(path, module, next_fun, args, kwargs):
       if calls is not None:
         calls.append((path, module))
-      if self.select == "heads" and _is_head_projection(module):
+      if self.select == "heads" and is_head_projection(path, module):
         heads = args[0].shape[-2]
         x = visit(_Tap(path[:-1], heads), args[0])
         return next_fun(x, *args[1:], **kwargs)
@@ -158,12 +175,49 @@ class ErrorTracker:
         feeder = before[0]
       return visit(_Tap(path, None, feeder), out)
 
-    return nn.intercept_methods(interceptor)
+    return handle
 
-  def _record(
-    self, fn: Callable[..., Any], *args, **kwargs
-  ) -> tuple[list[tuple[_Tap, Any]], list]:
-    """Taps (with abstract values) and module calls of `fn(*args, **kwargs)`."""
+  def _bind(self, loss_fn: Callable[..., Any], model_or_params: Any, args, kwargs):
+    """`(params, run, finish)` for `loss_fn(model_or_params, *args, **kwargs)`.
+
+    `run(params, visit, calls=None)` calls the loss function on `params` with
+    the taps in place and returns `(output, state)`; `finish(state)` writes the
+    model state the call changed back (NNX) or does nothing (Linen).
+    """
+    if not self._is_nnx:
+
+      def run(params, visit, calls=None):
+        handle = self._handler(visit, calls, _is_linen_head_projection)
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+          if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+          path = tuple(context.module.scope.path)
+          return handle(path, context.module, next_fun, call_args, call_kwargs)
+
+        with nn.intercept_methods(interceptor):
+          return loss_fn(params, *args, **kwargs), None
+
+      return model_or_params, run, lambda state: None
+
+    model = model_or_params
+    if not isinstance(model, nnx.Module):
+      raise TypeError(
+        "With a Flax NNX model, the loss function's first argument is the model "
+        f"(an nnx.Module), got {type(model).__name__}."
+      )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(params, visit, calls=None, rest=rest):
+      live = nnx.merge(graphdef, params, rest, copy=True)
+      with _nnx_taps(live, self._handler(visit, calls, _is_nnx_head_projection(live))):
+        out = loss_fn(live, *args, **kwargs)
+      return out, nnx.split(live, nnx.Param, ...)[2]
+
+    return params, run, lambda state: nnx.update(model, state)
+
+  def _record(self, run, params) -> tuple[list[tuple[_Tap, Any]], list]:
+    """Taps (with abstract values) and module calls of `run(params, ...)`."""
     taps, calls = [], []
 
     def visit(tap, value):
@@ -173,11 +227,7 @@ class ErrorTracker:
       )
       return value
 
-    def run(*args):
-      with self._intercept(visit, calls):
-        return fn(*args, **kwargs)
-
-    jax.eval_shape(run, *args)
+    jax.eval_shape(lambda p: run(p, visit, calls)[0], params)
     if not taps:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
@@ -188,22 +238,35 @@ class ErrorTracker:
 
   # Components.
 
-  def components(self, params: Any, *inputs: Any, **apply_kwargs: Any) -> Components:
+  def components(self, params: Any, *inputs: Any, **call_kwargs: Any) -> Components:
     """The components the taps define, with the parameters each one owns.
 
-    Runs `model.apply({"params": params}, *inputs, **apply_kwargs)` abstractly
-    (no FLOPs) to find the tapped modules. A whole-output tap owns the
-    parameters under its module, and the norm layer called just before it in the
-    same parent (the pre-norm that feeds a residual branch); a head owns its
-    slices of the query/key/value kernels and biases and of the output kernel.
-    Every other parameter (embeddings, a new head, shared biases) is in no
-    component; `Components.unassigned(params)` lists them.
+    Calls the model on `inputs` abstractly (no FLOPs, no state change) to find
+    the tapped modules: `model.apply({"params": params}, *inputs, **call_kwargs)`
+    for Linen, `model(*inputs, **call_kwargs)` for NNX, where `params` is
+    `nnx.state(model, nnx.Param)`. A whole-output tap owns the parameters under
+    its module, and the norm layer called just before it in the same parent
+    (the pre-norm that feeds a residual branch); a head owns its slices of the
+    query/key/value kernels and biases and of the output kernel. Every other
+    parameter (embeddings, a new head, shared biases) is in no component;
+    `Components.unassigned(params)` lists them.
     """
+    if self._is_nnx:
+      if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+      model = self.model
 
-    def apply(p):
-      return self.model.apply({"params": p}, *inputs, **apply_kwargs)
+      def call(m):
+        return m(*inputs, **call_kwargs)
 
-    taps, _ = self._record(apply, params)
+    else:
+      model = params
+
+      def call(p):
+        return self.model.apply({"params": p}, *inputs, **call_kwargs)
+
+    bound, run, _ = self._bind(call, model, (), {})
+    taps, _ = self._record(run, bound)
     rules = []
     seen = set()
     for tap, _ in sorted(taps, key=lambda t: -len(t[0].path)):
@@ -230,23 +293,28 @@ class ErrorTracker:
   def value_and_grad(
     self, loss_fn: Callable[..., Any], has_aux: bool = False
   ) -> Callable[..., Any]:
-    """Wraps `loss_fn(params, *args, **kwargs)` to return `(loss, grads, error_map)`.
+    """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
-    `loss_fn` calls the model itself (with its own rngs and `mutable`
-    collections); with `has_aux` it returns `(loss, aux)` and the first output
-    is `(loss, aux)`, as with `jax.value_and_grad`. `error_map` maps each
+    Linen: `loss_fn(params, *args, **kwargs)` applies the model itself (with its
+    own rngs and `mutable` collections) and `grads` is like `params`. NNX:
+    `loss_fn(model, *args, **kwargs)` calls the model, `grads` is the
+    `nnx.State` of its `nnx.Param`s (as from `nnx.grad`), and state the call
+    changes (batch statistics, RNG counters) is written back to the model.
+    With `has_aux`, `loss_fn` returns `(loss, aux)` and the first output is
+    `(loss, aux)`, as with `jax.value_and_grad`. `error_map` maps each
     component name to a float32 scalar, ready for `rgft()`'s `error_map=`.
-    Call it inside `jax.jit`; it works on any batch size.
+    Call it inside `jax.jit` (`nnx.jit` for NNX); it works on any batch size.
     """
 
-    def wrapped(params, *args, **kwargs):
-      def call(p):
-        return loss_fn(p, *args, **kwargs)
-
-      recorded, _ = self._record(call, params)
+    def wrapped(model_or_params, *args, **kwargs):
+      params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
+      recorded, _ = self._record(run, params)
       if self.method == "ablation":
         taps = [tap for tap, _ in recorded]
-        (loss, aux), grads, error_map = self._ablation(call, has_aux, taps, params)
+        (loss, aux), grads, error_map, state = self._ablation(
+          run, has_aux, taps, params
+        )
+        finish(state)
         return ((loss, aux) if has_aux else loss), grads, error_map
 
       def perturbed(params, deltas):
@@ -257,17 +325,17 @@ class ErrorTracker:
           values.append((tap, value))
           return jax.tree.map(jnp.add, value, next(it))
 
-        with self._intercept(visit):
-          out = call(params)
+        out, state = run(params, visit)
         loss, aux = out if has_aux else (out, None)
-        return loss, (aux, values)
+        return loss, (aux, values, state)
 
       zeros = [
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v) for _, v in recorded
       ]
-      (loss, (aux, values)), (grads, dgrads) = jax.value_and_grad(
+      (loss, (aux, values, state)), (grads, dgrads) = jax.value_and_grad(
         perturbed, argnums=(0, 1), has_aux=True
       )(params, zeros)
+      finish(state)
       error_map = self._cheap_map(values, dgrads)
       return ((loss, aux) if has_aux else loss), grads, error_map
 
@@ -307,7 +375,7 @@ class ErrorTracker:
       per_example = {k: jnp.abs(v) for k, v in per_example.items()}
     return {k: jnp.mean(v) for k, v in per_example.items()}
 
-  def _ablation(self, call, has_aux, taps, params):
+  def _ablation(self, run, has_aux, taps, params):
     names = list(dict.fromkeys(name for tap in taps for name, _ in _columns(tap)))
     position = {name: i for i, name in enumerate(names)}
 
@@ -324,19 +392,21 @@ class ErrorTracker:
 
         return jax.tree.map(scale, value)
 
-      with self._intercept(visit):
-        out = call(params)
-      return out if has_aux else (out, None)
+      out, state = run(params, visit)
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, state)
 
     ones = jnp.ones(len(names), jnp.float32)
-    (loss, aux), grads = jax.value_and_grad(
+    (loss, (aux, state)), grads = jax.value_and_grad(
       lambda p: masked_loss(p, ones), has_aux=True
     )(params)
+    # The ablated forwards' state changes are dropped: only the full call counts.
     ablated = jax.lax.map(
       lambda keep: masked_loss(params, keep)[0], 1.0 - jnp.eye(len(names))
     )
     diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
-    return (loss, aux), grads, {name: diffs[i] for i, name in enumerate(names)}
+    error_map = {name: diffs[i] for i, name in enumerate(names)}
+    return (loss, aux), grads, error_map, state
 
 
 def _f32(leaves):
@@ -372,3 +442,61 @@ def _check_tappable(tap: _Tap, value: Any) -> None:
       f"Cannot tap the output of {'/'.join(tap.path)!r}: every leaf must be a "
       f"floating array with a leading batch axis; got {bad or 'no arrays'}."
     )
+
+
+def _is_nnx_head_projection(model: nnx.Module) -> Callable[[Path, Any], bool]:
+  """Whether `(path, module)` is the output projection of an `nnx.MultiHeadAttention`."""
+  attention = {
+    tuple(str(k) for k in path)
+    for path, m in nnx.iter_modules(model)
+    if isinstance(m, nnx.MultiHeadAttention)
+  }
+  return lambda path, module: (
+    bool(path) and path[-1] == "out" and path[:-1] in attention
+  )
+
+
+@contextlib.contextmanager
+def _nnx_taps(model: nnx.Module, handle):
+  """Routes every `__call__` of `model`'s submodules through `handle`.
+
+  NNX has no method interceptor, so each class defining `__call__` among the
+  model's modules gets a wrapper for the duration of the context. The wrapper
+  acts only on this model's module objects and only on the outermost
+  `__call__` of each (a subclass calling `super().__call__` is one call); any
+  other instance runs unchanged. Tracing is single-threaded in practice, but
+  another thread calling the same classes meanwhile would see the wrapper too.
+  """
+  modules = {
+    id(m): (tuple(str(k) for k in path), m) for path, m in nnx.iter_modules(model)
+  }
+  classes = {
+    cls
+    for _, m in modules.values()
+    for cls in type(m).__mro__
+    if "__call__" in vars(cls) and cls not in (object, nnx.Module)
+  }
+  active: set[int] = set()
+
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      entry = modules.get(id(self))
+      if entry is None or entry[1] is not self or id(self) in active:
+        return original(self, *args, **kwargs)
+      active.add(id(self))
+      try:
+        return handle(entry[0], self, functools.partial(original, self), args, kwargs)
+      finally:
+        active.discard(id(self))
+
+    return call
+
+  originals = {cls: vars(cls)["__call__"] for cls in classes}
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = wrap(original)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
