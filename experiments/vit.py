@@ -8,9 +8,13 @@ Parameter paths match the published `.npz` checkpoints (`embedding`, `cls`,
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +116,61 @@ class VisionTransformer(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(
       x[:, 0]
     )
+
+
+def load_npz(path: str, init_params: dict[str, Any]) -> dict[str, Any]:
+  """Loads a google-research/vision_transformer `.npz` checkpoint for fine-tuning.
+
+  The checkpoint's `head` (and `pre_logits`, if any) are dropped and the new
+  head comes from `init_params`; a position embedding for another grid size is
+  resized bilinearly (the class token's entry is kept), as the original
+  fine-tuning code does. Every other array must match `init_params` in path and
+  shape.
+
+  Args:
+    path: the `.npz` file; keys are `/`-joined parameter paths.
+    init_params: freshly initialised parameters of the model to fine-tune.
+
+  Returns:
+    `init_params` with every array but the head replaced by the checkpoint's.
+  """
+  with open(path, "rb") as f:
+    loaded = dict(np.load(f))
+  init = traverse_util.flatten_dict(init_params, sep="/")
+  dropped = [k for k in loaded if k.split("/")[0] in ("head", "pre_logits")]
+  for k in dropped:
+    del loaded[k]
+  pos = "Transformer/posembed_input/pos_embedding"
+  if pos in loaded and pos in init and loaded[pos].shape != init[pos].shape:
+    loaded[pos] = _resize_posemb(loaded[pos], init[pos].shape[1])
+  missing = sorted(k for k in init if k not in loaded and k.split("/")[0] != "head")
+  unknown = sorted(k for k in loaded if k not in init)
+  wrong = sorted(
+    f"{k}: checkpoint {loaded[k].shape}, model {tuple(init[k].shape)}"
+    for k in loaded
+    if k in init and loaded[k].shape != tuple(init[k].shape)
+  )
+  if missing or unknown or wrong:
+    raise ValueError(
+      f"{path} does not fit the model. Missing from the checkpoint: {missing}; "
+      f"not in the model: {unknown}; shape mismatches: {wrong}."
+    )
+  out = {
+    k: jnp.asarray(loaded[k], init[k].dtype) if k in loaded else v
+    for k, v in init.items()
+  }
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _resize_posemb(posemb: np.ndarray, tokens: int) -> np.ndarray:
+  """[1, 1 + g*g, D] -> [1, tokens, D], bilinear over the grid, class token kept."""
+  cls, grid = posemb[:, :1], posemb[0, 1:]
+  old, new = int(np.sqrt(len(grid))), int(np.sqrt(tokens - 1))
+  if old * old != len(grid) or new * new != tokens - 1:
+    raise ValueError(
+      f"Cannot resize a position embedding of {posemb.shape[1]} tokens to "
+      f"{tokens}: both must be a class token plus a square grid."
+    )
+  grid = grid.reshape(old, old, -1)
+  grid = jax.image.resize(grid, (new, new, grid.shape[-1]), "bilinear")
+  return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
