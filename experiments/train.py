@@ -1,0 +1,285 @@
+"""One fine-tuning run: jitted steps, XLA cost accounting, logging, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from experiments import methods as methods_lib
+
+
+@dataclasses.dataclass
+class Compiled:
+  fn: Callable[..., Any]
+  flops: float
+  peak_bytes: int
+
+
+def cost(compiled) -> tuple[float, int]:
+  """(FLOPs, peak bytes) of a compiled computation, as XLA counts them."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list | tuple):
+    analysis = analysis[0]
+  mem = compiled.memory_analysis()
+  peak = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+  )
+  return float(analysis.get("flops", 0.0)), int(peak)
+
+
+def loss_and_accuracy(model: nn.Module, model_params, batch):
+  logits = model.apply({"params": model_params}, batch["image"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  return loss.mean(), correct.mean()
+
+
+def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[str]):
+  """The train step with `method.trainable - frozen` differentiated.
+
+  Parameters outside that set are closed over, not differentiated, so XLA
+  prunes their gradient work. Their updates are zero and, for paths in
+  `frozen` (LISA's sampled-out blocks), their optimizer state is kept as it
+  was, so a block resumes where it left off.
+  """
+  train = method.trainable - frozen
+
+  def step(params, opt_state, batch):
+    leaves = methods_lib.flat(params)
+    fixed = {p: v for p, v in leaves.items() if p not in train}
+
+    def loss_fn(trained, batch):
+      tree = methods_lib.unflat({**fixed, **trained})
+      return loss_and_accuracy(model, method.to_model(tree), batch)
+
+    trained = {p: v for p, v in leaves.items() if p in train}
+    extra = {}
+    if method.tracker is not None:
+
+      def model_loss(model_params, batch):
+        return loss_and_accuracy(model, model_params, batch)
+
+      (loss, acc), grads, error_map = method.tracker.value_and_grad(
+        model_loss, has_aux=True
+      )(params, batch)
+      extra["error_map"] = error_map
+    else:
+      (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(trained, batch)
+      grads = methods_lib.unflat(
+        {p: g[p] if p in g else jnp.zeros_like(v) for p, v in leaves.items()}
+      )
+    updates, new_state = method.tx.update(grads, opt_state, params, **extra)
+    if frozen:
+      keep = methods_lib.unflat({p: p in frozen for p in leaves})
+      updates = jax.tree.map(lambda u, k: jnp.zeros_like(u) if k else u, updates, keep)
+      mask = optax.tree_utils.tree_map_params(
+        method.tx, lambda _, k: k, new_state, keep, transform_non_params=lambda _: False
+      )
+      new_state = jax.tree.map(
+        lambda m, new, old: old if m else new, mask, new_state, opt_state
+      )
+    metrics = {"loss": loss, "accuracy": acc}
+    if method.tracker is not None:
+      metrics["error_map"] = optax.tree.get(new_state, "error_map")  # The EMA.
+      metrics["alpha"] = optax.tree.get(new_state, "alpha")
+    return optax.apply_updates(params, updates), new_state, metrics
+
+  return step
+
+
+def compile_step(model, method, frozen, params, opt_state, batch) -> Compiled:
+  fn = jax.jit(make_step(model, method, frozen), donate_argnums=(0, 1))
+  compiled = fn.lower(params, opt_state, batch).compile()
+  flops, peak = cost(compiled)
+  return Compiled(compiled, flops, peak)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _correct(model, to_model, params, batch):
+  logits = model.apply({"params": to_model(params)}, batch["image"])
+  return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+
+
+def evaluate(model, method, params, batches) -> float:
+  hits, total = 0.0, 0.0
+  for batch in batches:
+    hits += float(_correct(model, method.to_model, params, batch))
+    total += float(np.sum(batch["mask"]))
+  return hits / total
+
+
+def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:
+  """Fraction of the model's parameters a step moves, alpha-weighted for RGFT.
+
+  Counted on the model's parameters: LoRA's update of an adapted kernel counts
+  as its factors' size, the way LoRA is usually compared.
+  """
+  total = methods_lib.count(method.to_model(method.params))
+  if method.components is not None:
+    sizes = method.components.sizes(method.params)
+    return float((np.sum(np.asarray(alpha) * sizes) + (total - sizes.sum())) / total)
+  return methods_lib.count(method.params, method.trainable - frozen) / total
+
+
+def run(
+  model: nn.Module,
+  method: methods_lib.Method,
+  train_batches,
+  eval_batches: Callable[[], Any],
+  *,
+  steps: int,
+  seed: int,
+  workdir: str,
+  log_every: int = 10,
+  ckpt_every: int = 100,
+  writer=None,
+  progress: bool = True,
+  compiled: dict | None = None,
+) -> tuple[dict[str, Any], Any]:
+  """Fine-tunes for `steps` steps, resuming from `workdir`'s checkpoint if any.
+
+  `train_batches[step]` is the batch of a step (so a resumed run sees the same
+  data). `compiled` caches the compiled step variants; runs that differ only
+  in seed and parameter values can share one. Returns the run's record (accuracy, counted FLOPs, peak bytes, wall
+  time, update ratio, the logged trajectories) and the final parameters.
+  """
+  params = jax.tree.map(jnp.copy, method.params)  # The step donates its inputs.
+  opt_state = method.tx.init(params)
+  history = {"step": [], "loss": [], "accuracy": [], "error_map": [], "alpha": []}
+  counts: dict[str, int] = {}  # Steps run per compiled variant.
+  start, wall = 0, 0.0
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=ckpt_every)
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "ckpt")),
+    options=options,
+    item_names=("state", "log"),
+  )
+  if mngr.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
+    restored = mngr.restore(
+      mngr.latest_step(),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), log=ocp.args.JsonRestore()
+      ),
+    )
+    params, opt_state = restored.state
+    log = restored.log
+    history, counts, start, wall = (
+      log["history"],
+      log["counts"],
+      log["step"],
+      log["wall"],
+    )
+
+  if compiled is None:
+    compiled = {}
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=method.name, leave=False)
+  tic = time.perf_counter()
+  for step in range(start, steps):
+    batch = train_batches[step]
+    frozen = method.frozen_paths(step, seed)
+    if frozen not in compiled:
+      compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
+      tic = time.perf_counter()  # Compilation is reported, not timed as training.
+    variant = ",".join(sorted({p.split("/")[1] for p in frozen})) or "all"
+    counts[variant] = counts.get(variant, 0) + 1
+    params, opt_state, metrics = compiled[frozen].fn(params, opt_state, batch)
+    if (step + 1) % log_every == 0 or step + 1 == steps:
+      metrics = jax.device_get(metrics)
+      wall += time.perf_counter() - tic
+      history["step"].append(step + 1)
+      history["loss"].append(float(metrics["loss"]))
+      history["accuracy"].append(float(metrics["accuracy"]))
+      alpha = metrics.get("alpha")
+      if alpha is not None:
+        history["error_map"].append(np.asarray(metrics["error_map"]).tolist())
+        history["alpha"].append(np.asarray(alpha).tolist())
+      history.setdefault("update_ratio", []).append(update_ratio(method, frozen, alpha))
+      if writer is not None:
+        _log(writer, method, step + 1, metrics)
+      tic = time.perf_counter()
+    if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+      jax.block_until_ready(params)
+      mngr.save(
+        step + 1,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave((params, opt_state)),
+          log=ocp.args.JsonSave(
+            {"history": history, "counts": counts, "step": step + 1, "wall": wall}
+          ),
+        ),
+      )
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+
+  # Cost of every variant that ran, compiled again if this process resumed.
+  flops = {}
+  peak = 0
+  batch = train_batches[0]
+  for step in range(steps):
+    frozen = method.frozen_paths(step, seed)
+    if frozen not in compiled:
+      compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
+    variant = ",".join(sorted({p.split("/")[1] for p in frozen})) or "all"
+    flops[variant] = compiled[frozen].flops
+    peak = max(peak, compiled[frozen].peak_bytes)
+  accuracy = evaluate(model, method, params, eval_batches())
+  return {
+    "method": method.name,
+    "seed": seed,
+    "test_accuracy": accuracy,
+    "train_flops": float(sum(flops[v] * n for v, n in counts.items())),
+    "step_flops": flops,
+    "steps_per_variant": counts,
+    "step_variants": len(flops),
+    "peak_bytes": peak,
+    "wall_s": wall,
+    "update_ratio": float(np.mean(history["update_ratio"])),
+    "trainable_params": methods_lib.count(method.params, method.trainable),
+    "model_params": methods_lib.count(method.to_model(method.params)),
+    "components": list(method.components.names) if method.components else [],
+    "history": history,
+  }, params
+
+
+def _log(writer, method, step, metrics):
+  writer.add_scalar("train/loss", float(metrics["loss"]), step)
+  writer.add_scalar("train/accuracy", float(metrics["accuracy"]), step)
+  if "alpha" in metrics:
+    for name, e, a in zip(
+      method.components.names, metrics["error_map"], metrics["alpha"], strict=True
+    ):
+      writer.add_scalar(f"error_map/{name}", float(e), step)
+      writer.add_scalar(f"alpha/{name}", float(a), step)
+    writer.add_histogram("alpha", np.asarray(metrics["alpha"]), step)
+
+
+def save_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
