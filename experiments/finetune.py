@@ -168,9 +168,10 @@ def study(cfg: Config) -> dict[str, Any]:
       info["note"] = "no --init: fine-tuning starts from a random initialisation"
     runs = []
     for name in names:
+      compiled = {}  # Shared by the seeds: same shapes, same step.
       for seed in range(cfg.seeds):
         runs.append(
-          _one_run(cfg, task_name, target, model, params, example, name, seed)
+          _one_run(cfg, task_name, target, model, params, example, name, seed, compiled)
         )
     info["runs"] = runs
     info["summary"] = summarize(runs)

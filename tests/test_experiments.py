@@ -1,0 +1,181 @@
+"""The fine-tuning study: smoke runs under mock data, accounting, resume."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import finetune
+from experiments import methods as methods_lib
+from experiments import train as train_lib
+from experiments.vit import SIZES
+from experiments.vit import VisionTransformer
+
+CLASSES = 10  # CIFAR-10.
+
+
+def _tiny(classes=CLASSES, image=32, patch=8):
+  model = VisionTransformer(num_classes=classes, patch=patch, size="mu")
+  x = jnp.zeros((2, image, image, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  params["head"]["kernel"] = 0.1 * jax.random.normal(
+    jax.random.key(1), params["head"]["kernel"].shape
+  )
+  return model, params, x
+
+
+def test_every_method_runs_under_mock_cifar(tmp_path):
+  flags = [
+    "--dataset=cifar10",
+    "--seeds=1",
+    "--size=mu",
+    "--patch=8",
+    "--batch_size=4",
+    "--steps=2",
+    "--lisa_period=1",
+    "--eval_batch_size=5",
+    f"--workdir={tmp_path}",
+    "--log_every=1",
+    "--ckpt_every=1",
+    "--augment",
+    "--no-progress",
+  ]
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = finetune.main(flags)
+  runs = results["tasks"]["cifar10"]["runs"]
+  assert [r["method"] for r in runs] == list(methods_lib.METHODS)
+  for r in runs:
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["train_flops"] > 0 and r["peak_bytes"] > 0
+    assert sum(r["steps_per_variant"].values()) == 2
+    run_dir = tmp_path / "runs" / "cifar10" / r["method"] / "seed0"
+    assert (run_dir / "result.json").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tb"))
+  rgft = [r for r in runs if r["method"].startswith("rgft")]
+  for r in rgft:
+    assert len(r["history"]["alpha"]) == 2
+    assert len(r["history"]["alpha"][0]) == len(r["components"])
+  assert (tmp_path / "results.md").read_text().count("\n| ") == 1 + len(runs)
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["tasks"]["cifar10"]["summary"]["full"]["flops_vs_full"] == 1.0
+  plots = os.listdir(tmp_path / "plots")
+  assert "cifar10_accuracy_vs_flops.png" in plots
+  assert "cifar10_rgft_heads_error_map.png" in plots
+
+
+def test_trainable_parameter_counts_by_hand():
+  model, params, x = _tiny()
+  s, c, r = SIZES["mu"], CLASSES, 4
+  w, m, d = s.width, s.mlp_dim, s.depth
+  hyper = methods_lib.Hyper(lora_rank=r)
+  head = w * c + c
+  per_block = 2 * 2 * w + 4 * (w * w + w) + w * m + m + m * w + w
+  total = 8 * 8 * 3 * w + w + w + (1 + 16) * w + d * per_block + 2 * w + head
+  counts = {}
+  for name in methods_lib.METHODS:
+    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+    counts[name] = methods_lib.count(method.params, method.trainable)
+    assert methods_lib.count(method.to_model(method.params)) == total
+  assert counts["full"] == counts["lisa"] == counts["rgft_blocks"] == total
+  assert counts["head_only"] == head
+  # Every bias: embedding, per block LN0, q/k/v/out, LN2, both Dense; final norm.
+  assert counts["bitfit"] == w + d * (w + 4 * w + w + m + w) + w + head
+  # Rank r factors: q, k, v are [w, w], out [w, w], Dense_0 [w, m], Dense_1 [m, w].
+  assert counts["lora"] == d * r * (4 * 2 * w + 2 * (w + m)) + head
+
+
+def _matmul_flops(batch, image, patch):
+  """Forward multiply-add FLOPs (2 per MAC) of the mu ViT's matmuls, by hand."""
+  s = SIZES["mu"]
+  w, m, h = s.width, s.mlp_dim, s.heads
+  n = (image // patch) ** 2 + 1
+  embed = 2 * (n - 1) * patch * patch * 3 * w
+  qkvo = 4 * 2 * n * w * w
+  scores_and_mix = 2 * 2 * h * n * n * (w // h)
+  mlp = 2 * 2 * n * w * m
+  head = 2 * w * CLASSES
+  return batch * (embed + s.depth * (qkvo + scores_and_mix + mlp) + head)
+
+
+def test_flop_accounting_against_hand_counts():
+  model, params, x = _tiny()
+  batch = {"image": jnp.zeros((8, 32, 32, 3)), "label": jnp.zeros(8, jnp.int32)}
+  forward, _ = train_lib.cost(
+    jax.jit(lambda p, b: model.apply({"params": p}, b))
+    .lower(params, batch["image"])
+    .compile()
+  )
+  by_hand = _matmul_flops(8, 32, 8)
+  # XLA also counts the elementwise work (norms, softmax, GELU): a few percent.
+  assert by_hand <= forward <= 1.15 * by_hand
+
+  hyper = methods_lib.Hyper(lisa_layers=1, lisa_period=1)
+  step = {}
+  for name in ("full", "head_only", "lisa"):
+    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+    opt_state = method.tx.init(method.params)
+    frozen = method.frozen_paths(0, seed=0)
+    step[name] = train_lib.compile_step(
+      model, method, frozen, jax.tree.map(jnp.copy, method.params), opt_state, batch
+    ).flops
+  # Backward: twice the forward matmuls, less the input gradient of the patch
+  # embedding (nothing below it): full = 3 F - embed dX, up to elementwise work.
+  embed = 8 * 2 * 16 * 8 * 8 * 3 * SIZES["mu"].width
+  expected = 3 * by_hand - embed
+  assert expected <= step["full"] <= 1.2 * expected
+  # Head only: the forward pass and the head's gradient, no encoder backward.
+  assert by_hand <= step["head_only"] <= 1.15 * by_hand + 3 * 2 * 8 * 32 * CLASSES
+  # LISA with one of two blocks: the lower block's weight gradients go.
+  assert step["head_only"] < step["lisa"] < step["full"]
+
+
+def test_run_resumes_bit_identically(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  rng = np.random.default_rng(0)
+  data = [
+    {
+      "image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+      "label": jnp.asarray(rng.integers(0, 3, size=4), jnp.int32),
+    }
+    for _ in range(6)
+  ]
+  test = [{**data[0], "mask": jnp.ones(4)}]
+  hyper = methods_lib.Hyper(steps=6, lisa_period=2)
+  for name in ("rgft_heads", "lisa"):
+    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+
+    def go(steps, where, method=method):
+      return train_lib.run(
+        model,
+        method,
+        data,
+        lambda: test,
+        steps=steps,
+        seed=1,
+        workdir=str(where),
+        log_every=1,
+        ckpt_every=2,
+        progress=False,
+      )
+
+    straight, p_straight = go(6, tmp_path / name / "a")
+    go(4, tmp_path / name / "b")  # "Killed" after step 4, checkpoint at 4.
+    resumed, p_resumed = go(6, tmp_path / name / "b")
+    for a, b in zip(
+      jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed), strict=True
+    ):
+      np.testing.assert_array_equal(a, b)
+    assert resumed["history"]["loss"] == straight["history"]["loss"]
+    assert resumed["steps_per_variant"] == straight["steps_per_variant"]
+    assert resumed["train_flops"] == straight["train_flops"]
+
+
+def test_bad_method_and_task_names_are_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown method.*nope"):
+    finetune.study(finetune.Config(methods="full,nope", workdir=str(tmp_path)))
+  with pytest.raises(ValueError, match=r"Unknown embedded task.*nope"):
+    finetune.study(finetune.Config(tasks="nope", workdir=str(tmp_path)))
