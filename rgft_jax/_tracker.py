@@ -249,7 +249,8 @@ class ErrorTracker:
     (the pre-norm that feeds a residual branch); a head owns its slices of the
     query/key/value kernels and biases and of the output kernel. Every other
     parameter (embeddings, a new head, shared biases) is in no component;
-    `Components.unassigned(params)` lists them.
+    `Components.unassigned(params)` lists them. Names come in the order the
+    model calls the tapped modules (input side first).
     """
     if self._is_nnx:
       if isinstance(params, nnx.Module):
@@ -286,7 +287,9 @@ class ErrorTracker:
           (prefix + r"/out/kernel", head_name, 0),
         ]
     rules.append((r".*", None))
-    return Components.from_regex(params, rules)
+    comps = Components.from_regex(params, rules)
+    called = [name for tap, _ in taps for name, _ in _columns(tap)]
+    return _in_order(comps, list(dict.fromkeys(called)))
 
   # Attribution.
 
@@ -407,6 +410,16 @@ class ErrorTracker:
     diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
     error_map = {name: diffs[i] for i, name in enumerate(names)}
     return (loss, aux), grads, error_map, state
+
+
+def _in_order(comps: Components, order: list[str]) -> Components:
+  """`comps` with its names in `order` (those that own parameters)."""
+  names = [n for n in order if n in comps.names]
+  position = {n: i for i, n in enumerate(names)}
+  new = np.array([position[n] for n in comps.names] + [-1], np.int32)  # -1 stays.
+  return Components(
+    tuple(names), jax.tree.map(lambda i: new[np.asarray(i)], comps.index)
+  )
 
 
 def _f32(leaves):

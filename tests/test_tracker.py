@@ -209,7 +209,7 @@ def test_components_own_the_right_parameters():
   branches = rgft_jax.ErrorTracker(model, select="branches").components(params, x)
   attn, mlp = "MultiHeadDotProductAttention_1", "MlpBlock_3"
   names = [f"encoderblock_{i}/{m}" for i in range(2) for m in (attn, mlp)]
-  assert sorted(branches.names) == sorted(names)
+  assert branches.names == tuple(names)  # In call order.
   owned = branches.owned_paths()
   for i in range(2):
     blk = f"encoderblock_{i}"
