@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any
 
 import flax.linen as nn
@@ -294,7 +295,10 @@ class ErrorTracker:
   # Attribution.
 
   def value_and_grad(
-    self, loss_fn: Callable[..., Any], has_aux: bool = False
+    self,
+    loss_fn: Callable[..., Any],
+    has_aux: bool = False,
+    measure: Collection[str] | None = None,
   ) -> Callable[..., Any]:
     """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
@@ -307,24 +311,46 @@ class ErrorTracker:
     `(loss, aux)`, as with `jax.value_and_grad`. `error_map` maps each
     component name to a float32 scalar, ready for `rgft()`'s `error_map=`.
     Call it inside `jax.jit` (`nnx.jit` for NNX); it works on any batch size.
+
+    `measure` limits the attribution to those component names; the others
+    get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
+    their outputs are not perturbed, so the backward pass need not reach them.
     """
 
     def wrapped(model_or_params, *args, **kwargs):
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
       recorded, _ = self._record(run, params)
+      names = list(dict.fromkeys(n for tap, _ in recorded for n, _ in _columns(tap)))
+      wanted = set(names) if measure is None else set(measure)
+      if wanted - set(names):
+        raise ValueError(
+          f"measure names unknown components {sorted(wanted - set(names))}; "
+          f"the components are {names}."
+        )
+      recorded = [
+        (tap, v) for tap, v in recorded if any(n in wanted for n, _ in _columns(tap))
+      ]
+      measured = {tap for tap, _ in recorded}
+
+      def complete(error_map):
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return {n: error_map[n] if n in wanted else nan for n in names}
+
       if self.method == "ablation":
         taps = [tap for tap, _ in recorded]
         (loss, aux), grads, error_map, state = self._ablation(
           run, has_aux, taps, params
         )
         finish(state)
-        return ((loss, aux) if has_aux else loss), grads, error_map
+        return ((loss, aux) if has_aux else loss), grads, complete(error_map)
 
       def perturbed(params, deltas):
         values = []
         it = iter(deltas)
 
         def visit(tap, value):
+          if tap not in measured:
+            return value
           values.append((tap, value))
           return jax.tree.map(jnp.add, value, next(it))
 
@@ -340,7 +366,7 @@ class ErrorTracker:
       )(params, zeros)
       finish(state)
       error_map = self._cheap_map(values, dgrads)
-      return ((loss, aux) if has_aux else loss), grads, error_map
+      return ((loss, aux) if has_aux else loss), grads, complete(error_map)
 
     return wrapped
 
@@ -382,8 +408,12 @@ class ErrorTracker:
     names = list(dict.fromkeys(name for tap in taps for name, _ in _columns(tap)))
     position = {name: i for i, name in enumerate(names)}
 
+    known = set(taps)
+
     def masked_loss(params, keep):
       def visit(tap, value):
+        if tap not in known:
+          return value
         idx = np.array([position[name] for name, _ in _columns(tap)])
         k = keep[idx]
 

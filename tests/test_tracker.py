@@ -406,3 +406,29 @@ def test_tuple_outputs_are_tapped_leaf_by_leaf():
   g_norm = jnp.sqrt((ga**2).sum(-1) + (gb**2).sum(-1))
   h_norm = jnp.sqrt((a**2).sum(-1) + (b**2).sum(-1))
   np.testing.assert_allclose(error_map["pair"], jnp.mean(g_norm * h_norm), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["norm_product", "ablation"])
+def test_measure_limits_the_attribution(method):
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, method=method)
+  upper = {
+    "encoderblock_1/MultiHeadDotProductAttention_1",
+    "encoderblock_1/MlpBlock_3",
+  }
+  _, _, everything = jax.jit(tracker.value_and_grad(_loss_fn(model)))(params, x, y)
+  loss, grads, some = jax.jit(tracker.value_and_grad(_loss_fn(model), measure=upper))(
+    params, x, y
+  )
+  assert list(some) == list(everything)
+  for name, value in some.items():
+    if name in upper:
+      np.testing.assert_allclose(value, everything[name], rtol=1e-5)
+    else:
+      assert np.isnan(value)
+  ref_loss, ref_grads = jax.value_and_grad(_loss_fn(model))(params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown components.*nope"):
+    tracker.value_and_grad(_loss_fn(model), measure={"nope"})(params, x, y)
