@@ -2,6 +2,8 @@
 
 from rgft_jax._components import Components
 from rgft_jax._schedules import linear_threshold
+from rgft_jax._sparse import Freezer
+from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
 from rgft_jax._transform import rgft
@@ -12,7 +14,9 @@ __version__ = "0.1.0"
 __all__ = (
   "Components",
   "ErrorTracker",
+  "Freezer",
   "ScaleByResidualErrorState",
+  "SparseTrainStep",
   "linear_threshold",
   "rgft",
   "scale_by_residual_error",

@@ -136,7 +136,11 @@ def scale_by_residual_error(
   n = len(components)
 
   def init_fn(params):
-    components.check(params)
+    # Checked when the leaves are arrays; `optax.tree_utils.tree_map_params`
+    # calls init with a stand-in object to locate parameter-shaped state.
+    leaves = jax.tree.leaves(params)
+    if leaves and all(hasattr(leaf, "shape") for leaf in leaves):
+      components.check(params)
     return ScaleByResidualErrorState(
       count=jnp.zeros([], jnp.int32),
       error_map=jnp.zeros([n], jnp.float32),
