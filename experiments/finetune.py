@@ -50,6 +50,9 @@ class Config:
   lora_rank: int = 4
   lisa_layers: int = 1
   lisa_period: int = 20
+  freeze_level: float = 0.5
+  freeze_patience: int = 20
+  refresh_every: int = 50
   augment: bool = False
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
   data_dir: str = ""
@@ -66,6 +69,9 @@ class Config:
       lora_rank=self.lora_rank,
       lisa_layers=self.lisa_layers,
       lisa_period=self.lisa_period,
+      freeze_level=self.freeze_level,
+      freeze_patience=self.freeze_patience,
+      refresh_every=self.refresh_every,
     )
 
 
@@ -226,6 +232,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
       "update_ratio": float(np.mean([r["update_ratio"] for r in rs])),
       "trainable_params": int(rs[0]["trainable_params"]),
       "step_variants": int(max(r["step_variants"] for r in rs)),
+      "compilations": int(sum(r["compilations"] for r in rs)),  # Cache shared by seeds.
+      "refresh_steps": int(max(r["refresh_steps"] for r in rs)),
     }
   if "full" in out:
     for s in out.values():
@@ -243,7 +251,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [head, ""]
     lines.append(
       "| method | test acc (mean ± sd) | train GFLOPs | FLOPs vs full | wall s | "
-      "time vs full | peak MiB | update ratio | trainable params | step variants |"
+      "time vs full | peak MiB | update ratio | trainable params | step variants "
+      "(compiled) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in info["summary"].items():
@@ -252,7 +261,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['train_flops'] / 1e9:.1f} | {s.get('flops_vs_full', float('nan')):.3f} | "
         f"{s['wall_s']:.1f} | {s.get('time_vs_full', float('nan')):.2f} | "
         f"{s['peak_bytes'] / 2**20:.1f} | {s['update_ratio']:.3f} | "
-        f"{s['trainable_params']:,} | {s['step_variants']} |"
+        f"{s['trainable_params']:,} | {s['step_variants']} ({s['compilations']}) |"
       )
     lines.append("")
   return "\n".join(lines)

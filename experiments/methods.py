@@ -31,7 +31,11 @@ METHODS = (
   "bitfit",
   "head_only",
   "lisa",
+  "rgft_sparse",
+  "rgft_sparse_prefix",
 )
+# Parameters in no component below the first block: frozen with it (prefix policy).
+_STEM = r"embedding/.*|cls|Transformer/posembed_input/.*"
 
 _BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 # Kernels LoRA adapts: attention projections and both MLP layers.
@@ -53,6 +57,9 @@ class Hyper:
   thresh_init: float = 0.1
   thresh_final: float = 0.3
   min_scale: float = 0.01
+  freeze_level: float = 0.5  # Sparse RGFT: alpha at or below this counts...
+  freeze_patience: int = 20  # ...for this many measured steps in a row.
+  refresh_every: int = 50  # Full step that can bring frozen components back.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +72,7 @@ class Method:
   tracker: rgft_jax.ErrorTracker | None = None
   components: rgft_jax.Components | None = None
   lisa: tuple[int, int] | None = None  # (layers, period).
+  freezer: rgft_jax.Freezer | None = None  # Sparse RGFT.
 
   def frozen_paths(self, step: int, seed: int) -> frozenset[str]:
     """Paths held fixed at `step` beyond the static partition (LISA's sampling)."""
@@ -148,8 +156,8 @@ def make(
   head = frozenset(p for p in paths if p.startswith("head/"))
   if name == "full":
     return Method(name, params, identity, paths, adam)
-  if name in ("rgft_blocks", "rgft_heads"):
-    select = "branches" if name == "rgft_blocks" else "heads"
+  if name.startswith("rgft"):
+    select = "heads" if name == "rgft_heads" else "branches"
     tracker = rgft_jax.ErrorTracker(model, select=select)
     comps = tracker.components(params, example)
     tx = rgft_jax.rgft(
@@ -161,7 +169,19 @@ def make(
       warmup_steps=hyper.steps,
       min_scale=hyper.min_scale,
     )
-    return Method(name, params, identity, paths, tx, tracker, comps)
+    freezer = None
+    if name.startswith("rgft_sparse"):
+      prefix = name == "rgft_sparse_prefix"
+      freezer = rgft_jax.Freezer(
+        comps,
+        min_scale=hyper.min_scale,
+        patience=hyper.freeze_patience,
+        refresh_every=hyper.refresh_every,
+        policy="prefix" if prefix else "any",
+        stem=_STEM if prefix else None,
+        level=hyper.freeze_level,
+      )
+    return Method(name, params, identity, paths, tx, tracker, comps, freezer=freezer)
   if name == "head_only":
     return Method(name, params, identity, head, _frozen_tx(adam, params, head))
   if name == "bitfit":

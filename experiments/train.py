@@ -55,8 +55,28 @@ def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[st
   Parameters outside that set are closed over, not differentiated, so XLA
   prunes their gradient work. Their updates are zero and, for paths in
   `frozen` (LISA's sampled-out blocks), their optimizer state is kept as it
-  was, so a block resumes where it left off.
+  was, so a block resumes where it left off. For sparse RGFT, `frozen` is the
+  freezer's set of component names.
   """
+  if method.freezer is not None:  # Sparse RGFT: `frozen` names components.
+    sparse_step = method.freezer.train_step(
+      method.tracker, method.tx, functools.partial(loss_and_accuracy, model), True
+    )
+
+    def step(params, opt_state, batch):
+      (loss, acc), params, new_state, alpha = sparse_step(
+        params, opt_state, batch, frozen=frozen
+      )
+      metrics = {
+        "loss": loss,
+        "accuracy": acc,
+        "error_map": optax.tree.get(new_state, "error_map"),
+        "alpha": alpha,
+      }
+      return params, new_state, metrics
+
+    return step
+
   train = method.trainable - frozen
 
   def step(params, opt_state, batch):
@@ -70,12 +90,8 @@ def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[st
     trained = {p: v for p, v in leaves.items() if p in train}
     extra = {}
     if method.tracker is not None:
-
-      def model_loss(model_params, batch):
-        return loss_and_accuracy(model, model_params, batch)
-
       (loss, acc), grads, error_map = method.tracker.value_and_grad(
-        model_loss, has_aux=True
+        functools.partial(loss_and_accuracy, model), has_aux=True
       )(params, batch)
       extra["error_map"] = error_map
     else:
@@ -126,13 +142,15 @@ def evaluate(model, method, params, batches) -> float:
 def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:
   """Fraction of the model's parameters a step moves, alpha-weighted for RGFT.
 
+  Frozen parameters (LISA's, sparse RGFT's) count as not moved.
   Counted on the model's parameters: LoRA's update of an adapted kernel counts
   as its factors' size, the way LoRA is usually compared.
   """
   total = methods_lib.count(method.to_model(method.params))
   if method.components is not None:
     sizes = method.components.sizes(method.params)
-    return float((np.sum(np.asarray(alpha) * sizes) + (total - sizes.sum())) / total)
+    alpha = np.where([n in frozen for n in method.components.names], 0.0, alpha)
+    return float((np.sum(alpha * sizes) + (total - sizes.sum())) / total)
   return methods_lib.count(method.params, method.trainable - frozen) / total
 
 
@@ -161,8 +179,9 @@ def run(
   params = jax.tree.map(jnp.copy, method.params)  # The step donates its inputs.
   opt_state = method.tx.init(params)
   history = {"step": [], "loss": [], "accuracy": [], "error_map": [], "alpha": []}
-  counts: dict[str, int] = {}  # Steps run per compiled variant.
-  start, wall = 0, 0.0
+  counts: dict[str, int] = {}  # Steps run per step variant, by variant name.
+  variants: dict[str, list[str]] = {}  # Its frozen set, by variant name.
+  start, wall, compilations = 0, 0.0, 0
   options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=ckpt_every)
   mngr = ocp.CheckpointManager(
     os.path.abspath(os.path.join(workdir, "ckpt")),
@@ -179,12 +198,12 @@ def run(
     )
     params, opt_state = restored.state
     log = restored.log
-    history, counts, start, wall = (
-      log["history"],
-      log["counts"],
-      log["step"],
-      log["wall"],
-    )
+    history, counts, variants = log["history"], log["counts"], log["variants"]
+    start, wall, compilations = log["step"], log["wall"], log["compilations"]
+    if method.freezer is not None:
+      method.freezer.load_state_dict(log["freezer"])
+  elif method.freezer is not None:
+    method.freezer.reset()
 
   if compiled is None:
     compiled = {}
@@ -196,13 +215,20 @@ def run(
   tic = time.perf_counter()
   for step in range(start, steps):
     batch = train_batches[step]
-    frozen = method.frozen_paths(step, seed)
+    if method.freezer is not None:
+      frozen = method.freezer.variant(step)
+    else:
+      frozen = method.frozen_paths(step, seed)
     if frozen not in compiled:
       compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
+      compilations += 1
       tic = time.perf_counter()  # Compilation is reported, not timed as training.
-    variant = ",".join(sorted({p.split("/")[1] for p in frozen})) or "all"
+    variant = _variant_name(frozen, by_block=method.lisa is not None)
     counts[variant] = counts.get(variant, 0) + 1
+    variants[variant] = sorted(frozen)
     params, opt_state, metrics = compiled[frozen].fn(params, opt_state, batch)
+    if method.freezer is not None:
+      method.freezer.observe(jax.device_get(metrics["alpha"]), frozen)
     if (step + 1) % log_every == 0 or step + 1 == steps:
       metrics = jax.device_get(metrics)
       wall += time.perf_counter() - tic
@@ -224,7 +250,15 @@ def run(
         args=ocp.args.Composite(
           state=ocp.args.StandardSave((params, opt_state)),
           log=ocp.args.JsonSave(
-            {"history": history, "counts": counts, "step": step + 1, "wall": wall}
+            {
+              "history": history,
+              "counts": counts,
+              "variants": variants,
+              "step": step + 1,
+              "wall": wall,
+              "compilations": compilations,
+              "freezer": method.freezer.state_dict() if method.freezer else None,
+            }
           ),
         ),
       )
@@ -239,11 +273,10 @@ def run(
   flops = {}
   peak = 0
   batch = train_batches[0]
-  for step in range(steps):
-    frozen = method.frozen_paths(step, seed)
+  for variant, names in variants.items():
+    frozen = frozenset(names)
     if frozen not in compiled:
       compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
-    variant = ",".join(sorted({p.split("/")[1] for p in frozen})) or "all"
     flops[variant] = compiled[frozen].flops
     peak = max(peak, compiled[frozen].peak_bytes)
   accuracy = evaluate(model, method, params, eval_batches())
@@ -255,6 +288,10 @@ def run(
     "step_flops": flops,
     "steps_per_variant": counts,
     "step_variants": len(flops),
+    "compilations": compilations,
+    "refresh_steps": (
+      sum(method.freezer.is_refresh(t) for t in range(steps)) if method.freezer else 0
+    ),
     "peak_bytes": peak,
     "wall_s": wall,
     "update_ratio": float(np.mean(history["update_ratio"])),
@@ -263,6 +300,15 @@ def run(
     "components": list(method.components.names) if method.components else [],
     "history": history,
   }, params
+
+
+def _variant_name(frozen: frozenset[str], by_block: bool) -> str:
+  """`all` when nothing is frozen, else the frozen blocks (LISA) or components."""
+  if not frozen:
+    return "all"
+  if by_block:
+    frozen = {p.split("/")[1] for p in frozen}
+  return ",".join(sorted(n.replace("Transformer/", "") for n in frozen))
 
 
 def _log(writer, method, step, metrics):

@@ -46,6 +46,9 @@ class Freezer:
     stem: a regular expression of parameter paths in no component (an
       embedding, say) that are frozen while the first component in `order` is.
       Without it those parameters keep the backward pass running to the input.
+    level: a step counts as "at the floor" when alpha <= `level`; default
+      `min_scale` (the multiplier cannot go lower). A higher level freezes
+      components that RGFT already updates little but not least.
 
   A train step built by `train_step` takes the frozen set as a static argument;
   `SparseTrainStep` compiles one variant per frozen set, keeps at most `max_variants`
@@ -64,6 +67,7 @@ class Freezer:
     policy: str = "any",
     order: Sequence[str] | None = None,
     stem: str | None = None,
+    level: float | None = None,
   ):
     if policy not in POLICIES:
       raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
@@ -78,12 +82,18 @@ class Freezer:
       )
     self.components = components
     self.min_scale = float(min_scale)
+    self.level = self.min_scale if level is None else float(level)
+    in_range("level", self.level, self.min_scale, 1.0)
     self.patience = int(patience)
     self.refresh_every = int(refresh_every)
     self.policy = policy
     self.order = order
     self.stem = None if stem is None else re.compile(stem)
-    self._at_floor = np.zeros(len(components), np.int64)
+    self.reset()
+
+  def reset(self) -> None:
+    """Back to the start: nothing frozen, no step at the floor."""
+    self._at_floor = np.zeros(len(self.components), np.int64)
     self._frozen: frozenset[str] = frozenset()
 
   # Decisions (host side).
@@ -107,8 +117,8 @@ class Freezer:
       raise ValueError(
         f"alpha must have shape ({len(self.components)},), got {alpha.shape}."
       )
-    # The floor as float32 arithmetic leaves it (alpha is clipped to it).
-    floor = alpha <= np.float32(self.min_scale)
+    # Compared in float32, as alpha was clipped to min_scale in float32.
+    floor = alpha <= np.float32(self.level)
     names = self.components.names
     measured = np.array([n not in variant for n in names])
     self._at_floor = np.where(

@@ -144,8 +144,10 @@ def test_run_resumes_bit_identically(tmp_path):
     for _ in range(6)
   ]
   test = [{**data[0], "mask": jnp.ones(4)}]
-  hyper = methods_lib.Hyper(steps=6, lisa_period=2)
-  for name in ("rgft_heads", "lisa"):
+  hyper = methods_lib.Hyper(
+    steps=6, lisa_period=2, freeze_level=1.0, freeze_patience=1, refresh_every=3
+  )
+  for name in ("rgft_heads", "lisa", "rgft_sparse"):
     method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
 
     def go(steps, where, method=method):
@@ -172,6 +174,8 @@ def test_run_resumes_bit_identically(tmp_path):
     assert resumed["history"]["loss"] == straight["history"]["loss"]
     assert resumed["steps_per_variant"] == straight["steps_per_variant"]
     assert resumed["train_flops"] == straight["train_flops"]
+    if name != "rgft_heads":  # Something was frozen, and it resumed that way.
+      assert len(straight["steps_per_variant"]) > 1
 
 
 def test_bad_method_and_task_names_are_errors(tmp_path):

@@ -247,3 +247,12 @@ def test_bad_arguments_are_named():
     rgft_jax.Freezer(comps, order=["block0"])
   with pytest.raises(ValueError, match="patience"):
     rgft_jax.Freezer(comps, patience=0)
+
+
+def test_level_sets_what_counts_as_the_floor():
+  *_, comps, _, _ = _setup()
+  freezer = rgft_jax.Freezer(comps, min_scale=0.01, patience=1, level=0.5)
+  freezer.observe(np.float32([0.5, 0.51, 0.2]), frozenset())
+  assert freezer.frozen == {"block0", "block2"}
+  with pytest.raises(ValueError, match="level"):
+    rgft_jax.Freezer(comps, min_scale=0.1, level=0.05)
