@@ -35,7 +35,7 @@ METHODS = (
   "rgft_sparse_prefix",
 )
 # Parameters in no component below the first block: frozen with it (prefix policy).
-_STEM = r"embedding/.*|cls|Transformer/posembed_input/.*"
+STEM = r"embedding/.*|cls|Transformer/posembed_input/.*"
 
 _BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 # Kernels LoRA adapts: attention projections and both MLP layers.
@@ -178,7 +178,7 @@ def make(
         patience=hyper.freeze_patience,
         refresh_every=hyper.refresh_every,
         policy="prefix" if prefix else "any",
-        stem=_STEM if prefix else None,
+        stem=STEM if prefix else None,
         level=hyper.freeze_level,
       )
     return Method(name, params, identity, paths, tx, tracker, comps, freezer=freezer)

@@ -242,7 +242,8 @@ class ErrorTracker:
   def components(self, params: Any, *inputs: Any, **call_kwargs: Any) -> Components:
     """The components the taps define, with the parameters each one owns.
 
-    Calls the model on `inputs` abstractly (no FLOPs, no state change) to find
+    Calls the model on `inputs` abstractly (no FLOPs, no state change; inputs
+    and parameters may be `jax.ShapeDtypeStruct`s) to find
     the tapped modules: `model.apply({"params": params}, *inputs, **call_kwargs)`
     for Linen, `model(*inputs, **call_kwargs)` for NNX, where `params` is
     `nnx.state(model, nnx.Param)`. A whole-output tap owns the parameters under
@@ -253,6 +254,13 @@ class ErrorTracker:
     `Components.unassigned(params)` lists them. Names come in the order the
     model calls the tapped modules (input side first).
     """
+    # Abstract inputs (jax.ShapeDtypeStruct) stand for arrays of their shape.
+    inputs = jax.tree.map(
+      lambda a: (
+        jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a
+      ),
+      inputs,
+    )
     if self._is_nnx:
       if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)

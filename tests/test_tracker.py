@@ -430,5 +430,15 @@ def test_measure_limits_the_attribution(method):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  with pytest.raises(ValueError, match="unknown components.*nope"):
+  with pytest.raises(ValueError, match=r"unknown components.*nope"):
     tracker.value_and_grad(_loss_fn(model), measure={"nope"})(params, x, y)
+
+
+def test_components_from_abstract_params_and_inputs():
+  model, params, x, _ = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select="heads")
+  concrete = tracker.components(params, x)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x))
+  abstract = tracker.components(*shapes)
+  assert abstract.names == concrete.names
+  assert abstract.owned_paths() == concrete.owned_paths()
