@@ -80,6 +80,7 @@ def scale_by_residual_error(
   beta: float = 0.9,
   thresh: float | optax.Schedule = 0.1,
   min_scale: float = 0.01,
+  lagged: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the updates of each component by a multiplier from its error.
 
@@ -105,6 +106,10 @@ def scale_by_residual_error(
     beta: EMA decay, in [0, 1).
     thresh: threshold, a float in (0, 1] or an `optax.Schedule`.
     min_scale: smallest multiplier, in (0, 1].
+    lagged: compute the multipliers from the EMA *before* this step's map is
+      folded in, so they do not depend on the current batch (what the
+      stochastic convergence argument in docs/theory.md assumes); the map is
+      still folded in for the next step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -156,7 +161,12 @@ def scale_by_residual_error(
     ema = jnp.where(state.observed, ema, values)
     ema = jnp.where(finite, ema, state.error_map).astype(jnp.float32)
     observed = state.observed | finite
-    alpha = multipliers(ema, observed, thresh_fn(state.count), min_scale)
+    if lagged:
+      alpha = multipliers(
+        state.error_map, state.observed, thresh_fn(state.count), min_scale
+      )
+    else:
+      alpha = multipliers(ema, observed, thresh_fn(state.count), min_scale)
     updates = components.scale(updates, alpha)
     return updates, ScaleByResidualErrorState(
       count=optax.safe_increment(state.count),
@@ -181,6 +191,7 @@ def rgft(
   eps: float = 1e-8,
   weight_decay: float = 0.0,
   mu_dtype: Any | None = None,
+  lagged: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose per-component updates are scaled by RGFT multipliers.
 
@@ -203,6 +214,8 @@ def rgft(
     eps: Adam's epsilon.
     weight_decay: decoupled weight decay (AdamW), >= 0.
     mu_dtype: dtype of Adam's first moment (default: that of the parameters).
+    lagged: multipliers from the error map of earlier steps only (see
+      `scale_by_residual_error`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -239,6 +252,7 @@ def rgft(
       beta=beta,
       thresh=_schedules.linear_threshold(thresh_init, thresh_final, warmup_steps),
       min_scale=min_scale,
+      lagged=lagged,
     ),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -33,13 +33,7 @@ class ReferenceRGFT:
       return out
     return np.full(shape, 1.0 if owner == -1 else alpha[owner])
 
-  def step(self, grads, error_map, lr, beta, thresh, min_scale, wd=0.0):
-    for i in range(self.n):
-      m = error_map[i]
-      if not np.isfinite(m):
-        continue
-      self.ema[i] = beta * self.ema[i] + (1 - beta) * m if self.seen[i] else m
-      self.seen[i] = True
+  def multipliers(self, thresh, min_scale):
     alpha = np.ones(self.n)
     if self.seen.any():
       top = max(self.ema[i] for i in range(self.n) if self.seen[i])
@@ -47,6 +41,17 @@ class ReferenceRGFT:
         for i in range(self.n):
           if self.seen[i]:
             alpha[i] = min(1.0, max(min_scale, self.ema[i] / (thresh * top)))
+    return alpha
+
+  def step(self, grads, error_map, lr, beta, thresh, min_scale, wd=0.0, lagged=False):
+    before = self.multipliers(thresh, min_scale)  # From the maps of earlier steps.
+    for i in range(self.n):
+      m = error_map[i]
+      if not np.isfinite(m):
+        continue
+      self.ema[i] = beta * self.ema[i] + (1 - beta) * m if self.seen[i] else m
+      self.seen[i] = True
+    alpha = before if lagged else self.multipliers(thresh, min_scale)
     self.t += 1
     for k, g in grads.items():
       g = np.asarray(g, np.float64)

@@ -102,6 +102,24 @@ def test_rgft_matches_reference_over_30_steps():
   assert int(count) == 30
 
 
+def test_lagged_multipliers_match_reference():
+  comps = make_components(make_params())
+  tx = rgft_jax.rgft(
+    1e-2,
+    comps,
+    beta=0.8,
+    thresh_init=0.2,
+    thresh_final=0.2,
+    min_scale=0.05,
+    lagged=True,
+  )
+
+  def hyper(t):
+    return dict(lr=1e-2, beta=0.8, thresh=0.2, min_scale=0.05, lagged=True)
+
+  run_and_compare(tx, 12, hyper)
+
+
 def test_first_map_initialises_ema_and_zero_map_gives_one():
   params = make_params()
   tx = rgft_jax.scale_by_residual_error(make_components(params), beta=0.9, thresh=0.5)
