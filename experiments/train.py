@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import methods as methods_lib
+from rgft_jax.tensorboard import ErrorMapWriter
 
 
 @dataclasses.dataclass
@@ -241,7 +242,7 @@ def run(
         history["alpha"].append(np.asarray(alpha).tolist())
       history.setdefault("update_ratio", []).append(update_ratio(method, frozen, alpha))
       if writer is not None:
-        _log(writer, method, step + 1, metrics)
+        _log(writer, method, step + 1, metrics, opt_state)
       tic = time.perf_counter()
     if (step + 1) % ckpt_every == 0 or step + 1 == steps:
       jax.block_until_ready(params)
@@ -311,16 +312,11 @@ def _variant_name(frozen: frozenset[str], by_block: bool) -> str:
   return ",".join(sorted(n.replace("Transformer/", "") for n in frozen))
 
 
-def _log(writer, method, step, metrics):
+def _log(writer, method, step, metrics, opt_state):
   writer.add_scalar("train/loss", float(metrics["loss"]), step)
   writer.add_scalar("train/accuracy", float(metrics["accuracy"]), step)
-  if "alpha" in metrics:
-    for name, e, a in zip(
-      method.components.names, metrics["error_map"], metrics["alpha"], strict=True
-    ):
-      writer.add_scalar(f"error_map/{name}", float(e), step)
-      writer.add_scalar(f"alpha/{name}", float(a), step)
-    writer.add_histogram("alpha", np.asarray(metrics["alpha"]), step)
+  if method.components is not None:
+    ErrorMapWriter(writer, method.components.names, every=1)(step, opt_state)
 
 
 def save_json(path: str, obj: Any) -> None:
