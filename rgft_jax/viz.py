@@ -41,7 +41,7 @@ def error_map_heatmap(
   im = ax.imshow(v.T, aspect="auto", interpolation="nearest", cmap="viridis")
   ticks = np.linspace(0, len(steps) - 1, min(len(steps), 6)).astype(int)
   ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
-  ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=6)
+  ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=6)
   ax.set_xlabel("step")
   ax.figure.colorbar(im, ax=ax, label="error / max" if normalize else "error")
   return ax
@@ -89,7 +89,8 @@ def head_grid(values: Any, names: Sequence[str], ax=None):
   return ax
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+  """A ViT component name without the vision_transformer boilerplate."""
   name = name.replace("Transformer/", "").replace("encoderblock_", "block")
   name = name.replace("MultiHeadDotProductAttention_1", "attn")
   return name.replace("MlpBlock_3", "mlp")
