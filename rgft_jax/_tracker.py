@@ -223,9 +223,7 @@ class ErrorTracker:
 
     def visit(tap, value):
       _check_tappable(tap, value)
-      taps.append(
-        (tap, jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), value))
-      )
+      taps.append((tap, jax.tree.map(_Abstract.of, value)))
       return value
 
     jax.eval_shape(lambda p: run(p, visit, calls)[0], params)
@@ -307,6 +305,7 @@ class ErrorTracker:
     loss_fn: Callable[..., Any],
     has_aux: bool = False,
     measure: Collection[str] | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
   ) -> Callable[..., Any]:
     """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
@@ -323,6 +322,13 @@ class ErrorTracker:
     `measure` limits the attribution to those component names; the others
     get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
     their outputs are not perturbed, so the backward pass need not reach them.
+
+    Inside `jax.shard_map` with the batch split over `axis_name` (parameters
+    replicated), pass `axis_name`: the loss and the error map are averaged
+    over it and the gradients become those of the global batch-mean loss.
+    (`shard_map` already sums the gradients of replicated parameters over the
+    axis; they are divided by its size, or averaged where they are not summed.)
+    Under `jax.jit` with sharded inputs nothing needs to be passed.
     """
 
     def wrapped(model_or_params, *args, **kwargs):
@@ -350,7 +356,10 @@ class ErrorTracker:
           run, has_aux, taps, params
         )
         finish(state)
-        return ((loss, aux) if has_aux else loss), grads, complete(error_map)
+        error_map = complete(error_map)
+        if axis_name is not None:
+          loss, grads, error_map = _across(axis_name, loss, grads, error_map)
+        return ((loss, aux) if has_aux else loss), grads, error_map
 
       def perturbed(params, deltas):
         values = []
@@ -366,15 +375,15 @@ class ErrorTracker:
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, values, state)
 
-      zeros = [
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v) for _, v in recorded
-      ]
+      zeros = [jax.tree.map(_Abstract.zeros, v) for _, v in recorded]
       (loss, (aux, values, state)), (grads, dgrads) = jax.value_and_grad(
         perturbed, argnums=(0, 1), has_aux=True
       )(params, zeros)
       finish(state)
-      error_map = self._cheap_map(values, dgrads)
-      return ((loss, aux) if has_aux else loss), grads, complete(error_map)
+      error_map = complete(self._cheap_map(values, dgrads))
+      if axis_name is not None:
+        loss, grads, error_map = _across(axis_name, loss, grads, error_map)
+      return ((loss, aux) if has_aux else loss), grads, error_map
 
     return wrapped
 
@@ -458,6 +467,52 @@ def _in_order(comps: Components, order: list[str]) -> Components:
   return Components(
     tuple(names), jax.tree.map(lambda i: new[np.asarray(i)], comps.index)
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abstract:
+  """Shape, dtype and varying manual axes (inside `shard_map`) of a tapped value."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  vma: tuple[str, ...] = ()
+
+  @classmethod
+  def of(cls, value) -> _Abstract:
+    return cls(tuple(value.shape), value.dtype, tuple(sorted(_varying(value))))
+
+  def zeros(self) -> jax.Array:
+    z = jnp.zeros(self.shape, self.dtype)
+    # Varying like the value it perturbs, so its gradient is per device.
+    return jax.lax.pcast(z, self.vma, to="varying") if self.vma else z
+
+
+def _varying(x) -> frozenset[str]:
+  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # Newer JAX.
+  varying = mat.varying if mat is not None else getattr(aval, "vma", ())
+  return frozenset(varying or ())
+
+
+def _across(axis_name, loss, grads, error_map):
+  """Loss, gradients and error map of the whole batch split over `axis_name`.
+
+  With `shard_map`'s varying-axes checks on (the default), the loss varies
+  over the axis and the gradient of a replicated parameter arrives already
+  summed over it; with them off, every gradient is the local one.
+  """
+  axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  size = jax.lax.psum(1, axes)
+  checked = set(axes) <= _varying(loss)
+
+  def grad(g):
+    summed = checked and not set(axes) & _varying(g)
+    return g / size if summed else jax.lax.pmean(g, axes)
+
+  loss = jax.lax.pmean(loss, axes)
+  error_map = {k: jax.lax.pmean(v, axes) for k, v in error_map.items()}
+  return loss, jax.tree.map(grad, grads), error_map
 
 
 def _f32(leaves):
