@@ -189,16 +189,16 @@ def run(
     options=options,
     item_names=("state", "log"),
   )
+  signature = _signature(method, (params, opt_state))
   if mngr.latest_step() is not None:
+    last = mngr.latest_step()
+    log = mngr.restore(last, args=ocp.args.Composite(log=ocp.args.JsonRestore())).log
+    _check_signature(log.get("signature"), signature, mngr.directory)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
     restored = mngr.restore(
-      mngr.latest_step(),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), log=ocp.args.JsonRestore()
-      ),
+      last, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )
     params, opt_state = restored.state
-    log = restored.log
     history, counts, variants = log["history"], log["counts"], log["variants"]
     start, wall, compilations = log["step"], log["wall"], log["compilations"]
     if method.freezer is not None:
@@ -259,6 +259,7 @@ def run(
               "wall": wall,
               "compilations": compilations,
               "freezer": method.freezer.state_dict() if method.freezer else None,
+              "signature": signature,
             }
           ),
         ),
@@ -301,6 +302,41 @@ def run(
     "components": list(method.components.names) if method.components else [],
     "history": history,
   }, params
+
+
+def _signature(method: methods_lib.Method, state: Any) -> dict[str, Any]:
+  """What a checkpoint must match to be resumed: method, components, state layout."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {
+    "method": method.name,
+    "components": list(method.components.names) if method.components else [],
+    "state": [
+      f"{jax.tree_util.keystr(p)}: {np.dtype(v.dtype).name}{list(np.shape(v))}"
+      for p, v in leaves
+    ],
+  }
+
+
+def _check_signature(saved: dict | None, current: dict, where) -> None:
+  """Refuses to resume a checkpoint written by another method or optimizer."""
+  if saved == current:
+    return
+  if saved is None:
+    raise ValueError(f"The checkpoint in {where} has no signature; not resuming it.")
+  problems = []
+  for key in ("method", "components"):
+    if saved[key] != current[key]:
+      problems.append(f"{key}: checkpoint {saved[key]}, this run {current[key]}")
+  if saved["state"] != current["state"]:
+    only_saved = [e for e in saved["state"] if e not in current["state"]][:5]
+    only_now = [e for e in current["state"] if e not in saved["state"]][:5]
+    problems.append(
+      f"optimizer state layout: checkpoint only {only_saved}, this run only {only_now}"
+    )
+  raise ValueError(
+    f"The checkpoint in {where} was written by a different setup; it is left as "
+    "it is. Use another workdir or remove it. " + "; ".join(problems)
+  )
 
 
 def _variant_name(frozen: frozenset[str], by_block: bool) -> str:

@@ -183,3 +183,38 @@ def test_bad_method_and_task_names_are_errors(tmp_path):
     finetune.study(finetune.Config(methods="full,nope", workdir=str(tmp_path)))
   with pytest.raises(ValueError, match=r"Unknown embedded task.*nope"):
     finetune.study(finetune.Config(tasks="nope", workdir=str(tmp_path)))
+
+
+def _listing(root):
+  return sorted(
+    (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+    for p in root.rglob("*")
+    if p.is_file()
+  )
+
+
+def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  batch = {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.zeros(4, jnp.int32)}
+  test = [{**batch, "mask": jnp.ones(4)}]
+  hyper = methods_lib.Hyper(steps=2)
+
+  def go(name):
+    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+    return train_lib.run(
+      model,
+      method,
+      [batch] * 2,
+      lambda: test,
+      steps=2,
+      seed=0,
+      workdir=str(tmp_path),
+      ckpt_every=1,
+      progress=False,
+    )
+
+  go("rgft_blocks")
+  before = _listing(tmp_path)
+  with pytest.raises(ValueError, match=r"different setup.*components: checkpoint"):
+    go("rgft_heads")
+  assert _listing(tmp_path) == before
