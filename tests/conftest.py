@@ -8,3 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# A script run as its own process by test_parallel; importing it would start it.
+collect_ignore = ["_multihost_worker.py"]
