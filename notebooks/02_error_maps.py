@@ -97,6 +97,12 @@ def error_maps(model, params, target, select):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   batches = data.train_batches(target.test, 100, seed=2)
+  # In the order the model calls them (a jitted dict comes back sorted by key).
+  names = (
+    rgft_jax.ErrorTracker(model, select=select)
+    .components(params, batches[0]["image"])
+    .names
+  )
   maps = {}
   for method in ("norm_product", "taylor", "ablation"):
     tracker = rgft_jax.ErrorTracker(model, select=select, method=method)
@@ -104,10 +110,9 @@ def error_maps(model, params, target, select):
     total = None
     for k in range(BATCHES):
       _, _, em = step(params, batches[k]["image"], batches[k]["label"])
-      v = np.array([float(em[n]) for n in em])
+      v = np.array([float(em[n]) for n in names])
       total = v if total is None else total + v
     maps[method] = total / BATCHES
-    names = list(em)
   return names, maps
 
 

@@ -83,6 +83,8 @@ def head_grid(values: Any, names: Sequence[str], ax=None):
   for (i, h), v in cells.items():
     grid[i, h] = v
   im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+  ax.set_xticks(range(heads))
+  ax.set_yticks(range(layers))
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
   ax.figure.colorbar(im, ax=ax)
