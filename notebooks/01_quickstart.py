@@ -16,7 +16,7 @@
 # that measures each transformer branch's share of the error, and `rgft()` in
 # place of Adam. The model is not touched.
 #
-# Set `QUICK=1` in the environment for a run of a few seconds (what CI does).
+# Set `QUICK=1` in the environment for a short run on tiny settings (what CI does).
 
 # %%
 import os

@@ -18,7 +18,7 @@
 # `ablation` (the loss change when a component's output is zeroed). Their rank
 # agreement says how far the cheap ones can be trusted.
 #
-# `QUICK=1` runs it in seconds on tiny settings (what CI does).
+# `QUICK=1` runs it on tiny settings (what CI does).
 
 # %%
 import os

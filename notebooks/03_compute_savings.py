@@ -18,7 +18,7 @@
 # the study's harness (XLA-counted FLOPs), then shows what freezing can save at
 # most, per frozen variant, from compiling alone.
 #
-# `QUICK=1` runs tiny settings in seconds (what CI does).
+# `QUICK=1` runs it on tiny settings (what CI does).
 
 # %%
 import os
