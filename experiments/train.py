@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import methods as methods_lib
+from rgft_jax._sparse import hold_masked
 from rgft_jax.tensorboard import ErrorMapWriter
 
 
@@ -103,13 +104,7 @@ def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[st
     updates, new_state = method.tx.update(grads, opt_state, params, **extra)
     if frozen:
       keep = methods_lib.unflat({p: p in frozen for p in leaves})
-      updates = jax.tree.map(lambda u, k: jnp.zeros_like(u) if k else u, updates, keep)
-      mask = optax.tree_utils.tree_map_params(
-        method.tx, lambda _, k: k, new_state, keep, transform_non_params=lambda _: False
-      )
-      new_state = jax.tree.map(
-        lambda m, new, old: old if m else new, mask, new_state, opt_state
-      )
+      updates, new_state = hold_masked(method.tx, keep, updates, new_state, opt_state)
     metrics = {"loss": loss, "accuracy": acc}
     if method.tracker is not None:
       metrics["error_map"] = optax.tree.get(new_state, "error_map")  # The EMA.

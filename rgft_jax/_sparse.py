@@ -200,24 +200,7 @@ class Freezer:
     """
     if not frozen:
       return updates, new_state
-    masks = self._masks(updates, frozen)
-
-    def zero(u, m):
-      if m is False:
-        return u
-      return jnp.zeros_like(u) if m is True else jnp.where(m, jnp.zeros_like(u), u)
-
-    updates = jax.tree.map(zero, updates, masks)
-    state_masks = optax.tree_utils.tree_map_params(
-      tx, lambda _, m: m, new_state, masks, transform_non_params=lambda _: False
-    )
-
-    def keep(m, new, old):
-      if m is False:
-        return new
-      return old if m is True else jnp.where(m, old, new)
-
-    return updates, jax.tree.map(keep, state_masks, new_state, old_state)
+    return hold_masked(tx, self._masks(updates, frozen), updates, new_state, old_state)
 
   def train_step(
     self,
@@ -249,6 +232,39 @@ class Freezer:
       return out, optax.apply_updates(params, updates), new_state, alpha
 
     return step
+
+
+def hold_masked(
+  tx: optax.GradientTransformation,
+  masks: Any,
+  updates: Any,
+  new_state: Any,
+  old_state: Any,
+) -> tuple[Any, Any]:
+  """Zero updates and the old optimizer state where `masks` says so.
+
+  `masks` is like the parameters; each leaf is False (keep the new values),
+  True (hold the whole leaf) or a bool array broadcastable to the leaf (hold
+  those entries). Every parameter-shaped part of `tx`'s state is held the same
+  way; the rest of the state (counts, RGFT's error map) moves on.
+  """
+
+  def zero(u, m):
+    if m is False:
+      return u
+    return jnp.zeros_like(u) if m is True else jnp.where(m, jnp.zeros_like(u), u)
+
+  updates = jax.tree.map(zero, updates, masks)
+  state_masks = optax.tree_utils.tree_map_params(
+    tx, lambda _, m: m, new_state, masks, transform_non_params=lambda _: False
+  )
+
+  def keep(m, new, old):
+    if m is False:
+      return new
+    return old if m is True else jnp.where(m, old, new)
+
+  return updates, jax.tree.map(keep, state_masks, new_state, old_state)
 
 
 class SparseTrainStep:
