@@ -1,9 +1,13 @@
 """Residual-Guided Fine-Tuning (RGFT) for JAX."""
 
+from rgft_jax._budget import Budget
+from rgft_jax._budget import DetachCosts
+from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
 from rgft_jax._schedules import linear_threshold
-from rgft_jax._sparse import Freezer
 from rgft_jax._sparse import SparseTrainStep
+from rgft_jax._sparse import StepVariants
+from rgft_jax._sparse import train_step
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
 from rgft_jax._transform import rgft
@@ -12,12 +16,16 @@ from rgft_jax._transform import scale_by_residual_error
 __version__ = "0.1.0"
 
 __all__ = (
+  "Budget",
   "Components",
+  "DetachCosts",
   "ErrorTracker",
-  "Freezer",
   "ScaleByResidualErrorState",
   "SparseTrainStep",
+  "StepVariants",
+  "detach_costs",
   "linear_threshold",
   "rgft",
   "scale_by_residual_error",
+  "train_step",
 )

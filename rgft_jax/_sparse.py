@@ -1,237 +1,59 @@
-"""Sparse RGFT: components whose multiplier sits at the floor leave the backward pass.
+"""Sparse RGFT: components that are not trained this step leave the backward pass.
 
-Scaling an update by `min_scale` still computes its gradient. A `Freezer`
-turns a long stay at the floor into real savings: the component's parameters
-go behind `jax.lax.stop_gradient` in a separately compiled step, so XLA drops
-their weight-gradient work (and, once everything below some depth is frozen,
-the rest of the backward pass there). Every `refresh_every` steps a full step
-measures every component again, and a frozen component whose multiplier has
-risen above the floor is trained again.
+A train step variant is the set of components whose *output* is detached: the
+tracker puts the output `h` behind `jax.lax.stop_gradient` (keeping the zero
+perturbation that measures it), so XLA drops the component's whole backward
+pass, weight and input gradients, at any depth, while the gradient still
+reaches the layers below through the residual stream. A detached component
+is still measured every step; its parameters get no update and their
+optimizer state is held. `StepVariants` compiles and caches one step per
+variant; `SparseTrainStep` runs the variants a `Budget` chooses.
 """
 
 from __future__ import annotations
 
 import collections
-import re
+import warnings
 from collections.abc import Callable
-from collections.abc import Sequence
+from collections.abc import Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from rgft_jax._components import Components
-from rgft_jax._components import path_str
+from rgft_jax._components import leaves_by_path
 from rgft_jax._validation import in_range
 
-POLICIES = ("any", "prefix")
 
-
-class Freezer:
-  """Decides which components are frozen, and freezes them in a train step.
-
-  Args:
-    components: the components `rgft()` scales.
-    min_scale: the multiplier floor of that `rgft()`.
-    patience: consecutive measured steps at the floor before a component freezes.
-    refresh_every: every this many steps, a full step (nothing frozen, every
-      component measured) decides which frozen components come back.
-    policy: `"any"` freezes every component that qualifies; `"prefix"` only the
-      longest run of qualifying components from the input side (in `order`),
-      which also ends the backward pass early.
-    order: component names from the input side up; default `components.names`
-      (the order `ErrorTracker.components` gives).
-    stem: a regular expression of parameter paths in no component (an
-      embedding, say) that are frozen while the first component in `order` is.
-      Without it those parameters keep the backward pass running to the input.
-    level: a step counts as "at the floor" when alpha <= `level`; default
-      `min_scale` (the multiplier cannot go lower). A higher level freezes
-      components that RGFT already updates little but not least.
-
-  A train step built by `train_step` takes the frozen set as a static argument;
-  `SparseTrainStep` compiles one variant per frozen set, keeps at most `max_variants`
-  of them, and counts compilations. The freezer's own state (how long each
-  component has been at the floor, what is frozen) is in `state_dict()` for
-  checkpoints.
-  """
-
-  def __init__(
-    self,
-    components: Components,
-    *,
-    min_scale: float = 0.01,
-    patience: int = 20,
-    refresh_every: int = 50,
-    policy: str = "any",
-    order: Sequence[str] | None = None,
-    stem: str | None = None,
-    level: float | None = None,
-  ):
-    if policy not in POLICIES:
-      raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
-    in_range("min_scale", min_scale, 0.0, 1.0, low_open=True)
-    in_range("patience", patience, 1, None)
-    in_range("refresh_every", refresh_every, 1, None)
-    order = tuple(components.names if order is None else order)
-    if sorted(order) != sorted(components.names):
-      raise ValueError(
-        f"order must list every component once; got {list(order)}, components "
-        f"are {list(components.names)}."
-      )
-    self.components = components
-    self.min_scale = float(min_scale)
-    self.level = self.min_scale if level is None else float(level)
-    in_range("level", self.level, self.min_scale, 1.0)
-    self.patience = int(patience)
-    self.refresh_every = int(refresh_every)
-    self.policy = policy
-    self.order = order
-    self.stem = None if stem is None else re.compile(stem)
-    self.reset()
-
-  def reset(self) -> None:
-    """Back to the start: nothing frozen, no step at the floor."""
-    self._at_floor = np.zeros(len(self.components), np.int64)
-    self._frozen: frozenset[str] = frozenset()
-
-  # Decisions (host side).
-
-  @property
-  def frozen(self) -> frozenset[str]:
-    """Names of the components frozen now."""
-    return self._frozen
-
-  def is_refresh(self, step: int) -> bool:
-    return step > 0 and step % self.refresh_every == 0
-
-  def variant(self, step: int) -> frozenset[str]:
-    """The frozen set to run step `step` with (empty on refresh steps)."""
-    return frozenset() if self.is_refresh(step) else self._frozen
-
-  def observe(self, alpha: Any, variant: frozenset[str]) -> None:
-    """Updates the decisions after a step run with `variant`, given its alpha."""
-    alpha = np.asarray(alpha)
-    if alpha.shape != (len(self.components),):
-      raise ValueError(
-        f"alpha must have shape ({len(self.components)},), got {alpha.shape}."
-      )
-    # Compared in float32, as alpha was clipped to min_scale in float32.
-    floor = alpha <= np.float32(self.level)
-    names = self.components.names
-    measured = np.array([n not in variant for n in names])
-    self._at_floor = np.where(
-      measured, np.where(floor, self._at_floor + 1, 0), self._at_floor
+def component_masks(components: Components, tree: Any, names: Any) -> Any:
+  """Per leaf of `tree`: False (no entry of `names`), True (all) or a bool array."""
+  names = frozenset(names)
+  unknown = names - set(components.names)
+  if unknown:
+    raise ValueError(
+      f"Unknown component names {sorted(unknown)}; the components are "
+      f"{list(components.names)}."
     )
-    frozen = set(self._frozen)
-    if not variant:  # Every component measured: a frozen one above the floor returns.
-      frozen = {n for n in frozen if floor[names.index(n)]}
-    ready = frozen | {
-      n for n, k in zip(names, self._at_floor, strict=True) if k >= self.patience
-    }
-    if self.policy == "prefix":
-      prefix = []
-      for n in self.order:
-        if n not in ready:
-          break
-        prefix.append(n)
-      ready = set(prefix)
-    self._frozen = frozenset(ready)
+  ids = np.array([i for i, n in enumerate(components.names) if n in names], np.int32)
+  components.check(tree)
+  by_path = components._by_path
+  masks = {}
+  for path, leaf in leaves_by_path(tree).items():
+    m = np.isin(by_path[path], ids)
+    masks[path] = (
+      True if m.all() else bool(m.any()) and np.broadcast_to(m, np.shape(leaf))
+    )
 
-  def state_dict(self) -> dict[str, Any]:
-    return {"at_floor": self._at_floor.tolist(), "frozen": sorted(self._frozen)}
+  def mask(path, _):
+    return masks[jax.tree_util.keystr(path, simple=True, separator="/")]
 
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    at_floor = np.asarray(state["at_floor"], np.int64)
-    unknown = set(state["frozen"]) - set(self.components.names)
-    if at_floor.shape != (len(self.components),) or unknown:
-      raise ValueError(
-        "This freezer state was saved for other components: "
-        f"{len(at_floor)} counters, unknown names {sorted(unknown)}."
-      )
-    self._at_floor = at_floor
-    self._frozen = frozenset(state["frozen"])
-
-  # Freezing (inside the traced step).
-
-  def _masks(self, tree: Any, frozen: frozenset[str]) -> Any:
-    """Per leaf: False (nothing frozen), True (all) or a bool array (some entries)."""
-    ids = np.array([i for i, n in enumerate(self.components.names) if n in frozen])
-    stem = self.stem is not None and self.order and self.order[0] in frozen
-
-    def mask(path, leaf):
-      p = path_str(path)
-      idx = self.components._by_path[p]
-      m = np.isin(idx, ids)
-      if stem and (idx == -1).all() and self.stem.fullmatch(p):
-        return True
-      if m.all():
-        return True
-      return bool(m.any()) and np.broadcast_to(m, np.shape(leaf))
-
-    self.components.check(tree)
-    return jax.tree_util.tree_map_with_path(mask, tree)
-
-  def stop_gradient(self, params: Any, frozen: frozenset[str]) -> Any:
-    """`params` with the entries of `frozen` components behind `stop_gradient`."""
-
-    def sg(leaf, m):
-      if m is False:
-        return leaf
-      if m is True:
-        return jax.lax.stop_gradient(leaf)
-      return jnp.where(m, jax.lax.stop_gradient(leaf), leaf)
-
-    return jax.tree.map(sg, params, self._masks(params, frozen))
-
-  def hold(
-    self,
-    tx: optax.GradientTransformation,
-    frozen: frozenset[str],
-    updates: Any,
-    new_state: Any,
-    old_state: Any,
-  ) -> tuple[Any, Any]:
-    """Zero updates and the old optimizer state for the entries of `frozen`.
-
-    Adam's moments (every parameter-shaped part of the state) of a frozen
-    entry keep their values, so the component resumes where it left off.
-    """
-    if not frozen:
-      return updates, new_state
-    return hold_masked(tx, self._masks(updates, frozen), updates, new_state, old_state)
-
-  def train_step(
-    self,
-    tracker: Any,
-    tx: optax.GradientTransformation,
-    loss_fn: Callable[..., Any],
-    has_aux: bool = False,
-  ) -> Callable[..., Any]:
-    """`step(params, opt_state, *args, frozen=...) -> (out, params, opt_state, alpha)`.
-
-    One RGFT step with the `frozen` components behind `stop_gradient`, not
-    measured (NaN in the error map, so their EMA is kept) and held (no update,
-    optimizer state unchanged). `loss_fn(params, *args)` is what the
-    tracker's `value_and_grad` takes; `out` is its loss (or `(loss, aux)`).
-    Linen models (parameters as a pytree).
-    """
-
-    def step(params, opt_state, *args, frozen: frozenset[str] = frozenset()):
-      def frozen_loss(p, *a):
-        return loss_fn(self.stop_gradient(p, frozen), *a)
-
-      measure = [n for n in self.components.names if n not in frozen]
-      out, grads, error_map = tracker.value_and_grad(
-        frozen_loss, has_aux=has_aux, measure=measure
-      )(params, *args)
-      updates, new_state = tx.update(grads, opt_state, params, error_map=error_map)
-      updates, new_state = self.hold(tx, frozen, updates, new_state, opt_state)
-      alpha = optax.tree.get(new_state, "alpha")
-      return out, optax.apply_updates(params, updates), new_state, alpha
-
-    return step
+  return jax.tree_util.tree_map_with_path(
+    mask, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
 def hold_masked(
@@ -267,41 +89,215 @@ def hold_masked(
   return updates, jax.tree.map(keep, state_masks, new_state, old_state)
 
 
-class SparseTrainStep:
-  """A jitted `Freezer.train_step`, one compiled variant per frozen set.
+def train_step(
+  tracker: Any,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable[..., Any],
+  components: Components,
+  has_aux: bool = False,
+) -> Callable[..., Any]:
+  """An RGFT train step that takes the set of detached components.
 
-  `step_fn(step, params, opt_state, *args)` runs step number `step` with the
-  freezer's variant for it and lets the freezer observe the multipliers (one
-  small device-to-host copy per step). At most `max_variants` compiled
-  variants are kept (least recently used goes first); `compilations` counts
-  every compilation.
+  Linen: `step(params, opt_state, *args, detached=frozenset())` returns
+  `(out, params, opt_state)`, where `loss_fn(params, *args)` is what the
+  tracker's `value_and_grad` takes and `out` its loss (or `(loss, aux)`).
+  NNX: `step(model, optimizer, *args, detached=frozenset())` updates the
+  `nnx.Optimizer` in place and returns `out`; `loss_fn(model, *args)`.
+
+  The outputs of the `detached` components go behind `stop_gradient` (see
+  `ErrorTracker.value_and_grad`): they are measured as usual, their
+  parameters get no update and their optimizer state (Adam's moments) is
+  held, so a component trained again later resumes where it left off.
+  `detached` must be static under `jit` (`StepVariants` does that).
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import rgft_jax
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     for i in range(2):
+    ...       x = x + nn.Dense(4, name=f"branch{i}")(x)
+    ...     return x
+    >>> model, x = Net(), jnp.ones((2, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tracker = rgft_jax.ErrorTracker(model, select=lambda p, m: len(p) == 1)
+    >>> comps = tracker.components(params, x)
+    >>> tx = rgft_jax.rgft(0.1, comps)
+    >>> loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
+    >>> step = jax.jit(rgft_jax.train_step(tracker, tx, loss_fn, comps),
+    ...                static_argnames="detached")
+    >>> loss, new, _ = step(params, tx.init(params), x,
+    ...                     detached=frozenset({"branch0"}))
+    >>> bool((new["branch0"]["kernel"] == params["branch0"]["kernel"]).all())
+    True
   """
 
-  def __init__(self, freezer: Freezer, step: Callable[..., Any], max_variants: int = 8):
-    in_range("max_variants", max_variants, 1, None)
-    self.freezer = freezer
-    self.max_variants = max_variants
-    self.compilations = 0
-    self._step = step
-    self._cache: collections.OrderedDict = collections.OrderedDict()
+  def step(params, opt_state, *args, detached: frozenset[str] = frozenset()):
+    if isinstance(params, nnx.Module):
+      return _nnx_step(params, opt_state, *args, detached=detached)
+    out, grads, error_map = tracker.value_and_grad(
+      loss_fn, has_aux=has_aux, detach=detached
+    )(params, *args)
+    updates, new_state = tx.update(grads, opt_state, params, error_map=error_map)
+    if detached:
+      masks = component_masks(components, params, detached)
+      updates, new_state = hold_masked(tx, masks, updates, new_state, opt_state)
+    return out, optax.apply_updates(params, updates), new_state
 
-  def compiled(self, variant: frozenset[str], *args) -> Any:
-    """The compiled step for `variant` (compiling it on a miss)."""
-    if variant in self._cache:
-      self._cache.move_to_end(variant)
-      return self._cache[variant]
-    fn = jax.jit(lambda *a: self._step(*a, frozen=variant), donate_argnums=(0, 1))
+  def _nnx_step(model, optimizer, *args, detached):
+    out, grads, error_map = tracker.value_and_grad(
+      loss_fn, has_aux=has_aux, detach=detached
+    )(model, *args)
+    if not detached:
+      optimizer.update(model, grads, error_map=error_map)
+      return out
+    # `nnx.Optimizer.update`, with the detached components held.
+    wrt = optimizer.wrt
+    params = nnx.as_pure(nnx.state(model, wrt))
+    old_state = nnx.as_pure(optimizer.opt_state)
+    updates, new_state = optimizer.tx.update(
+      nnx.as_pure(nnx.state(grads, wrt)), old_state, params, error_map=error_map
+    )
+    masks = component_masks(components, params, detached)
+    updates, new_state = hold_masked(optimizer.tx, masks, updates, new_state, old_state)
+    nnx.update(model, optax.apply_updates(params, updates))
+    nnx.update(optimizer.opt_state, nnx.state(new_state))
+    optimizer.step[...] += 1
+    return out
+
+  return step
+
+
+def _signature(args: Any) -> Hashable:
+  """Tree structure, shapes, dtypes and shardings of `args` (the compile key)."""
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple(
+    (tuple(np.shape(x)), str(getattr(x, "dtype", type(x))), _sharding(x))
+    for x in leaves
+  )
+
+
+def _sharding(x: Any) -> Hashable:
+  sharding = getattr(x, "sharding", None)
+  return None if sharding is None else repr(sharding)
+
+
+class StepVariants:
+  """Compiled variants of a train step, one per variant and argument types.
+
+  `make(variant)` returns the step function for a hashable `variant` (for
+  sparse RGFT, the frozenset of detached components); calling
+  `variants(variant, *args)` runs it, compiling it with `jax.jit` on the first
+  call with those argument shapes, dtypes and shardings. At most
+  `max_variants` compiled steps are kept (least recently used goes first);
+  `compilations` counts every compilation, and a `RuntimeWarning` says so
+  when they exceed `warn_after` (thrashing). With `donate_argnums` the inputs
+  at those positions are donated to XLA (they are deleted by the call, so
+  the caller must use the returned values instead); nothing is donated by
+  default.
+  """
+
+  def __init__(
+    self,
+    make: Callable[[Hashable], Callable[..., Any]],
+    max_variants: int = 8,
+    donate_argnums: tuple[int, ...] = (),
+    warn_after: int | None = None,
+  ):
+    in_range("max_variants", max_variants, 1, None)
+    self.make = make
+    self.max_variants = int(max_variants)
+    self.donate_argnums = tuple(donate_argnums)
+    self.warn_after = 4 * self.max_variants if warn_after is None else warn_after
+    self.compilations = 0
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._costs: dict[Hashable, tuple[float, int]] = {}
+
+  def compiled(self, variant: Hashable, *args: Any) -> Any:
+    """The compiled step of `variant` for `args` (compiling it on a miss)."""
+    key = (variant, _signature(args))
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    fn = jax.jit(self.make(variant), donate_argnums=self.donate_argnums)
     compiled = fn.lower(*args).compile()
     self.compilations += 1
-    self._cache[variant] = compiled
+    if self.compilations == self.warn_after + 1:
+      warnings.warn(
+        f"StepVariants compiled {self.compilations} times, more than "
+        f"warn_after={self.warn_after}; with max_variants={self.max_variants} "
+        "the cache may be thrashing (raise max_variants, or decide less often).",
+        RuntimeWarning,
+        stacklevel=2,
+      )
+    self._cache[key] = compiled
+    self._costs[key] = compiled_cost(compiled)
     if len(self._cache) > self.max_variants:
       self._cache.popitem(last=False)
     return compiled
 
-  def __call__(self, step: int, params, opt_state, *args):
-    variant = self.freezer.variant(step)
-    out, params, opt_state, alpha = self.compiled(variant, params, opt_state, *args)(
-      params, opt_state, *args
+  def cost(self, variant: Hashable, *args: Any) -> tuple[float, int]:
+    """(FLOPs, peak bytes) of the compiled step of `variant` for `args`."""
+    key = (variant, _signature(args))
+    if key not in self._costs:
+      self.compiled(variant, *args)
+    return self._costs[key]
+
+  def __call__(self, variant: Hashable, *args: Any) -> Any:
+    return self.compiled(variant, *args)(*args)
+
+
+def compiled_cost(compiled: Any) -> tuple[float, int]:
+  """(FLOPs, peak bytes) of a compiled computation, as XLA counts them.
+
+  Peak bytes are arguments + outputs - aliased + temporaries.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list | tuple):
+    analysis = analysis[0]
+  mem = compiled.memory_analysis()
+  peak = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+  )
+  return float(analysis.get("flops", 0.0)), int(peak)
+
+
+class SparseTrainStep:
+  """Runs the step variant a `Budget` chooses, step after step.
+
+  `sparse(t, params, opt_state, *args)` runs step number `t` (counting from
+  0, in order) with the components the budget leaves untrained detached, and
+  returns `(out, params, opt_state)`. The host reads RGFT's EMA error map
+  from `opt_state` only at the budget's decision steps, so in between the
+  device is never waited on. Compiled variants live in `variants`
+  (a `StepVariants`; nothing is donated).
+
+  Args:
+    step: a step from `train_step` (Linen).
+    budget: the `Budget` deciding what is trained.
+    max_variants: compiled variants kept.
+  """
+
+  def __init__(self, step: Callable[..., Any], budget: Any, max_variants: int = 8):
+    self.budget = budget
+    self.variants = StepVariants(
+      lambda detached: lambda *a: step(*a, detached=detached), max_variants
     )
-    self.freezer.observe(jax.device_get(alpha), variant)
-    return out, params, opt_state
+
+  @property
+  def compilations(self) -> int:
+    return self.variants.compilations
+
+  def __call__(self, t: int, params: Any, opt_state: Any, *args: Any):
+    if self.budget.due(t):
+      ema = jax.device_get(optax.tree.get(opt_state, "error_map"))
+      self.budget.decide(t, ema)
+    detached = self.budget.detached
+    out = self.variants(detached, params, opt_state, *args)
+    self.budget.spend(t, detached)
+    return out

@@ -306,6 +306,7 @@ class ErrorTracker:
     has_aux: bool = False,
     measure: Collection[str] | None = None,
     axis_name: str | tuple[str, ...] | None = None,
+    detach: Collection[str] = (),
   ) -> Callable[..., Any]:
     """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
@@ -323,6 +324,14 @@ class ErrorTracker:
     get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
     their outputs are not perturbed, so the backward pass need not reach them.
 
+    `detach` names components whose output is detached: `h` becomes
+    `stop_gradient(h) + d`, so no gradient flows back through the component
+    (XLA drops its whole backward pass, weight and input gradients) while
+    the rest of the model is differentiated as usual. A detached component is
+    still measured: `dL/dd` is the cotangent at its output, so its attribution
+    equals the undetached one on the same batch. Its parameters get zero
+    gradients (a head's slice of the output projection still gets its own).
+
     Inside `jax.shard_map` with the batch split over `axis_name` (parameters
     replicated), pass `axis_name`: the loss and the error map are averaged
     over it and the gradients become those of the global batch-mean loss.
@@ -336,11 +345,13 @@ class ErrorTracker:
       recorded, _ = self._record(run, params)
       names = list(dict.fromkeys(n for tap, _ in recorded for n, _ in _columns(tap)))
       wanted = set(names) if measure is None else set(measure)
-      if wanted - set(names):
-        raise ValueError(
-          f"measure names unknown components {sorted(wanted - set(names))}; "
-          f"the components are {names}."
-        )
+      detached = frozenset(detach)
+      for what, given in (("measure", wanted), ("detach", detached)):
+        if given - set(names):
+          raise ValueError(
+            f"{what} names unknown components {sorted(given - set(names))}; "
+            f"the components are {names}."
+          )
       recorded = [
         (tap, v) for tap, v in recorded if any(n in wanted for n, _ in _columns(tap))
       ]
@@ -353,7 +364,7 @@ class ErrorTracker:
       if self.method == "ablation":
         taps = [tap for tap, _ in recorded]
         (loss, aux), grads, error_map, state = self._ablation(
-          run, has_aux, taps, params
+          run, has_aux, taps, params, detached
         )
         finish(state)
         error_map = complete(error_map)
@@ -367,9 +378,9 @@ class ErrorTracker:
 
         def visit(tap, value):
           if tap not in measured:
-            return value
+            return _detach(tap, value, detached)
           values.append((tap, value))
-          return jax.tree.map(jnp.add, value, next(it))
+          return jax.tree.map(jnp.add, _detach(tap, value, detached), next(it))
 
         out, state = run(params, visit)
         loss, aux = out if has_aux else (out, None)
@@ -421,7 +432,7 @@ class ErrorTracker:
       per_example = {k: jnp.abs(v) for k, v in per_example.items()}
     return {k: jnp.mean(v) for k, v in per_example.items()}
 
-  def _ablation(self, run, has_aux, taps, params):
+  def _ablation(self, run, has_aux, taps, params, detached):
     names = list(dict.fromkeys(name for tap in taps for name, _ in _columns(tap)))
     position = {name: i for i, name in enumerate(names)}
 
@@ -429,6 +440,7 @@ class ErrorTracker:
 
     def masked_loss(params, keep):
       def visit(tap, value):
+        value = _detach(tap, value, detached)
         if tap not in known:
           return value
         idx = np.array([position[name] for name, _ in _columns(tap)])
@@ -525,6 +537,19 @@ def _per_example(x: jax.Array, tap: _Tap) -> jax.Array:
     return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
   x = jnp.moveaxis(x, -2, 1)
   return jnp.sum(x.reshape(x.shape[0], x.shape[1], -1), axis=2)
+
+
+def _detach(tap: _Tap, value: Any, detached: frozenset[str]) -> Any:
+  """`value` with the outputs of `detached` components behind `stop_gradient`."""
+  cols = [c for name, c in _columns(tap) if name in detached]
+  if not cols:
+    return value
+  if tap.heads is None or len(cols) == tap.heads:
+    return jax.tree.map(jax.lax.stop_gradient, value)
+  mask = np.zeros(tap.heads, bool)
+  mask[cols] = True
+  mask = mask[:, None]  # Heads on the second-to-last axis.
+  return jax.tree.map(lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value)
 
 
 def _columns(tap: _Tap) -> list[tuple[str, int | None]]:

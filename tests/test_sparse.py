@@ -1,4 +1,4 @@
-"""Sparse RGFT: freezing decisions, frozen steps, their FLOPs, and the soft-mode limit."""
+"""Detached-output steps: gradients, held state, FLOPs, NNX, and the variant cache."""
 
 import flax.linen as nn
 import jax
@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import rgft_jax
 
@@ -19,13 +20,16 @@ class MlpBlock(nn.Module):
 
 
 class Net(nn.Module):
-  """Residual MLP: embed, DEPTH branches, head. No norms: matmuls dominate FLOPs."""
+  """Residual MLP: embed, DEPTH branches, head; `detach` puts branches behind stop_gradient."""
+
+  detach: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(W, name="embed")(x)
     for i in range(DEPTH):
-      x = x + MlpBlock(name=f"block{i}")(x)
+      h = MlpBlock(name=f"block{i}")(x)
+      x = x + (jax.lax.stop_gradient(h) if i in self.detach else h)
     return nn.Dense(CLASSES, name="head")(x)
 
 
@@ -37,7 +41,7 @@ def _loss(model):
   return loss_fn
 
 
-def _setup(patience=2, refresh_every=4, policy="any", stem=None, min_scale=0.01):
+def _setup():
   model = Net()
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(B, D_IN)), jnp.float32)
@@ -45,102 +49,87 @@ def _setup(patience=2, refresh_every=4, policy="any", stem=None, min_scale=0.01)
   params = model.init(jax.random.key(0), x)["params"]
   tracker = rgft_jax.ErrorTracker(model)
   comps = tracker.components(params, x)
-  tx = rgft_jax.rgft(1e-2, comps, warmup_steps=10, min_scale=min_scale)
-  freezer = rgft_jax.Freezer(
-    comps,
-    min_scale=min_scale,
-    patience=patience,
-    refresh_every=refresh_every,
-    policy=policy,
-    stem=stem,
+  tx = rgft_jax.rgft(1e-2, comps, warmup_steps=10)
+  return model, params, x, y, tracker, comps, tx
+
+
+@pytest.mark.parametrize("detach", [(0,), (2,), (0, 2)])
+def test_detached_gradients_equal_a_hand_written_stop_gradient(detach):
+  model, params, x, y, tracker, comps, _ = _setup()
+  names = frozenset(f"block{i}" for i in detach)
+  loss, grads, error_map = jax.jit(tracker.value_and_grad(_loss(model), detach=names))(
+    params, x, y
   )
-  return model, params, x, y, tracker, comps, tx, freezer
+  ref_loss, ref = jax.value_and_grad(_loss(Net(detach=detach)))(params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for i in detach:  # No gradient reaches a detached branch's weights.
+    assert all((g == 0).all() for g in jax.tree.leaves(grads[f"block{i}"]))
+  # Still measured: as without detaching, from the top detached branch up
+  # (below it the paths through the detached branches are gone, as in the
+  # hand-written model measured without detaching).
+  _, _, undetached = jax.jit(tracker.value_and_grad(_loss(model)))(params, x, y)
+  for n in comps.names[max(detach) :]:
+    np.testing.assert_allclose(error_map[n], undetached[n], rtol=1e-5)
+  hand = rgft_jax.ErrorTracker(Net(detach=detach))
+  _, _, written = jax.jit(hand.value_and_grad(_loss(Net(detach=detach))))(params, x, y)
+  for n in comps.names:
+    if n not in names:
+      np.testing.assert_allclose(error_map[n], written[n], rtol=1e-5)
 
 
-def test_decisions_by_hand():
-  *_, comps, _, freezer = _setup(patience=2, refresh_every=4, policy="any")
-  assert comps.names == ("block0", "block1", "block2")
-  lo, hi = 0.01, 0.5
-  seen = []
-  for step, alpha in enumerate(
-    [[lo, hi, lo], [lo, hi, lo], [lo, hi, hi], [lo, lo, hi], [hi, lo, hi], [lo, lo, lo]]
-  ):
-    variant = freezer.variant(step)
-    freezer.observe(np.float32(alpha), variant)
-    seen.append((sorted(variant), sorted(freezer.frozen)))
-  assert seen == [
-    ([], []),  # block0, block2 at the floor once.
-    ([], ["block0", "block2"]),  # Twice: frozen from the next step.
-    (["block0", "block2"], ["block0", "block2"]),  # Not measured, kept frozen.
-    (["block0", "block2"], ["block0", "block2"]),  # block1 at the floor once.
-    ([], ["block1"]),  # Refresh: block0, block2 rose; block1 at the floor twice.
-    (["block1"], ["block1"]),  # block0, block2 at the floor once again.
-  ]
+def test_detaching_needs_known_names():
+  model, params, x, y, tracker, *_ = _setup()
+  with pytest.raises(ValueError, match="detach names unknown components"):
+    tracker.value_and_grad(_loss(model), detach={"nope"})(params, x, y)
 
 
-def test_prefix_policy_freezes_only_from_the_input_side():
-  *_, freezer = _setup(patience=1, refresh_every=100, policy="prefix")
-  lo, hi = 0.01, 0.5
-  freezer.observe(np.float32([hi, lo, lo]), frozenset())
-  assert freezer.frozen == frozenset()  # block0 is not at the floor.
-  freezer.observe(np.float32([lo, lo, hi]), frozenset())
-  assert freezer.frozen == {"block0", "block1"}
-  state = freezer.state_dict()
-  other = _setup(patience=1, refresh_every=100, policy="prefix")[-1]
-  other.load_state_dict(state)
-  assert other.frozen == freezer.frozen
-  with pytest.raises(ValueError, match="other components"):
-    other.load_state_dict({"at_floor": [0, 0], "frozen": ["nope"]})
-
-
-def test_frozen_step_holds_parameters_and_optimizer_state():
-  model, params, x, y, tracker, comps, tx, freezer = _setup()
-  step = jax.jit(
-    freezer.train_step(tracker, tx, _loss(model)), static_argnames="frozen"
+def _step(tracker, tx, model, comps):
+  return jax.jit(
+    rgft_jax.train_step(tracker, tx, _loss(model), comps), static_argnames="detached"
   )
+
+
+def test_detached_step_holds_parameters_and_optimizer_state():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = _step(tracker, tx, model, comps)
   state = tx.init(params)
-  _, params, state, _ = step(params, state, x, y)  # Moments are non-zero now.
-  frozen = frozenset({"block1"})
-  _, new_params, new_state, alpha = step(params, state, x, y, frozen=frozen)
-  for name in ("Dense_0", "Dense_1"):
-    for leaf in ("kernel", "bias"):
-      np.testing.assert_array_equal(
-        new_params["block1"][name][leaf], params["block1"][name][leaf]
-      )
-      for moment in ("mu", "nu"):
-        np.testing.assert_array_equal(
-          getattr(new_state[0], moment)["block1"][name][leaf],
-          getattr(state[0], moment)["block1"][name][leaf],
-        )
+  _, params, state = step(params, state, x, y)  # Moments are non-zero now.
+  _, new_params, new_state = step(params, state, x, y, detached=frozenset({"block1"}))
+  held = jax.tree.leaves(
+    (params["block1"], state[0].mu["block1"], state[0].nu["block1"])
+  )
+  now = jax.tree.leaves(
+    (new_params["block1"], new_state[0].mu["block1"], new_state[0].nu["block1"])
+  )
+  for a, b in zip(held, now, strict=True):
+    np.testing.assert_array_equal(a, b)
   assert not np.array_equal(
     new_params["block0"]["Dense_0"]["kernel"], params["block0"]["Dense_0"]["kernel"]
   )
-  # Not measured: its EMA entry is the previous one.
+  # Measured although detached: its EMA moved.
   i = comps.names.index("block1")
-  assert (
-    optax.tree.get(new_state, "error_map")[i] == optax.tree.get(state, "error_map")[i]
-  )
-  assert alpha.shape == (3,)
+  ema = optax.tree.get(new_state, "error_map")
+  assert ema[i] != optax.tree.get(state, "error_map")[i]
 
 
-def test_unfrozen_component_continues_from_its_optimizer_state():
-  model, params, x, y, tracker, _, tx, freezer = _setup()
-  step = jax.jit(
-    freezer.train_step(tracker, tx, _loss(model)), static_argnames="frozen"
-  )
+def test_retrained_component_continues_from_its_optimizer_state():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = _step(tracker, tx, model, comps)
   state = tx.init(params)
   for _ in range(2):
-    _, params, state, _ = step(params, state, x, y)
+    _, params, state = step(params, state, x, y)
   before = state[0].mu["block2"]
   for _ in range(3):
-    _, params, state, _ = step(params, state, x, y, frozen=frozenset({"block2"}))
+    _, params, state = step(params, state, x, y, detached=frozenset({"block2"}))
   for a, b in zip(
     jax.tree.leaves(state[0].mu["block2"]), jax.tree.leaves(before), strict=True
   ):
     np.testing.assert_array_equal(a, b)
-  # Thawed: Adam's first moment goes on from `before` with this step's gradient.
+  # Trained again: Adam's first moment goes on from `before` with this gradient.
   _, grads = jax.value_and_grad(_loss(model))(params, x, y)
-  _, params, state, _ = step(params, state, x, y)
+  _, params, state = step(params, state, x, y)
   for a, m, g in zip(
     jax.tree.leaves(state[0].mu["block2"]),
     jax.tree.leaves(before),
@@ -150,109 +139,172 @@ def test_unfrozen_component_continues_from_its_optimizer_state():
     np.testing.assert_allclose(a, 0.9 * m + 0.1 * g, rtol=1e-5, atol=1e-8)
 
 
-def test_nothing_frozen_equals_the_soft_mode():
-  model, params, x, y, tracker, _, tx, freezer = _setup(patience=10**6)
-  sparse = rgft_jax.SparseTrainStep(
-    freezer, freezer.train_step(tracker, tx, _loss(model))
-  )
-
-  @jax.jit
-  def soft(params, state, x, y):
-    loss, grads, error_map = tracker.value_and_grad(_loss(model))(params, x, y)
-    updates, state = tx.update(grads, state, params, error_map=error_map)
-    return loss, optax.apply_updates(params, updates), state
-
-  p1, s1 = params, tx.init(params)
-  p2, s2 = jax.tree.map(jnp.copy, params), tx.init(params)
-  for t in range(6):
-    l1, p1, s1 = soft(p1, s1, x, y)
-    l2, p2, s2 = sparse(t, p2, s2, x, y)
-    np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert sparse.compilations == 1
-
-
 def _matmul(m, k, n):
   return 2 * m * k * n
 
 
-def test_frozen_variants_save_the_hand_counted_flops():
-  model, params, x, y, tracker, _, tx, freezer = _setup(
-    policy="prefix", stem=r"embed/.*"
-  )
-  step = freezer.train_step(tracker, tx, _loss(model))
+def _flops(fn, *args):
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+@pytest.mark.parametrize("block", [0, 1, 2])
+def test_detaching_saves_the_hand_counted_backward_at_any_depth(block):
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
   state = tx.init(params)
 
-  def flops(frozen):
-    compiled = (
-      jax.jit(lambda *a: step(*a, frozen=frozen)).lower(params, state, x, y).compile()
-    )
-    analysis = compiled.cost_analysis()
-    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+  def flops(detached):
+    return _flops(lambda *a: step(*a, detached=detached), params, state, x, y)
 
-  def optimizer_flops(tree):
-    """What XLA counts for Adam's update and its application on `tree` alone."""
-    adam = optax.adam(1e-2)
-    fn = jax.jit(lambda g, s, p: optax.apply_updates(p, adam.update(g, s, p)[0]))
-    compiled = fn.lower(tree, adam.init(tree), tree).compile()
-    analysis = compiled.cost_analysis()
-    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+  adam = optax.adam(1e-2)
+  tree = params[f"block{block}"]
+  optimizer = _flops(
+    lambda g, s, p: optax.apply_updates(p, adam.update(g, s, p)[0]),
+    tree,
+    adam.init(tree),
+    tree,
+  )
+  # The branch's weight gradients (dW of both layers) and input gradients
+  # (dX of both layers), by hand, plus the optimizer's work on its parameters.
+  backward = 2 * (_matmul(W, B, H) + _matmul(B, H, W))
+  saved = flops(frozenset()) - flops(frozenset({f"block{block}"}))
+  np.testing.assert_allclose(saved, backward + optimizer, rtol=0.05)
+
+
+def test_heads_save_only_when_the_whole_attention_is_detached():
+  """Per-head detaching is correct but saves nothing: the heads share one einsum."""
+
+  class Attn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(8, name="embed")(x)
+      y = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(y, y)
+      return nn.Dense(3, name="head")(x.mean(1))
+
+  model = Attn()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 4)), jnp.float32)
+  y = jnp.array([0, 1, 2, 0])
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(model, select="heads")
+  comps = tracker.components(params, x)
+  assert comps.names == ("attn/head0", "attn/head1")
+  tx = rgft_jax.rgft(1e-2, comps)
+  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  state = tx.init(params)
+
+  def flops(detached):
+    return _flops(lambda *a: step(*a, detached=detached), params, state, x, y)
 
   full = flops(frozenset())
-  # Weight gradients of one block (dW of both Dense layers) and its input
-  # gradients (dX), by hand; the optimizer's elementwise work on what freezes.
-  block_dw = _matmul(W, B, H) + _matmul(H, B, W)
-  block_dx = _matmul(B, H, W) + _matmul(B, W, H)
-  # Freezing the top block drops its weight gradients and its optimizer work.
-  top = flops(frozenset({"block2"}))
-  np.testing.assert_allclose(
-    full - top, block_dw + optimizer_flops(params["block2"]), rtol=0.05
+  one = flops(frozenset({"attn/head0"}))
+  both = flops(frozenset(comps.names))
+  assert one >= 0.99 * full  # Nothing saved.
+  assert both < 0.9 * full
+
+  # One head detached: its q/k/v slices get no gradient, the other head's do.
+  _, grads, _ = tracker.value_and_grad(_loss(model), detach={"attn/head0"})(
+    params, x, y
   )
-  # Freezing the bottom block and the stem ends the backward pass above them:
-  # no weight or input gradients through the block, no embed weight gradient,
-  # and no input gradient of block1's first layer (nothing below needs it).
-  bottom = flops(frozenset({"block0"}))
-  held = {"block0": params["block0"], "embed": params["embed"]}
-  np.testing.assert_allclose(
-    full - bottom,
-    block_dw
-    + block_dx
-    + _matmul(D_IN, B, W)
-    + _matmul(B, W, H)
-    + optimizer_flops(held),
-    rtol=0.05,
-  )
-  assert bottom < top < full
+  _, ref = jax.value_and_grad(_loss(model))(params, x, y)
+  for name in ("query", "key", "value"):
+    g, r = grads["attn"][name]["kernel"], ref["attn"][name]["kernel"]
+    assert (g[:, 0] == 0).all() and (r[:, 0] != 0).any()
+    np.testing.assert_allclose(g[:, 1], r[:, 1], rtol=1e-5, atol=1e-7)
 
 
-def test_variant_cache_is_bounded_and_counts_compilations():
-  model, params, x, y, tracker, _, tx, freezer = _setup()
-  sparse = rgft_jax.SparseTrainStep(
-    freezer, freezer.train_step(tracker, tx, _loss(model)), max_variants=1
+class NnxMlp(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(W, H, rngs=rngs)
+    self.l2 = nnx.Linear(H, W, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.relu(self.l1(x)))
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs, detach=()):
+    self.embed = nnx.Linear(D_IN, W, rngs=rngs)
+    self.block0 = NnxMlp(rngs)
+    self.block1 = NnxMlp(rngs)
+    self.head = nnx.Linear(W, CLASSES, rngs=rngs)
+    self.detach = tuple(detach)
+
+  def __call__(self, x):
+    x = self.embed(x)
+    for i, block in enumerate((self.block0, self.block1)):
+      h = block(x)
+      x = x + (jax.lax.stop_gradient(h) if i in self.detach else h)
+    return self.head(x)
+
+
+def _nnx_loss(model, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def test_nnx_detached_step_matches_a_hand_written_stop_gradient():
+  _, _, x, y, *_ = _setup()
+  model = NnxNet(nnx.Rngs(0))
+  tracker = rgft_jax.ErrorTracker(model, select=lambda p, m: isinstance(m, NnxMlp))
+  comps = tracker.components(nnx.state(model, nnx.Param), x)
+  assert comps.names == ("block0", "block1")
+  # Gradients against the same model with stop_gradient written in.
+  ref_model = NnxNet(nnx.Rngs(0), detach=(1,))
+  _, grads, _ = nnx.jit(tracker.value_and_grad(_nnx_loss, detach={"block1"}))(
+    model, x, y
+  )
+  ref = nnx.grad(_nnx_loss)(ref_model, x, y)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  optimizer = nnx.Optimizer(model, rgft_jax.rgft(1e-2, comps), wrt=nnx.Param)
+  step = nnx.jit(
+    rgft_jax.train_step(tracker, None, _nnx_loss, comps), static_argnames="detached"
+  )
+  step(model, optimizer, x, y)
+  before = jax.tree.map(jnp.copy, nnx.state((model.block1, optimizer.opt_state)))
+  block0 = jnp.copy(model.block0.l1.kernel[...])
+  step(model, optimizer, x, y, detached=frozenset({"block1"}))
+  after = nnx.state((model.block1, optimizer.opt_state))
+  mu = lambda s: s[1][0].mu["block1"]  # noqa: E731
+  for a, b in zip(
+    jax.tree.leaves((before[0], mu(before))),
+    jax.tree.leaves((after[0], mu(after))),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(model.block0.l1.kernel[...], block0)
+  assert int(optimizer.step[...]) == 2
+
+
+def test_variant_cache_keys_on_argument_types_and_counts_compilations():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  variants = rgft_jax.StepVariants(
+    lambda d: lambda *a: step(*a, detached=d), max_variants=2
   )
   state = tx.init(params)
-  for frozen in ({"block0"}, {"block1"}, {"block0"}):
-    sparse.compiled(frozenset(frozen), params, state, x, y)
-  assert sparse.compilations == 3
-  sparse.compiled(frozenset({"block0"}), params, state, x, y)
-  assert sparse.compilations == 3  # The one kept.
+  for detached in ({"block0"}, {"block1"}, {"block0"}):
+    variants(frozenset(detached), params, state, x, y)
+  assert variants.compilations == 2
+  # Another batch size is another compiled step, not an error.
+  variants(frozenset({"block0"}), params, state, x[:8], y[:8])
+  assert variants.compilations == 3
+  variants(frozenset({"block1"}), params, state, x, y)  # Evicted: recompiled.
+  assert variants.compilations == 4
+  # Not donated: the inputs stay usable.
+  assert np.isfinite(np.asarray(params["embed"]["kernel"])).all()
 
 
-def test_bad_arguments_are_named():
-  *_, comps, _, _ = _setup()
-  with pytest.raises(ValueError, match="policy"):
-    rgft_jax.Freezer(comps, policy="top")
-  with pytest.raises(ValueError, match="order must list every component"):
-    rgft_jax.Freezer(comps, order=["block0"])
-  with pytest.raises(ValueError, match="patience"):
-    rgft_jax.Freezer(comps, patience=0)
-
-
-def test_level_sets_what_counts_as_the_floor():
-  *_, comps, _, _ = _setup()
-  freezer = rgft_jax.Freezer(comps, min_scale=0.01, patience=1, level=0.5)
-  freezer.observe(np.float32([0.5, 0.51, 0.2]), frozenset())
-  assert freezer.frozen == {"block0", "block2"}
-  with pytest.raises(ValueError, match="level"):
-    rgft_jax.Freezer(comps, min_scale=0.1, level=0.05)
+def test_variant_cache_warns_when_it_thrashes():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  variants = rgft_jax.StepVariants(
+    lambda d: lambda *a: step(*a, detached=d), max_variants=1, warn_after=2
+  )
+  state = tx.init(params)
+  variants(frozenset({"block0"}), params, state, x, y)
+  variants(frozenset({"block1"}), params, state, x, y)
+  with pytest.warns(RuntimeWarning, match="thrashing"):
+    variants(frozenset({"block0"}), params, state, x, y)

@@ -1,0 +1,168 @@
+"""The budget: allocation against brute force, decisions by hand, FLOP accounting."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+import rgft_jax
+from rgft_jax._budget import best_within
+from rgft_jax._budget import fill_in_order
+from rgft_jax._budget import weighted_order
+from tests.test_sparse import _loss
+from tests.test_sparse import _setup
+
+
+def _brute_force(error, cost, capacity):
+  n = len(error)
+  free = {i for i in range(n) if cost[i] <= 0}
+  best, best_set = -1.0, None
+  for r in range(n + 1):
+    for subset in itertools.combinations(range(n), r):
+      s = set(subset) | free
+      if sum(max(cost[i], 0) for i in s) > capacity:
+        continue
+      value = sum(max(error[i], 0) for i in s)
+      if value > best + 1e-12:
+        best, best_set = value, s
+  return best, best_set
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_top_allocation_equals_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(1, 10))
+  error = rng.random(n) * (rng.random(n) > 0.15)  # Some components with no error.
+  cost = rng.random(n) + 0.05
+  cost[rng.random(n) < 0.1] = 0.0  # Some detach for free (heads, say).
+  capacity = float(rng.random() * cost.sum())
+  got = best_within(error, cost, capacity)
+  value, expected = _brute_force(error, cost, capacity)
+  assert sum(cost[i] for i in got) <= capacity + 1e-12
+  np.testing.assert_allclose(sum(error[i] for i in got), value, rtol=1e-12)
+  assert {i for i in got if error[i] > 0 or cost[i] <= 0} == {
+    i for i in expected if error[i] > 0 or cost[i] <= 0
+  }
+
+
+def test_fill_and_weighted_order():
+  assert fill_in_order([2, 0, 1], [1.0, 2.0, 3.0], 4.5) == {2, 0}
+  rng = np.random.default_rng(0)
+  firsts = np.bincount(
+    [weighted_order([1.0, 3.0, 0.0], rng)[0] for _ in range(4000)], minlength=3
+  )
+  np.testing.assert_allclose(firsts / 4000, [0.25, 0.75, 0.0], atol=0.03)
+
+
+def _costs():
+  return rgft_jax.DetachCosts(("a", "b", "c"), 10.0, np.array([3.0, 3.0, 3.0]))
+
+
+def test_decisions_and_spending_by_hand():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=5)
+  ema = np.array([0.1, 0.9, 0.5])
+  trace = []
+  for t in range(10):
+    if budget.due(t):
+      budget.decide(t, ema)
+    trace.append(sorted(budget.trained))
+    budget.spend(t, budget.detached)
+  # Step 0 detaches all (cost 1). At step 1 a step may cost (50 - 1) / 9 =
+  # 5.44, so one branch (1 + 3 = 4): the largest error. Steps 1-5 spend 20;
+  # at step 6 a step may cost (50 - 21) / 4 = 7.25: two branches (7).
+  assert trace == [[]] + [["b"]] * 5 + [["b", "c"]] * 4
+  assert budget.spent == 1 + 5 * 4 + 4 * 7
+  assert budget.spent <= 0.5 * 10 * 10.0
+  assert budget.decisions == [(1, ["b"]), (6, ["b", "c"])]
+
+
+def test_hysteresis_keeps_the_trained_set():
+  ema = np.array([0.5, 0.52, 0.0])
+  for h, expected in ((0.0, {"b"}), (0.1, {"a"})):
+    budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=1, hysteresis=h)
+    budget.spend(0, budget.detached)
+    budget.decide(1, np.array([1.0, 0.0, 0.0]))
+    assert budget.trained == {"a"}
+    budget.spend(1, budget.detached)
+    budget.decide(2, ema)
+    assert budget.trained == expected
+
+
+@pytest.mark.parametrize("rule", rgft_jax._budget.RULES)
+@pytest.mark.parametrize("ramp", [0, 6])
+def test_every_rule_stays_within_the_budget(rule, ramp):
+  costs = rgft_jax.DetachCosts(
+    tuple("abcdef"), 20.0, np.array([2.0, 2.5, 3.0, 1.0, 4.0, 2.0])
+  )
+  rng = np.random.default_rng(1)
+  budget = rgft_jax.Budget(
+    costs, 0.6, total_steps=37, every=4, rule=rule, ramp_steps=ramp, seed=3
+  )
+  spends = []
+  for t in range(37):
+    if budget.due(t):
+      budget.decide(t, rng.random(6))
+    spends.append(costs.step(budget.detached))
+    budget.spend(t, budget.detached)
+  assert sum(spends) <= 0.6 * 37 * 20.0 + 1e-9
+  assert sum(spends) >= 0.6 * 37 * 20.0 - 20.0  # Spent, not hoarded.
+  if ramp:
+    assert spends[1] >= 0.8 * costs.full  # The ramp starts near full steps.
+
+
+def test_budget_below_the_floor_is_refused():
+  with pytest.raises(ValueError, match=r"budget 0.05 is below 0.100"):
+    rgft_jax.Budget(_costs(), 0.05, total_steps=10)
+  with pytest.raises(ValueError, match="ramp_steps"):
+    rgft_jax.Budget(_costs(), 0.2, total_steps=10, ramp_steps=10)
+  with pytest.raises(ValueError, match="rule"):
+    rgft_jax.Budget(_costs(), 0.5, total_steps=10, rule="best")
+  with pytest.raises(TypeError, match="every"):
+    rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2.5)
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10)
+  with pytest.raises(ValueError, match="out of order"):
+    budget.decide(3, np.ones(3))
+
+
+def test_state_dict_round_trip():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2)
+  for t in range(4):
+    if budget.due(t):
+      budget.decide(t, np.array([0.3, 0.2, 0.1]))
+    budget.spend(t, budget.detached)
+  other = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2)
+  other.load_state_dict(budget.state_dict())
+  assert (other.detached, other.spent, other.steps) == (
+    budget.detached,
+    budget.spent,
+    budget.steps,
+  )
+  with pytest.raises(ValueError, match="lacks"):
+    other.load_state_dict({**budget.state_dict(), "detached": ["zz"]})
+
+
+def test_costs_add_up_and_accounting_equals_variant_flops_times_steps():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  state = tx.init(params)
+  costs = rgft_jax.detach_costs(step, comps.names, params, state, x, y, compiled=True)
+  assert costs.additivity_error < 0.01
+  assert (costs.saving > 0).all()
+  budget = rgft_jax.Budget(costs, 0.7, total_steps=12, every=3)
+  sparse = rgft_jax.SparseTrainStep(step, budget)
+  counts = {}
+  for t in range(12):
+    _, params, state = sparse(t, params, state, x, y)
+    counts[budget.detached] = counts.get(budget.detached, 0) + 1
+  measured = sum(
+    sparse.variants.cost(d, params, state, x, y)[0] * n for d, n in counts.items()
+  )
+  np.testing.assert_allclose(budget.spent, measured, rtol=0.01)
+  assert budget.spent <= 0.7 * 12 * costs.full * 1.0001
+  assert budget.fraction > 0.6  # The budget is used.
+  assert sparse.compilations == len(counts)
+  # Lowered costs agree with compiled ones.
+  lowered = rgft_jax.detach_costs(step, comps.names, params, state, x, y)
+  np.testing.assert_allclose(lowered.saving, costs.saving, rtol=0.05)
+  assert jax.tree.leaves(params)  # Inputs were not donated.
