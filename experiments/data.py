@@ -52,6 +52,41 @@ class ArraySource:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
 
+class Subset:
+  """The records of `source` at `indices`, in that order."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.source[int(self.indices[index])]
+
+
+def split_validation(source, fraction: float = 0.1) -> tuple[Subset, Subset]:
+  """`(train, validation)` subsets of `source`, `fraction` of it held out.
+
+  Stratified by label with the fixed split seed, so every run holds out the
+  same examples.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
+  labels = getattr(source, "labels", None)
+  if labels is None:
+    labels = np.array([source[i]["label"] for i in range(len(source))])
+  rng = np.random.default_rng(_SPLIT_SEED + 1)
+  held = []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    held.append(idx[: max(1, round(fraction * len(idx)))])
+  held = np.sort(np.concatenate(held))
+  return Subset(source, np.setdiff1d(np.arange(len(source)), held)), Subset(
+    source, held
+  )
+
+
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of a float32 [H, W, C] image to [size, size, C] (PIL)."""
   channels = [

@@ -33,13 +33,25 @@ from experiments import train as train_lib
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
 
+# What the default study runs (about 10 minutes on 2 CPU cores); `--methods all`
+# runs every method at every budget.
+DEFAULT_METHODS = (
+  "full",
+  "full@0.5",
+  "rgft_blocks",
+  "rgft_budget@0.5",
+  "rgft_budget_sample@0.5",
+  "uniform_budget@0.5",
+  "lisa@0.5",
+)
+
 
 @dataclasses.dataclass
 class Config:
   dataset: str = "embedded"  # "embedded", or a tfds name such as "cifar10".
   tasks: str = "label_shift,input_shift"  # Embedded tasks to run.
-  methods: str = ",".join(methods_lib.METHODS)
-  seeds: int = 3
+  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, or "all".
+  seeds: int = 5
   size: str = "xs"
   patch: int = 7
   image_size: int = 0  # 0: the data's own size.
@@ -50,13 +62,15 @@ class Config:
   lora_rank: int = 4
   lisa_layers: int = 1
   lisa_period: int = 20
-  freeze_level: float = 0.5
-  freeze_patience: int = 20
-  refresh_every: int = 50
+  budget_every: int = 20  # Budgeted RGFT: steps between decisions.
+  budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
+  budget_hysteresis: float = 0.1  # Bonus of the branches trained now ("top").
   augment: bool = False
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
   data_dir: str = ""
   workdir: str = "workdir/finetune"
+  val_fraction: float = 0.1  # Of the target task's training data, held out.
+  eval_every: int = 20  # Held-out accuracy logged every this many steps.
   log_every: int = 10
   ckpt_every: int = 50
   eval_batch_size: int = 250
@@ -69,25 +83,49 @@ class Config:
       lora_rank=self.lora_rank,
       lisa_layers=self.lisa_layers,
       lisa_period=self.lisa_period,
-      freeze_level=self.freeze_level,
-      freeze_patience=self.freeze_patience,
-      refresh_every=self.refresh_every,
+      budget_every=self.budget_every,
+      budget_ramp=self.budget_ramp,
+      budget_hysteresis=self.budget_hysteresis,
     )
+
+  def method_names(self) -> list[str]:
+    names = (
+      list(methods_lib.METHODS)
+      if self.methods == "all"
+      else [m for m in self.methods.split(",") if m]
+    )
+    if not names:
+      raise ValueError("--methods names no method.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"--methods repeats {repeated}.")
+    for name in names:
+      methods_lib.parse_name(name)  # Raises on an unknown name.
+    return names
+
+  def run_settings(self) -> dict:
+    """The settings that change a fine-tuning run's result (its signature)."""
+    keep = (
+      "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
+      "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
+      "augment init val_fraction"
+    ).split()
+    return {k: getattr(self, k) for k in keep}
 
 
 def _image_size(cfg: Config) -> int | None:
   return cfg.image_size or None
 
 
-def _batches(cfg: Config, task: data_lib.Task, seed: int):
+def _batches(cfg: Config, source, seed: int):
   return data_lib.train_batches(
-    task.train, cfg.batch_size, seed, image_size=_image_size(cfg), augment=cfg.augment
+    source, cfg.batch_size, seed, image_size=_image_size(cfg), augment=cfg.augment
   )
 
 
-def _eval(cfg: Config, task: data_lib.Task):
+def _eval(cfg: Config, source):
   return lambda: data_lib.eval_batches(
-    task.test, cfg.eval_batch_size, image_size=_image_size(cfg)
+    source, cfg.eval_batch_size, image_size=_image_size(cfg)
   )
 
 
@@ -117,8 +155,8 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   record, params = train_lib.run(
     model,
     method,
-    _batches(cfg, task, seed=0),
-    _eval(cfg, task),
+    _batches(cfg, task.train, seed=0),
+    _eval(cfg, task.test),
     steps=cfg.pretrain_steps,
     seed=0,
     workdir=where,
@@ -151,17 +189,15 @@ def _tasks(cfg: Config):
 
 def study(cfg: Config) -> dict[str, Any]:
   """Every method on every task with every seed; records, summary and pretraining."""
-  names = [m for m in cfg.methods.split(",") if m]
-  bad = [m for m in names if m not in methods_lib.METHODS]
-  if bad:
-    raise ValueError(f"Unknown method(s) {bad}; choose from {methods_lib.METHODS}.")
+  names = cfg.method_names()
   if cfg.init and cfg.dataset == "embedded":
     raise ValueError(
       "--init loads a checkpoint for a tfds dataset, not the embedded tasks."
     )
   out = {"config": dataclasses.asdict(cfg), "tasks": {}}
   for task_name, source, target in _tasks(cfg):
-    example = _batches(cfg, target, 0)[0]["image"][:2]
+    train, val = data_lib.split_validation(target.train, cfg.val_fraction)
+    example = _batches(cfg, train, 0)[0]["image"][:2]
     model, fresh = _init(cfg, target.num_classes, example)
     info: dict[str, Any] = {"num_classes": target.num_classes}
     if source is not None:
@@ -172,35 +208,83 @@ def study(cfg: Config) -> dict[str, Any]:
     else:
       params = fresh
       info["note"] = "no --init: fine-tuning starts from a random initialisation"
-    runs = []
+    costs = None
+    if any(methods_lib.parse_name(n)[1] is not None for n in names):
+      costs = train_lib.measure_costs(
+        model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0]
+      )
+      info["costs"] = {
+        "full_step_flops": costs.full,
+        "lisa_step_flops": costs.lisa,
+        "rgft_step_flops": costs.detach.full,
+        "all_detached_step_flops": costs.detach.floor,
+        "detach_saving": dict(
+          zip(costs.detach.names, costs.detach.saving.tolist(), strict=True)
+        ),
+        "additivity_error": costs.detach.additivity_error,
+      }
+    runs, infeasible = [], {}
     for name in names:
-      compiled = {}  # Shared by the seeds: same shapes, same step.
+      why = methods_lib.infeasible(name, costs)
+      if why:
+        infeasible[name] = why
+        continue
+      variants = None  # Compiled steps, shared by the seeds.
       for seed in range(cfg.seeds):
-        runs.append(
-          _one_run(cfg, task_name, target, model, params, example, name, seed, compiled)
+        record, variants = _one_run(
+          cfg,
+          task_name,
+          (train, val, target.test),
+          model,
+          params,
+          example,
+          name,
+          seed,
+          costs,
+          variants,
         )
+        runs.append(record)
     info["runs"] = runs
+    info["infeasible"] = infeasible
     info["summary"] = summarize(runs)
     out["tasks"][task_name] = info
   return out
 
 
-def _one_run(cfg, task_name, task, model, params, example, name, seed, compiled):
+def _one_run(
+  cfg, task_name, splits, model, params, example, name, seed, costs, variants
+):
+  train, val, test = splits
   where = os.path.join(cfg.workdir, "runs", task_name, name, f"seed{seed}")
   done = os.path.join(where, "result.json")
+  settings = cfg.run_settings()
   if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
+    record = train_lib.load_json(done)
+    if record.get("settings") == settings:
+      return record, variants
+    raise ValueError(
+      f"{done} holds a run with other settings; it is left as it is. Use another "
+      "--workdir or remove it. Differences: "
+      + ", ".join(
+        f"{k} {record.get('settings', {}).get(k)!r} -> {v!r}"
+        for k, v in settings.items()
+        if record.get("settings", {}).get(k) != v
+      )
+    )
   key = jax.random.fold_in(jax.random.key(seed), 1)
-  method = methods_lib.make(name, model, params, example, cfg.hyper(), key)
+  method = methods_lib.make(
+    name, model, params, example, cfg.hyper(), key, seed=seed, costs=costs
+  )
+  if variants is None:
+    variants = train_lib.variants_of(model, method)
   from tensorboardX import SummaryWriter
 
   with SummaryWriter(os.path.join(where, "tb")) as writer:
     record, _ = train_lib.run(
       model,
       method,
-      _batches(cfg, task, seed=seed + 1),
-      _eval(cfg, task),
+      _batches(cfg, train, seed=seed + 1),
+      _eval(cfg, test),
       steps=cfg.steps,
       seed=seed,
       workdir=where,
@@ -208,22 +292,52 @@ def _one_run(cfg, task_name, task, model, params, example, name, seed, compiled)
       ckpt_every=cfg.ckpt_every,
       writer=writer,
       progress=cfg.progress,
-      compiled=compiled,
+      variants=variants,
+      val_batches=_eval(cfg, val),
+      eval_every=cfg.eval_every,
+      config=settings,
     )
-    writer.add_scalar("test/accuracy", record["test_accuracy"], cfg.steps)
+    writer.add_scalar("test/accuracy", record["test_accuracy"], record["steps"])
   record["task"] = task_name
+  record["settings"] = settings
   train_lib.save_json(done, record)
-  return record
+  return record, variants
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-  """Mean and spread over seeds per method; FLOPs and time relative to full."""
+def _interval(diffs: np.ndarray) -> tuple[float, float]:
+  """Mean and half-width of the 95% t-interval of paired differences."""
+  if len(diffs) < 2:
+    return float(diffs.mean()), float("nan")
+  from scipy import stats
+
+  half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+  return float(diffs.mean()), float(half)
+
+
+def _reach(rs: list[dict[str, Any]], target: float) -> float | None:
+  """Mean FLOPs at the first logged step where the seeds' mean held-out accuracy
+  reaches `target` (None if it never does)."""
+  curves = [r["history"]["val_accuracy"] for r in rs]
+  if not curves or not curves[0] or len({len(c) for c in curves}) != 1:
+    return None
+  mean = np.mean(curves, axis=0)
+  hit = np.flatnonzero(mean >= target - 1e-12)
+  if not len(hit):
+    return None
+  return float(np.mean([r["history"]["val_flops"][hit[0]] for r in rs]))
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per method: accuracy over seeds, the paired difference to full fine-tuning
+  (same seeds) with its 95% interval, and costs relative to full."""
   out = {}
+  full = {r["seed"]: r for r in runs if r["method"] == "full"}
   for name in dict.fromkeys(r["method"] for r in runs):
     rs = [r for r in runs if r["method"] == name]
     acc = np.array([r["test_accuracy"] for r in rs])
-    out[name] = {
+    s = {
       "seeds": len(rs),
+      "steps": int(rs[0]["steps"]),
       "accuracy_mean": float(acc.mean()),
       "accuracy_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
       "train_flops": float(np.mean([r["train_flops"] for r in rs])),
@@ -233,13 +347,37 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
       "trainable_params": int(rs[0]["trainable_params"]),
       "step_variants": int(max(r["step_variants"] for r in rs)),
       "compilations": int(sum(r["compilations"] for r in rs)),  # Cache shared by seeds.
-      "refresh_steps": int(max(r["refresh_steps"] for r in rs)),
     }
+    paired = [r for r in rs if r["seed"] in full]
+    if paired:
+      diffs = np.array(
+        [r["test_accuracy"] - full[r["seed"]]["test_accuracy"] for r in paired]
+      )
+      s["diff_vs_full"], s["diff_ci95"] = _interval(diffs)
+    out[name] = s
   if "full" in out:
-    for s in out.values():
-      s["flops_vs_full"] = s["train_flops"] / out["full"]["train_flops"]
-      s["time_vs_full"] = s["wall_s"] / max(out["full"]["wall_s"], 1e-9)
+    base = out["full"]
+    finals = [
+      full[k]["history"]["val_accuracy"][-1]
+      for k in full
+      if full[k]["history"]["val_accuracy"]
+    ]
+    target = float(np.mean(finals)) - 0.005 if finals else None
+    for name, s in out.items():
+      s["flops_vs_full"] = s["train_flops"] / base["train_flops"]
+      s["time_vs_full"] = s["wall_s"] / max(base["wall_s"], 1e-9)
+      s["time_per_flop_vs_full"] = s["time_vs_full"] / s["flops_vs_full"]
+      if target is not None:
+        reach = _reach([r for r in runs if r["method"] == name], target)
+        s["reach_target"] = target
+        s["flops_to_reach_vs_full"] = (
+          None if reach is None else reach / base["train_flops"]
+        )
   return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -250,19 +388,29 @@ def markdown(results: dict[str, Any]) -> str:
       head += f" (source-task test accuracy after pretraining: {info['pretrain_accuracy']:.3f})"
     lines += [head, ""]
     lines.append(
-      "| method | test acc (mean ± sd) | train GFLOPs | FLOPs vs full | wall s | "
-      "time vs full | peak MiB | update ratio | trainable params | step variants "
-      "(compiled) |"
+      "| method | steps | test acc (mean ± sd) | vs full, paired (95% CI) | FLOPs vs "
+      "full | FLOPs to reach full - 0.5 pt | wall s | time vs full | time / FLOPs "
+      "vs full | peak MiB | update ratio | step variants (compiled) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in info["summary"].items():
-      lines.append(
-        f"| {name} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
-        f"{s['train_flops'] / 1e9:.1f} | {s.get('flops_vs_full', float('nan')):.3f} | "
-        f"{s['wall_s']:.1f} | {s.get('time_vs_full', float('nan')):.2f} | "
-        f"{s['peak_bytes'] / 2**20:.1f} | {s['update_ratio']:.3f} | "
-        f"{s['trainable_params']:,} | {s['step_variants']} ({s['compilations']}) |"
+      diff = s.get("diff_vs_full")
+      paired = (
+        "n/a"
+        if diff is None or name == "full"
+        else f"{diff * 100:+.1f} pt (± {_fmt(s['diff_ci95'] * 100, '.1f')})"
       )
+      lines.append(
+        f"| {name} | {s['steps']} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
+        f"{paired} | {_fmt(s.get('flops_vs_full'), '.3f')} | "
+        f"{_fmt(s.get('flops_to_reach_vs_full'), '.3f')} | "
+        f"{s['wall_s']:.1f} | {_fmt(s.get('time_vs_full'), '.2f')} | "
+        f"{_fmt(s.get('time_per_flop_vs_full'), '.2f')} | "
+        f"{s['peak_bytes'] / 2**20:.1f} | {s['update_ratio']:.3f} | "
+        f"{s['step_variants']} ({s['compilations']}) |"
+      )
+    for name, why in info.get("infeasible", {}).items():
+      lines.append(f"| {name} | not run: {why} |" + " |" * 10)
     lines.append("")
   return "\n".join(lines)
 
@@ -297,30 +445,79 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
       viz.alpha_distribution(h["alpha"], h["step"], ax=axes[1])
       axes[1].set_title("multipliers across components")
       save(fig, f"{task}_{r['method']}_error_map.png")
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    markers = dict(
+      zip(
+        methods_lib.BASE_METHODS + methods_lib.BUDGET_METHODS,
+        "osD^v<>phH*",
+        strict=False,
+      )
+    )
     for name, s in info["summary"].items():
       accs = [r["test_accuracy"] for r in info["runs"] if r["method"] == name]
-      ax.errorbar(
-        s["train_flops"] / 1e12, np.mean(accs), yerr=np.std(accs), fmt="o", label=name
+      base = methods_lib.parse_name(name)[0]
+      axes[0].errorbar(
+        s["train_flops"] / 1e12,
+        np.mean(accs),
+        yerr=np.std(accs, ddof=1) if len(accs) > 1 else 0.0,
+        fmt=markers.get(base, "o"),
+        label=name,
       )
-    ax.set_xlabel("training TFLOPs (XLA-counted)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(task)
-    ax.legend(fontsize=8)
+      rs = [r for r in info["runs"] if r["method"] == name]
+      if rs and rs[0]["history"]["val_accuracy"]:
+        curves = [
+          r["history"]
+          for r in rs
+          if len(r["history"]["val_accuracy"]) == len(rs[0]["history"]["val_accuracy"])
+        ]
+        axes[1].plot(
+          np.mean([h["val_flops"] for h in curves], axis=0) / 1e12,
+          np.mean([h["val_accuracy"] for h in curves], axis=0),
+          marker=markers.get(base, "o"),
+          markersize=3,
+          label=name,
+        )
+    axes[0].set_xlabel("training TFLOPs (XLA-counted)")
+    axes[0].set_ylabel("test accuracy (mean ± sd over seeds)")
+    axes[0].set_title(f"{task}: accuracy against training FLOPs")
+    axes[1].set_xlabel("training TFLOPs so far")
+    axes[1].set_ylabel("held-out accuracy (mean over seeds)")
+    axes[1].set_title(f"{task}: held-out accuracy during training")
+    for ax in axes:
+      ax.legend(fontsize=7)
     save(fig, f"{task}_accuracy_vs_flops.png")
   return files
 
 
+def _field_help() -> dict[str, str]:
+  """Each Config field's trailing comment, as its --help text."""
+  import inspect
+  import re
+
+  helps = {}
+  for line in inspect.getsource(Config).splitlines():
+    m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)", line)
+    if m:
+      helps[m.group(1)] = m.group(2)
+  return helps
+
+
 def parse(argv: list[str]) -> Config:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  helps = _field_help()
   for f in dataclasses.fields(Config):
     if f.type == "bool":
       parser.add_argument(
-        f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default
+        f"--{f.name}",
+        action=argparse.BooleanOptionalAction,
+        default=f.default,
+        help=helps.get(f.name),
       )
     else:
       kind = {"int": int, "float": float}.get(f.type, str)
-      parser.add_argument(f"--{f.name}", type=kind, default=f.default)
+      parser.add_argument(
+        f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name)
+      )
   return Config(**vars(parser.parse_args(argv)))
 
 

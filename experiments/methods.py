@@ -23,7 +23,7 @@ from flax import traverse_util
 
 import rgft_jax
 
-METHODS = (
+BASE_METHODS = (
   "full",
   "rgft_blocks",
   "rgft_heads",
@@ -31,17 +31,41 @@ METHODS = (
   "bitfit",
   "head_only",
   "lisa",
-  "rgft_sparse",
-  "rgft_sparse_prefix",
 )
-# Parameters in no component below the first block: frozen with it (prefix policy).
-STEM = r"embedding/.*|cls|Transformer/posembed_input/.*"
+# Methods given a compute budget b as `name@b`: budgeted RGFT (the error map
+# chooses which block branches get a backward pass; `top` or `sample`), the
+# same budget spent uniformly at random, and the equal-FLOPs baselines (full
+# fine-tuning and LISA trained for fewer steps, so their FLOPs match b).
+BUDGET_METHODS = ("rgft_budget", "rgft_budget_sample", "uniform_budget", "full", "lisa")
+BUDGETS = (0.3, 0.5, 0.7)
+METHODS = BASE_METHODS + tuple(f"{m}@{b}" for b in BUDGETS for m in BUDGET_METHODS)
 
 _BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 # Kernels LoRA adapts: attention projections and both MLP layers.
 _LORA_TARGET = re.compile(
   r".*/(MultiHeadDotProductAttention_1/(query|key|value|out)|MlpBlock_3/Dense_\d)/kernel"
 )
+
+
+def parse_name(name: str) -> tuple[str, float | None]:
+  """`"rgft_budget@0.5"` -> `("rgft_budget", 0.5)`; `"full"` -> `("full", None)`."""
+  base, at, budget = name.partition("@")
+  if not at:
+    if base not in BASE_METHODS:
+      raise ValueError(f"Unknown method {name!r}; choose from {METHODS}.")
+    return base, None
+  if base not in BUDGET_METHODS:
+    raise ValueError(
+      f"Unknown budgeted method {name!r}; the budgeted ones are "
+      f"{[m + '@<budget>' for m in BUDGET_METHODS]}."
+    )
+  try:
+    value = float(budget)
+  except ValueError:
+    raise ValueError(f"The budget of {name!r} is not a number.") from None
+  if not 0.0 < value <= 1.0:
+    raise ValueError(f"The budget of {name!r} must be in (0, 1], got {value}.")
+  return base, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +81,78 @@ class Hyper:
   thresh_init: float = 0.1
   thresh_final: float = 0.3
   min_scale: float = 0.01
-  freeze_level: float = 0.5  # Sparse RGFT: alpha at or below this counts...
-  freeze_patience: int = 20  # ...for this many measured steps in a row.
-  refresh_every: int = 50  # Full step that can bring frozen components back.
+  budget_every: int = 20  # Budgeted RGFT: steps between decisions.
+  budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
+  budget_hysteresis: float = 0.1  # Bonus of the components trained now ("top").
+
+
+class Policy:
+  """Chooses each step's variant: what the compiled step leaves out (nothing here)."""
+
+  def variant(self, step: int, opt_state: Any) -> frozenset[str]:
+    del step, opt_state
+    return frozenset()
+
+  def spend(self, step: int, variant: frozenset[str]) -> None:
+    del step, variant
+
+  def state_dict(self) -> dict[str, Any]:
+    return {}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    del state
+
+
+@dataclasses.dataclass
+class LisaPolicy(Policy):
+  """LISA: `layers` random blocks trained, redrawn every `period` steps."""
+
+  params: Any
+  trainable: frozenset[str]
+  layers: int
+  period: int
+  seed: int
+
+  def variant(self, step, opt_state):
+    del opt_state
+    active = lisa_blocks(self.params, step, self.seed, self.layers, self.period)
+    return frozenset(
+      p
+      for p in self.trainable
+      if (m := _BLOCK.match(p)) is not None and int(m.group(1)) not in active
+    )
+
+
+@dataclasses.dataclass
+class BudgetPolicy(Policy):
+  """Budgeted RGFT: the variant is the set of detached components."""
+
+  budget: rgft_jax.Budget
+
+  def variant(self, step, opt_state):
+    if self.budget.due(step):  # The only host read of the error map.
+      self.budget.decide(step, jax.device_get(optax.tree.get(opt_state, "error_map")))
+    return self.budget.detached
+
+  def spend(self, step, variant):
+    self.budget.spend(step, variant)
+
+  def state_dict(self):
+    return self.budget.state_dict()
+
+  def load_state_dict(self, state):
+    self.budget.load_state_dict(state)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Method:
+  """A fine-tuning method: what it trains, its optimizer, how it picks variants.
+
+  Variants (hashable) are what `policy` leaves out of a step: parameter paths
+  for LISA, detached components for budgeted RGFT. `detaches` says which.
+  `steps` overrides the run's steps (equal-FLOPs baselines).
+  """
+
   name: str
   params: Any  # What the optimizer updates.
   to_model: Callable[[Any], Any]  # `params` -> the model's parameters.
@@ -71,19 +160,9 @@ class Method:
   tx: optax.GradientTransformation
   tracker: rgft_jax.ErrorTracker | None = None
   components: rgft_jax.Components | None = None
-  lisa: tuple[int, int] | None = None  # (layers, period).
-  freezer: rgft_jax.Freezer | None = None  # Sparse RGFT.
-
-  def frozen_paths(self, step: int, seed: int) -> frozenset[str]:
-    """Paths held fixed at `step` beyond the static partition (LISA's sampling)."""
-    if self.lisa is None:
-      return frozenset()
-    active = lisa_blocks(self.params, step, seed, *self.lisa)
-    return frozenset(
-      p
-      for p in self.trainable
-      if (m := _BLOCK.match(p)) is not None and int(m.group(1)) not in active
-    )
+  policy: Policy = dataclasses.field(default_factory=Policy)
+  detaches: bool = False  # Variants name detached components.
+  steps: int | None = None
 
 
 def identity(tree: Any) -> Any:
@@ -142,6 +221,60 @@ def _lora_merge(tree: dict[str, Any]) -> Any:
   return unflat(base)
 
 
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Per-step FLOPs a budgeted method is sized by (measured once per task).
+
+  `detach` is what detaching each block branch of the RGFT step saves;
+  `full` the FLOPs of a full fine-tuning step, the unit of every budget;
+  `lisa` the FLOPs of a LISA step.
+  """
+
+  detach: rgft_jax.DetachCosts
+  full: float
+  lisa: float
+
+
+def infeasible(name: str, costs: Costs | None) -> str | None:
+  """Why budgeted method `name` cannot run on a task with these costs, or None.
+
+  Budgeted RGFT cannot spend less than a step with every branch detached
+  (the forward pass, the measurement and the gradients outside the blocks).
+  """
+  base, budget = parse_name(name)
+  if budget is None or base not in _BUDGET_RULES:
+    return None
+  floor = costs.detach.floor / costs.full
+  if budget < floor:
+    return (
+      f"budget {budget} is below {floor:.3f} of a full step, the cost of a step "
+      "with every branch detached"
+    )
+  return None
+
+
+_BUDGET_RULES = {
+  "rgft_budget": "top",
+  "rgft_budget_sample": "sample",
+  "uniform_budget": "uniform",
+}
+
+
+def _rgft(model, params, example, hyper, select):
+  tracker = rgft_jax.ErrorTracker(model, select=select)
+  comps = tracker.components(params, example)
+  tx = rgft_jax.rgft(
+    hyper.learning_rate,
+    comps,
+    beta=hyper.beta,
+    thresh_init=hyper.thresh_init,
+    thresh_final=hyper.thresh_final,
+    warmup_steps=hyper.steps,
+    min_scale=hyper.min_scale,
+  )
+  return tracker, comps, tx
+
+
 def make(
   name: str,
   model: nn.Module,
@@ -149,66 +282,75 @@ def make(
   example: jax.Array,
   hyper: Hyper,
   key: jax.Array,
+  seed: int = 0,
+  costs: Costs | None = None,
 ) -> Method:
-  """The method `name` (one of `METHODS`) set up on pretrained `params`."""
+  """The method `name` (one of `METHODS`) set up on pretrained `params`.
+
+  `seed` seeds LISA's and the budget's random draws; budgeted methods
+  (`name@b`) need the task's `costs`.
+  """
+  base, budget = parse_name(name)
   adam = optax.adam(hyper.learning_rate)
   paths = frozenset(flat(params))
   head = frozenset(p for p in paths if p.startswith("head/"))
-  if name == "full":
-    return Method(name, params, identity, paths, adam)
-  if name.startswith("rgft"):
-    select = "heads" if name == "rgft_heads" else "branches"
-    tracker = rgft_jax.ErrorTracker(model, select=select)
-    comps = tracker.components(params, example)
-    tx = rgft_jax.rgft(
-      hyper.learning_rate,
-      comps,
-      beta=hyper.beta,
-      thresh_init=hyper.thresh_init,
-      thresh_final=hyper.thresh_final,
-      warmup_steps=hyper.steps,
-      min_scale=hyper.min_scale,
-    )
-    freezer = None
-    if name.startswith("rgft_sparse"):
-      prefix = name == "rgft_sparse_prefix"
-      freezer = rgft_jax.Freezer(
-        comps,
-        min_scale=hyper.min_scale,
-        patience=hyper.freeze_patience,
-        refresh_every=hyper.refresh_every,
-        policy="prefix" if prefix else "any",
-        stem=STEM if prefix else None,
-        level=hyper.freeze_level,
+  if budget is not None and costs is None:
+    raise ValueError(f"{name} needs the task's step costs (costs=...).")
+  if base == "full":
+    steps = None if budget is None else max(1, round(budget * hyper.steps))
+    return Method(name, params, identity, paths, adam, steps=steps)
+  if base in ("rgft_blocks", "rgft_heads"):
+    select = "heads" if base == "rgft_heads" else "branches"
+    tracker, comps, tx = _rgft(model, params, example, hyper, select)
+    return Method(name, params, identity, paths, tx, tracker, comps)
+  if base in _BUDGET_RULES:
+    tracker, comps, tx = _rgft(model, params, example, hyper, "branches")
+    rule = _BUDGET_RULES[base]
+    if costs.detach.names != comps.names:
+      raise ValueError(
+        f"The step costs are for components {costs.detach.names}, this model's "
+        f"are {comps.names}."
       )
-    return Method(name, params, identity, paths, tx, tracker, comps, freezer=freezer)
-  if name == "head_only":
+    # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
+    policy = BudgetPolicy(
+      rgft_jax.Budget(
+        costs.detach,
+        budget,
+        total_steps=hyper.steps,
+        every=hyper.budget_every,
+        rule=rule,
+        ramp_steps=hyper.budget_ramp,
+        hysteresis=hyper.budget_hysteresis,
+        seed=seed,
+        unit=costs.full,
+      )
+    )
+    return Method(
+      name, params, identity, paths, tx, tracker, comps, policy, detaches=True
+    )
+  if base == "head_only":
     return Method(name, params, identity, head, _frozen_tx(adam, params, head))
-  if name == "bitfit":
+  if base == "bitfit":
     trainable = head | {p for p in paths if p.endswith("/bias")}
     return Method(
       name, params, identity, trainable, _frozen_tx(adam, params, trainable)
     )
-  if name == "lora":
+  if base == "lora":
     tree = {"base": params, "lora": _lora_init(params, hyper.lora_rank, key)}
     trainable = frozenset(
       p for p in flat(tree) if p.startswith("lora/") or p.startswith("base/head/")
     )
     return Method(name, tree, _lora_merge, trainable, _frozen_tx(adam, tree, trainable))
-  if name == "lisa":
-    if not 1 <= hyper.lisa_layers <= depth(params):
-      raise ValueError(
-        f"lisa_layers must be in [1, {depth(params)}], got {hyper.lisa_layers}."
-      )
-    return Method(
-      name,
-      params,
-      identity,
-      paths,
-      adam,
-      lisa=(hyper.lisa_layers, hyper.lisa_period),
+  # LISA.
+  if not 1 <= hyper.lisa_layers <= depth(params):
+    raise ValueError(
+      f"lisa_layers must be in [1, {depth(params)}], got {hyper.lisa_layers}."
     )
-  raise ValueError(f"Unknown method {name!r}; choose from {METHODS}.")
+  policy = LisaPolicy(params, paths, hyper.lisa_layers, hyper.lisa_period, seed)
+  steps = None
+  if budget is not None:
+    steps = max(1, round(budget * hyper.steps * costs.full / costs.lisa))
+  return Method(name, params, identity, paths, adam, policy=policy, steps=steps)
 
 
 def count(tree: Any, paths: frozenset[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -17,31 +16,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+import rgft_jax
 from experiments import methods as methods_lib
+from rgft_jax._sparse import StepVariants
 from rgft_jax._sparse import hold_masked
 from rgft_jax.tensorboard import ErrorMapWriter
-
-
-@dataclasses.dataclass
-class Compiled:
-  fn: Callable[..., Any]
-  flops: float
-  peak_bytes: int
-
-
-def cost(compiled) -> tuple[float, int]:
-  """(FLOPs, peak bytes) of a compiled computation, as XLA counts them."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, list | tuple):
-    analysis = analysis[0]
-  mem = compiled.memory_analysis()
-  peak = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    - mem.alias_size_in_bytes
-    + mem.temp_size_in_bytes
-  )
-  return float(analysis.get("flops", 0.0)), int(peak)
 
 
 def loss_and_accuracy(model: nn.Module, model_params, batch):
@@ -51,41 +30,37 @@ def loss_and_accuracy(model: nn.Module, model_params, batch):
   return loss.mean(), correct.mean()
 
 
-def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[str]):
-  """The train step with `method.trainable - frozen` differentiated.
+def make_step(model: nn.Module, method: methods_lib.Method, variant: frozenset[str]):
+  """`step(params, opt_state, batch) -> (params, opt_state, metrics)` of a variant.
 
-  Parameters outside that set are closed over, not differentiated, so XLA
-  prunes their gradient work. Their updates are zero and, for paths in
-  `frozen` (LISA's sampled-out blocks), their optimizer state is kept as it
-  was, so a block resumes where it left off. For sparse RGFT, `frozen` is the
-  freezer's set of component names.
+  Budgeted RGFT (`method.detaches`): `variant` names the components whose
+  output is detached (`rgft_jax.train_step`). Otherwise only
+  `method.trainable - variant` is differentiated: the other parameters are
+  closed over, so XLA prunes their gradient work; their updates are zero and,
+  for paths in `variant` (LISA's sampled-out blocks), their optimizer state is
+  kept as it was, so a block resumes where it left off.
   """
-  if method.freezer is not None:  # Sparse RGFT: `frozen` names components.
-    sparse_step = method.freezer.train_step(
-      method.tracker, method.tx, functools.partial(loss_and_accuracy, model), True
+  loss_fn = functools.partial(loss_and_accuracy, model)
+  if method.detaches:
+    sparse = rgft_jax.train_step(
+      method.tracker, method.tx, loss_fn, method.components, has_aux=True
     )
 
     def step(params, opt_state, batch):
-      (loss, acc), params, new_state, alpha = sparse_step(
-        params, opt_state, batch, frozen=frozen
+      (loss, acc), params, new_state = sparse(
+        params, opt_state, batch, detached=variant
       )
-      metrics = {
-        "loss": loss,
-        "accuracy": acc,
-        "error_map": optax.tree.get(new_state, "error_map"),
-        "alpha": alpha,
-      }
-      return params, new_state, metrics
+      return params, new_state, _metrics(method, loss, acc, new_state)
 
     return step
 
-  train = method.trainable - frozen
+  train = method.trainable - variant
 
   def step(params, opt_state, batch):
     leaves = methods_lib.flat(params)
     fixed = {p: v for p, v in leaves.items() if p not in train}
 
-    def loss_fn(trained, batch):
+    def partial_loss(trained, batch):
       tree = methods_lib.unflat({**fixed, **trained})
       return loss_and_accuracy(model, method.to_model(tree), batch)
 
@@ -93,32 +68,67 @@ def make_step(model: nn.Module, method: methods_lib.Method, frozen: frozenset[st
     extra = {}
     if method.tracker is not None:
       (loss, acc), grads, error_map = method.tracker.value_and_grad(
-        functools.partial(loss_and_accuracy, model), has_aux=True
+        loss_fn, has_aux=True
       )(params, batch)
       extra["error_map"] = error_map
     else:
-      (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(trained, batch)
+      (loss, acc), g = jax.value_and_grad(partial_loss, has_aux=True)(trained, batch)
       grads = methods_lib.unflat(
         {p: g[p] if p in g else jnp.zeros_like(v) for p, v in leaves.items()}
       )
     updates, new_state = method.tx.update(grads, opt_state, params, **extra)
-    if frozen:
-      keep = methods_lib.unflat({p: p in frozen for p in leaves})
+    if variant:
+      keep = methods_lib.unflat({p: p in variant for p in leaves})
       updates, new_state = hold_masked(method.tx, keep, updates, new_state, opt_state)
-    metrics = {"loss": loss, "accuracy": acc}
-    if method.tracker is not None:
-      metrics["error_map"] = optax.tree.get(new_state, "error_map")  # The EMA.
-      metrics["alpha"] = optax.tree.get(new_state, "alpha")
-    return optax.apply_updates(params, updates), new_state, metrics
+    params = optax.apply_updates(params, updates)
+    return params, new_state, _metrics(method, loss, acc, new_state)
 
   return step
 
 
-def compile_step(model, method, frozen, params, opt_state, batch) -> Compiled:
-  fn = jax.jit(make_step(model, method, frozen), donate_argnums=(0, 1))
-  compiled = fn.lower(params, opt_state, batch).compile()
-  flops, peak = cost(compiled)
-  return Compiled(compiled, flops, peak)
+def _metrics(method, loss, acc, opt_state) -> dict[str, Any]:
+  metrics = {"loss": loss, "accuracy": acc}
+  if method.tracker is not None:
+    metrics["error_map"] = optax.tree.get(opt_state, "error_map")  # The EMA.
+    metrics["alpha"] = optax.tree.get(opt_state, "alpha")
+  return metrics
+
+
+def variants_of(model: nn.Module, method: methods_lib.Method) -> StepVariants:
+  """The compiled steps of `method`, one per variant (seeds may share them)."""
+  return StepVariants(lambda v: make_step(model, method, v), max_variants=32)
+
+
+def measure_costs(
+  model: nn.Module, params: Any, example: jax.Array, hyper, batch
+) -> methods_lib.Costs:
+  """Per-step FLOPs that size the budgeted methods, from compiled steps."""
+
+  def step_flops(name):
+    method = methods_lib.make(name, model, params, example, hyper, jax.random.key(0))
+    state = method.tx.init(method.params)
+    variant = method.policy.variant(0, state)
+    return variants_of(model, method).cost(variant, method.params, state, batch)[0]
+
+  rgft = methods_lib.make(
+    "rgft_blocks", model, params, example, hyper, jax.random.key(0)
+  )
+  sparse = rgft_jax.train_step(
+    rgft.tracker,
+    rgft.tx,
+    functools.partial(loss_and_accuracy, model),
+    rgft.components,
+    has_aux=True,
+  )
+  detach = rgft_jax.detach_costs(
+    sparse,
+    rgft.components.names,
+    params,
+    rgft.tx.init(params),
+    batch,
+    compiled=True,
+  )
+  return methods_lib.Costs(detach, step_flops("full"), step_flops("lisa"))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -163,21 +173,30 @@ def run(
   ckpt_every: int = 100,
   writer=None,
   progress: bool = True,
-  compiled: dict | None = None,
+  variants: StepVariants | None = None,
+  val_batches: Callable[[], Any] | None = None,
+  eval_every: int = 0,
+  config: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Any]:
   """Fine-tunes for `steps` steps, resuming from `workdir`'s checkpoint if any.
 
   `train_batches[step]` is the batch of a step (so a resumed run sees the same
-  data). `compiled` caches the compiled step variants; runs that differ only
-  in seed and parameter values can share one. Returns the run's record
-  (accuracy, counted FLOPs, peak bytes, wall time without compilation, update
-  ratio, the logged trajectories) and the final parameters.
+  data). `method.steps`, when set, replaces `steps` (equal-FLOPs baselines).
+  `variants` holds the compiled step variants (`variants_of`); runs that
+  differ only in seed and parameter values can share it. With `val_batches`
+  and `eval_every`, held-out accuracy is logged every `eval_every` steps next
+  to the FLOPs spent so far. `config` (the settings that change the result)
+  is part of the checkpoint's signature. Returns the run's record (accuracy,
+  counted FLOPs, peak bytes, wall time without compilation, update ratio, the
+  logged trajectories) and the final parameters.
   """
-  params = jax.tree.map(jnp.copy, method.params)  # The step donates its inputs.
+  steps = method.steps or steps
+  params = jax.tree.map(jnp.copy, method.params)
   opt_state = method.tx.init(params)
   history = {"step": [], "loss": [], "accuracy": [], "error_map": [], "alpha": []}
+  history.update(val_step=[], val_accuracy=[], val_flops=[])
   counts: dict[str, int] = {}  # Steps run per step variant, by variant name.
-  variants: dict[str, list[str]] = {}  # Its frozen set, by variant name.
+  names: dict[str, list[str]] = {}  # Its set (paths or components), by name.
   start, wall, compilations = 0, 0.0, 0
   options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=ckpt_every)
   mngr = ocp.CheckpointManager(
@@ -185,7 +204,7 @@ def run(
     options=options,
     item_names=("state", "log"),
   )
-  signature = _signature(method, (params, opt_state))
+  signature = _signature(method, (params, opt_state), steps, config)
   if mngr.latest_step() is not None:
     last = mngr.latest_step()
     log = mngr.restore(last, args=ocp.args.Composite(log=ocp.args.JsonRestore())).log
@@ -195,15 +214,20 @@ def run(
       last, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )
     params, opt_state = restored.state
-    history, counts, variants = log["history"], log["counts"], log["variants"]
+    history, counts, names = log["history"], log["counts"], log["variants"]
     start, wall, compilations = log["step"], log["wall"], log["compilations"]
-    if method.freezer is not None:
-      method.freezer.load_state_dict(log["freezer"])
-  elif method.freezer is not None:
-    method.freezer.reset()
+    method.policy.load_state_dict(log["policy"])
 
-  if compiled is None:
-    compiled = {}
+  if variants is None:
+    variants = variants_of(model, method)
+  by_block = isinstance(method.policy, methods_lib.LisaPolicy)
+
+  def flops_so_far():
+    return sum(
+      variants.cost(frozenset(names[v]), params, opt_state, train_batches[0])[0] * n
+      for v, n in counts.items()
+    )
+
   bar = None
   if progress:
     from tqdm import tqdm
@@ -212,25 +236,26 @@ def run(
   tic = time.perf_counter()
   for step in range(start, steps):
     batch = train_batches[step]
-    if method.freezer is not None:
-      frozen = method.freezer.variant(step)
-    else:
-      frozen = method.frozen_paths(step, seed)
-    if frozen not in compiled:
+    variant = method.policy.variant(step, opt_state)
+    if not variants.has(variant, params, opt_state, batch):
       jax.block_until_ready(params)
       wall += time.perf_counter() - tic  # Compilation is reported, not timed.
-      compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
+      variants.compiled(variant, params, opt_state, batch)
       compilations += 1
       tic = time.perf_counter()
-    variant = _variant_name(frozen, by_block=method.lisa is not None)
-    counts[variant] = counts.get(variant, 0) + 1
-    variants[variant] = sorted(frozen)
-    params, opt_state, metrics = compiled[frozen].fn(params, opt_state, batch)
-    if method.freezer is not None:
-      method.freezer.observe(jax.device_get(metrics["alpha"]), frozen)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
+    name = _variant_name(variant, by_block=by_block)
+    counts[name] = counts.get(name, 0) + 1
+    names[name] = sorted(variant)
+    params, opt_state, metrics = variants(variant, params, opt_state, batch)
+    method.policy.spend(step, variant)
+    logging = (step + 1) % log_every == 0 or step + 1 == steps
+    evaluating = val_batches is not None and eval_every > 0
+    evaluating = evaluating and ((step + 1) % eval_every == 0 or step + 1 == steps)
+    if logging or evaluating:
+      jax.block_until_ready(params)
+      wall += time.perf_counter() - tic  # Logging and evaluation are not timed.
+    if logging:
       metrics = jax.device_get(metrics)
-      wall += time.perf_counter() - tic
       history["step"].append(step + 1)
       history["loss"].append(float(metrics["loss"]))
       history["accuracy"].append(float(metrics["accuracy"]))
@@ -238,9 +263,16 @@ def run(
       if alpha is not None:
         history["error_map"].append(np.asarray(metrics["error_map"]).tolist())
         history["alpha"].append(np.asarray(alpha).tolist())
-      history.setdefault("update_ratio", []).append(update_ratio(method, frozen, alpha))
+      history.setdefault("update_ratio", []).append(
+        update_ratio(method, variant, alpha)
+      )
       if writer is not None:
         _log(writer, method, step + 1, metrics, opt_state)
+    if evaluating:
+      history["val_step"].append(step + 1)
+      history["val_accuracy"].append(evaluate(model, method, params, val_batches()))
+      history["val_flops"].append(flops_so_far())
+    if logging or evaluating:
       tic = time.perf_counter()
     if (step + 1) % ckpt_every == 0 or step + 1 == steps:
       jax.block_until_ready(params)
@@ -252,11 +284,11 @@ def run(
             {
               "history": history,
               "counts": counts,
-              "variants": variants,
+              "variants": names,
               "step": step + 1,
               "wall": wall,
               "compilations": compilations,
-              "freezer": method.freezer.state_dict() if method.freezer else None,
+              "policy": method.policy.state_dict(),
               "signature": signature,
             }
           ),
@@ -269,29 +301,23 @@ def run(
   mngr.wait_until_finished()
   mngr.close()
 
-  # Cost of every variant that ran, compiled again if this process resumed.
-  flops = {}
-  peak = 0
-  batch = train_batches[0]
-  for variant, names in variants.items():
-    frozen = frozenset(names)
-    if frozen not in compiled:
-      compiled[frozen] = compile_step(model, method, frozen, params, opt_state, batch)
-    flops[variant] = compiled[frozen].flops
-    peak = max(peak, compiled[frozen].peak_bytes)
+  # Cost of every variant that ran (compiled again if this process resumed).
+  flops, peak = {}, 0
+  for name, members in names.items():
+    f, p = variants.cost(frozenset(members), params, opt_state, train_batches[0])
+    flops[name] = f
+    peak = max(peak, p)
   accuracy = evaluate(model, method, params, eval_batches())
-  return {
+  record = {
     "method": method.name,
     "seed": seed,
+    "steps": steps,
     "test_accuracy": accuracy,
     "train_flops": float(sum(flops[v] * n for v, n in counts.items())),
     "step_flops": flops,
     "steps_per_variant": counts,
     "step_variants": len(flops),
     "compilations": compilations,
-    "refresh_steps": (
-      sum(method.freezer.is_refresh(t) for t in range(steps)) if method.freezer else 0
-    ),
     "peak_bytes": peak,
     "wall_s": wall,
     "update_ratio": float(np.mean(history["update_ratio"])),
@@ -299,14 +325,26 @@ def run(
     "model_params": methods_lib.count(method.to_model(method.params)),
     "components": list(method.components.names) if method.components else [],
     "history": history,
-  }, params
+  }
+  if isinstance(method.policy, methods_lib.BudgetPolicy):
+    budget = method.policy.budget
+    record["budget"] = {
+      "target": budget.budget,
+      "planned_fraction": budget.fraction,
+      "decisions": budget.decisions,
+    }
+  return record, params
 
 
-def _signature(method: methods_lib.Method, state: Any) -> dict[str, Any]:
-  """What a checkpoint must match to be resumed: method, components, state layout."""
+def _signature(
+  method: methods_lib.Method, state: Any, steps: int, config: dict[str, Any] | None
+) -> dict[str, Any]:
+  """What a checkpoint must match to be resumed: method, settings, state layout."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {
     "method": method.name,
+    "steps": steps,
+    "config": config or {},
     "components": list(method.components.names) if method.components else [],
     "state": [
       f"{jax.tree_util.keystr(p)}: {np.dtype(v.dtype).name}{list(np.shape(v))}"
@@ -322,9 +360,15 @@ def _check_signature(saved: dict | None, current: dict, where) -> None:
   if saved is None:
     raise ValueError(f"The checkpoint in {where} has no signature; not resuming it.")
   problems = []
-  for key in ("method", "components"):
-    if saved[key] != current[key]:
-      problems.append(f"{key}: checkpoint {saved[key]}, this run {current[key]}")
+  for key in ("method", "steps", "components"):
+    if saved.get(key) != current[key]:
+      problems.append(f"{key}: checkpoint {saved.get(key)}, this run {current[key]}")
+  if saved.get("config") != current["config"]:
+    old, new = saved.get("config") or {}, current["config"]
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    problems.append(
+      "settings: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+    )
   if saved["state"] != current["state"]:
     only_saved = [e for e in saved["state"] if e not in current["state"]][:5]
     only_now = [e for e in current["state"] if e not in saved["state"]][:5]
@@ -338,7 +382,7 @@ def _check_signature(saved: dict | None, current: dict, where) -> None:
 
 
 def _variant_name(frozen: frozenset[str], by_block: bool) -> str:
-  """`all` when nothing is frozen, else the frozen blocks (LISA) or components."""
+  """`all` when nothing is left out, else the frozen blocks (LISA) or detached components."""
   if not frozen:
     return "all"
   if by_block:
@@ -359,3 +403,15 @@ def save_json(path: str, obj: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def load_json(path: str) -> Any:
+  """The JSON in `path`; a malformed file is an error that names it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}); it is left as it is. Remove it to redo "
+      "what it recorded."
+    ) from None

@@ -10,7 +10,6 @@ whose EMA error is worth the most within what the budget has left.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -169,15 +168,16 @@ def weighted_order(weights: Any, rng: np.random.Generator) -> list[int]:
   u = rng.random(len(w))
   keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
   ties = rng.random(len(w))
-  return [int(i) for _, _, i in heapq.nlargest(len(w), zip(keys, ties, range(len(w))))]
+  order = np.lexsort((-ties, -keys))  # Largest key first, ties at random.
+  return [int(i) for i in order]
 
 
 class Budget:
   """Spends a FLOP budget on the components with the most error.
 
   The run has `total_steps` steps; on average a step may cost `budget` times
-  a full step (`costs.full`). Step 0 detaches every component: it measures
-  the whole error map at the lowest cost. At step 1 and every `every` steps
+  a full step (`unit`, by default `costs.full`). Step 0 detaches every
+  component: it measures the whole error map at the lowest cost. At step 1 and every `every` steps
   after, the allocator reads RGFT's EMA error map and chooses the components
   that stay trained until the next decision:
 
@@ -190,7 +190,7 @@ class Budget:
 
   What fits: a step may cost the budget left divided by the steps left, so
   steps that cost less than their share leave more for later and the run's
-  total never exceeds `budget * total_steps * costs.full` (the costs being
+  total never exceeds `budget * total_steps * unit` (the costs being
   `DetachCosts.step`). With `ramp_steps`, the per-step allowance falls
   linearly from a full step to the level that keeps the run's average at
   `budget` (progressive sparsification). With `hysteresis` h, components
@@ -200,7 +200,7 @@ class Budget:
   Args:
     costs: the `DetachCosts` of the train step.
     budget: fraction of a full step's FLOPs to spend on average, in (0, 1];
-      at least `costs.floor / costs.full`, the cost of a step with every
+      at least `costs.floor / unit`, the cost of a step with every
       component detached.
     total_steps: steps in the run.
     every: steps between decisions.
@@ -208,6 +208,9 @@ class Budget:
     ramp_steps: steps over which the allowance falls from a full step.
     hysteresis: bonus of the components trained now, >= 0 (`"top"` only).
     seed: seed of `"sample"` and `"uniform"` (one draw per decision step).
+    unit: the FLOPs `budget` is a fraction of; default `costs.full` (the
+      tracked step with nothing detached). Pass the FLOPs of a plain step
+      without tracking to count the tracking against the budget.
 
   Examples:
     >>> import numpy as np
@@ -235,6 +238,7 @@ class Budget:
     ramp_steps: int = 0,
     hysteresis: float = 0.0,
     seed: int = 0,
+    unit: float | None = None,
   ):
     if not isinstance(costs, DetachCosts):
       raise TypeError(f"costs must be DetachCosts, got {type(costs).__name__}.")
@@ -260,7 +264,9 @@ class Budget:
     self.ramp_steps = int(ramp_steps)
     self.hysteresis = float(hysteresis)
     self.seed = int(seed)
-    floor = costs.floor / costs.full
+    self.unit = float(costs.full if unit is None else unit)
+    in_range("unit", self.unit, 0.0, None, low_open=True)
+    floor = costs.floor / self.unit
     if self.budget < floor:
       raise ValueError(
         f"budget {self.budget} is below {floor:.3f}, the cost of a step with every "
@@ -277,7 +283,7 @@ class Budget:
 
   @property
   def _allowance(self) -> float:
-    return self.budget * self.total_steps * self.costs.full
+    return self.budget * self.total_steps * self.unit
 
   def _level(self) -> float:
     """Per-step fraction after the ramp that keeps the run's mean at `budget`."""
@@ -288,7 +294,7 @@ class Budget:
 
   def _ramp_target(self, step: int) -> float:
     frac = step / self.ramp_steps
-    return (1.0 - (1.0 - self._level()) * frac) * self.costs.full
+    return (1.0 - (1.0 - self._level()) * frac) * self.unit
 
   def _ramp_spend(self) -> float:
     return sum(
@@ -367,8 +373,8 @@ class Budget:
 
   @property
   def fraction(self) -> float:
-    """FLOPs spent so far over as many full steps."""
-    return self.spent / max(self.steps * self.costs.full, 1e-30)
+    """FLOPs spent so far over as many steps of `unit` FLOPs."""
+    return self.spent / max(self.steps * self.unit, 1e-30)
 
   def state_dict(self) -> dict[str, Any]:
     return {

@@ -238,6 +238,10 @@ class StepVariants:
       self._cache.popitem(last=False)
     return compiled
 
+  def has(self, variant: Hashable, *args: Any) -> bool:
+    """Whether the step of `variant` for `args` is compiled and kept."""
+    return (variant, _signature(args)) in self._cache
+
   def cost(self, variant: Hashable, *args: Any) -> tuple[float, int]:
     """(FLOPs, peak bytes) of the compiled step of `variant` for `args`."""
     key = (variant, _signature(args))
