@@ -10,6 +10,7 @@ from rgft_jax._sparse import StepVariants
 from rgft_jax._sparse import train_step
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
+from rgft_jax._transform import residual_error_state
 from rgft_jax._transform import rgft
 from rgft_jax._transform import scale_by_residual_error
 
@@ -25,6 +26,7 @@ __all__ = (
   "StepVariants",
   "detach_costs",
   "linear_threshold",
+  "residual_error_state",
   "rgft",
   "scale_by_residual_error",
   "train_step",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 Rule = tuple[str, str | None] | tuple[str, str | None, int]
@@ -35,6 +37,76 @@ def leaves_by_path(tree: Any) -> dict[str, Any]:
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
   return {path_str(p): leaf for p, leaf in leaves}
+
+
+def _is_variable_or_masked(x: Any) -> bool:
+  return isinstance(x, (nnx.Variable, optax.MaskedNode))
+
+
+def _split_masked(tree: Any) -> tuple[dict[str, Any], list[str]]:
+  """`(leaves by path, paths of optax.MaskedNode subtrees)` of `tree`.
+
+  `optax.masked` and `optax.multi_transform` hand the inner transformation a
+  tree in which the parameters it does not handle are `optax.MaskedNode()`
+  (a node without children), at a leaf's path or at a subtree's.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable_or_masked)
+  leaves, masked = {}, []
+  for path, leaf in flat:
+    if isinstance(leaf, optax.MaskedNode):
+      masked.append(path_str(path))
+    else:
+      leaves[path_str(path)] = leaf
+  return leaves, masked
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+  return any(p == "" or path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _rule_error(rule: Any, problem: str) -> str:
+  return (
+    f"Rule {rule!r}: {problem}. A rule is a tuple (pattern, name) or "
+    "(pattern, name, head_axis) with pattern a str, name a str or None and "
+    "head_axis an int; rules is a list of them, e.g. [(r'block(\\d+)/.*', "
+    "r'block\\1'), (r'.*', None)]."
+  )
+
+
+def _compile_rule(rule: Any) -> tuple[re.Pattern, str | None, int | None]:
+  """`(regex, name template, head axis)` of one `from_regex` rule, checked."""
+  if isinstance(rule, (str, bytes)):
+    raise TypeError(_rule_error(rule, "a bare string, not a tuple"))
+  if not isinstance(rule, (tuple, list)):
+    raise TypeError(_rule_error(rule, f"a {type(rule).__name__}, not a tuple"))
+  if len(rule) not in (2, 3):
+    raise ValueError(_rule_error(rule, f"{len(rule)} entries, not 2 or 3"))
+  pattern, template, head_axis = (*rule, None)[:3]
+  if not isinstance(pattern, str):
+    raise TypeError(
+      _rule_error(rule, f"the pattern is a {type(pattern).__name__}, not a str")
+    )
+  if template is not None and not isinstance(template, str):
+    raise TypeError(
+      _rule_error(rule, f"the name is a {type(template).__name__}, not a str or None")
+    )
+  if head_axis is not None and (
+    isinstance(head_axis, (bool, np.bool_))
+    or not isinstance(head_axis, (int, np.integer))
+  ):
+    raise TypeError(
+      _rule_error(rule, f"head_axis is a {type(head_axis).__name__}, not an int")
+    )
+  if head_axis is not None and (template is None or "{head}" not in template):
+    raise ValueError(
+      f"Rule {pattern!r} cuts along head axis {head_axis}, so its name "
+      f"template must contain '{{head}}', got {template!r}."
+    )
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(_rule_error(rule, f"invalid pattern ({e})")) from None
+  return regex, template, None if head_axis is None else int(head_axis)
 
 
 def _listing(paths: Sequence[str]) -> str:
@@ -71,6 +143,11 @@ class Components:
   index: Any
 
   def __post_init__(self):
+    if isinstance(self.names, (str, bytes)):
+      raise TypeError(
+        f"Component names must be a sequence of strings, got the string "
+        f"{self.names!r}; write ({self.names!r},) for a single component."
+      )
     names = tuple(self.names)
     if not all(isinstance(n, str) for n in names):
       raise TypeError(f"Component names must be strings, got {names!r}.")
@@ -90,6 +167,16 @@ class Components:
           f"{len(names)}): min {idx.min()}, max {idx.max()}."
         )
       by_path[path] = idx.astype(np.int32)
+    owned = set()
+    for idx in by_path.values():
+      owned.update(np.unique(idx).tolist())
+    empty = [n for i, n in enumerate(names) if i not in owned]
+    if empty:
+      raise ValueError(
+        f"Components {empty} own no parameter (no index entry holds their "
+        "number); a component without parameters still counts for the largest "
+        "error and scales every other one down: leave it out."
+      )
     object.__setattr__(self, "names", names)
     object.__setattr__(self, "_by_path", by_path)
 
@@ -113,7 +200,9 @@ class Components:
 
     Every parameter must be matched by some rule: missing coverage is an error
     that lists the unmatched paths. Component names are ordered by first
-    appearance in the flattened parameters.
+    appearance in the flattened parameters. Rules of the wrong shape or types
+    (a bare string, a pattern that is not a str) are a TypeError naming the
+    rule.
 
     Args:
       params: the parameter pytree (arrays or anything with `.shape`).
@@ -122,19 +211,12 @@ class Components:
     Returns:
       The `Components`.
     """
-    compiled = []
-    for rule in rules:
-      if len(rule) not in (2, 3):
-        raise ValueError(
-          f"A rule is (pattern, name) or (pattern, name, head_axis), got {rule!r}."
-        )
-      pattern, template, head_axis = (*rule, None)[:3]
-      if head_axis is not None and (template is None or "{head}" not in template):
-        raise ValueError(
-          f"Rule {pattern!r} cuts along head axis {head_axis}, so its name "
-          f"template must contain '{{head}}', got {template!r}."
-        )
-      compiled.append((re.compile(pattern), template, head_axis))
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+      raise TypeError(
+        f"rules must be a list of (pattern, name[, head_axis]) tuples, got "
+        f"{rules!r}; for one rule write [(pattern, name)]."
+      )
+    compiled = [(_compile_rule(rule), rule) for rule in rules]
 
     names: dict[str, int] = {}
 
@@ -146,13 +228,18 @@ class Components:
     def assign(path, leaf):
       path = path_str(path)
       shape = np.shape(leaf)
-      for regex, template, head_axis in compiled:
+      for (regex, template, head_axis), rule in compiled:
         match = regex.fullmatch(path)
         if match is None:
           continue
         if template is None:
           return np.full((), -1, np.int32)
-        name = match.expand(template)
+        try:
+          name = match.expand(template)
+        except (re.error, IndexError) as e:
+          raise ValueError(
+            _rule_error(rule, f"its name does not expand on {path!r} ({e})")
+          ) from None
         if head_axis is None:
           return np.full((), number(name), np.int32)
         if not -len(shape) <= head_axis < len(shape):
@@ -173,12 +260,19 @@ class Components:
         "Every parameter must be matched by a rule (use name None to leave "
         f"one out on purpose); {len(unmatched)} unmatched: {_listing(unmatched)}."
       )
-    return cls(names=tuple(names), index=index)
+    components = cls(names=tuple(names), index=index)
+    components.check(params)  # A component may own only empty leaves.
+    return components
 
   def check(self, tree: Any, what: str = "params") -> None:
-    """Raises `ValueError` naming the paths where `tree` does not fit."""
-    leaves = leaves_by_path(tree)
-    missing = [p for p in self._by_path if p not in leaves]
+    """Raises `ValueError` naming the paths where `tree` does not fit.
+
+    Parameters that are `optax.MaskedNode()` (kept from this transformation by
+    `optax.masked` or `optax.multi_transform`) count as absent, not missing.
+    A component that owns no entry of `tree` is an error naming it.
+    """
+    leaves, masked = _split_masked(tree)
+    missing = [p for p in self._by_path if p not in leaves and not _under(p, masked)]
     unknown = [p for p in leaves if p not in self._by_path]
     if missing or unknown:
       raise ValueError(
@@ -195,6 +289,27 @@ class Components:
           f"Component index of shape {idx_shape} at {path!r} does not "
           f"broadcast to the {what} leaf of shape {shape}."
         )
+    counts = self._counts(leaves)
+    empty = [n for n, c in zip(self.names, counts, strict=True) if c == 0]
+    if empty:
+      why = " (masked out by optax.masked or optax.multi_transform)" if masked else ""
+      raise ValueError(
+        f"Components {_listing(empty)} own no entry of the {what}{why}; a "
+        "component without parameters still counts for the largest error and "
+        "scales every other one down: leave it out of the components."
+      )
+
+  def _counts(self, leaves: dict[str, Any]) -> np.ndarray:
+    """Entries of each component among `leaves` (checked), int64[n]."""
+    counts = np.zeros(len(self.names) + 1, np.int64)  # Entry 0: no component.
+    for path, leaf in leaves.items():
+      idx = self._by_path[path]
+      if idx.size == 0:
+        continue
+      # Each index entry covers size(leaf) / size(idx) parameter entries.
+      per_entry = int(np.prod(np.shape(leaf))) // idx.size
+      counts += per_entry * np.bincount(idx.ravel() + 1, minlength=len(counts))
+    return counts[1:]
 
   def scale(self, tree: Any, alpha: jax.Array) -> Any:
     """Multiplies each leaf entry of component `i` by `alpha[i]`.
@@ -217,13 +332,7 @@ class Components:
   def sizes(self, params: Any) -> np.ndarray:
     """Number of parameter entries in each component, int64[n]."""
     self.check(params)
-    counts = np.zeros(len(self.names) + 1, np.int64)  # Entry 0: no component.
-    for path, leaf in leaves_by_path(params).items():
-      idx = self._by_path[path]
-      # Each index entry covers size(leaf) / size(idx) parameter entries.
-      per_entry = int(np.prod(np.shape(leaf))) // idx.size
-      counts += per_entry * np.bincount(idx.ravel() + 1, minlength=len(counts))
-    return counts[1:]
+    return self._counts(leaves_by_path(params))
 
   def unassigned(self, params: Any) -> list[str]:
     """Paths of parameter leaves with entries in no component."""

@@ -23,7 +23,8 @@ def linear_threshold(
   Args:
     thresh_init: threshold at `t = 0`, in (0, 1].
     thresh_final: threshold from `t = warmup_steps` on, in [thresh_init, 1].
-    warmup_steps: number of updates over which the threshold grows, >= 0.
+    warmup_steps: number of updates over which the threshold grows, an
+      integer >= 0.
 
   Returns:
     An `optax.Schedule` mapping the update count to the threshold.
@@ -37,7 +38,7 @@ def linear_threshold(
   _validation.in_range("thresh_init", thresh_init, 0.0, 1.0, low_open=True)
   _validation.in_range("thresh_final", thresh_final, 0.0, 1.0, low_open=True)
   _validation.ordered("thresh_init", thresh_init, "thresh_final", thresh_final)
-  _validation.in_range("warmup_steps", warmup_steps, 0, None)
+  _validation.in_range("warmup_steps", warmup_steps, 0, None, integer=True)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     count = jnp.asarray(count, jnp.float32)

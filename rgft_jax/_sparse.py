@@ -26,6 +26,7 @@ from flax import nnx
 
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
+from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
 
@@ -299,7 +300,7 @@ class SparseTrainStep:
 
   def __call__(self, t: int, params: Any, opt_state: Any, *args: Any):
     if self.budget.due(t):
-      ema = jax.device_get(optax.tree.get(opt_state, "error_map"))
+      ema = jax.device_get(residual_error_state(opt_state).error_map)
       self.budget.decide(t, ema)
     detached = self.budget.detached
     out = self.variants(detached, params, opt_state, *args)

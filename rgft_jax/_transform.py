@@ -8,20 +8,88 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rgft_jax import _schedules
 from rgft_jax import _validation
 from rgft_jax._components import Components
 
+# float32's smallest normal and largest finite numbers.
+_TINY = float(np.finfo(np.float32).tiny)
+_MAX = float(np.finfo(np.float32).max)
+
 
 class ScaleByResidualErrorState(NamedTuple):
-  """State of `scale_by_residual_error`."""
+  """State of `scale_by_residual_error`; `residual_error_state` finds it."""
 
   count: jax.Array  # shape=(), dtype=jnp.int32; updates applied.
   error_map: jax.Array  # shape=(n,), dtype=jnp.float32; EMA of the error map.
   alpha: jax.Array  # shape=(n,), dtype=jnp.float32; multipliers of the last update.
   observed: jax.Array  # shape=(n,), dtype=jnp.bool_; a finite value was seen.
+
+
+def residual_error_state(opt_state: Any) -> ScaleByResidualErrorState:
+  """The state of the one `scale_by_residual_error` inside `opt_state`.
+
+  Finds it in any optax state tree (`rgft()`'s chain, `inject_hyperparams`,
+  `multi_transform`, `MultiSteps`, `apply_if_finite`, ...), where
+  `optax.tree.get(opt_state, "count")` would clash with Adam's own count.
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    The `ScaleByResidualErrorState`.
+
+  Raises:
+    ValueError: if `opt_state` holds none, or more than one.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import rgft_jax
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    >>> comps = rgft_jax.Components.from_regex(params, [(r"(\\w)", r"\\1")])
+    >>> tx = rgft_jax.rgft(0.1, comps, thresh=0.5)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params, error_map={"a": 1.0, "b": 0.1})
+    >>> rgft_state = rgft_jax.residual_error_state(state)
+    >>> print(rgft_state.count, rgft_state.alpha)
+    1 [1.  0.2]
+  """
+
+  def is_state(x):
+    return isinstance(x, ScaleByResidualErrorState)
+
+  flat, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_state)
+  found = [(path, x) for path, x in flat if is_state(x)]
+  if len(found) != 1:
+    where = [jax.tree_util.keystr(path) or "(the root)" for path, _ in found]
+    raise ValueError(
+      "Expected exactly one ScaleByResidualErrorState (from rgft() or "
+      f"scale_by_residual_error) in the optimizer state, found {len(found)}"
+      + (f" at {where}." if where else ".")
+    )
+  return found[0][1]
+
+
+def _as_float32(value: Any, name: str) -> jax.Array:
+  """`error_map[name]` as a float32 scalar; finite values are clipped into range."""
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    array = jnp.asarray(value, jnp.float32)
+  else:
+    try:
+      array = np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:
+      raise TypeError(
+        f"error_map[{name!r}] must be a real scalar, got {type(value).__name__}."
+      ) from e
+    # A finite value beyond float32's range is huge, not "not measured".
+    array = np.where(np.isfinite(array), np.clip(array, -_MAX, _MAX), array)
+    array = jnp.asarray(array.astype(np.float32))
+  if array.shape != ():
+    raise ValueError(f"error_map[{name!r}] must be a scalar, got shape {array.shape}.")
+  return array
 
 
 def error_map_vector(
@@ -46,14 +114,7 @@ def error_map_vector(
       f"error_map keys differ from the component names; missing: {missing}, "
       f"unknown: {unknown}."
     )
-  values = []
-  for name in names:
-    value = jnp.asarray(error_map[name], jnp.float32)
-    if value.shape != ():
-      raise ValueError(
-        f"error_map[{name!r}] must be a scalar, got shape {value.shape}."
-      )
-    values.append(value)
+  values = [_as_float32(error_map[name], name) for name in names]
   return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
 
 
@@ -63,15 +124,28 @@ def multipliers(
   thresh: jax.typing.ArrayLike,
   min_scale: jax.typing.ArrayLike,
 ) -> jax.Array:
-  """`alpha_i = clip(ema_i / (thresh * max_j ema_j), min_scale, 1)`.
+  """`alpha_i = clip(ema_i / (thresh * max_j ema_j), min_scale, 1)`, never NaN.
 
-  Components never observed, and every component while the largest observed
-  EMA is not positive, get 1.
+  Computed as `(ema_i / max_j ema_j) / thresh`, which neither overflows nor
+  divides by zero. The components at the largest observed EMA get exactly 1;
+  components never observed, and every component while the largest observed
+  EMA is below float32's smallest normal number (`tiny`, about 1.2e-38:
+  zero, negative or subnormal), get 1. A threshold that is NaN or below
+  `tiny` counts as `tiny`, one above 1 as 1; a `min_scale` outside [0, 1] (only
+  possible when traced) is clipped into it, NaN counting as 0.
   """
+  ema = jnp.asarray(ema, jnp.float32)
+  thresh = jnp.asarray(thresh, jnp.float32)
+  thresh = jnp.where(thresh >= _TINY, jnp.minimum(thresh, 1.0), _TINY)
+  low = jnp.asarray(min_scale, jnp.float32)
+  low = jnp.where(low >= 0.0, jnp.minimum(low, 1.0), 0.0)
   top = jnp.max(jnp.where(observed, ema, -jnp.inf), initial=-jnp.inf)
-  live = top > 0
-  denom = jnp.where(live, thresh * top, 1.0)
-  alpha = jnp.clip(ema / denom, min_scale, 1.0)
+  live = top >= _TINY
+  # XLA divides by multiplying with the reciprocal, which is 0 (flushed) for
+  # a divisor above 2**126: exact powers of 2 keep it normal.
+  scale = jnp.where(top > 2.0**64, 2.0**-64, 1.0)
+  ratio = (ema * scale) / jnp.where(live, top * scale, 1.0)  # <= 1 if observed.
+  alpha = jnp.where(ema >= top, 1.0, jnp.clip(ratio / thresh, low, 1.0))
   return jnp.where(observed & live, alpha, 1.0).astype(jnp.float32)
 
 
@@ -101,11 +175,20 @@ def scale_by_residual_error(
   finite value of a component initialises its EMA. While no component has a
   positive EMA, or for components never observed, the multiplier is 1.
 
+  The multipliers are finite and in [`min_scale`, 1] for every error map, and
+  exactly 1 for the components with the largest EMA. Finite error-map values
+  beyond float32's range are clipped into it. A threshold that a schedule (or
+  `inject_hyperparams`) makes NaN or smaller than float32's smallest normal
+  number counts as that number, one above 1 counts as 1 (see `multipliers`).
+  Parameters that an enclosing `optax.masked` or `optax.multi_transform` keeps
+  from this transformation (`optax.MaskedNode` leaves) are left alone; every
+  component must still own some parameter entry this transformation sees.
+
   Args:
     components: which parameters belong to which component.
-    beta: EMA decay, in [0, 1).
-    thresh: threshold, a float in (0, 1] or an `optax.Schedule`.
-    min_scale: smallest multiplier, in (0, 1].
+    beta: EMA decay, a real number in [0, 1).
+    thresh: threshold, a real number in (0, 1] or an `optax.Schedule`.
+    min_scale: smallest multiplier, a real number in (0, 1].
     lagged: compute the multipliers from the EMA *before* this step's map is
       folded in, so they do not depend on the current batch (what the
       stochastic convergence argument in docs/theory.md assumes); the map is
@@ -137,6 +220,8 @@ def scale_by_residual_error(
   _validation.in_range("min_scale", min_scale, 0.0, 1.0, low_open=True)
   if not callable(thresh):
     _validation.in_range("thresh", thresh, 0.0, 1.0, low_open=True)
+  if not isinstance(lagged, (bool, np.bool_)):
+    raise TypeError(f"lagged must be a bool, got {lagged!r}.")
   thresh_fn = thresh if callable(thresh) else (lambda count: thresh)
   n = len(components)
 
@@ -158,8 +243,11 @@ def scale_by_residual_error(
     values = error_map_vector(error_map, components.names)
     finite = jnp.isfinite(values)
     ema = beta * state.error_map + (1.0 - beta) * values
+    ema = jnp.clip(ema, -_MAX, _MAX)  # Rounding can overflow at float32's edge.
     ema = jnp.where(state.observed, ema, values)
-    ema = jnp.where(finite, ema, state.error_map).astype(jnp.float32)
+    # NaN only from a NaN `beta` (traced): the old EMA is kept.
+    keep = ~finite | jnp.isnan(ema)
+    ema = jnp.where(keep, state.error_map, ema).astype(jnp.float32)
     observed = state.observed | finite
     if lagged:
       alpha = multipliers(
@@ -182,9 +270,9 @@ def rgft(
   learning_rate: optax.ScalarOrSchedule,
   components: Components,
   beta: float = 0.9,
-  thresh_init: float = 0.1,
-  thresh_final: float = 0.3,
-  warmup_steps: int = 1000,
+  thresh_init: float | None = None,
+  thresh_final: float | None = None,
+  warmup_steps: int | None = None,
   min_scale: float = 0.01,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -192,30 +280,38 @@ def rgft(
   weight_decay: float = 0.0,
   mu_dtype: Any | None = None,
   lagged: bool = False,
+  thresh: float | optax.Schedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose per-component updates are scaled by RGFT multipliers.
 
   The chain is Adam, decoupled weight decay (when `weight_decay` is not 0; the
   decay is scaled with the component like the rest of its update),
   `scale_by_residual_error` with the threshold rising linearly from
-  `thresh_init` to `thresh_final` over `warmup_steps` updates, then the
-  learning rate.
+  `thresh_init` to `thresh_final` over `warmup_steps` updates (or given
+  whole as `thresh`), then the learning rate. Every hyperparameter is checked
+  when its value is known (not under `jax.jit`): a TypeError or ValueError
+  names the one that is wrong.
 
   Args:
-    learning_rate: a float or an `optax.Schedule`.
+    learning_rate: a finite real number >= 0 or an `optax.Schedule`.
     components: which parameters belong to which component.
     beta: EMA decay of the error map, in [0, 1).
-    thresh_init: threshold at the first update, in (0, 1].
-    thresh_final: threshold after warmup, in [thresh_init, 1].
-    warmup_steps: updates over which the threshold grows.
+    thresh_init: threshold at the first update, in (0, 1] (default 0.1).
+    thresh_final: threshold after warmup, in [thresh_init, 1] (default 0.3).
+    warmup_steps: updates over which the threshold grows, an integer >= 0
+      (default 1000).
     min_scale: smallest multiplier, in (0, 1].
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    weight_decay: decoupled weight decay (AdamW), >= 0.
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1).
+    eps: Adam's epsilon, finite and >= 0.
+    weight_decay: decoupled weight decay (AdamW), finite and >= 0.
     mu_dtype: dtype of Adam's first moment (default: that of the parameters).
     lagged: multipliers from the error map of earlier steps only (see
       `scale_by_residual_error`).
+    thresh: the whole threshold, a real number in (0, 1] or an
+      `optax.Schedule` of the number of updates applied; it replaces
+      `thresh_init`, `thresh_final` and `warmup_steps`, so giving it with any
+      of them is a ValueError.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -236,10 +332,29 @@ def rgft(
     >>> print(optax.tree.get(state, "alpha"))
     [1.   0.01]
   """
-  _validation.in_range("weight_decay", weight_decay, 0.0, None)
+  _validation.scalar_or_schedule("learning_rate", learning_rate)
+  _validation.in_range("weight_decay", weight_decay, 0.0, None, finite=True)
   _validation.in_range("b1", b1, 0.0, 1.0, high_open=True)
   _validation.in_range("b2", b2, 0.0, 1.0, high_open=True)
-  _validation.in_range("eps", eps, 0.0, None)
+  _validation.in_range("eps", eps, 0.0, None, finite=True)
+  linear = {
+    "thresh_init": thresh_init,
+    "thresh_final": thresh_final,
+    "warmup_steps": warmup_steps,
+  }
+  if thresh is None:
+    thresh = _schedules.linear_threshold(
+      0.1 if thresh_init is None else thresh_init,
+      0.3 if thresh_final is None else thresh_final,
+      1000 if warmup_steps is None else warmup_steps,
+    )
+  else:
+    given = [k for k, v in linear.items() if v is not None]
+    if given:
+      raise ValueError(
+        f"thresh replaces thresh_init, thresh_final and warmup_steps; pass "
+        f"either thresh or those, not both (got thresh and {', '.join(given)})."
+      )
   # Decided by type, not value: under inject_hyperparams the value is an array
   # (a tracer under jit) and the chain must have the same shape in init and update.
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
@@ -250,7 +365,7 @@ def rgft(
     scale_by_residual_error(
       components,
       beta=beta,
-      thresh=_schedules.linear_threshold(thresh_init, thresh_final, warmup_steps),
+      thresh=thresh,
       min_scale=min_scale,
       lagged=lagged,
     ),

@@ -1,5 +1,6 @@
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rgft_jax import Components
@@ -96,3 +97,65 @@ def test_invalid_index_values_and_names():
     Components(names=("a", "a"), index={"w": np.array(0)})
   with pytest.raises(TypeError, match="integers"):
     Components(names=("a",), index={"w": np.array(0.0)})
+
+
+def test_names_must_not_be_a_bare_string():
+  with pytest.raises(TypeError, match=r"names.*'ab'"):
+    Components(names="ab", index={"w": np.array(0)})
+
+
+@pytest.mark.parametrize(
+  "rules, error, match",
+  [
+    ([r".*"], TypeError, r"Rule '\.\*': a bare string"),
+    ((r"blk0/w", "b0"), TypeError, r"Rule 'blk0/w': a bare string"),
+    (r".*", TypeError, r"rules must be a list"),
+    ([{"pattern": ".*"}], TypeError, r"Rule \{'pattern': '\.\*'\}: a dict"),
+    ([(r".*",)], ValueError, r"Rule \('\.\*',\): 1 entries"),
+    ([(1, "a")], TypeError, r"Rule \(1, 'a'\): the pattern is a int"),
+    ([(r".*", 0)], TypeError, r"Rule \('\.\*', 0\): the name is a int"),
+    ([(r".*", "h{head}", "1")], TypeError, r"head_axis is a str"),
+    ([(r".*", "h{head}", True)], TypeError, r"head_axis is a bool"),
+    ([(r"(blk", "a")], ValueError, r"Rule \('\(blk', 'a'\): invalid pattern"),
+    ([(r".*", r"\2")], ValueError, r"does not expand on 'attn/bias'"),
+  ],
+)
+def test_malformed_rules_are_named(rules, error, match):
+  with pytest.raises(error, match=match):
+    Components.from_regex(_params(), rules)
+
+
+def test_rules_may_be_lists():
+  comps = Components.from_regex(_params(), [list(r) for r in _RULES])
+  assert comps.names == ("head0", "head1", "block0", "block1")
+
+
+def test_a_component_that_owns_nothing_is_named():
+  with pytest.raises(ValueError, match=r"\['b'\] own no parameter"):
+    Components(names=("a", "b"), index={"w": np.array(0), "v": np.array(-1)})
+  # Owning only an empty leaf: caught where the parameters are known.
+  params = {"w": jnp.ones(3), "z": jnp.ones((2, 0))}
+  with pytest.raises(ValueError, match=r"'z_comp' own no entry of the params"):
+    Components.from_regex(params, [("w", "w_comp"), ("z", "z_comp")])
+  comps = Components(names=("a", "b"), index={"w": np.array(0), "z": np.array(1)})
+  with pytest.raises(ValueError, match=r"'b' own no entry of the params"):
+    comps.check(params)
+
+
+def test_masked_parameters_count_as_absent():
+  comps = Components.from_regex(_params(), _RULES)
+  params = _params()
+  params["emb"] = optax.MaskedNode()  # A leaf masked out.
+  params["blk0"]["b"] = optax.MaskedNode()  # block0 still owns blk0/w.
+  comps.check(params)
+  out = comps.scale(params, jnp.array([0.5, 0.25, 2.0, 3.0]))
+  assert isinstance(out["emb"], optax.MaskedNode)
+  np.testing.assert_allclose(out["blk0"]["w"], 2.0)
+  # A masked subtree that holds all of block1.
+  params["blk1"] = optax.MaskedNode()
+  with pytest.raises(ValueError, match=r"'block1' own no entry.*masked out"):
+    comps.check(params)
+  # Unmasked but absent paths are still missing.
+  del params["attn"]
+  with pytest.raises(ValueError, match=r"lack: \['attn/bias', 'attn/query'\]"):
+    comps.check(params)

@@ -1,12 +1,16 @@
 """Invariants of the RGFT transformation, on inputs drawn by hypothesis."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import event
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
 import rgft_jax
+from rgft_jax._transform import residual_error_state
 
 _settings = settings(max_examples=40, deadline=None)
 # Zero or normal float32 magnitudes: scaled by up to 1e3 either way, none underflows.
@@ -79,3 +83,174 @@ def test_non_finite_entries_leave_the_ema_alone(values, bad):
   ema = np.asarray(second.error_map)
   assert np.all(np.isfinite(ema)) and np.all(np.isfinite(second.alpha))
   np.testing.assert_array_equal(ema[::2], np.asarray(first.error_map)[::2])
+
+
+# Nothing silent: any hyperparameters and any error map.
+
+_F32 = np.finfo(np.float32)
+_ODD = st.sampled_from(
+  [None, True, "0.1", 0, -0.0, -1.0, 1e-46, 1e-38, 1e39, 1e300, np.nan, np.inf, -np.inf]
+)
+
+
+def _maybe_bad(good):
+  """Mostly a valid value, sometimes anything at all."""
+  return st.one_of(*[good] * 8, _ODD, st.floats(allow_nan=True))
+
+
+def _schedule(values):
+  """A schedule that returns anything (NaN, <= 0, > 1) from the second step."""
+  return st.builds(
+    lambda v: lambda count: jnp.where(count == 0, 0.5, jnp.float32(v)), values
+  )
+
+
+_unit = st.floats(0.0, 1.0)
+_GOOD = {  # Valid values, tiny and extreme ones included.
+  "learning_rate": st.one_of(st.floats(0.0, 10.0), _schedule(_unit)),
+  "beta": st.floats(0.0, 0.999),
+  "thresh_init": st.floats(1e-40, 0.3),
+  "thresh_final": st.floats(0.3, 1.0),
+  "warmup_steps": st.integers(0, 10),
+  "min_scale": st.floats(1e-30, 1.0),
+  "b1": st.floats(0.0, 0.999),
+  "b2": st.floats(0.0, 0.999),
+  "eps": st.floats(0.0, 1.0),
+  "weight_decay": st.floats(0.0, 1.0),
+  "thresh": st.one_of(
+    st.floats(1e-40, 1.0), _schedule(st.floats(width=32, allow_nan=True))
+  ),
+}
+_ANY = {k: _maybe_bad(v) for k, v in _GOOD.items()}
+_THRESH_PARTS = ("thresh_init", "thresh_final", "warmup_steps")
+
+
+def _hyperparameters(table, both=True):
+  """Keyword arguments of rgft: a threshold given whole or in parts (or both)."""
+  other = {k: v for k, v in table.items() if k not in ("thresh", *_THRESH_PARTS)}
+  parts = {k: table[k] for k in _THRESH_PARTS}
+  whole = {"thresh": table["thresh"]}
+  return st.builds(
+    lambda a, b: {**a, **b},
+    st.fixed_dictionaries(
+      {"learning_rate": other.pop("learning_rate")}, optional=other
+    ),
+    st.one_of(
+      *[st.fixed_dictionaries({}, optional=parts)] * 4,
+      *[st.fixed_dictionaries(whole)] * 4,
+      *[st.fixed_dictionaries(whole, optional=parts)] * both,
+    ),
+  )
+
+
+_error_values = st.one_of(
+  st.just(0.0),
+  st.floats(width=32, allow_nan=True, allow_infinity=True),  # Subnormal, huge...
+  st.sampled_from([1e-45, 1e-40, float(_F32.tiny), float(_F32.max), np.nan, np.inf]),
+)
+
+
+def _real(v):
+  return not isinstance(v, (bool, str)) and v is not None
+
+
+def _in(v, low, high, low_open=False, high_open=True):
+  """Whether `v` is a number in the interval, also once rounded to float32."""
+  # float32 rounds |v| < 2**128 - 2**103 (its max plus half a step) to finite.
+  if not _real(v) or not abs(v) < 2.0**128 - 2.0**103:
+    return False
+  f = float(np.float32(v))
+  return all(
+    (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+    for x in (v, f)
+  )
+
+
+def _invalid(kwargs):
+  """The hyperparameters DESIGN.md's ranges reject, worked out independently."""
+  defaults = dict(thresh_init=0.1, thresh_final=0.3, warmup_steps=1000)
+  full = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+  bad = set()
+  lr = kwargs["learning_rate"]
+  if not callable(lr) and not _in(lr, 0, np.inf, high_open=False):
+    bad.add("learning_rate")
+  for name in ("beta", "b1", "b2"):
+    if not _in(kwargs.get(name, 0.5), 0.0, 1.0):
+      bad.add(name)
+  if not _in(kwargs.get("min_scale", 0.5), 0.0, 1.0, low_open=True, high_open=False):
+    bad.add("min_scale")
+  for name in ("eps", "weight_decay"):
+    if not _in(kwargs.get(name, 0.0), 0.0, np.inf, high_open=False):
+      bad.add(name)
+  if "thresh" in kwargs:
+    t = kwargs["thresh"]
+    if not callable(t) and not _in(t, 0.0, 1.0, low_open=True, high_open=False):
+      bad.add("thresh")
+    parts = [k for k in _THRESH_PARTS if kwargs.get(k) is not None]
+    if parts:
+      bad.update(["thresh", *parts])
+    return bad
+  for name in ("thresh_init", "thresh_final"):
+    if not _in(full[name], 0.0, 1.0, low_open=True, high_open=False):
+      bad.add(name)
+  w = full["warmup_steps"]
+  if not _in(w, 0, np.inf, high_open=False) or float(w) != int(w):
+    bad.add("warmup_steps")
+  if (
+    not bad & {"thresh_init", "thresh_final"}
+    and full["thresh_init"] > full["thresh_final"]
+  ):
+    bad.update(["thresh_init", "thresh_final"])
+  return bad
+
+
+def _setup_three():
+  params = {f"c{i}": jnp.ones(2) for i in range(3)}
+  return params, rgft_jax.Components.from_regex(params, [(r"(c\d+)", r"\1")])
+
+
+def _check_alpha(tx, params, kwargs, maps):
+  """Finite multipliers in [min_scale, 1]; exactly 1 for the first map's largest."""
+  min_scale = np.float32(kwargs.get("min_scale", 0.01))
+  state = tx.init(params)
+  for t, values in enumerate(maps):
+    error_map = {f"c{i}": np.float32(v) for i, v in enumerate(values)}
+    _, state = tx.update(params, state, params, error_map=error_map)
+    alpha = np.asarray(residual_error_state(state).alpha)
+    assert np.all(np.isfinite(alpha)), alpha
+    assert np.all((alpha >= min_scale) & (alpha <= 1.0)), (alpha, min_scale)
+    values = np.float32(values)
+    finite = np.isfinite(values)
+    if t == 0 and finite.any():  # The first map is the EMA.
+      largest = finite & (values == np.max(values[finite]))
+      assert np.all(alpha[largest] == 1.0), (values, alpha)
+
+
+_maps = st.lists(
+  st.lists(_error_values, min_size=3, max_size=3), min_size=1, max_size=3
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_hyperparameters(_GOOD, both=False), _maps)
+def test_rgft_alpha_is_sound_for_extreme_values(kwargs, maps):
+  assert not _invalid(kwargs)
+  params, comps = _setup_three()
+  _check_alpha(rgft_jax.rgft(components=comps, **kwargs), params, kwargs, maps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_hyperparameters(_ANY), _maps)
+def test_rgft_raises_naming_a_bad_hyperparameter_or_keeps_alpha_sound(kwargs, maps):
+  params, comps = _setup_three()
+  bad = _invalid(kwargs)
+  try:
+    tx = rgft_jax.rgft(components=comps, **kwargs)
+  except (TypeError, ValueError) as e:
+    event("rejected")
+    named = {k for k in kwargs if re.search(rf"\b{k}\b", str(e))}
+    assert named & bad, (str(e), bad)
+    return
+  assert not bad, bad
+  event("constructed")
+  _check_alpha(tx, params, kwargs, maps)

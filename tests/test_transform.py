@@ -202,3 +202,241 @@ def test_params_that_do_not_match_components_are_named():
   other["w2"] = jnp.ones(3)
   with pytest.raises(ValueError, match=r"lack: \['w1'\].*lack: \['w2'\]"):
     tx.init(other)
+
+
+# Nothing silent: multipliers stay finite, hyperparameters are checked by name.
+
+
+def _two(n=2):
+  params = {k: jnp.ones(2) for k in "abc"[:n]}
+  return params, rgft_jax.Components.from_regex(params, [(r"(\w)", r"\1")])
+
+
+def _formula(values, thresh, min_scale):
+  """DESIGN.md's multiplier in float64, every value observed."""
+  m = np.asarray(values, np.float64)
+  return np.clip(m / (thresh * m.max()), min_scale, 1.0)
+
+
+@pytest.mark.parametrize(
+  "kwargs, thresh",
+  [(dict(), 0.1), (dict(thresh_init=1e-38, thresh_final=1e-38), 1e-38)],
+)
+def test_tiny_errors_and_thresholds_give_finite_multipliers(kwargs, thresh):
+  # thresh * max underflows float32: the formula in float64 still holds.
+  params, comps = _two(3)
+  tx = rgft_jax.rgft(1e-3, comps, **kwargs)
+  values = [5e-38, 0.0, 2e-38] if thresh == 0.1 else [1.0, 0.0, 1e-30]
+  error_map = dict(zip("abc", values, strict=True))
+  updates, state = tx.update(params, tx.init(params), params, error_map=error_map)
+  alpha = optax.tree.get(state, "alpha")
+  np.testing.assert_allclose(alpha, _formula(values, thresh, 0.01), rtol=1e-6)
+  for k, a in zip("abc", np.asarray(alpha), strict=True):
+    # Adam's first step is sign(g) (up to eps), times -lr and the multiplier.
+    np.testing.assert_allclose(updates[k], -1e-3 * a * np.ones(2), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "value, thresh", [(0.0, 1e-30), (-1.0, 1e-30), (np.nan, 1e-30), (5.0, 1.0)]
+)
+def test_threshold_schedule_outside_zero_one_is_clipped(value, thresh):
+  # At or below 0 (or NaN): the limit thresh -> 0+; above 1: thresh = 1.
+  params, comps = _two(3)
+  schedule = lambda count: jnp.where(count == 0, 0.5, value)  # noqa: E731
+  tx = rgft_jax.scale_by_residual_error(comps, thresh=schedule, min_scale=0.05)
+  state = tx.init(params)
+  values = [1.0, 0.2, 0.0]
+  error_map = dict(zip("abc", values, strict=True))
+  _, state = tx.update(params, state, error_map=error_map)
+  np.testing.assert_allclose(state.alpha, _formula(values, 0.5, 0.05), rtol=1e-6)
+  _, state = tx.update(params, state, error_map=error_map)  # Schedule at `value`.
+  np.testing.assert_allclose(state.alpha, _formula(values, thresh, 0.05), rtol=1e-6)
+
+
+def test_the_largest_error_gets_exactly_one():
+  # 414.26166 / (1.0 * 414.26166) was 0.99999994 (a reciprocal, then a product).
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, thresh=1.0)
+  values = [414.26165771484375, 203.27813720703125, 92.9320068359375]
+  error_map = dict(zip("abc", values, strict=True))
+  _, state = jax.jit(lambda s: tx.update(params, s, error_map=error_map))(
+    tx.init(params)
+  )
+  assert float(state.alpha[0]) == 1.0
+  np.testing.assert_allclose(state.alpha, _formula(values, 1.0, 0.01), rtol=1e-6)
+
+
+def test_huge_and_signed_error_values_stay_finite():
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, beta=0.5, thresh=0.5)
+  values = [1e300, 1.0, -3e38]  # Beyond float32, finite: clipped, still largest.
+  _, state = tx.update(
+    params, tx.init(params), error_map=dict(zip("abc", values, strict=True))
+  )
+  np.testing.assert_allclose(state.alpha, _formula(values, 0.5, 0.01), rtol=1e-6)
+  # Folding in maxima again: beta * max + (1 - beta) * max rounds past float32.
+  big = np.finfo(np.float32).max
+  for _ in range(3):
+    _, state = tx.update(params, state, error_map={"a": big, "b": big, "c": 0.0})
+  assert np.all(np.isfinite(state.error_map))
+  np.testing.assert_array_equal(state.alpha[:2], [1.0, 1.0])
+
+
+def test_rgft_takes_a_constant_threshold():
+  comps = make_components(make_params())
+  tx = rgft_jax.rgft(1e-2, comps, thresh=0.5, min_scale=0.05)
+  run_and_compare(tx, 12, lambda t: dict(lr=1e-2, beta=0.9, thresh=0.5, min_scale=0.05))
+
+
+def test_rgft_takes_a_threshold_schedule():
+  comps = make_components(make_params())
+  schedule = optax.linear_schedule(0.2, 0.6, transition_steps=8)
+  tx = rgft_jax.rgft(1e-2, comps, thresh=schedule, min_scale=0.05)
+
+  def hyper(t):
+    thresh = 0.2 + 0.4 * min(1.0, t / 8)
+    return dict(lr=1e-2, beta=0.9, thresh=thresh, min_scale=0.05)
+
+  run_and_compare(tx, 12, hyper)
+
+
+@pytest.mark.parametrize("other", ["thresh_init", "thresh_final", "warmup_steps"])
+def test_thresh_with_its_parts_is_an_error(other):
+  comps = make_components(make_params())
+  value = 10 if other == "warmup_steps" else 0.2
+  with pytest.raises(ValueError, match=f"thresh replaces .*{other}"):
+    rgft_jax.rgft(1e-3, comps, thresh=0.5, **{other: value})
+
+
+@pytest.mark.parametrize(
+  "lr, error",
+  [
+    (None, TypeError),
+    ("0.1", TypeError),
+    (True, TypeError),
+    (-1e-3, ValueError),
+    (np.nan, ValueError),
+    (np.inf, ValueError),
+    (np.ones(2), ValueError),
+  ],
+)
+def test_learning_rate_is_checked(lr, error):
+  comps = make_components(make_params())
+  with pytest.raises(error, match="learning_rate"):
+    rgft_jax.rgft(lr, comps)
+
+
+def test_learning_rate_schedule_and_arrays_are_accepted():
+  params = make_params()
+  comps = make_components(params)
+  for lr in (
+    0,
+    1e-3,
+    np.float32(1e-3),
+    jnp.asarray(1e-3),
+    optax.constant_schedule(1e-3),
+  ):
+    rgft_jax.rgft(lr, comps).init(params)
+
+
+_NUMERIC = {
+  "beta": 0.9,
+  "thresh_init": 0.1,
+  "thresh_final": 0.3,
+  "warmup_steps": 10,
+  "min_scale": 0.01,
+  "b1": 0.9,
+  "b2": 0.999,
+  "eps": 1e-8,
+  "weight_decay": 0.0,
+}
+
+
+@pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
+@pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), 1j, [0.5]])
+def test_non_numbers_are_a_type_error_naming_the_hyperparameter(name, bad):
+  comps = make_components(make_params())
+  error = ValueError if isinstance(bad, list) else TypeError  # A list: an array.
+  with pytest.raises(error, match=rf"\b{name}\b"):
+    rgft_jax.rgft(1e-3, comps, **{name: bad})
+
+
+@pytest.mark.parametrize(
+  "name", ["beta", "min_scale", "b1", "b2", "eps", "weight_decay"]
+)
+def test_none_is_a_type_error_naming_the_hyperparameter(name):
+  comps = make_components(make_params())
+  with pytest.raises(TypeError, match=rf"\b{name}\b"):
+    rgft_jax.rgft(1e-3, comps, **{name: None})
+
+
+@pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
+def test_nan_is_a_value_error_naming_the_hyperparameter(name):
+  comps = make_components(make_params())
+  with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    rgft_jax.rgft(1e-3, comps, **{name: np.nan})
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(warmup_steps=10.5),
+    dict(warmup_steps=np.inf),
+    dict(eps=np.inf),
+    dict(eps=1e300),  # Finite, but inf as a float32.
+    dict(weight_decay=1e39),
+    dict(learning_rate=1e300),
+    dict(b1=1 - 1e-9),  # Below 1, but 1.0 as a float32: Adam divides by 0.
+    dict(beta=1 - 1e-9),
+    dict(min_scale=1e-46),  # Above 0, but 0.0 as a float32.
+  ],
+)
+def test_integers_and_values_float32_can_hold(kwargs):
+  (name,) = kwargs
+  comps = make_components(make_params())
+  with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    rgft_jax.rgft(**{"learning_rate": 1e-3, "components": comps, **kwargs})
+
+
+@pytest.mark.parametrize(
+  "kwargs, error",
+  [
+    (dict(beta="0.9"), TypeError),
+    (dict(thresh=None), TypeError),
+    (dict(thresh=np.nan), ValueError),
+    (dict(min_scale=False), TypeError),
+    (dict(lagged=1), TypeError),
+  ],
+)
+def test_scale_by_residual_error_names_bad_hyperparameters(kwargs, error):
+  comps = make_components(make_params())
+  with pytest.raises(error, match=next(iter(kwargs))):
+    rgft_jax.scale_by_residual_error(comps, **kwargs)
+
+
+def test_traced_hyperparameters_are_not_checked_eagerly():
+  params = make_params()
+  comps = make_components(params)
+  grads = grads_at(0, params)
+  error_map = as_dict(error_maps(2)[1])
+
+  @jax.jit
+  def step(lr, beta, thresh, warmup):
+    tx = rgft_jax.rgft(lr, comps, beta=beta, thresh_init=thresh, warmup_steps=warmup)
+    updates, state = tx.update(grads, tx.init(params), params, error_map=error_map)
+    return updates, state
+
+  updates, _ = step(jnp.float32(1e-2), jnp.float32(0.8), jnp.float32(0.1), 5)
+  ref = ReferenceRGFT(params, OWNERS, n=4)
+  ref.step(
+    {k: np.asarray(g) for k, g in grads.items()},
+    error_maps(2)[1],
+    lr=1e-2,
+    beta=0.8,
+    thresh=0.1,
+    min_scale=0.01,
+  )
+  for k in SHAPES:
+    np.testing.assert_allclose(
+      params[k] + updates[k], ref.params[k], rtol=1e-4, atol=1e-5
+    )

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from _reference import ReferenceRGFT
 from test_transform import OWNERS
+from test_transform import RULES
 from test_transform import SHAPES
 from test_transform import as_dict
 from test_transform import error_maps
@@ -15,6 +17,7 @@ from test_transform import make_params
 from test_transform import run_and_compare
 
 import rgft_jax
+from rgft_jax._transform import residual_error_state as rgft_jax_state
 
 
 def _hyper(lr=1e-2, beta=0.9, min_scale=0.05, warmup=5):
@@ -180,3 +183,128 @@ def test_converges_on_quadratic():
     params, state = step(params, state)
   for k, v in losses(params).items():
     assert float(v) < 1e-4 * start[k], (k, float(v))
+
+
+_ROW = np.array([0.5, 1.5, 0.1, 0.0])  # One error map without NaN.
+
+
+def _body_and_head(params):
+  body = {k: v for k, v in params.items() if k != "emb"}
+  return body, {"emb": params["emb"]}
+
+
+def test_multi_transform_rgft_on_the_body_adam_on_the_head():
+  params = make_params()
+  comps = make_components(params)  # emb is in no component.
+  labels = {k: "head" if k == "emb" else "body" for k in params}
+  tx = optax.multi_transform(
+    {"body": rgft_jax.rgft(1e-2, comps, warmup_steps=5), "head": optax.adam(3e-3)},
+    labels,
+  )
+  # By hand: RGFT on the body alone (its own components), Adam on the head.
+  body, head = _body_and_head(params)
+  body_tx = rgft_jax.rgft(
+    1e-2, rgft_jax.Components.from_regex(body, RULES[:2]), warmup_steps=5
+  )
+  head_tx = optax.adam(3e-3)
+  state, body_state, head_state = (
+    tx.init(params),
+    body_tx.init(body),
+    head_tx.init(head),
+  )
+  step = jax.jit(lambda g, s, p, m: tx.update(g, s, p, error_map=m))
+  for t in range(3):
+    grads = grads_at(t, params)
+    error_map = as_dict(error_maps(3)[t])
+    updates, state = step(grads, state, params, error_map)
+    body_grads, head_grads = _body_and_head(grads)
+    body_updates, body_state = body_tx.update(
+      body_grads, body_state, body, error_map=error_map
+    )
+    head_updates, head_state = head_tx.update(head_grads, head_state, head)
+    for k, u in {**body_updates, **head_updates}.items():
+      np.testing.assert_allclose(updates[k], u, rtol=1e-6, atol=1e-9, err_msg=k)
+    params = optax.apply_updates(params, updates)
+    body, head = _body_and_head(params)
+  np.testing.assert_array_equal(
+    rgft_jax_state(state).alpha, rgft_jax_state(body_state).alpha
+  )
+
+
+def test_multi_transform_names_a_component_left_without_parameters():
+  params = make_params()
+  labels = {k: "head" if k == "w1" else "body" for k in params}  # All of block1.
+  tx = optax.multi_transform(
+    {"body": rgft_jax.rgft(1e-2, make_components(params)), "head": optax.adam(3e-3)},
+    labels,
+  )
+  with pytest.raises(ValueError, match=r"'block1' own no entry.*masked out"):
+    tx.init(params)
+
+
+def test_masked_scale_by_residual_error_leaves_masked_updates_alone():
+  params = make_params()
+  comps = make_components(params)
+  mask = {k: k not in ("emb", "b0") for k in params}
+  tx = optax.masked(rgft_jax.scale_by_residual_error(comps, thresh=0.5), mask)
+  row = _ROW
+  updates, _ = tx.update(params, tx.init(params), params, error_map=as_dict(row))
+  alpha = np.clip(row / (0.5 * row.max()), 0.01, 1.0)  # The formula, by hand.
+  ref = ReferenceRGFT(params, OWNERS, n=4)
+  for k in SHAPES:
+    scale = 1.0 if not mask[k] else ref.alpha_of_leaf(k, alpha)
+    np.testing.assert_allclose(updates[k], scale * params[k], rtol=1e-6, err_msg=k)
+
+
+# residual_error_state: RGFT's state wherever it sits.
+
+
+def _stepped(tx, params):
+  state = tx.init(params)
+  _, state = tx.update(grads_at(0, params), state, params, error_map=as_dict(_ROW))
+  return state
+
+
+def _expected_alpha():
+  # First map: the EMA is the map; threshold 0.1.
+  return np.clip(_ROW / (0.1 * _ROW.max()), 0.01, 1.0)
+
+
+def test_residual_error_state_inside_rgft_and_wrappers():
+  params = make_params()
+  comps = make_components(params)
+  inner = rgft_jax.rgft(1e-2, comps, warmup_steps=5)
+  labels = {k: "head" if k == "emb" else "body" for k in params}
+  cases = {
+    "rgft": (inner, lambda s: s[1]),  # (adam, rgft, lr)
+    "inject": (
+      optax.inject_hyperparams(rgft_jax.rgft)(1e-2, comps, warmup_steps=5),
+      lambda s: s.inner_state[2],  # weight_decay is an array: a decay step.
+    ),
+    "multi_transform": (
+      optax.multi_transform({"body": inner, "head": optax.sgd(1e-2)}, labels),
+      lambda s: s.inner_states["body"].inner_state[1],
+    ),
+    "multi_steps": (optax.MultiSteps(inner, 1), lambda s: s.inner_opt_state[1]),
+  }
+  for name, (tx, by_hand) in cases.items():
+    state = _stepped(tx, params)
+    found = rgft_jax_state(state)
+    assert isinstance(found, rgft_jax.ScaleByResidualErrorState), name
+    assert found is by_hand(state), name
+    assert int(found.count) == 1, name
+    np.testing.assert_allclose(found.alpha, _expected_alpha(), rtol=1e-6)
+    # The old field names still work where they are unique.
+    np.testing.assert_array_equal(optax.tree.get(state, "alpha"), found.alpha)
+
+
+def test_residual_error_state_errors():
+  params = make_params()
+  comps = make_components(params)
+  with pytest.raises(ValueError, match="found 0"):
+    rgft_jax_state(optax.adam(1e-3).init(params))
+  twice = optax.chain(
+    rgft_jax.scale_by_residual_error(comps), rgft_jax.scale_by_residual_error(comps)
+  )
+  with pytest.raises(ValueError, match=r"found 2 at \['\[0\]', '\[1\]'\]"):
+    rgft_jax_state(twice.init(params))
