@@ -96,6 +96,9 @@ class Policy:
   def spend(self, step: int, variant: frozenset[str]) -> None:
     del step, variant
 
+  def reset(self) -> None:
+    """Back to the start of a run."""
+
   def state_dict(self) -> dict[str, Any]:
     return {}
 
@@ -131,11 +134,15 @@ class BudgetPolicy(Policy):
 
   def variant(self, step, opt_state):
     if self.budget.due(step):  # The only host read of the error map.
-      self.budget.decide(step, jax.device_get(optax.tree.get(opt_state, "error_map")))
+      ema = rgft_jax.residual_error_state(opt_state).error_map
+      self.budget.decide(step, jax.device_get(ema))
     return self.budget.detached
 
   def spend(self, step, variant):
     self.budget.spend(step, variant)
+
+  def reset(self):
+    self.budget.reset()
 
   def state_dict(self):
     return self.budget.state_dict()

@@ -204,7 +204,7 @@ def run(
     options=options,
     item_names=("state", "log"),
   )
-  signature = _signature(method, (params, opt_state), steps, config)
+  signature = _signature(method, (params, opt_state), config)
   if mngr.latest_step() is not None:
     last = mngr.latest_step()
     log = mngr.restore(last, args=ocp.args.Composite(log=ocp.args.JsonRestore())).log
@@ -216,7 +216,14 @@ def run(
     params, opt_state = restored.state
     history, counts, names = log["history"], log["counts"], log["variants"]
     start, wall, compilations = log["step"], log["wall"], log["compilations"]
+    if start > steps:
+      raise ValueError(
+        f"The checkpoint in {mngr.directory} is at step {start}, past this run's "
+        f"{steps} steps; it is left as it is."
+      )
     method.policy.load_state_dict(log["policy"])
+  else:
+    method.policy.reset()
 
   if variants is None:
     variants = variants_of(model, method)
@@ -337,13 +344,12 @@ def run(
 
 
 def _signature(
-  method: methods_lib.Method, state: Any, steps: int, config: dict[str, Any] | None
+  method: methods_lib.Method, state: Any, config: dict[str, Any] | None
 ) -> dict[str, Any]:
   """What a checkpoint must match to be resumed: method, settings, state layout."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {
     "method": method.name,
-    "steps": steps,
     "config": config or {},
     "components": list(method.components.names) if method.components else [],
     "state": [
@@ -360,7 +366,7 @@ def _check_signature(saved: dict | None, current: dict, where) -> None:
   if saved is None:
     raise ValueError(f"The checkpoint in {where} has no signature; not resuming it.")
   problems = []
-  for key in ("method", "steps", "components"):
+  for key in ("method", "components"):
     if saved.get(key) != current[key]:
       problems.append(f"{key}: checkpoint {saved.get(key)}, this run {current[key]}")
   if saved.get("config") != current["config"]:

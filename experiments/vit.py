@@ -8,6 +8,9 @@ Parameter paths match the published `.npz` checkpoints (`embedding`, `cls`,
 from __future__ import annotations
 
 import dataclasses
+import math
+import zipfile
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -118,6 +121,14 @@ class VisionTransformer(nn.Module):
     )
 
 
+_POSEMB = "Transformer/posembed_input/pos_embedding"
+# Bytes a .npy file may hold besides its array: magic, length and a header of
+# at most the 10_000 bytes numpy reads without allow_pickle.
+_NPY_OVERHEAD = 16 + 10_000
+# What a corrupt zip member or .npy header raises.
+_UNREADABLE = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def load_npz(path: str, init_params: dict[str, Any]) -> dict[str, Any]:
   """Loads a google-research/vision_transformer `.npz` checkpoint for fine-tuning.
 
@@ -127,39 +138,115 @@ def load_npz(path: str, init_params: dict[str, Any]) -> dict[str, Any]:
   fine-tuning code does. Every other array must match `init_params` in path and
   shape.
 
+  Only the arrays the model takes are read, and each only once its `.npy`
+  header matches the model's shape and its uncompressed size in the zip
+  directory is that of its shape and dtype (plus a header): nothing else is
+  decompressed, so a zip bomb costs nothing. A checkpoint's position embedding
+  may hold up to `max(4 * model tokens, 1 + 128 * 128)` tokens.
+
   Args:
     path: the `.npz` file; keys are `/`-joined parameter paths.
     init_params: freshly initialised parameters of the model to fine-tune.
 
   Returns:
     `init_params` with every array but the head replaced by the checkpoint's.
+
+  Raises:
+    ValueError: if `path` is not a `.npz` (zip) file; if it does not fit the
+      model (naming what is missing, unknown or mis-shaped); or if an array
+      the model takes is pickled (object), not numeric, or declares another
+      size than its header's shape and dtype need.
   """
-  with open(path, "rb") as f:
-    loaded = dict(np.load(f))
   init = traverse_util.flatten_dict(init_params, sep="/")
-  dropped = [k for k in loaded if k.split("/")[0] in ("head", "pre_logits")]
-  for k in dropped:
-    del loaded[k]
-  pos = "Transformer/posembed_input/pos_embedding"
-  if pos in loaded and pos in init and loaded[pos].shape != init[pos].shape:
-    loaded[pos] = _resize_posemb(loaded[pos], init[pos].shape[1])
-  missing = sorted(k for k in init if k not in loaded and k.split("/")[0] != "head")
-  unknown = sorted(k for k in loaded if k not in init)
-  wrong = sorted(
-    f"{k}: checkpoint {loaded[k].shape}, model {tuple(init[k].shape)}"
-    for k in loaded
-    if k in init and loaded[k].shape != tuple(init[k].shape)
-  )
-  if missing or unknown or wrong:
-    raise ValueError(
-      f"{path} does not fit the model. Missing from the checkpoint: {missing}; "
-      f"not in the model: {unknown}; shape mismatches: {wrong}."
+  try:
+    archive = zipfile.ZipFile(path)
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path} is not a .npz (zip) file: {e}.") from e
+  with archive:
+    members, not_arrays = {}, []
+    for info in archive.infolist():
+      if info.filename.endswith(".npy"):
+        members[info.filename.removesuffix(".npy")] = info
+      elif not info.is_dir():
+        not_arrays.append(info.filename)
+    if not_arrays:
+      raise ValueError(f"{path} has members that are not .npy arrays: {not_arrays}.")
+    kept = [k for k in members if k.split("/")[0] not in ("head", "pre_logits")]
+    headers = {k: _npy_header(path, archive, members[k]) for k in kept if k in init}
+    missing = sorted(k for k in init if k not in kept and k.split("/")[0] != "head")
+    unknown = sorted(k for k in kept if k not in init)
+    wrong = sorted(
+      f"{k}: checkpoint {shape}, model {tuple(init[k].shape)}"
+      + (f" (at most {_max_tokens(init[k].shape)} tokens)" if k == _POSEMB else "")
+      for k, (shape, _) in headers.items()
+      if not _fits(k, shape, tuple(init[k].shape))
     )
+    if missing or unknown or wrong:
+      raise ValueError(
+        f"{path} does not fit the model. Missing from the checkpoint: {missing}; "
+        f"not in the model: {unknown}; shape mismatches: {wrong}."
+      )
+    loaded = {}
+    for k in headers:
+      try:
+        with archive.open(members[k]) as f:
+          loaded[k] = np.lib.format.read_array(f, allow_pickle=False)
+      except _UNREADABLE as e:
+        raise ValueError(f"{path}: {members[k].filename} is corrupt: {e}") from e
+  if _POSEMB in loaded and loaded[_POSEMB].shape != init[_POSEMB].shape:
+    loaded[_POSEMB] = _resize_posemb(loaded[_POSEMB], init[_POSEMB].shape[1])
   out = {
     k: jnp.asarray(loaded[k], init[k].dtype) if k in loaded else v
     for k, v in init.items()
   }
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _npy_header(path, archive, info) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype of a `.npy` zip member, read from its header alone."""
+  try:
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise ValueError(f".npy format version {version} is not supported")
+  except _UNREADABLE as e:
+    raise ValueError(
+      f"{path}: {info.filename} is not a readable .npy array: {e}"
+    ) from e
+  if dtype.hasobject:
+    raise ValueError(
+      f"{path}: {info.filename} is a pickled (object) array; load_npz does not "
+      "unpickle checkpoints."
+    )
+  if dtype.kind not in "biuf":
+    raise ValueError(f"{path}: {info.filename} has dtype {dtype}, not a number.")
+  size = math.prod(shape) * dtype.itemsize
+  if not size <= info.file_size <= size + _NPY_OVERHEAD:
+    raise ValueError(
+      f"{path}: {info.filename} declares {info.file_size} bytes uncompressed, "
+      f"but its header says {shape} {dtype}: {size} bytes of data and at most "
+      f"{_NPY_OVERHEAD} of header."
+    )
+  return shape, dtype
+
+
+def _max_tokens(model_shape) -> int:
+  return max(4 * model_shape[1], 1 + 128 * 128)
+
+
+def _fits(key, shape, model_shape) -> bool:
+  """Whether a checkpoint array of `shape` can be loaded for `key`."""
+  if key != _POSEMB or shape == model_shape:
+    return shape == model_shape
+  return (
+    len(shape) == 3
+    and (shape[0], shape[2]) == (model_shape[0], model_shape[2])
+    and shape[1] <= _max_tokens(model_shape)
+  )
 
 
 def _resize_posemb(posemb: np.ndarray, tokens: int) -> np.ndarray:

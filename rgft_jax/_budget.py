@@ -179,7 +179,8 @@ class Budget:
   a full step (`unit`, by default `costs.full`). Step 0 detaches every
   component: it measures the whole error map at the lowest cost. At step 1 and every `every` steps
   after, the allocator reads RGFT's EMA error map and chooses the components
-  that stay trained until the next decision:
+  that stay trained until the next decision (while no component has a
+  positive EMA, every component counts as equally wrong):
 
   * `"top"`: the set with the most total EMA error whose savings forgone fit
     (exact, `best_within`), i.e. error per FLOP first;
@@ -349,6 +350,8 @@ class Budget:
       raise ValueError(f"ema must have shape ({len(names)},), got {ema.shape}.")
     capacity = self.target(step) - self.costs.floor
     saving = self.costs.saving
+    if not (ema > 0).any():  # No error signal yet (a zero-initialised head, say).
+      ema = np.ones_like(ema)
     if self.rule == "top":
       weight = np.where(
         [n in self._detached for n in names], 1.0, 1.0 + self.hysteresis

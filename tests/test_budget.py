@@ -166,3 +166,10 @@ def test_costs_add_up_and_accounting_equals_variant_flops_times_steps():
   lowered = rgft_jax.detach_costs(step, comps.names, params, state, x, y)
   np.testing.assert_allclose(lowered.saving, costs.saving, rtol=0.05)
   assert jax.tree.leaves(params)  # Inputs were not donated.
+
+
+def test_no_error_signal_spends_the_budget_evenly():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=5)
+  budget.spend(0, budget.detached)
+  budget.decide(1, np.zeros(3))  # A zero-initialised head measures nothing.
+  assert len(budget.trained) == 1  # As many as fit, not none.

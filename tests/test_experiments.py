@@ -14,8 +14,19 @@ from experiments import methods as methods_lib
 from experiments import train as train_lib
 from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
+from rgft_jax._sparse import compiled_cost
 
 CLASSES = 10  # CIFAR-10.
+# Every base method, every budgeted kind, and a budget below the floor.
+MOCK_METHODS = (
+  *methods_lib.BASE_METHODS,
+  "rgft_budget@0.7",
+  "rgft_budget_sample@0.5",
+  "uniform_budget@0.5",
+  "full@0.5",
+  "lisa@0.5",
+  "rgft_budget@0.3",
+)
 
 
 def _tiny(classes=CLASSES, image=32, patch=8):
@@ -37,6 +48,8 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
     "--batch_size=4",
     "--steps=2",
     "--lisa_period=1",
+    "--methods=" + ",".join(MOCK_METHODS),
+    "--budget_every=1",
     "--eval_batch_size=5",
     f"--workdir={tmp_path}",
     "--log_every=1",
@@ -46,12 +59,15 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
   ]
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     results = finetune.main(flags)
-  runs = results["tasks"]["cifar10"]["runs"]
-  assert [r["method"] for r in runs] == list(methods_lib.METHODS)
+  info = results["tasks"]["cifar10"]
+  runs = info["runs"]
+  ran = [r["method"] for r in runs]
+  assert sorted(ran + list(info["infeasible"])) == sorted(MOCK_METHODS)
+  assert list(info["infeasible"]) == ["rgft_budget@0.3"]
   for r in runs:
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["train_flops"] > 0 and r["peak_bytes"] > 0
-    assert sum(r["steps_per_variant"].values()) == 2
+    assert sum(r["steps_per_variant"].values()) == r["steps"]
     run_dir = tmp_path / "runs" / "cifar10" / r["method"] / "seed0"
     assert (run_dir / "result.json").exists()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tb"))
@@ -59,12 +75,17 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
   for r in rgft:
     assert len(r["history"]["alpha"]) == 2
     assert len(r["history"]["alpha"][0]) == len(r["components"])
-  assert (tmp_path / "results.md").read_text().count("\n| ") == 1 + len(runs)
+  rows = 1 + len(runs) + len(info["infeasible"])
+  assert (tmp_path / "results.md").read_text().count("\n| ") == rows
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["tasks"]["cifar10"]["summary"]["full"]["flops_vs_full"] == 1.0
   plots = os.listdir(tmp_path / "plots")
   assert "cifar10_accuracy_vs_flops.png" in plots
   assert "cifar10_rgft_heads_error_map.png" in plots
+  # Rerunning into the same workdir with another setting is refused.
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=r"other settings.*learning_rate"):
+      finetune.main([*flags, "--learning_rate=0.01", "--methods=full"])
 
 
 def test_trainable_parameter_counts_by_hand():
@@ -76,7 +97,7 @@ def test_trainable_parameter_counts_by_hand():
   per_block = 2 * 2 * w + 4 * (w * w + w) + w * m + m + m * w + w
   total = 8 * 8 * 3 * w + w + w + (1 + 16) * w + d * per_block + 2 * w + head
   counts = {}
-  for name in methods_lib.METHODS:
+  for name in methods_lib.BASE_METHODS:
     method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
     counts[name] = methods_lib.count(method.params, method.trainable)
     assert methods_lib.count(method.to_model(method.params)) == total
@@ -104,7 +125,7 @@ def _matmul_flops(batch, image, patch):
 def test_flop_accounting_against_hand_counts():
   model, params, x = _tiny()
   batch = {"image": jnp.zeros((8, 32, 32, 3)), "label": jnp.zeros(8, jnp.int32)}
-  forward, _ = train_lib.cost(
+  forward, _ = compiled_cost(
     jax.jit(lambda p, b: model.apply({"params": p}, b))
     .lower(params, batch["image"])
     .compile()
@@ -118,10 +139,9 @@ def test_flop_accounting_against_hand_counts():
   for name in ("full", "head_only", "lisa"):
     method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
     opt_state = method.tx.init(method.params)
-    frozen = method.frozen_paths(0, seed=0)
-    step[name] = train_lib.compile_step(
-      model, method, frozen, jax.tree.map(jnp.copy, method.params), opt_state, batch
-    ).flops
+    variant = method.policy.variant(0, opt_state)
+    variants = train_lib.variants_of(model, method)
+    step[name] = variants.cost(variant, method.params, opt_state, batch)[0]
   # Backward: twice the forward matmuls, less the input gradient of the patch
   # embedding (nothing below it): full = 3 F - embed dX, up to elementwise work.
   embed = 8 * 2 * 16 * 8 * 8 * 3 * SIZES["mu"].width
@@ -144,11 +164,12 @@ def test_run_resumes_bit_identically(tmp_path):
     for _ in range(6)
   ]
   test = [{**data[0], "mask": jnp.ones(4)}]
-  hyper = methods_lib.Hyper(
-    steps=6, lisa_period=2, freeze_level=1.0, freeze_patience=1, refresh_every=3
-  )
-  for name in ("rgft_heads", "lisa", "rgft_sparse"):
-    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+  hyper = methods_lib.Hyper(steps=6, lisa_period=2, budget_every=2)
+  costs = train_lib.measure_costs(model, params, x, hyper, data[0])
+  for name in ("rgft_heads", "lisa", "rgft_budget_sample@0.7"):
+    method = methods_lib.make(
+      name, model, params, x, hyper, jax.random.key(0), seed=1, costs=costs
+    )
 
     def go(steps, where, method=method):
       return train_lib.run(
@@ -174,6 +195,7 @@ def test_run_resumes_bit_identically(tmp_path):
     assert resumed["history"]["loss"] == straight["history"]["loss"]
     assert resumed["steps_per_variant"] == straight["steps_per_variant"]
     assert resumed["train_flops"] == straight["train_flops"]
+    assert resumed.get("budget") == straight.get("budget")
     if name != "rgft_heads":  # Something was frozen, and it resumed that way.
       assert len(straight["steps_per_variant"]) > 1
 
