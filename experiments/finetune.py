@@ -65,6 +65,8 @@ class Config:
   budget_every: int = 20  # Budgeted RGFT: steps between decisions.
   budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
   budget_hysteresis: float = 0.1  # Bonus of the branches trained now ("top").
+  budget_refresh: bool = False  # A step with nothing detached before each decision.
+  budget_exact: bool = False  # Only exact measurements enter the error map.
   augment: bool = False
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
   data_dir: str = ""
@@ -86,6 +88,8 @@ class Config:
       budget_every=self.budget_every,
       budget_ramp=self.budget_ramp,
       budget_hysteresis=self.budget_hysteresis,
+      budget_refresh=self.budget_refresh,
+      budget_exact=self.budget_exact,
     )
 
   def method_names(self) -> list[str]:
@@ -108,6 +112,7 @@ class Config:
     keep = (
       "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
       "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
+      "budget_refresh budget_exact "
       "augment init val_fraction"
     ).split()
     return {k: getattr(self, k) for k in keep}

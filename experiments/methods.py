@@ -84,6 +84,8 @@ class Hyper:
   budget_every: int = 20  # Budgeted RGFT: steps between decisions.
   budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
   budget_hysteresis: float = 0.1  # Bonus of the components trained now ("top").
+  budget_refresh: bool = False  # A step with nothing detached before each decision.
+  budget_exact: bool = False  # Only exact measurements enter the error map.
 
 
 class Policy:
@@ -136,7 +138,7 @@ class BudgetPolicy(Policy):
     if self.budget.due(step):  # The only host read of the error map.
       ema = rgft_jax.residual_error_state(opt_state).error_map
       self.budget.decide(step, jax.device_get(ema))
-    return self.budget.detached
+    return self.budget.variant(step)
 
   def spend(self, step, variant):
     self.budget.spend(step, variant)
@@ -169,6 +171,7 @@ class Method:
   components: rgft_jax.Components | None = None
   policy: Policy = dataclasses.field(default_factory=Policy)
   detaches: bool = False  # Variants name detached components.
+  exact: bool = False  # Detached steps measure only what they measure exactly.
   steps: int | None = None
 
 
@@ -330,10 +333,20 @@ def make(
         hysteresis=hyper.budget_hysteresis,
         seed=seed,
         unit=costs.full,
+        refresh=hyper.budget_refresh,
       )
     )
     return Method(
-      name, params, identity, paths, tx, tracker, comps, policy, detaches=True
+      name,
+      params,
+      identity,
+      paths,
+      tx,
+      tracker,
+      comps,
+      policy,
+      detaches=True,
+      exact=hyper.budget_exact,
     )
   if base == "head_only":
     return Method(name, params, identity, head, _frozen_tx(adam, params, head))

@@ -43,7 +43,12 @@ def make_step(model: nn.Module, method: methods_lib.Method, variant: frozenset[s
   loss_fn = functools.partial(loss_and_accuracy, model)
   if method.detaches:
     sparse = rgft_jax.train_step(
-      method.tracker, method.tx, loss_fn, method.components, has_aux=True
+      method.tracker,
+      method.tx,
+      loss_fn,
+      method.components,
+      has_aux=True,
+      exact=method.exact,
     )
 
     def step(params, opt_state, batch):

@@ -212,6 +212,11 @@ class Budget:
     unit: the FLOPs `budget` is a fraction of; default `costs.full` (the
       tracked step with nothing detached). Pass the FLOPs of a plain step
       without tracking to count the tracking against the budget.
+    refresh: run step 0 and the step before each decision with nothing
+      detached (paid from the budget), so every component is measured
+      exactly before each decision. (A component below a detached one is
+      measured without the gradient paths through the detached branch;
+      `train_step(..., exact=True)` keeps such measurements out of the EMA.)
 
   Examples:
     >>> import numpy as np
@@ -240,6 +245,7 @@ class Budget:
     hysteresis: float = 0.0,
     seed: int = 0,
     unit: float | None = None,
+    refresh: bool = False,
   ):
     if not isinstance(costs, DetachCosts):
       raise TypeError(f"costs must be DetachCosts, got {type(costs).__name__}.")
@@ -267,12 +273,17 @@ class Budget:
     self.seed = int(seed)
     self.unit = float(costs.full if unit is None else unit)
     in_range("unit", self.unit, 0.0, None, low_open=True)
-    floor = costs.floor / self.unit
+    self.refresh = bool(refresh)
+    refreshes = self._refreshes(0)
+    least = (total_steps - refreshes) * costs.floor + refreshes * costs.full
+    floor = least / (total_steps * self.unit)
     if self.budget < floor:
       raise ValueError(
         f"budget {self.budget} is below {floor:.3f}, the cost of a step with every "
         "component detached (forward pass, measurement, and the gradients of the "
-        "parameters in no component); train fewer steps instead."
+        "parameters in no component)"
+        + (" and of the refresh steps" if self.refresh else "")
+        + "; train fewer steps instead."
       )
     ramp = self._ramp_spend()
     if ramp + (self.total_steps - self.ramp_steps) * costs.floor > self._allowance:
@@ -323,11 +334,30 @@ class Budget:
     """Whether `step` is a decision step (1, 1 + every, 1 + 2 every, ...)."""
     return step >= 1 and (step - 1) % self.every == 0
 
+  def is_refresh(self, step: int) -> bool:
+    """Whether `step` runs with nothing detached (`refresh`: step 0 and the
+    step before each decision)."""
+    if not self.refresh:
+      return False
+    return step == 0 or (step + 1 < self.total_steps and self.due(step + 1))
+
+  def _refreshes(self, start: int) -> int:
+    return sum(self.is_refresh(t) for t in range(start, self.total_steps))
+
+  def variant(self, step: int) -> frozenset[str]:
+    """The components to detach at `step` (nothing on a refresh step)."""
+    return frozenset() if self.is_refresh(step) else self._detached
+
   def target(self, step: int) -> float:
-    """FLOPs a step may cost in the period starting at `step`."""
+    """FLOPs a step may cost in the period starting at `step` (refresh steps
+    aside, whose full cost is set apart first)."""
+    refreshes = self._refreshes(step)
     period = min(self.every, self.total_steps - step)
-    left = self._allowance - self.spent
-    rest = self.total_steps - step
+    period -= sum(self.is_refresh(t) for t in range(step, step + period))
+    left = self._allowance - self.spent - refreshes * self.costs.full
+    rest = self.total_steps - step - refreshes
+    if rest <= 0 or period <= 0:
+      return self.costs.full
     share = left / rest
     if step < self.ramp_steps:
       # Never so much that the steps after this period could not stay within.

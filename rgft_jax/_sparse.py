@@ -96,6 +96,7 @@ def train_step(
   loss_fn: Callable[..., Any],
   components: Components,
   has_aux: bool = False,
+  exact: bool = False,
 ) -> Callable[..., Any]:
   """An RGFT train step that takes the set of detached components.
 
@@ -110,6 +111,12 @@ def train_step(
   parameters get no update and their optimizer state (Adam's moments) is
   held, so a component trained again later resumes where it left off.
   `detached` must be static under `jit` (`StepVariants` does that).
+
+  A component below a detached one (earlier in `components.names`, the
+  order `ErrorTracker.components` gives: input side first) is measured
+  without the gradient paths through the detached branch. With `exact`,
+  such components are not measured (NaN: their EMA is kept), so the error
+  map only ever folds in exact measurements.
 
   Examples:
     >>> import flax.linen as nn
@@ -135,11 +142,19 @@ def train_step(
     True
   """
 
+  names = components.names
+
+  def measured(detached):
+    if not exact or not detached:
+      return None
+    top = max(names.index(n) for n in detached)
+    return names[top:]
+
   def step(params, opt_state, *args, detached: frozenset[str] = frozenset()):
     if isinstance(params, nnx.Module):
       return _nnx_step(params, opt_state, *args, detached=detached)
     out, grads, error_map = tracker.value_and_grad(
-      loss_fn, has_aux=has_aux, detach=detached
+      loss_fn, has_aux=has_aux, detach=detached, measure=measured(detached)
     )(params, *args)
     updates, new_state = tx.update(grads, opt_state, params, error_map=error_map)
     if detached:
@@ -149,7 +164,7 @@ def train_step(
 
   def _nnx_step(model, optimizer, *args, detached):
     out, grads, error_map = tracker.value_and_grad(
-      loss_fn, has_aux=has_aux, detach=detached
+      loss_fn, has_aux=has_aux, detach=detached, measure=measured(detached)
     )(model, *args)
     if not detached:
       optimizer.update(model, grads, error_map=error_map)
@@ -302,7 +317,7 @@ class SparseTrainStep:
     if self.budget.due(t):
       ema = jax.device_get(residual_error_state(opt_state).error_map)
       self.budget.decide(t, ema)
-    detached = self.budget.detached
+    detached = self.budget.variant(t)
     out = self.variants(detached, params, opt_state, *args)
     self.budget.spend(t, detached)
     return out

@@ -173,3 +173,37 @@ def test_no_error_signal_spends_the_budget_evenly():
   budget.spend(0, budget.detached)
   budget.decide(1, np.zeros(3))  # A zero-initialised head measures nothing.
   assert len(budget.trained) == 1  # As many as fit, not none.
+
+
+def test_refresh_steps_are_full_and_paid_from_the_budget():
+  costs = _costs()
+  budget = rgft_jax.Budget(costs, 0.7, total_steps=12, every=5, refresh=True)
+  ran = []
+  for t in range(12):
+    if budget.due(t):
+      budget.decide(t, np.array([0.1, 0.9, 0.5]))
+    ran.append(budget.variant(t))
+    budget.spend(t, budget.variant(t))
+  # Step 0 and the steps before the decisions at 1, 6 and 11 run undetached.
+  assert [t for t, v in enumerate(ran) if not v] == [0, 5, 10]
+  spent = sum(costs.step(v) for v in ran)
+  assert spent == budget.spent <= 0.7 * 12 * costs.full
+  with pytest.raises(ValueError, match="refresh steps"):
+    rgft_jax.Budget(costs, 0.3, total_steps=12, every=2, refresh=True)
+
+
+def test_exact_steps_fold_in_only_exact_measurements():
+  model, params, x, y, tracker, comps, tx = _setup()
+  step = jax.jit(
+    rgft_jax.train_step(tracker, tx, _loss(model), comps, exact=True),
+    static_argnames="detached",
+  )
+  state = tx.init(params)
+  _, params, state = step(params, state, x, y)  # Everything measured.
+  before = np.asarray(rgft_jax.residual_error_state(state).error_map)
+  _, _, new = step(params, state, x, y, detached=frozenset({"block1"}))
+  after = np.asarray(rgft_jax.residual_error_state(new).error_map)
+  # block0 lies below the detached block1: not measured, its EMA is kept;
+  # block1 and block2 are measured exactly and move.
+  assert after[0] == before[0]
+  assert after[1] != before[1] and after[2] != before[2]
