@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import train as train_lib
+from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
 
@@ -106,6 +107,54 @@ class Config:
     for name in names:
       methods_lib.parse_name(name)  # Raises on an unknown name.
     return names
+
+  def validate(self) -> None:
+    """Raises ValueError naming the flag and its allowed range, before any compute."""
+    at_least = {
+      "seeds": 1,
+      "patch": 1,
+      "image_size": 0,
+      "batch_size": 1,
+      "steps": 1,
+      "pretrain_steps": 1,
+      "lora_rank": 1,
+      "lisa_layers": 1,
+      "lisa_period": 1,
+      "budget_every": 1,
+      "budget_ramp": 0,
+      "eval_every": 0,
+      "log_every": 1,
+      "ckpt_every": 1,
+      "eval_batch_size": 1,
+    }
+    for name, low in at_least.items():
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(
+        f"--learning_rate must be finite and > 0, got {self.learning_rate}."
+      )
+    if not (np.isfinite(self.budget_hysteresis) and self.budget_hysteresis >= 0):
+      raise ValueError(
+        f"--budget_hysteresis must be finite and >= 0, got {self.budget_hysteresis}."
+      )
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
+    if self.budget_ramp > self.steps:
+      raise ValueError(
+        f"--budget_ramp must be in [0, --steps={self.steps}], got {self.budget_ramp}."
+      )
+    if self.size not in SIZES:
+      raise ValueError(f"--size must be one of {sorted(SIZES)}, got {self.size!r}.")
+    if self.image_size and self.image_size % self.patch:
+      raise ValueError(
+        f"--image_size ({self.image_size}) must be a multiple of --patch "
+        f"({self.patch})."
+      )
+    if not self.workdir.strip():
+      raise ValueError("--workdir must name a directory, got an empty string.")
+    self.method_names()
 
   def run_settings(self) -> dict:
     """The settings that change a fine-tuning run's result (its signature)."""
@@ -528,6 +577,13 @@ def parse(argv: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse(sys.argv[1:] if argv is None else argv)
+  cfg.workdir = os.path.expanduser(cfg.workdir)
+  cfg.validate()
+  with train_lib.lock(cfg.workdir):
+    return _main(cfg)
+
+
+def _main(cfg: Config) -> dict[str, Any]:
   results = study(cfg)
   train_lib.save_json(os.path.join(cfg.workdir, "results.json"), results)
   table = markdown(results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -414,6 +415,48 @@ def save_json(path: str, obj: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds `workdir/.lock` while a study runs there; a second one is refused.
+
+  Raises ValueError when another process holds it (its pid is in the file) or
+  the directory cannot be written.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    with open(path) as f:
+      pid = f.read().strip()
+    alive = pid.isdigit() and _alive(int(pid))
+    if alive:
+      raise ValueError(
+        f"Another study (pid {pid}) is running in {workdir}; wait for it or use "
+        "another --workdir."
+      ) from None
+    os.remove(path)  # Left by a process that is gone.
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except OSError as e:
+    raise ValueError(f"Cannot write to --workdir {workdir}: {e}.") from None
+  try:
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    yield
+  finally:
+    os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def load_json(path: str) -> Any:

@@ -240,3 +240,45 @@ def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
   with pytest.raises(ValueError, match=r"different setup.*components: checkpoint"):
     go("rgft_heads")
   assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--steps=0", "--steps must be an integer >= 1"),
+    ("--pretrain_steps=0", "--pretrain_steps must be"),
+    ("--log_every=0", "--log_every must be"),
+    ("--ckpt_every=0", "--ckpt_every must be"),
+    ("--lisa_period=0", "--lisa_period must be"),
+    ("--lora_rank=0", "--lora_rank must be"),
+    ("--seeds=0", "--seeds must be"),
+    ("--size=foo", "--size must be one of"),
+    ("--learning_rate=nan", "--learning_rate must be finite"),
+    ("--learning_rate=-1", "--learning_rate must be finite and > 0"),
+    ("--methods=", "--methods names no method"),
+    ("--methods=full,full", "--methods repeats"),
+    ("--methods=full,nope", "Unknown method"),
+    ("--methods=rgft_budget@2", "must be in"),
+    ("--workdir=", "--workdir must name a directory"),
+    ("--val_fraction=1", "--val_fraction must be in"),
+    ("--budget_ramp=500", "--budget_ramp must be in"),
+  ],
+)
+def test_flags_are_checked_before_any_compute(tmp_path, flag, message):
+  args = [f"--workdir={tmp_path / 'w'}", flag]
+  with pytest.raises(ValueError, match=message):
+    finetune.main(args)
+  if "--workdir=" not in flag:
+    assert not (tmp_path / "w").exists()  # Nothing was computed or written.
+
+
+def test_a_second_study_in_one_workdir_is_refused(tmp_path):
+  with train_lib.lock(str(tmp_path)):
+    with pytest.raises(ValueError, match="Another study"):
+      with train_lib.lock(str(tmp_path)):
+        pass
+  with train_lib.lock(str(tmp_path)):  # Released: free again.
+    pass
+  (tmp_path / ".lock").write_text("999999999")  # Left by a process that is gone.
+  with train_lib.lock(str(tmp_path)):
+    pass
