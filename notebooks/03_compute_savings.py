@@ -8,19 +8,24 @@
 # ---
 
 # %% [markdown]
-# # Compute savings: soft and sparse RGFT against full fine-tuning
+# # Compute savings: soft RGFT, detached branches, a FLOP budget
 #
 # Soft RGFT scales each component's update by its multiplier; every gradient
-# is still computed, so it costs what full fine-tuning costs. Sparse RGFT
-# (`rgft_jax.Freezer`) takes components whose multiplier has stayed low out of
-# differentiation, in separately compiled step variants, and brings them back
-# at refresh steps. This notebook measures both on the label-shift task with
-# the study's harness (XLA-counted FLOPs), then shows what freezing can save at
-# most, per frozen variant, from compiling alone.
+# is still computed. Sparse RGFT detaches the *output* of the components it
+# does not train this step (`rgft_jax.train_step(..., detached=...)`): the
+# output goes behind `stop_gradient`, so XLA drops that branch's whole
+# backward pass while the gradient still reaches the layers below through the
+# residual stream. A `rgft_jax.Budget` decides which components stay trained,
+# from the error map, within a fraction of a full fine-tuning step's FLOPs.
+#
+# Every FLOP count here is XLA's cost analysis of a compiled step (nothing is
+# timed). The model is the study's small ViT on the embedded label-shift task
+# (MNIST digits 0-4 to 5-9), pretrained on the source task.
 #
 # `QUICK=1` runs it on tiny settings (what CI does).
 
 # %%
+import functools
 import os
 import pathlib
 import sys
@@ -36,94 +41,201 @@ if not (ROOT / "experiments").exists():  # Started from notebooks/.
 sys.path.insert(0, str(ROOT))
 
 import rgft_jax  # noqa: E402
+from experiments import data  # noqa: E402
 from experiments import finetune  # noqa: E402
-from experiments.methods import STEM  # noqa: E402
-from experiments.vit import VisionTransformer  # noqa: E402
+from experiments import train  # noqa: E402
+from rgft_jax._sparse import compiled_cost  # noqa: E402
 
 QUICK = os.environ.get("QUICK") == "1"
-WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "savings"))
+WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "finetune"))
+cfg = finetune.Config(
+  workdir=WORKDIR, pretrain_steps=20 if QUICK else 400, progress=False
+)
+STEPS = 20 if QUICK else 200  # Fine-tuning steps of each run.
+EVERY = 5 if QUICK else 20  # Steps between the budget's decisions.
+BUDGET = 0.5  # Fraction of a full fine-tuning step's FLOPs, on average.
 
 # %% [markdown]
-# ## Side by side on label shift
+# ## The pretrained model and the target task
 
 # %%
-cfg = finetune.Config(
-  tasks="label_shift",
-  methods="full,rgft_sparse"
-  if QUICK
-  else "full,rgft_blocks,rgft_sparse,rgft_sparse_prefix",
-  seeds=1 if QUICK else 3,
-  steps=20 if QUICK else 200,
-  pretrain_steps=20 if QUICK else 400,
-  freeze_patience=2 if QUICK else 20,
-  refresh_every=10 if QUICK else 50,
-  workdir=WORKDIR,
-  progress=False,
+source, target = data.embedded_tasks()["label_shift"]
+batches = finetune._batches(cfg, target.train, seed=1)
+example = batches[0]["image"][:2]
+pretrained, source_accuracy = finetune.pretrain(cfg, "label_shift", source, example)
+model, fresh = finetune._init(cfg, target.num_classes, example)
+params = {**pretrained, "head": fresh["head"]}  # A new, zero head for the new labels.
+batch = batches[0]
+print(f"ViT-{cfg.size}/{cfg.patch}, batch {cfg.batch_size}, images {example.shape[1:]}")
+print(f"source-task test accuracy after pretraining: {source_accuracy:.3f}")
+
+loss_fn = functools.partial(train.loss_and_accuracy, model)  # (loss, accuracy).
+
+
+@jax.jit
+def correct(params, batch):
+  logits = model.apply({"params": params}, batch["image"])
+  return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+
+
+def test_accuracy(params):
+  hits = total = 0.0
+  for b in data.eval_batches(target.test, cfg.eval_batch_size):
+    hits += float(correct(params, b))
+    total += float(b["mask"].sum())
+  return hits / total
+
+
+# %% [markdown]
+# ## 1. Soft RGFT saves nothing
+#
+# The plain full fine-tuning step (Adam, no tracker) against the RGFT step with
+# nothing detached (soft RGFT): the tracker reads the error map off the
+# backward pass that full fine-tuning runs anyway, and the multipliers only
+# scale updates, so every gradient is still computed. `x full` is the ratio of
+# the two compiled steps' FLOPs.
+
+# %%
+adam = optax.adam(cfg.learning_rate)
+
+
+def full_step(params, opt_state, batch):
+  out, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  updates, opt_state = adam.update(grads, opt_state, params)
+  return out, optax.apply_updates(params, updates), opt_state
+
+
+full_compiled = jax.jit(full_step).lower(params, adam.init(params), batch).compile()
+unit, full_peak = compiled_cost(full_compiled)
+
+tracker = rgft_jax.ErrorTracker(model, select="branches")
+comps = tracker.components(params, example)
+tx = rgft_jax.rgft(cfg.learning_rate, comps, warmup_steps=STEPS)
+opt_state = tx.init(params)
+step = rgft_jax.train_step(tracker, tx, loss_fn, comps, has_aux=True)
+variants = rgft_jax.StepVariants(
+  lambda detached: lambda *a: step(*a, detached=detached), max_variants=32
 )
-results = finetune.study(cfg)
-print(finetune.markdown(results))
+soft, soft_peak = variants.cost(frozenset(), params, opt_state, batch)
+print(f"{'step':<28}{'MFLOPs':>10}{'x full':>8}{'peak KiB':>10}")
+print(
+  f"{'full fine-tuning (Adam)':<28}{unit / 1e6:>10.1f}{1:>8.4f}{full_peak / 1024:>10.0f}"
+)
+print(
+  f"{'soft RGFT':<28}{soft / 1e6:>10.1f}{soft / unit:>8.4f}{soft_peak / 1024:>10.0f}"
+)
+
+# %% [markdown]
+# ## 2. What detaching branches saves
+#
+# `detach_costs` compiles the RGFT step with each of the 2 x depth block
+# branches (attention, MLP) detached alone, and checks on a few random subsets
+# that the savings add up. Below, its prediction for the bottom or the top `k`
+# branches detached, next to the FLOPs of that variant compiled, as fractions
+# of the plain full fine-tuning step.
 
 # %%
-summary = results["tasks"]["label_shift"]["summary"]
-fig, ax = plt.subplots(figsize=(6, 4))
-for name, s in summary.items():
-  ax.errorbar(
-    s["flops_vs_full"], s["accuracy_mean"], yerr=s["accuracy_std"], fmt="o", label=name
+costs = rgft_jax.detach_costs(
+  step, comps.names, params, opt_state, batch, compiled=True
+)
+short = [n.replace("Transformer/encoderblock_", "block ") for n in comps.names]
+for name, saving in zip(short, costs.saving, strict=True):
+  print(f"{name:<42} saves {saving / unit:.4f} of a full step")
+print(f"everything detached (the floor): {costs.floor / unit:.4f} of a full step")
+print(f"largest gap between a checked subset and the sum: {costs.additivity_error:.2e}")
+
+# %%
+n = len(comps.names)
+ks = [0, n // 2, n] if QUICK else list(range(0, n + 1, 2))
+rows = []
+for k in ks:
+  for where, names in (("bottom", comps.names[:k]), ("top", comps.names[n - k :])):
+    detached = frozenset(names)
+    flops, peak = variants.cost(detached, params, opt_state, batch)
+    rows.append((k, where, costs.step(detached) / unit, flops / unit, peak))
+print(f"{'detached':>9}  {'where':<7}{'predicted':>10}{'compiled':>10}{'peak KiB':>10}")
+for k, where, predicted, compiled, peak in rows:
+  print(f"{k:>9}  {where:<7}{predicted:>10.4f}{compiled:>10.4f}{peak / 1024:>10.0f}")
+
+fig, ax = plt.subplots(figsize=(5, 3.5))
+for where, marker in (("bottom", "o"), ("top", "x")):
+  r = [row for row in rows if row[1] == where]
+  ax.plot(
+    [row[0] for row in r], [row[3] for row in r], marker, label=f"{where}, compiled"
   )
-ax.set_xlabel("training FLOPs / full fine-tuning")
-ax.set_ylabel("test accuracy")
+ax.plot(
+  ks,
+  [costs.step(comps.names[:k]) / unit for k in ks],
+  "-",
+  lw=1,
+  label="predicted (bottom)",
+)
+ax.set_xlabel("block branches detached")
+ax.set_ylabel("step FLOPs / full fine-tuning step")
 ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# Which components the sparse runs froze, and for how many steps:
+# ## 3. A budgeted run
+#
+# `Budget` spends `BUDGET` of a full fine-tuning step's FLOPs per step on
+# average, tracking included (`unit=` the plain Adam step above). Step 0
+# detaches everything (it only measures the error map); from step 1, every
+# `EVERY` steps, it keeps trained the branches with the most EMA error whose
+# cost fits (`rule="top"`). `SparseTrainStep` runs the variant it chooses.
+# The control spends the same budget on branches drawn uniformly at random
+# (`rule="uniform"`, no error map). The equal-FLOPs baseline is full
+# fine-tuning for `BUDGET * STEPS` steps; full fine-tuning for all `STEPS`
+# steps is shown for reference. One seed, the same batches for every run.
+
 
 # %%
-for run in results["tasks"]["label_shift"]["runs"]:
-  if run["method"].startswith("rgft_sparse") and run["seed"] == 0:
-    print(run["method"], "steps per variant:", run["steps_per_variant"])
+def run_sparse(rule):
+  budget = rgft_jax.Budget(
+    costs, BUDGET, total_steps=STEPS, every=EVERY, rule=rule, unit=unit
+  )
+  sparse = rgft_jax.SparseTrainStep(step, budget, max_variants=32)
+  p, s = params, tx.init(params)
+  for t in range(STEPS):
+    _, p, s = sparse(t, p, s, batches[t])
+  return p, budget, sparse.compilations
+
+
+def run_full(steps):
+  fn = jax.jit(full_step)
+  p, s = params, adam.init(params)
+  for t in range(steps):
+    _, p, s = fn(p, s, batches[t])
+  return p
+
+
+results = {}
+budgets = {}
+for rule in ("top", "uniform"):
+  p, budgets[rule], compilations = run_sparse(rule)
+  results[f"budget {BUDGET} ({rule})"] = (budgets[rule].fraction, test_accuracy(p))
+  print(f"rule {rule!r}: {compilations} step variants compiled")
+short_steps = round(BUDGET * STEPS)
+results[f"full, {short_steps} steps"] = (
+  short_steps / STEPS,
+  test_accuracy(run_full(short_steps)),
+)
+results[f"full, {STEPS} steps"] = (1.0, test_accuracy(run_full(STEPS)))
 
 # %% [markdown]
-# ## The most freezing can save, per variant
-#
-# One train step of the same ViT with a bottom prefix of blocks (and the patch
-# embedding, the "stem") frozen, or with blocks frozen from the top, FLOPs as
-# XLA counts the compiled step.
+# Which branches the error map kept trained at each decision (`"top"`):
 
 # %%
-model = VisionTransformer(num_classes=5, patch=7, size="xs")
-x = jax.ShapeDtypeStruct((64, 28, 28, 1), jnp.float32)
-y = jax.ShapeDtypeStruct((64,), jnp.int32)
-params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-tracker = rgft_jax.ErrorTracker(model)
-comps = tracker.components(params, x)
-tx = rgft_jax.rgft(1e-3, comps)
-freezer = rgft_jax.Freezer(comps, policy="prefix", stem=STEM)
+for t, trained in budgets["top"].decisions:
+  kept = [s.replace("Transformer/encoderblock_", "") for s in trained]
+  print(f"step {t:>4}: {len(kept)} of {n} trained: {', '.join(kept) or '-'}")
 
+# %% [markdown]
+# FLOPs spent over `STEPS` full fine-tuning steps (`Budget.fraction`, counted
+# from the per-branch savings; the full runs by their step count) and test
+# accuracy on the target task:
 
-def loss_fn(p, x, y):
-  logits = model.apply({"params": p}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-step = freezer.train_step(tracker, tx, loss_fn)
-state = jax.eval_shape(tx.init, params)
-
-
-def step_flops(frozen):
-  compiled = (
-    jax.jit(lambda *a: step(*a, frozen=frozen)).lower(params, state, x, y).compile()
-  )
-  analysis = compiled.cost_analysis()
-  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
-
-
-full = step_flops(frozenset())
-depth = len(comps) // 2
-for k in (1, depth) if QUICK else range(1, depth + 1):
-  bottom = frozenset(comps.names[: 2 * k])
-  top = frozenset(comps.names[len(comps) - 2 * k :])
-  print(
-    f"{k} of {depth} blocks frozen: bottom + stem {step_flops(bottom) / full:.3f}, "
-    f"top {step_flops(top) / full:.3f} of the full step"
-  )
+# %%
+print(f"{'run':<28}{'FLOPs / full run':>18}{'test accuracy':>15}")
+for name, (fraction, accuracy) in results.items():
+  print(f"{name:<28}{fraction:>18.3f}{accuracy:>15.3f}")

@@ -10,6 +10,7 @@ whose EMA error is worth the most within what the budget has left.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -105,7 +106,23 @@ def detach_costs(
     tuple(n for n in names if rng.random() < 0.5) for _ in range(samples)
   ]
   checks = tuple((s, flops(s), costs.step(s)) for s in subsets)
-  return dataclasses.replace(costs, checks=checks)
+  costs = dataclasses.replace(costs, checks=checks)
+  free = [n for n, s in zip(names, saving, strict=True) if s <= 0]
+  if free:
+    warnings.warn(
+      f"Detaching {free} alone saves nothing (per-head detaching shares one "
+      "einsum with the other heads); the budget always trains them.",
+      RuntimeWarning,
+      stacklevel=2,
+    )
+  if costs.additivity_error > 0.05:
+    warnings.warn(
+      f"Detach savings do not add up (largest gap {costs.additivity_error:.1%} "
+      "on the sampled variants): budgets will be off by about that much.",
+      RuntimeWarning,
+      stacklevel=2,
+    )
+  return costs
 
 
 def best_within(error: Any, cost: Any, capacity: float) -> frozenset[int]:

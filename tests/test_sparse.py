@@ -308,3 +308,27 @@ def test_variant_cache_warns_when_it_thrashes():
   variants(frozenset({"block1"}), params, state, x, y)
   with pytest.warns(RuntimeWarning, match="thrashing"):
     variants(frozenset({"block0"}), params, state, x, y)
+
+
+def test_detach_costs_warn_when_a_component_saves_nothing():
+  """Heads share one einsum: detaching one alone saves nothing, and that is said."""
+
+  class Attn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(y, y)
+      return nn.Dense(3, name="head")(x.mean(1))
+
+  attn = Attn()
+  x = jnp.ones((4, 5, 8))
+  y = jnp.array([0, 1, 2, 0])
+  params = attn.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(attn, select="heads")
+  comps = tracker.components(params, x)
+  tx = rgft_jax.rgft(1e-2, comps)
+  step = rgft_jax.train_step(tracker, tx, _loss(attn), comps)
+  with pytest.warns(RuntimeWarning) as record:
+    rgft_jax.detach_costs(step, comps.names, params, tx.init(params), x, y)
+  said = " ".join(str(w.message) for w in record)
+  assert "saves nothing" in said and "do not add up" in said
