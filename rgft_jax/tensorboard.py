@@ -7,14 +7,15 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
+
+from rgft_jax._transform import residual_error_state
 
 
 class ErrorMapWriter:
   """Writes RGFT's EMA error map and multipliers every `every` steps.
 
-  Reads them from the optimizer state (`optax.tree.get(opt_state, "error_map")`
-  and `"alpha"`), so it works with any chain that contains RGFT. Each
+  Reads them from the optimizer state with `rgft_jax.residual_error_state`,
+  so it works with any chain that contains RGFT exactly once. Each
   component gets scalars `error_map/<name>` and `alpha/<name>`; the multipliers
   also go in a histogram `alpha`.
 
@@ -52,15 +53,22 @@ class ErrorMapWriter:
     self.every = every
 
   def __call__(self, step: int, opt_state: Any) -> bool:
-    """Logs at `step` if it is due; returns whether it did."""
+    """Logs at `step` if it is due; returns whether it did.
+
+    Raises:
+      ValueError: if `opt_state` holds no RGFT state (from `rgft()` or
+        `scale_by_residual_error`), or more than one, or its number of
+        components is not the number of names.
+    """
     if step % self.every:
       return False
-    error_map = np.asarray(jax.device_get(optax.tree.get(opt_state, "error_map")))
-    alpha = np.asarray(jax.device_get(optax.tree.get(opt_state, "alpha")))
-    if error_map.shape != (len(self.names),):
+    state = residual_error_state(opt_state)
+    error_map = np.asarray(jax.device_get(state.error_map))
+    alpha = np.asarray(jax.device_get(state.alpha))
+    if error_map.shape != (len(self.names),) or alpha.shape != error_map.shape:
       raise ValueError(
-        f"The optimizer state has {error_map.shape[0]} components, the writer "
-        f"was given {len(self.names)} names."
+        f"The optimizer state's error map has shape {error_map.shape} and its "
+        f"multipliers {alpha.shape}; the writer was given {len(self.names)} names."
       )
     for name, e, a in zip(self.names, error_map, alpha, strict=True):
       self.writer.add_scalar(f"error_map/{name}", float(e), step)

@@ -1,3 +1,6 @@
+import io
+import zipfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +120,96 @@ def test_load_npz_names_what_does_not_fit(tmp_path):
   init = other.init(jax.random.key(2), jnp.ones((1, 4, 4, 3)))["params"]
   with pytest.raises(ValueError, match=r"extra/kernel.*embedding/kernel"):
     load_npz(str(path), init)
+
+
+def _mu_params():
+  x = jnp.ones((1, 8, 8, 3))
+  return VisionTransformer(num_classes=7, patch=4, size="mu").init(
+    jax.random.key(1), x
+  )["params"]
+
+
+def _npy(array):
+  buf = io.BytesIO()
+  np.save(buf, array)
+  return buf.getvalue()
+
+
+def _write_zip(path, params, members):
+  """`params` as a .npz, then `members` (name: bytes) written as they are."""
+  flat = {
+    "/".join(k.key for k in p) + ".npy": _npy(np.asarray(v))
+    for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  flat.update(members)
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    for name, data in flat.items():
+      zf.writestr(name, data)
+
+
+def test_load_npz_says_a_file_that_is_no_zip_is_not_an_npz(tmp_path):
+  init = _mu_params()
+  noise = tmp_path / "noise.npz"
+  noise.write_bytes(np.random.default_rng(0).bytes(4096))
+  npy = tmp_path / "array.npy"
+  np.save(npy, np.ones(3))
+  for path in (noise, npy):
+    with pytest.raises(ValueError, match=r"is not a \.npz \(zip\) file"):
+      load_npz(str(path), init)
+
+
+def test_load_npz_refuses_pickled_and_non_numeric_members(tmp_path):
+  params = _mu_params()
+  path = tmp_path / "pickled.npz"
+  _write_npz(path, params, {"cls": np.array([{"a": 1}], dtype=object)})
+  with pytest.raises(ValueError, match=r"cls\.npy is a pickled \(object\) array"):
+    load_npz(str(path), params)
+  path = tmp_path / "text.npz"
+  _write_npz(path, params, {"cls": np.array(["a"])})
+  with pytest.raises(ValueError, match=r"cls\.npy has dtype <U1, not a number"):
+    load_npz(str(path), params)
+  path = tmp_path / "raw.npz"
+  _write_zip(path, params, {"notes.txt": b"hello"})
+  with pytest.raises(ValueError, match=r"not \.npy arrays: \['notes\.txt'\]"):
+    load_npz(str(path), params)
+
+
+def test_load_npz_refuses_a_member_larger_than_its_header_says(tmp_path):
+  params = _mu_params()
+  cls = np.zeros((1, 1, SIZES["mu"].width), np.float32)
+  path = tmp_path / "bomb.npz"
+  # 128 bytes of data and a 128-byte header, then 1 MB that compresses to 1 kB.
+  _write_zip(path, params, {"cls.npy": _npy(cls) + bytes(2**20)})
+  with pytest.raises(ValueError, match=r"cls\.npy declares 1048832 bytes"):
+    load_npz(str(path), params)
+
+
+def test_load_npz_reads_only_the_members_it_takes(tmp_path, monkeypatch):
+  params = _mu_params()
+  path = tmp_path / "ViT-mu.npz"
+  # Dropped anyway: 16 MB of zeros, not even a .npy.
+  _write_zip(path, params, {"pre_logits/kernel.npy": bytes(2**24)})
+  opened = []
+  zip_open = zipfile.ZipFile.open
+
+  def spy(self, name, *args, **kwargs):
+    opened.append(getattr(name, "filename", name))
+    return zip_open(self, name, *args, **kwargs)
+
+  monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+  loaded = load_npz(str(path), params)
+  assert "pre_logits/kernel.npy" not in opened
+  assert "head/kernel.npy" not in opened
+  np.testing.assert_array_equal(loaded["cls"], params["cls"])
+
+
+def test_load_npz_bounds_the_position_embedding_it_resizes(tmp_path):
+  params = _mu_params()
+  width = SIZES["mu"].width
+  pos = "Transformer/posembed_input/pos_embedding"
+  # The model has 5 tokens; up to 1 + 128 * 128 are taken, 1 + 129 * 129 not.
+  path = tmp_path / "big.npz"
+  _write_zip(path, params, {pos + ".npy": _npy(np.zeros((1, 1 + 129**2, width)))})
+  match = rf"pos_embedding: checkpoint \(1, 16642, {width}\), model \(1, 5, {width}\)"
+  with pytest.raises(ValueError, match=match + r" \(at most 16385 tokens\)"):
+    load_npz(str(path), params)
