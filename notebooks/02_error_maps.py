@@ -62,7 +62,7 @@ TASKS = ("label_shift",) if QUICK else ("label_shift", "input_shift")
 # %%
 def probed_model(name):
   source, target = data.embedded_tasks()[name]
-  example = finetune._batches(cfg, target, 0)[0]["image"][:2]
+  example = finetune._batches(cfg, target.train, 0)[0]["image"][:2]
   pre, acc = finetune.pretrain(cfg, name, source, example)
   model, fresh = finetune._init(cfg, target.num_classes, example)
   method = methods.make(
@@ -72,8 +72,8 @@ def probed_model(name):
     record, params = train.run(
       model,
       method,
-      finetune._batches(cfg, target, 1),
-      finetune._eval(cfg, target),
+      finetune._batches(cfg, target.train, 1),
+      finetune._eval(cfg, target.test),
       steps=PROBE_STEPS,
       seed=0,
       workdir=where,

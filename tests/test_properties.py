@@ -182,7 +182,7 @@ def _invalid(kwargs):
   for name in ("eps", "weight_decay"):
     if not _in(kwargs.get(name, 0.0), 0.0, np.inf, high_open=False):
       bad.add(name)
-  if "thresh" in kwargs:
+  if kwargs.get("thresh") is not None:  # None: not given.
     t = kwargs["thresh"]
     if not callable(t) and not _in(t, 0.0, 1.0, low_open=True, high_open=False):
       bad.add("thresh")
