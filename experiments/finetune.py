@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -190,15 +191,29 @@ def _init(cfg: Config, classes: int, example: jax.Array):
 
 
 def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any, float]:
-  """Full fine-tuning from scratch on the source task, cached in the workdir."""
+  """Full fine-tuning from scratch on the source task, cached in the workdir.
+
+  The cache directory is named by every setting that changes the result, so
+  another setup gets its own and never reuses this one.
+  """
+  settings = {
+    k: getattr(cfg, k)
+    for k in "dataset size patch image_size batch_size pretrain_steps "
+    "learning_rate augment".split()
+  }
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   where = os.path.join(
-    cfg.workdir, "pretrained", f"{name}-{cfg.size}-p{cfg.patch}-{cfg.pretrain_steps}"
+    cfg.workdir,
+    "pretrained",
+    f"{name}-{cfg.size}-p{cfg.patch}-{cfg.pretrain_steps}-{key[:10]}",
   )
   model, params = _init(cfg, task.num_classes, example)
   done = os.path.join(where, "done.json")
   if os.path.exists(done):
-    with open(done) as f:
-      accuracy = json.load(f)["test_accuracy"]
+    record = train_lib.load_json(done)
+    if record.get("settings") != settings:
+      raise ValueError(f"{done} was written by another setup; it is left as it is.")
+    accuracy = record["test_accuracy"]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(
@@ -218,10 +233,13 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
     log_every=cfg.log_every,
     ckpt_every=cfg.ckpt_every,
     progress=cfg.progress,
+    config=settings,
   )
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(os.path.join(where, "params")), params, force=True)
-  train_lib.save_json(done, {"test_accuracy": record["test_accuracy"]})
+  train_lib.save_json(
+    done, {"test_accuracy": record["test_accuracy"], "settings": settings}
+  )
   return params, record["test_accuracy"]
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -204,22 +206,14 @@ def run(
   counts: dict[str, int] = {}  # Steps run per step variant, by variant name.
   names: dict[str, list[str]] = {}  # Its set (paths or components), by name.
   start, wall, compilations = 0, 0.0, 0
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=ckpt_every)
-  mngr = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, "ckpt")),
-    options=options,
-    item_names=("state", "log"),
-  )
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "ckpt"))
   signature = _signature(method, (params, opt_state), config)
-  if mngr.latest_step() is not None:
-    last = mngr.latest_step()
-    log = mngr.restore(last, args=ocp.args.Composite(log=ocp.args.JsonRestore())).log
-    _check_signature(log.get("signature"), signature, mngr.directory)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
-    restored = mngr.restore(
-      last, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )
-    params, opt_state = restored.state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
+  found = _restore(ckpt_dir, abstract, signature)
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=ckpt_every)
+  mngr = ocp.CheckpointManager(ckpt_dir, options=options, item_names=("state", "log"))
+  if found is not None:
+    (params, opt_state), log = found
     history, counts, names = log["history"], log["counts"], log["variants"]
     start, wall, compilations = log["step"], log["wall"], log["compilations"]
     if start > steps:
@@ -303,6 +297,7 @@ def run(
               "compilations": compilations,
               "policy": method.policy.state_dict(),
               "signature": signature,
+              "checksum": checksum((params, opt_state)),
             }
           ),
         ),
@@ -347,6 +342,70 @@ def run(
       "decisions": budget.decisions,
     }
   return record, params
+
+
+def checksum(tree: Any) -> str:
+  """SHA-256 of the arrays of `tree` (dtypes, shapes and bytes, in leaf order)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _restore(ckpt_dir: str, abstract: Any, signature: dict[str, Any]):
+  """`(state, log)` of the newest whole checkpoint in `ckpt_dir`, or None if none.
+
+  A checkpoint is whole when its log and arrays restore and the arrays match
+  the SHA-256 saved with them. Damaged checkpoints newer than the one used are
+  moved to `ckpt_corrupt/<step>` beside `ckpt_dir` (never trained on, never
+  overwritten), with a warning. When checkpoints exist but none is whole,
+  ValueError names each one and what is wrong, and nothing is moved. A
+  checkpoint written by another setup is refused (`_check_signature`).
+  """
+  if not os.path.isdir(ckpt_dir):
+    return None
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "log")) as mngr:
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        log = mngr.restore(
+          step, args=ocp.args.Composite(log=ocp.args.JsonRestore())
+        ).log
+      except Exception as e:  # Any failure means a damaged file.
+        damaged.append((step, f"its log does not restore ({type(e).__name__})"))
+        continue
+      _check_signature(log.get("signature"), signature, ckpt_dir)
+      try:
+        state = mngr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        ).state
+      except Exception as e:
+        damaged.append((step, f"its arrays do not restore ({type(e).__name__})"))
+        continue
+      if log.get("checksum") != checksum(state):
+        damaged.append((step, "its arrays differ from the checksum saved with them"))
+        continue
+      break
+    else:
+      if damaged:
+        raise ValueError(
+          f"No whole checkpoint in {ckpt_dir}; left as it is: "
+          + "; ".join(f"step {t}: {why}" for t, why in damaged)
+        )
+      return None
+  for bad, why in damaged:
+    aside = os.path.join(os.path.dirname(ckpt_dir), "ckpt_corrupt", str(bad))
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(os.path.join(ckpt_dir, str(bad)), aside)
+    warnings.warn(
+      f"The checkpoint at step {bad} in {ckpt_dir} is damaged ({why}); moved to "
+      f"{aside}, resuming from step {step}.",
+      RuntimeWarning,
+      stacklevel=3,
+    )
+  return state, log
 
 
 def _signature(

@@ -282,3 +282,67 @@ def test_a_second_study_in_one_workdir_is_refused(tmp_path):
   (tmp_path / ".lock").write_text("999999999")  # Left by a process that is gone.
   with train_lib.lock(str(tmp_path)):
     pass
+
+
+def _flip(root):
+  """Overwrites 64 bytes in the middle of the largest file under `root`."""
+  path = max(
+    (p for p in root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+  )
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  data[mid : mid + 64] = bytes(255 - b for b in data[mid : mid + 64])
+  path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  rng = np.random.default_rng(0)
+  data = [
+    {
+      "image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+      "label": jnp.asarray(rng.integers(0, 3, size=4), jnp.int32),
+    }
+    for _ in range(6)
+  ]
+  test = [{**data[0], "mask": jnp.ones(4)}]
+  hyper = methods_lib.Hyper(steps=6)
+
+  def go(steps, where):
+    method = methods_lib.make("full", model, params, x, hyper, jax.random.key(0))
+    return train_lib.run(
+      model,
+      method,
+      data,
+      lambda: test,
+      steps=steps,
+      seed=1,
+      workdir=str(where),
+      ckpt_every=2,
+      progress=False,
+    )
+
+  straight, p_straight = go(6, tmp_path / "a")
+  go(4, tmp_path / "b")  # Checkpoints at steps 2 and 4.
+  _flip(tmp_path / "b" / "ckpt" / "4" / "state")
+  with pytest.warns(RuntimeWarning, match=r"step 4 .* damaged .* resuming from step 2"):
+    resumed, p_resumed = go(6, tmp_path / "b")
+  assert (tmp_path / "b" / "ckpt_corrupt" / "4").is_dir()  # Kept aside.
+  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["history"]["loss"] == straight["history"]["loss"]
+  # Every checkpoint damaged: stop, naming them, and touch nothing.
+  go(4, tmp_path / "c")
+  for step in ("2", "4"):
+    _flip(tmp_path / "c" / "ckpt" / step / "state")
+  before = _listing(tmp_path / "c")
+  with pytest.raises(ValueError, match=r"No whole checkpoint.*step 4.*step 2"):
+    go(6, tmp_path / "c")
+  assert _listing(tmp_path / "c") == before
+
+
+def test_a_malformed_result_file_is_named(tmp_path):
+  bad = tmp_path / "result.json"
+  bad.write_text("{not json")
+  with pytest.raises(ValueError, match=r"result.json is not valid JSON"):
+    train_lib.load_json(str(bad))
