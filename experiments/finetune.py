@@ -190,12 +190,8 @@ def _init(cfg: Config, classes: int, example: jax.Array):
   return model, model.init(jax.random.key(0), example)["params"]
 
 
-def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any, float]:
-  """Full fine-tuning from scratch on the source task, cached in the workdir.
-
-  The cache directory is named by every setting that changes the result, so
-  another setup gets its own and never reuses this one.
-  """
+def pretrain_dir(cfg: Config, name: str) -> tuple[str, dict[str, Any]]:
+  """Where the pretraining of task `name` is cached, and the settings naming it."""
   settings = {
     k: getattr(cfg, k)
     for k in "dataset size patch image_size batch_size pretrain_steps "
@@ -207,6 +203,16 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
     "pretrained",
     f"{name}-{cfg.size}-p{cfg.patch}-{cfg.pretrain_steps}-{key[:10]}",
   )
+  return where, settings
+
+
+def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any, float]:
+  """Full fine-tuning from scratch on the source task, cached in the workdir.
+
+  The cache directory is named by every setting that changes the result, so
+  another setup gets its own and never reuses this one.
+  """
+  where, settings = pretrain_dir(cfg, name)
   model, params = _init(cfg, task.num_classes, example)
   done = os.path.join(where, "done.json")
   if os.path.exists(done):

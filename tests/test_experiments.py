@@ -1,5 +1,6 @@
 """The fine-tuning study: smoke runs under mock data, accounting, resume."""
 
+import dataclasses
 import json
 import os
 
@@ -153,17 +154,22 @@ def test_flop_accounting_against_hand_counts():
   assert step["head_only"] < step["lisa"] < step["full"]
 
 
-def test_run_resumes_bit_identically(tmp_path):
-  model, params, x = _tiny(classes=3, image=16, patch=4)
+def _small_data(steps=6):
+  """`steps` random batches of four 16x16 images, 3 classes, and a test batch."""
   rng = np.random.default_rng(0)
   data = [
     {
       "image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
       "label": jnp.asarray(rng.integers(0, 3, size=4), jnp.int32),
     }
-    for _ in range(6)
+    for _ in range(steps)
   ]
-  test = [{**data[0], "mask": jnp.ones(4)}]
+  return data, [{**data[0], "mask": jnp.ones(4)}]
+
+
+def test_run_resumes_bit_identically(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6, lisa_period=2, budget_every=2)
   costs = train_lib.measure_costs(model, params, x, hyper, data[0])
   for name in ("rgft_heads", "lisa", "rgft_budget_sample@0.7"):
@@ -297,15 +303,7 @@ def _flip(root):
 
 def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
-  rng = np.random.default_rng(0)
-  data = [
-    {
-      "image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
-      "label": jnp.asarray(rng.integers(0, 3, size=4), jnp.int32),
-    }
-    for _ in range(6)
-  ]
-  test = [{**data[0], "mask": jnp.ones(4)}]
+  data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6)
 
   def go(steps, where):
@@ -346,3 +344,22 @@ def test_a_malformed_result_file_is_named(tmp_path):
   bad.write_text("{not json")
   with pytest.raises(ValueError, match=r"result.json is not valid JSON"):
     train_lib.load_json(str(bad))
+
+
+def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
+  base = finetune.Config()
+  where, _ = finetune.pretrain_dir(base, "label_shift")
+  for change in (
+    {"learning_rate": 3e-3},
+    {"batch_size": 32},
+    {"image_size": 56},
+    {"pretrain_steps": 100},
+    {"augment": True},
+  ):
+    other = dataclasses.replace(base, **change)
+    assert finetune.pretrain_dir(other, "label_shift")[0] != where, change
+  # Settings that only change the fine-tuning share it.
+  assert (
+    finetune.pretrain_dir(dataclasses.replace(base, steps=50), "label_shift")[0]
+    == where
+  )
