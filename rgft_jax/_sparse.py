@@ -190,14 +190,11 @@ def _signature(args: Any) -> Hashable:
   """Tree structure, shapes, dtypes and shardings of `args` (the compile key)."""
   leaves, treedef = jax.tree.flatten(args)
   return treedef, tuple(
-    (tuple(np.shape(x)), str(getattr(x, "dtype", type(x))), _sharding(x))
+    (x.shape, x.dtype, getattr(x, "sharding", None))
+    if hasattr(x, "shape") and hasattr(x, "dtype")
+    else (type(x), None, None)
     for x in leaves
   )
-
-
-def _sharding(x: Any) -> Hashable:
-  sharding = getattr(x, "sharding", None)
-  return None if sharding is None else repr(sharding)
 
 
 class StepVariants:
