@@ -363,3 +363,30 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
     finetune.pretrain_dir(dataclasses.replace(base, steps=50), "label_shift")[0]
     == where
   )
+
+
+def test_a_checkpoint_past_the_run_is_refused(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  method = methods_lib.make(
+    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
+  )
+
+  def go(steps):
+    return train_lib.run(
+      model,
+      method,
+      data,
+      lambda: test,
+      steps=steps,
+      seed=0,
+      workdir=str(tmp_path),
+      ckpt_every=2,
+      progress=False,
+    )
+
+  go(4)
+  before = _listing(tmp_path)
+  with pytest.raises(ValueError, match=r"at step 4, past this run's 2 steps"):
+    go(2)
+  assert _listing(tmp_path) == before
