@@ -167,6 +167,21 @@ def _small_data(steps=6):
   return data, [{**data[0], "mask": jnp.ones(4)}]
 
 
+def _run(model, method, data, test, steps, where, seed=0, ckpt_every=2, **kwargs):
+  return train_lib.run(
+    model,
+    method,
+    data,
+    lambda: test,
+    steps=steps,
+    seed=seed,
+    workdir=str(where),
+    ckpt_every=ckpt_every,
+    progress=False,
+    **kwargs,
+  )
+
+
 def test_run_resumes_bit_identically(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
@@ -178,18 +193,7 @@ def test_run_resumes_bit_identically(tmp_path):
     )
 
     def go(steps, where, method=method):
-      return train_lib.run(
-        model,
-        method,
-        data,
-        lambda: test,
-        steps=steps,
-        seed=1,
-        workdir=str(where),
-        log_every=1,
-        ckpt_every=2,
-        progress=False,
-      )
+      return _run(model, method, data, test, steps, where, seed=1, log_every=1)
 
     straight, p_straight = go(6, tmp_path / name / "a")
     go(4, tmp_path / name / "b")  # "Killed" after step 4, checkpoint at 4.
@@ -308,17 +312,7 @@ def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
 
   def go(steps, where):
     method = methods_lib.make("full", model, params, x, hyper, jax.random.key(0))
-    return train_lib.run(
-      model,
-      method,
-      data,
-      lambda: test,
-      steps=steps,
-      seed=1,
-      workdir=str(where),
-      ckpt_every=2,
-      progress=False,
-    )
+    return _run(model, method, data, test, steps, where, seed=1)
 
   straight, p_straight = go(6, tmp_path / "a")
   go(4, tmp_path / "b")  # Checkpoints at steps 2 and 4.
@@ -373,17 +367,7 @@ def test_a_checkpoint_past_the_run_is_refused(tmp_path):
   )
 
   def go(steps):
-    return train_lib.run(
-      model,
-      method,
-      data,
-      lambda: test,
-      steps=steps,
-      seed=0,
-      workdir=str(tmp_path),
-      ckpt_every=2,
-      progress=False,
-    )
+    return _run(model, method, data, test, steps, tmp_path)
 
   go(4)
   before = _listing(tmp_path)
