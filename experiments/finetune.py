@@ -279,9 +279,13 @@ def study(cfg: Config) -> dict[str, Any]:
     example = _batches(cfg, train, 0)[0]["image"][:2]
     model, fresh = _init(cfg, target.num_classes, example)
     info: dict[str, Any] = {"num_classes": target.num_classes}
+    forget = None
     if source is not None:
       pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
       params = _new_head(pre, fresh)
+      # Forgetting: the fine-tuned body with the source task's head, kept aside.
+      source_model, _ = _init(cfg, source.num_classes, example)
+      forget = (source_model, pre["head"], _eval(cfg, source.test))
     elif cfg.init:
       params = load_npz(cfg.init, fresh)
     else:
@@ -321,6 +325,7 @@ def study(cfg: Config) -> dict[str, Any]:
           seed,
           costs,
           variants,
+          forget,
         )
         runs.append(record)
     info["runs"] = runs
@@ -331,7 +336,7 @@ def study(cfg: Config) -> dict[str, Any]:
 
 
 def _one_run(
-  cfg, task_name, splits, model, params, example, name, seed, costs, variants
+  cfg, task_name, splits, model, params, example, name, seed, costs, variants, forget
 ):
   train, val, test = splits
   where = os.path.join(cfg.workdir, "runs", task_name, name, f"seed{seed}")
@@ -359,7 +364,7 @@ def _one_run(
   from tensorboardX import SummaryWriter
 
   with SummaryWriter(os.path.join(where, "tb")) as writer:
-    record, _ = train_lib.run(
+    record, final = train_lib.run(
       model,
       method,
       _batches(cfg, train, seed=seed + 1),
@@ -377,6 +382,12 @@ def _one_run(
       config=settings,
     )
     writer.add_scalar("test/accuracy", record["test_accuracy"], record["steps"])
+  if forget is not None:
+    source_model, head, batches = forget
+    body = method.to_model(final)
+    record["source_accuracy"] = train_lib.accuracy(
+      source_model, {**body, "head": head}, batches()
+    )
   record["task"] = task_name
   record["settings"] = settings
   train_lib.save_json(done, record)
@@ -427,6 +438,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
       "step_variants": int(max(r["step_variants"] for r in rs)),
       "compilations": int(sum(r["compilations"] for r in rs)),  # Cache shared by seeds.
     }
+    if all("source_accuracy" in r for r in rs):
+      source = np.array([r["source_accuracy"] for r in rs])
+      s["source_accuracy_mean"] = float(source.mean())
+      s["source_accuracy_std"] = float(source.std(ddof=1)) if len(rs) > 1 else 0.0
     paired = [r for r in rs if r["seed"] in full]
     if paired:
       diffs = np.array(
@@ -459,6 +474,12 @@ def _fmt(x: float | None, spec: str) -> str:
   return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
+def _source(s: dict[str, Any]) -> str:
+  if "source_accuracy_mean" not in s:
+    return "n/a"
+  return f"{s['source_accuracy_mean']:.3f} ± {s['source_accuracy_std']:.3f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
   lines = []
   for task, info in results["tasks"].items():
@@ -467,11 +488,12 @@ def markdown(results: dict[str, Any]) -> str:
       head += f" (source-task test accuracy after pretraining: {info['pretrain_accuracy']:.3f})"
     lines += [head, ""]
     lines.append(
-      "| method | steps | test acc (mean ± sd) | vs full, paired (95% CI) | FLOPs vs "
-      "full | FLOPs to reach full - 0.5 pt | wall s | time vs full | time / FLOPs "
-      "vs full | peak MiB | update ratio | step variants (compiled) |"
+      "| method | steps | test acc (mean ± sd) | vs full, paired (95% CI) | source "
+      "acc after (forgetting) | FLOPs vs full | FLOPs to reach full - 0.5 pt | wall s "
+      "| time vs full | time / FLOPs vs full | peak MiB | update ratio | step "
+      "variants (compiled) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in info["summary"].items():
       diff = s.get("diff_vs_full")
       paired = (
@@ -481,7 +503,7 @@ def markdown(results: dict[str, Any]) -> str:
       )
       lines.append(
         f"| {name} | {s['steps']} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
-        f"{paired} | {_fmt(s.get('flops_vs_full'), '.3f')} | "
+        f"{paired} | {_source(s)} | {_fmt(s.get('flops_vs_full'), '.3f')} | "
         f"{_fmt(s.get('flops_to_reach_vs_full'), '.3f')} | "
         f"{s['wall_s']:.1f} | {_fmt(s.get('time_vs_full'), '.2f')} | "
         f"{_fmt(s.get('time_per_flop_vs_full'), '.2f')} | "
@@ -489,7 +511,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['step_variants']} ({s['compilations']}) |"
       )
     for name, why in info.get("infeasible", {}).items():
-      lines.append(f"| {name} | not run: {why} |" + " |" * 10)
+      lines.append(f"| {name} | not run: {why} |" + " |" * 11)
     lines.append("")
   return "\n".join(lines)
 

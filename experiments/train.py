@@ -145,12 +145,18 @@ def _correct(model, to_model, params, batch):
   return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
 
 
-def evaluate(model, method, params, batches) -> float:
+def accuracy(model: nn.Module, params, batches, to_model=methods_lib.identity) -> float:
+  """Accuracy over padded, masked `batches` of `to_model(params)`."""
   hits, total = 0.0, 0.0
   for batch in batches:
-    hits += float(_correct(model, method.to_model, params, batch))
+    hits += float(_correct(model, to_model, params, batch))
     total += float(np.sum(batch["mask"]))
   return hits / total
+
+
+def evaluate(model, method, params, batches) -> float:
+  """Accuracy of `method`'s parameters (LoRA's merged) over `batches`."""
+  return accuracy(model, params, batches, method.to_model)
 
 
 def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:

@@ -374,3 +374,16 @@ def test_a_checkpoint_past_the_run_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"at step 4, past this run's 2 steps"):
     go(2)
   assert _listing(tmp_path) == before
+
+
+def test_accuracy_counts_only_real_examples():
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32)
+  predicted = np.asarray(jnp.argmax(model.apply({"params": params}, images), -1))
+  labels = predicted.copy()
+  labels[:2] = (labels[:2] + 1) % 3  # Two wrong, four right.
+  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # The last is padding.
+  batch = {"image": images, "label": jnp.asarray(labels, jnp.int32), "mask": mask}
+  # Five real examples, of which three are right.
+  assert train_lib.accuracy(model, params, [batch]) == pytest.approx(3 / 5)
