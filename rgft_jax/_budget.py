@@ -125,12 +125,17 @@ def detach_costs(
   return costs
 
 
-def best_within(error: Any, cost: Any, capacity: float) -> frozenset[int]:
+def best_within(
+  error: Any, cost: Any, capacity: float, max_nodes: int = 200_000
+) -> frozenset[int]:
   """The set of items with the most total error whose costs fit in `capacity`.
 
   An exact 0/1 knapsack (branch and bound over items sorted by error per
   cost, bounded by the fractional relaxation). Items that cost nothing (or
-  less) are always in; items with no error are never added at a cost.
+  less) are always in; items with no error are never added at a cost. The
+  search visits at most `max_nodes` nodes (far more than tens of components
+  need); past that it returns the best set found, never worse than filling
+  greedily by error per cost, which it tries first.
   """
   error = np.maximum(np.nan_to_num(np.asarray(error, np.float64)), 0.0)
   cost = np.asarray(cost, np.float64)
@@ -152,7 +157,9 @@ def best_within(error: Any, cost: Any, capacity: float) -> frozenset[int]:
 
   # Depth-first, "take" before "skip", so the greedy fill is found first.
   stack = [(0, float(capacity), 0.0, ())]
-  while stack:
+  nodes = 0
+  while stack and nodes < max_nodes:
+    nodes += 1
     k, room, value, take = stack.pop()
     if value > best_value:
       best_value, best_take = value, take

@@ -26,6 +26,7 @@ from flax import nnx
 
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
+from rgft_jax._components import path_str
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
@@ -50,7 +51,7 @@ def component_masks(components: Components, tree: Any, names: Any) -> Any:
     )
 
   def mask(path, _):
-    return masks[jax.tree_util.keystr(path, simple=True, separator="/")]
+    return masks[path_str(path)]
 
   return jax.tree_util.tree_map_with_path(
     mask, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
@@ -117,6 +118,18 @@ def train_step(
   without the gradient paths through the detached branch. With `exact`,
   such components are not measured (NaN: their EMA is kept), so the error
   map only ever folds in exact measurements.
+
+  Args:
+    tracker: the `ErrorTracker` of the model.
+    tx: the optax transformation with RGFT in it (Linen; with NNX the
+      optimizer's own is used and this may be None).
+    loss_fn: the batch-mean loss, as `tracker.value_and_grad` takes it.
+    components: the components `tx` scales (`tracker.components(...)`).
+    has_aux: `loss_fn` returns `(loss, aux)`.
+    exact: measure only the components measured exactly (see above).
+
+  Returns:
+    The step function.
 
   Examples:
     >>> import flax.linen as nn

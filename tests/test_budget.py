@@ -207,3 +207,14 @@ def test_exact_steps_fold_in_only_exact_measurements():
   # block1 and block2 are measured exactly and move.
   assert after[0] == before[0]
   assert after[1] != before[1] and after[2] != before[2]
+
+
+def test_allocation_stays_fast_and_greedy_at_least_on_many_components():
+  rng = np.random.default_rng(0)
+  error, cost = rng.random(200), rng.random(200) + 0.1
+  capacity = 0.3 * cost.sum()
+  got = best_within(error, cost, capacity, max_nodes=2_000)
+  order = np.argsort(-error / cost, kind="stable")
+  greedy = fill_in_order(order, cost, capacity)
+  assert sum(cost[i] for i in got) <= capacity
+  assert sum(error[i] for i in got) >= sum(error[i] for i in greedy) - 1e-12
