@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import re
 from collections.abc import Callable
 from collections.abc import Collection
@@ -116,9 +117,16 @@ class ErrorTracker:
     self, model: Module, select: Select = "branches", method: str = "norm_product"
   ):
     if not isinstance(model, (nn.Module, nnx.Module)):
+      hint = ""
+      if isinstance(getattr(model, "module", None), nn.Module):
+        hint = (
+          " It looks like a wrapper (a Hugging Face Flax model, say) around a "
+          "Linen module: pass its `.module`, and apply that with "
+          "`{'params': model.params}`."
+        )
       raise TypeError(
         "model must be a flax.linen.Module or a flax.nnx.Module, got "
-        f"{type(model).__name__}."
+        f"{type(model).__name__}.{hint}"
       )
     if method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -134,6 +142,7 @@ class ErrorTracker:
     self.model = model
     self.select = select
     self.method = method
+    self._owned: tuple[str, ...] | None = None  # Names from `components()`.
 
   @property
   def _is_nnx(self) -> bool:
@@ -230,8 +239,8 @@ class ErrorTracker:
     if not taps:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
-        f"select={self.select!r} matched no submodule of {type(self.model).__name__}; "
-        f"its submodules are: {modules}."
+        f"select={_describe(self.select)} matched no submodule of "
+        f"{type(self.model).__name__}; its submodules are: {modules}."
       )
     return taps, calls
 
@@ -270,8 +279,12 @@ class ErrorTracker:
     else:
       model = params
 
+      kwargs = dict(call_kwargs)
+      # Other collections (batch statistics, say) are made on the fly.
+      kwargs.setdefault("mutable", nn.DenyList("params"))
+
       def call(p):
-        return self.model.apply({"params": p}, *inputs, **call_kwargs)
+        return self.model.apply({"params": p}, *inputs, **kwargs)
 
     bound, run, _ = self._bind(call, model, (), {})
     taps, _ = self._record(run, bound)
@@ -296,7 +309,11 @@ class ErrorTracker:
     rules.append((r".*", None))
     comps = Components.from_regex(params, rules)
     called = [name for tap, _ in taps for name, _ in _columns(tap)]
-    return _in_order(comps, list(dict.fromkeys(called)))
+    comps = _in_order(comps, list(dict.fromkeys(called)))
+    # Taps that own no parameter (a dropout, a parent of tapped children) are
+    # no component: `value_and_grad` leaves them out of the error map too.
+    self._owned = comps.names
+    return comps
 
   # Attribution.
 
@@ -344,6 +361,8 @@ class ErrorTracker:
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
       recorded, _ = self._record(run, params)
       names = list(dict.fromkeys(n for tap, _ in recorded for n, _ in _columns(tap)))
+      if self._owned is not None:
+        names = [n for n in names if n in self._owned]
       wanted = set(names) if measure is None else set(measure)
       detached = frozenset(detach)
       for what, given in (("measure", wanted), ("detach", detached)):
@@ -469,6 +488,26 @@ class ErrorTracker:
     diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
     error_map = {name: diffs[i] for i, name in enumerate(names)}
     return (loss, aux), grads, error_map, state
+
+
+def _describe(select: Select) -> str:
+  """What `select` looks for, for error messages."""
+  if select == "branches":
+    return (
+      "'branches' (looks for flax.linen.MultiHeadDotProductAttention, "
+      "flax.nnx.MultiHeadAttention, and modules whose class name matches "
+      f"{_BRANCH_CLASS.pattern!r})"
+    )
+  if select == "heads":
+    return (
+      "'heads' (looks for the `out` projection of flax.linen."
+      "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
+    )
+  try:
+    source = inspect.getsource(select).strip()
+  except (OSError, TypeError):
+    source = getattr(select, "__qualname__", repr(select))
+  return f"the predicate {source!r}"
 
 
 def _in_order(comps: Components, order: list[str]) -> Components:

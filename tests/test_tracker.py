@@ -442,3 +442,87 @@ def test_components_from_abstract_params_and_inputs():
   abstract = tracker.components(*shapes)
   assert abstract.names == concrete.names
   assert abstract.owned_paths() == concrete.owned_paths()
+
+
+def test_components_of_a_model_with_batch_stats_need_only_params():
+  class WithStats(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(WIDTH)(x)
+      x = x + MlpBlock()(nn.BatchNorm(use_running_average=True)(x))
+      return nn.Dense(CLASSES)(x)
+
+  model = WithStats()
+  x = _data(4)[0][:, 0]
+  variables = model.init(jax.random.key(0), x)
+  comps = rgft_jax.ErrorTracker(model).components(variables["params"], x)
+  assert comps.names == ("MlpBlock_0",)
+  # The pre-norm feeding the branch is its own, by hand: BatchNorm_0 and MlpBlock_0.
+  assert sorted(comps.owned_paths()["MlpBlock_0"]) == [
+    "BatchNorm_0/bias",
+    "BatchNorm_0/scale",
+    "MlpBlock_0/Dense_0/bias",
+    "MlpBlock_0/Dense_0/kernel",
+    "MlpBlock_0/Dense_1/bias",
+    "MlpBlock_0/Dense_1/kernel",
+  ]
+
+
+def test_a_tap_that_owns_nothing_is_left_out_of_the_error_map():
+  class WithDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(WIDTH)(x)
+      x = x + nn.Dropout(0.5, deterministic=True)(MlpBlock()(x))
+      return nn.Dense(CLASSES)(x)
+
+  model = WithDropout()
+  x, y = _data(4)
+  x = x[:, 0]
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(
+    model, select=lambda path, m: isinstance(m, (MlpBlock, nn.Dropout))
+  )
+  comps = tracker.components(params, x)
+  assert comps.names == ("MlpBlock_0",)  # The dropout owns no parameter.
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  _, grads, error_map = tracker.value_and_grad(loss_fn)(params, x, y)
+  assert list(error_map) == ["MlpBlock_0"]
+  tx = rgft_jax.rgft(1e-3, comps)
+  tx.update(grads, tx.init(params), params, error_map=error_map)  # No key error.
+
+
+def test_errors_say_what_was_looked_for():
+  class NoAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x)
+
+  model = NoAttention()
+  x = jnp.ones((2, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  with pytest.raises(ValueError, match=r"'heads' \(looks for the `out` projection"):
+    rgft_jax.ErrorTracker(model, select="heads").components(params, x)
+  with pytest.raises(
+    ValueError, match=r"'branches' \(looks for .*MultiHeadDotProductAttention"
+  ):
+    rgft_jax.ErrorTracker(model, select="branches").components(params, x)
+
+  def only_convs(path, module):
+    return isinstance(module, nn.Conv)
+
+  with pytest.raises(
+    ValueError, match=r"the predicate .*isinstance\(module, nn.Conv\)"
+  ):
+    rgft_jax.ErrorTracker(model, select=only_convs).components(params, x)
+
+  class Wrapper:  # What a Hugging Face Flax model looks like from here.
+    def __init__(self, module, params):
+      self.module, self.params = module, params
+
+  with pytest.raises(TypeError, match=r"pass its `.module`"):
+    rgft_jax.ErrorTracker(Wrapper(model, params))
