@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import rgft_jax
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import train as train_lib
@@ -54,37 +55,45 @@ class Config:
   dataset: str = "embedded"  # "embedded", or a tfds name such as "cifar10".
   tasks: str = "label_shift,input_shift"  # Embedded tasks to run.
   methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, or "all".
-  seeds: int = 5
-  size: str = "xs"
-  patch: int = 7
+  seeds: int = 5  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
+  size: str = "xs"  # ViT size: mu, xs, Ti, S, B or L.
+  patch: int = 7  # Patch size in pixels.
   image_size: int = 0  # 0: the data's own size.
-  batch_size: int = 64
-  steps: int = 200
-  pretrain_steps: int = 400
-  learning_rate: float = 1e-3
-  lora_rank: int = 4
-  lisa_layers: int = 1
-  lisa_period: int = 20
+  batch_size: int = 64  # Training batch size.
+  steps: int = 200  # Fine-tuning steps (equal-FLOPs baselines run fewer).
+  pretrain_steps: int = 400  # Source-task pretraining steps (embedded tasks).
+  learning_rate: float = 1e-3  # Adam's learning rate, every method.
+  beta: float = 0.9  # RGFT: EMA decay of the error map.
+  thresh_init: float = 0.1  # RGFT: threshold at the first step.
+  thresh_final: float = 0.3  # RGFT: threshold at the last step.
+  min_scale: float = 0.01  # RGFT: smallest multiplier.
+  lora_rank: int = 4  # LoRA: rank of the factors.
+  lisa_layers: int = 1  # LISA: blocks trained at a time.
+  lisa_period: int = 20  # LISA: steps between redraws.
   budget_every: int = 20  # Budgeted RGFT: steps between decisions.
   budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
   budget_hysteresis: float = 0.1  # Bonus of the branches trained now ("top").
   budget_refresh: bool = False  # A step with nothing detached before each decision.
   budget_exact: bool = False  # Only exact measurements enter the error map.
-  augment: bool = False
+  augment: bool = False  # Random crop and flip (tfds datasets).
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
-  data_dir: str = ""
-  workdir: str = "workdir/finetune"
+  data_dir: str = ""  # TFDS data directory (default: TFDS's own).
+  workdir: str = "workdir/finetune"  # Results, checkpoints, caches, logs.
   val_fraction: float = 0.1  # Of the target task's training data, held out.
   eval_every: int = 20  # Held-out accuracy logged every this many steps.
-  log_every: int = 10
-  ckpt_every: int = 100
-  eval_batch_size: int = 250
-  progress: bool = True
+  log_every: int = 10  # Loss, error map and multipliers logged this often.
+  ckpt_every: int = 100  # Checkpoint every this many steps (two are kept).
+  eval_batch_size: int = 250  # Batch size of evaluation.
+  progress: bool = True  # Progress bars.
 
   def hyper(self) -> methods_lib.Hyper:
     return methods_lib.Hyper(
       learning_rate=self.learning_rate,
       steps=self.steps,
+      beta=self.beta,
+      thresh_init=self.thresh_init,
+      thresh_final=self.thresh_final,
+      min_scale=self.min_scale,
       lora_rank=self.lora_rank,
       lisa_layers=self.lisa_layers,
       lisa_period=self.lisa_period,
@@ -157,11 +166,24 @@ class Config:
     if not self.workdir.strip():
       raise ValueError("--workdir must name a directory, got an empty string.")
     self.method_names()
+    try:  # RGFT's own checks, on a one-parameter stand-in.
+      stand_in = {"w": np.zeros(1, np.float32)}
+      rgft_jax.rgft(
+        self.learning_rate,
+        rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]),
+        beta=self.beta,
+        thresh_init=self.thresh_init,
+        thresh_final=self.thresh_final,
+        min_scale=self.min_scale,
+      )
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
 
   def run_settings(self) -> dict:
     """The settings that change a fine-tuning run's result (its signature)."""
     keep = (
       "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
+      "beta thresh_init thresh_final min_scale "
       "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
       "budget_refresh budget_exact "
       "augment init val_fraction"

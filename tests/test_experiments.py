@@ -272,6 +272,9 @@ def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
     ("--workdir=", "--workdir must name a directory"),
     ("--val_fraction=1", "--val_fraction must be in"),
     ("--budget_ramp=500", "--budget_ramp must be in"),
+    ("--beta=1.5", r"RGFT flags .*beta"),
+    ("--min_scale=0", r"RGFT flags .*min_scale"),
+    ("--thresh_init=0.5", r"RGFT flags .*thresh_init"),
   ],
 )
 def test_flags_are_checked_before_any_compute(tmp_path, flag, message):
