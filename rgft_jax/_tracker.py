@@ -167,10 +167,11 @@ class ErrorTracker:
     """
     last_done: dict[Path, tuple[Path, Module]] = {}
 
-    def handle(path, module, next_fun, args, kwargs):
+    def handle(path, module, next_fun, args, kwargs, lifted=None):
       if calls is not None:
         calls.append((path, module))
       if self.select == "heads" and is_head_projection(path, module):
+        _refuse_lifted(path, lifted)
         heads = args[0].shape[-2]
         x = visit(_Tap(path[:-1], heads), args[0])
         return next_fun(x, *args[1:], **kwargs)
@@ -180,6 +181,7 @@ class ErrorTracker:
         last_done[path[:-1]] = (path, module)
       if not self._wants_output(path, module):
         return out
+      _refuse_lifted(path, lifted)
       feeder = None
       if before is not None and _NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
@@ -199,11 +201,25 @@ class ErrorTracker:
       def run(params, visit, calls=None):
         handle = self._handler(visit, calls, _is_linen_head_projection)
 
+        # Modules inside a lifted transform (nn.scan, nn.remat, ...) run in
+        # scopes of their own, whose root is not the model's.
+        seen = {"root": None, "lifted": "a lifted transform"}
+
         def interceptor(next_fun, call_args, call_kwargs, context):
+          kind = type(context.module)
+          if kind.__module__ == "flax.linen.transforms":  # nn.scan(Block), say.
+            seen["lifted"] = kind.__name__
+            return next_fun(*call_args, **call_kwargs)
+          root = context.module.scope
+          while root.parent is not None:
+            root = root.parent
+          if seen["root"] is None:
+            seen["root"] = root
           if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)
           path = tuple(context.module.scope.path)
-          return handle(path, context.module, next_fun, call_args, call_kwargs)
+          inside = None if root is seen["root"] else seen["lifted"]
+          return handle(path, context.module, next_fun, call_args, call_kwargs, inside)
 
         with nn.intercept_methods(interceptor):
           return loss_fn(params, *args, **kwargs), None
@@ -488,6 +504,18 @@ class ErrorTracker:
     diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
     error_map = {name: diffs[i] for i, name in enumerate(names)}
     return (loss, aux), grads, error_map, state
+
+
+def _refuse_lifted(path: Path, lifted: str | None) -> None:
+  """A clear error for a tap inside a Linen lifted transform (not supported yet)."""
+  if lifted is None:
+    return
+  raise ValueError(
+    f"Cannot tap {'/'.join(path)!r}: it runs inside the lifted transform "
+    f"{lifted} (flax.linen.scan, remat/checkpoint, vmap, ...: Hugging Face's "
+    "gradient_checkpointing uses remat), and taps there are not supported yet. "
+    "Unroll the layers (scan=False, no remat) or select modules outside it."
+  )
 
 
 def _describe(select: Select) -> str:
