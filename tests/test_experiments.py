@@ -380,7 +380,7 @@ def test_a_checkpoint_past_the_run_is_refused(tmp_path):
 
 
 def test_accuracy_counts_only_real_examples():
-  model, params, x = _tiny(classes=3, image=16, patch=4)
+  model, params, _ = _tiny(classes=3, image=16, patch=4)
   rng = np.random.default_rng(3)
   images = jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32)
   predicted = np.asarray(jnp.argmax(model.apply({"params": params}, images), -1))
