@@ -569,21 +569,21 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
       axes[1].set_title("multipliers across components")
       save(fig, f"{task}_{r['method']}_error_map.png")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    markers = dict(
-      zip(
-        methods_lib.BASE_METHODS + methods_lib.BUDGET_METHODS,
-        "osD^v<>phH*",
-        strict=False,
-      )
-    )
+    bases = list(dict.fromkeys(methods_lib.BASE_METHODS + methods_lib.BUDGET_METHODS))
+    colors = plt.get_cmap("tab10")
+    # Colour by method, marker and line by budget (none, 0.3, 0.5, 0.7, other).
+    looks = {None: ("o", "-"), 0.3: ("v", ":"), 0.5: ("s", "--"), 0.7: ("D", "-.")}
     for name, s in info["summary"].items():
+      base, budget = methods_lib.parse_name(name)
+      color = colors(bases.index(base) % 10)
+      marker, line = looks.get(budget, ("x", "-"))
       accs = [r["test_accuracy"] for r in info["runs"] if r["method"] == name]
-      base = methods_lib.parse_name(name)[0]
       axes[0].errorbar(
         s["train_flops"] / 1e12,
         np.mean(accs),
         yerr=np.std(accs, ddof=1) if len(accs) > 1 else 0.0,
-        fmt=markers.get(base, "o"),
+        fmt=marker,
+        color=color,
         label=name,
       )
       rs = [r for r in info["runs"] if r["method"] == name]
@@ -596,7 +596,9 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
         axes[1].plot(
           np.mean([h["val_flops"] for h in curves], axis=0) / 1e12,
           np.mean([h["val_accuracy"] for h in curves], axis=0),
-          marker=markers.get(base, "o"),
+          marker=marker,
+          linestyle=line,
+          color=color,
           markersize=3,
           label=name,
         )
