@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import rgft_jax
+from experiments import compare
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import train as train_lib
@@ -416,16 +417,6 @@ def _one_run(
   return record, variants
 
 
-def _interval(diffs: np.ndarray) -> tuple[float, float]:
-  """Mean and half-width of the 95% t-interval of paired differences."""
-  if len(diffs) < 2:
-    return float(diffs.mean()), float("nan")
-  from scipy import stats
-
-  half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
-  return float(diffs.mean()), float(half)
-
-
 def _reach(rs: list[dict[str, Any]], target: float) -> float | None:
   """Mean FLOPs at the first logged step where the seeds' mean held-out accuracy
   reaches `target` (None if it never does)."""
@@ -464,12 +455,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
       source = np.array([r["source_accuracy"] for r in rs])
       s["source_accuracy_mean"] = float(source.mean())
       s["source_accuracy_std"] = float(source.std(ddof=1)) if len(rs) > 1 else 0.0
-    paired = [r for r in rs if r["seed"] in full]
-    if paired:
-      diffs = np.array(
-        [r["test_accuracy"] - full[r["seed"]]["test_accuracy"] for r in paired]
-      )
-      s["diff_vs_full"], s["diff_ci95"] = _interval(diffs)
+    vs_full = compare.paired(runs, name, "full") if full else None
+    if vs_full is not None:
+      s["diff_vs_full"], s["diff_ci95"] = vs_full["mean"], vs_full["ci95"]
     out[name] = s
   if "full" in out:
     base = out["full"]

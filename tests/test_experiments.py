@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import compare
 from experiments import finetune
 from experiments import methods as methods_lib
 from experiments import train as train_lib
@@ -390,3 +391,20 @@ def test_accuracy_counts_only_real_examples():
   batch = {"image": images, "label": jnp.asarray(labels, jnp.int32), "mask": mask}
   # Five real examples, of which three are right.
   assert train_lib.accuracy(model, params, [batch]) == pytest.approx(3 / 5)
+
+
+def test_paired_differences_by_hand():
+  runs = [
+    {"method": "a", "seed": 0, "test_accuracy": 0.9},
+    {"method": "a", "seed": 1, "test_accuracy": 0.8},
+    {"method": "a", "seed": 2, "test_accuracy": 0.5},  # b has no seed 2.
+    {"method": "b", "seed": 0, "test_accuracy": 0.8},
+    {"method": "b", "seed": 1, "test_accuracy": 0.5},
+  ]
+  p = compare.paired(runs, "a", "b")
+  assert p["seeds"] == [0, 1]
+  np.testing.assert_allclose(p["diffs"], [0.1, 0.3])
+  # Mean 0.2; sd 0.1414; t(0.975, 1 dof) = 12.7062: half-width 12.7062 * 0.1.
+  np.testing.assert_allclose(p["mean"], 0.2)
+  np.testing.assert_allclose(p["ci95"], 12.7062 * 0.1, rtol=1e-4)
+  assert compare.paired(runs, "a", "c") is None
