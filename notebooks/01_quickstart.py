@@ -20,23 +20,16 @@
 
 # %%
 import os
-import pathlib
-import sys
 
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-ROOT = pathlib.Path.cwd()
-if not (ROOT / "experiments").exists():  # Started from notebooks/.
-  ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))
-
-import rgft_jax  # noqa: E402
-from experiments import data  # noqa: E402
-from experiments.vit import VisionTransformer  # noqa: E402
-from rgft_jax import viz  # noqa: E402
+import rgft_jax
+from experiments import data
+from experiments.vit import VisionTransformer
+from rgft_jax import viz
 
 QUICK = os.environ.get("QUICK") == "1"
 STEPS = 20 if QUICK else 300

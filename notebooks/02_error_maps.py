@@ -23,7 +23,6 @@
 # %%
 import os
 import pathlib
-import sys
 import tempfile
 
 import jax
@@ -32,18 +31,16 @@ import numpy as np
 import optax
 from scipy import stats
 
-ROOT = pathlib.Path.cwd()
+import rgft_jax
+from experiments import data
+from experiments import finetune
+from experiments import methods
+from experiments import train
+from rgft_jax import viz
+
+ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
   ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))
-
-import rgft_jax  # noqa: E402
-from experiments import data  # noqa: E402
-from experiments import finetune  # noqa: E402
-from experiments import methods  # noqa: E402
-from experiments import train  # noqa: E402
-from rgft_jax import viz  # noqa: E402
-
 QUICK = os.environ.get("QUICK") == "1"
 WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "finetune"))
 FIGURES = pathlib.Path(os.environ.get("FIGURES", ROOT / "docs" / "figures"))

@@ -28,24 +28,21 @@
 import functools
 import os
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import optax
 
-ROOT = pathlib.Path.cwd()
+import rgft_jax
+from experiments import data
+from experiments import finetune
+from experiments import train
+from rgft_jax._sparse import compiled_cost
+
+ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
   ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))
-
-import rgft_jax  # noqa: E402
-from experiments import data  # noqa: E402
-from experiments import finetune  # noqa: E402
-from experiments import train  # noqa: E402
-from rgft_jax._sparse import compiled_cost  # noqa: E402
-
 QUICK = os.environ.get("QUICK") == "1"
 WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "finetune"))
 cfg = finetune.Config(
