@@ -489,8 +489,11 @@ def lock(workdir: str):
   Raises ValueError when another process holds it (its pid is in the file) or
   the directory cannot be written.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, ".lock")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"Cannot write to --workdir {workdir}: {e}.") from None
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
   except FileExistsError:

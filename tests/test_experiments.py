@@ -408,3 +408,11 @@ def test_paired_differences_by_hand():
   np.testing.assert_allclose(p["mean"], 0.2)
   np.testing.assert_allclose(p["ci95"], 12.7062 * 0.1, rtol=1e-4)
   assert compare.paired(runs, "a", "c") is None
+
+
+def test_a_workdir_that_cannot_be_made_is_refused_before_compute(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  for workdir in (blocker, blocker / "sub"):
+    with pytest.raises(ValueError, match="Cannot write to --workdir"):
+      finetune.main([f"--workdir={workdir}"])
