@@ -118,6 +118,8 @@ def measure_costs(
     variant = method.policy.variant(0, state)
     return variants_of(model, method).cost(variant, method.params, state, batch)[0]
 
+  # The budgeted methods' step without its metrics (the study's results were
+  # sized by this; the metrics change a step's count by about 1e-6).
   rgft = methods_lib.make(
     "rgft_blocks", model, params, example, hyper, jax.random.key(0)
   )
@@ -258,7 +260,8 @@ def run(
       tic = time.perf_counter()
     name = _variant_name(variant, by_block=by_block)
     counts[name] = counts.get(name, 0) + 1
-    names[name] = sorted(variant)
+    if name not in names:
+      names[name] = sorted(variant)
     params, opt_state, metrics = variants(variant, params, opt_state, batch)
     method.policy.spend(step, variant)
     logging = (step + 1) % log_every == 0 or step + 1 == steps

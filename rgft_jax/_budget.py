@@ -78,8 +78,8 @@ def detach_costs(
   with each component detached alone, with every component detached, and
   with `samples` random subsets; the last two check that savings add up
   (`DetachCosts.additivity_error`). With `compiled`, the compiled steps are
-  analysed (slower; what actually runs); otherwise the lowered ones (within
-  about 0.5% of the compiled figures on a ViT step).
+  analysed (slower; what actually runs); otherwise the lowered ones (0.04%
+  apart on the ViT-B/16 step of `benchmarks/bench_sparse.py`).
 
   Args:
     step: a train step taking `detached=` (a frozenset of names).

@@ -64,11 +64,6 @@ def number(
   return v
 
 
-def concrete(value: Any, name: str = "hyperparameter") -> float | None:
-  """The value as a Python float, or None if it is not known yet (traced)."""
-  return number(name, value)
-
-
 def in_range(
   name: str,
   value: Any,
