@@ -1,21 +1,15 @@
 """ErrorTracker: per-component error attribution from a Flax model.
 
 Component outputs are captured by method interception while the user's own loss
-function runs, so the model's code is never edited: `flax.linen.intercept_methods`
-for Linen, a scoped wrapper of `__call__` for Flax NNX modules (NNX has no
-interceptor API). Each tapped output `h` gets a zero perturbation
-`h + d` made inside the traced function (what Flax's `perturb` does, but
-made at the shape of this call, so any batch size works), and one backward pass
-gives `dL/dh = dL/dd` for every tap at once.
+function runs, so the model's code is never edited (`rgft_jax._intercept`).
+Each measured output goes through an identity whose backward pass collects
+per-example statistics (`rgft_jax._attribution`), so one backward pass gives
+every component's attribution; the components and the parameters they own
+come from the same calls (`rgft_jax._discovery`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import inspect
-import re
 from collections.abc import Callable
 from collections.abc import Collection
 from typing import Any
@@ -26,43 +20,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rgft_jax._attribution import METHODS
+from rgft_jax._attribution import cheap_map
+from rgft_jax._attribution import probe
+from rgft_jax._attribution import stats_shape
+from rgft_jax._collectives import Abstract
+from rgft_jax._collectives import across
 from rgft_jax._components import Components
+from rgft_jax._discovery import NORM_CLASS
+from rgft_jax._discovery import Select
+from rgft_jax._discovery import build_components
+from rgft_jax._discovery import columns
+from rgft_jax._discovery import describe
+from rgft_jax._discovery import is_branch
+from rgft_jax._discovery import ordered_names
+from rgft_jax._intercept import Call
+from rgft_jax._intercept import Embed
+from rgft_jax._intercept import Path
+from rgft_jax._intercept import Tap
+from rgft_jax._intercept import check_lifted
+from rgft_jax._intercept import linen_head_projection
+from rgft_jax._intercept import linen_run
+from rgft_jax._intercept import nnx_head_projections
+from rgft_jax._intercept import nnx_run
 
-Path = tuple[str, ...]
 Module = nn.Module | nnx.Module
-Select = str | Callable[[Path, Module], bool]
-
-METHODS = ("norm_product", "taylor", "ablation")
-_BRANCH_CLASS = re.compile(r"(?i)mlp|feed_?forward|ffn")
-_NORM_CLASS = re.compile(r"(?i)norm")
-
-
-_ATTENTION = (nn.MultiHeadDotProductAttention, nnx.MultiHeadAttention)
-
-
-def _is_branch(path: Path, module: Module) -> bool:
-  """A transformer block's attention or MLP branch."""
-  del path
-  return isinstance(module, _ATTENTION) or bool(
-    _BRANCH_CLASS.search(type(module).__name__)
-  )
-
-
-def _is_linen_head_projection(path: Path, module: nn.Module) -> bool:
-  """The output projection of `nn.MultiHeadDotProductAttention` (its input is per head)."""
-  del path
-  return (
-    isinstance(module, nn.DenseGeneral)
-    and module.name == "out"
-    and isinstance(module.parent, nn.MultiHeadDotProductAttention)
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tap:
-  path: Path
-  heads: int | None  # Number of heads for a per-head tap, None for a whole output.
-  feeder: Path | None = None  # Norm layer called just before, owned with the tap.
 
 
 class ErrorTracker:
@@ -154,26 +136,29 @@ class ErrorTracker:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
-      return _is_branch(path, module)
+      return is_branch(path, module)
     return bool(self.select(path, module))
 
-  def _handler(
-    self, visit: Callable[[_Tap, Any], Any], calls: list | None, is_head_projection
-  ):
-    """`handle(path, module, next_fun, args, kwargs)` for one module call.
+  def _handler(self, visit, calls: list | None, is_head_projection):
+    """`handle(call, next_fun, args, kwargs)` for one module call.
 
-    Passes each tapped value through `visit(tap, value)`; with `calls`, also
-    records `(path, module)` of every call, in order.
+    Passes each tapped value through `visit(tap, value, read)`; with `calls`,
+    also records `(path, module)` of every call, in order.
     """
     last_done: dict[Path, tuple[Path, Module]] = {}
 
-    def handle(path, module, next_fun, args, kwargs, lifted=None):
+    def tap(call: Call, path: Path, heads: int | None, feeder: Path | None) -> Tap:
+      check_lifted(path, call.lifted)
+      stacked = call.stacked()
+      layers, root = stacked if stacked is not None else (None, ())
+      return Tap(path, heads, feeder, call.path, layers, root)
+
+    def handle(call: Call, next_fun, args, kwargs):
+      path, module = call.path, call.module
       if calls is not None:
         calls.append((path, module))
       if self.select == "heads" and is_head_projection(path, module):
-        _refuse_lifted(path, lifted)
-        heads = args[0].shape[-2]
-        x = visit(_Tap(path[:-1], heads), args[0])
+        x = visit(tap(call, path[:-1], args[0].shape[-2], None), args[0], call.read)
         return next_fun(x, *args[1:], **kwargs)
       before = last_done.get(path[:-1]) if path else None
       out = next_fun(*args, **kwargs)
@@ -181,48 +166,26 @@ class ErrorTracker:
         last_done[path[:-1]] = (path, module)
       if not self._wants_output(path, module):
         return out
-      _refuse_lifted(path, lifted)
       feeder = None
-      if before is not None and _NORM_CLASS.search(type(before[1]).__name__):
+      if before is not None and NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
-      return visit(_Tap(path, None, feeder), out)
+      return visit(tap(call, path, None, feeder), out, call.read)
 
     return handle
 
   def _bind(self, loss_fn: Callable[..., Any], model_or_params: Any, args, kwargs):
     """`(params, run, finish)` for `loss_fn(model_or_params, *args, **kwargs)`.
 
-    `run(params, visit, calls=None)` calls the loss function on `params` with
-    the taps in place and returns `(output, state)`; `finish(state)` writes the
-    model state the call changed back (NNX) or does nothing (Linen).
+    `run(params, visit, embed=None, calls=None)` calls the loss function on
+    `params` with the taps in place and returns `(output, state)`;
+    `finish(state)` writes the model state the call changed back (NNX) or
+    does nothing (Linen).
     """
     if not self._is_nnx:
 
-      def run(params, visit, calls=None):
-        handle = self._handler(visit, calls, _is_linen_head_projection)
-
-        # Modules inside a lifted transform (nn.scan, nn.remat, ...) run in
-        # scopes of their own, whose root is not the model's.
-        seen = {"root": None, "lifted": "a lifted transform"}
-
-        def interceptor(next_fun, call_args, call_kwargs, context):
-          kind = type(context.module)
-          if kind.__module__ == "flax.linen.transforms":  # nn.scan(Block), say.
-            seen["lifted"] = kind.__name__
-            return next_fun(*call_args, **call_kwargs)
-          root = context.module.scope
-          while root.parent is not None:
-            root = root.parent
-          if seen["root"] is None:
-            seen["root"] = root
-          if context.method_name != "__call__":
-            return next_fun(*call_args, **call_kwargs)
-          path = tuple(context.module.scope.path)
-          inside = None if root is seen["root"] else seen["lifted"]
-          return handle(path, context.module, next_fun, call_args, call_kwargs, inside)
-
-        with nn.intercept_methods(interceptor):
-          return loss_fn(params, *args, **kwargs), None
+      def run(params, visit, embed=None, calls=None):
+        handle = self._handler(visit, calls, linen_head_projection)
+        return linen_run(loss_fn, params, handle, embed, args, kwargs), None
 
       return model_or_params, run, lambda state: None
 
@@ -234,28 +197,29 @@ class ErrorTracker:
       )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def run(params, visit, calls=None, rest=rest):
+    def run(params, visit, embed=None, calls=None):
       live = nnx.merge(graphdef, params, rest, copy=True)
-      with _nnx_taps(live, self._handler(visit, calls, _is_nnx_head_projection(live))):
-        out = loss_fn(live, *args, **kwargs)
+      handle = self._handler(visit, calls, nnx_head_projections(live))
+      out = nnx_run(loss_fn, live, handle, embed, args, kwargs)
       return out, nnx.split(live, nnx.Param, ...)[2]
 
     return params, run, lambda state: nnx.update(model, state)
 
-  def _record(self, run, params) -> tuple[list[tuple[_Tap, Any]], list]:
+  def _record(self, run, params) -> tuple[list[tuple[Tap, Any]], list]:
     """Taps (with abstract values) and module calls of `run(params, ...)`."""
     taps, calls = [], []
 
-    def visit(tap, value):
+    def visit(tap, value, read):
+      del read
       _check_tappable(tap, value)
-      taps.append((tap, jax.tree.map(_Abstract.of, value)))
+      taps.append((tap, jax.tree.map(Abstract.of, value)))
       return value
 
-    jax.eval_shape(lambda p: run(p, visit, calls)[0], params)
+    jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
     if not taps:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
-        f"select={_describe(self.select)} matched no submodule of "
+        f"select={describe(self.select)} matched no submodule of "
         f"{type(self.model).__name__}; its submodules are: {modules}."
       )
     return taps, calls
@@ -276,6 +240,14 @@ class ErrorTracker:
     parameter (embeddings, a new head, shared biases) is in no component;
     `Components.unassigned(params)` lists them. Names come in the order the
     model calls the tapped modules (input side first).
+
+    Inside a scan over layers (`nn.scan` or `nnx.scan` of a module whose
+    parameters are stacked on a leading layer axis, with or without remat),
+    each layer is a component of its own, owning its slice of the stacked
+    parameters and named like the same model unrolled into a list:
+    `layers/3/mlp` for layer 3 of the scanned module `layers`. Taps inside
+    other lifted transforms (vmap, nested scans) are refused here, naming the
+    transform.
     """
     # Abstract inputs (jax.ShapeDtypeStruct) stand for arrays of their shape.
     inputs = jax.tree.map(
@@ -303,29 +275,9 @@ class ErrorTracker:
         return self.model.apply({"params": p}, *inputs, **kwargs)
 
     bound, run, _ = self._bind(call, model, (), {})
-    taps, _ = self._record(run, bound)
-    rules = []
-    seen = set()
-    for tap, _ in sorted(taps, key=lambda t: -len(t[0].path)):
-      if tap in seen:
-        continue
-      seen.add(tap)
-      prefix = re.escape("/".join(tap.path))
-      name = "/".join(tap.path).replace("\\", "\\\\")
-      if tap.heads is None:
-        rules.append((prefix + r"/.*", name))
-        if tap.feeder is not None:
-          rules.append((re.escape("/".join(tap.feeder)) + r"/.*", name))
-      else:
-        head_name = name + "/head{head}"
-        rules += [
-          (prefix + r"/(query|key|value)/(kernel|bias)", head_name, -2),
-          (prefix + r"/out/kernel", head_name, 0),
-        ]
-    rules.append((r".*", None))
-    comps = Components.from_regex(params, rules)
-    called = [name for tap, _ in taps for name, _ in _columns(tap)]
-    comps = _in_order(comps, list(dict.fromkeys(called)))
+    recorded, _ = self._record(run, bound)
+    taps = [tap for tap, _ in recorded]
+    comps = build_components(params, taps, ordered_names(taps))
     # Taps that own no parameter (a dropout, a parent of tapped children) are
     # no component: `value_and_grad` leaves them out of the error map too.
     self._owned = comps.names
@@ -355,15 +307,18 @@ class ErrorTracker:
 
     `measure` limits the attribution to those component names; the others
     get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
-    their outputs are not perturbed, so the backward pass need not reach them.
+    their outputs are not probed.
 
     `detach` names components whose output is detached: `h` becomes
-    `stop_gradient(h) + d`, so no gradient flows back through the component
+    `stop_gradient(h)`, so no gradient flows back through the component
     (XLA drops its whole backward pass, weight and input gradients) while
     the rest of the model is differentiated as usual. A detached component is
-    still measured: `dL/dd` is the cotangent at its output, so its attribution
-    equals the undetached one on the same batch. Its parameters get zero
-    gradients (a head's slice of the output projection still gets its own).
+    still measured: the cotangent at its output is computed anyway. Its
+    parameters get zero gradients (a head's slice of the output projection
+    still gets its own). Inside a scan over layers, detaching some layers of
+    a tap and not others is a mask: the gradients are those of the detached
+    model, but the scan's one body still runs every layer's backward pass,
+    so only detaching a tap in every layer saves compute.
 
     Inside `jax.shard_map` with the batch split over `axis_name` (parameters
     replicated), pass `axis_name`: the loss and the error map are averaged
@@ -376,7 +331,8 @@ class ErrorTracker:
     def wrapped(model_or_params, *args, **kwargs):
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
       recorded, _ = self._record(run, params)
-      names = list(dict.fromkeys(n for tap, _ in recorded for n, _ in _columns(tap)))
+      taps = list(dict.fromkeys(tap for tap, _ in recorded))
+      names = ordered_names(taps)
       if self._owned is not None:
         names = [n for n in names if n in self._owned]
       wanted = set(names) if measure is None else set(measure)
@@ -387,246 +343,166 @@ class ErrorTracker:
             f"{what} names unknown components {sorted(given - set(names))}; "
             f"the components are {names}."
           )
-      recorded = [
-        (tap, v) for tap, v in recorded if any(n in wanted for n, _ in _columns(tap))
-      ]
-      measured = {tap for tap, _ in recorded}
+      measured = [t for t in taps if any(n in wanted for n, _, _ in columns(t))]
 
       def complete(error_map):
         nan = jnp.full((), jnp.nan, jnp.float32)
         return {n: error_map[n] if n in wanted else nan for n in names}
 
       if self.method == "ablation":
-        taps = [tap for tap, _ in recorded]
-        (loss, aux), grads, error_map, state = self._ablation(
-          run, has_aux, taps, params, detached
+        (loss, aux), grads, error_map, state = _ablation(
+          run, has_aux, measured, params, detached
         )
-        finish(state)
-        error_map = complete(error_map)
-        if axis_name is not None:
-          loss, grads, error_map = _across(axis_name, loss, grads, error_map)
-        return ((loss, aux) if has_aux else loss), grads, error_map
-
-      def perturbed(params, deltas):
-        values = []
-        it = iter(deltas)
-
-        def visit(tap, value):
-          if tap not in measured:
-            return _detach(tap, value, detached)
-          values.append((tap, value))
-          return jax.tree.map(jnp.add, _detach(tap, value, detached), next(it))
-
-        out, state = run(params, visit)
-        loss, aux = out if has_aux else (out, None)
-        return loss, (aux, values, state)
-
-      zeros = [jax.tree.map(_Abstract.zeros, v) for _, v in recorded]
-      (loss, (aux, values, state)), (grads, dgrads) = jax.value_and_grad(
-        perturbed, argnums=(0, 1), has_aux=True
-      )(params, zeros)
+      else:
+        (loss, aux), grads, error_map, state = _cheap(
+          self.method, run, has_aux, recorded, measured, params, detached
+        )
       finish(state)
-      error_map = complete(self._cheap_map(values, dgrads))
+      error_map = complete(error_map)
       if axis_name is not None:
-        loss, grads, error_map = _across(axis_name, loss, grads, error_map)
+        loss, grads, error_map = across(axis_name, loss, grads, error_map)
       return ((loss, aux) if has_aux else loss), grads, error_map
 
     return wrapped
 
-  def _cheap_map(self, values, dgrads) -> dict[str, jax.Array]:
-    per_example: dict[str, jax.Array] = {}
-    batch = None
-    for (tap, h), g in zip(values, dgrads, strict=True):
-      h_leaves, g_leaves = jax.tree.leaves(h), jax.tree.leaves(g)
-      b = h_leaves[0].shape[0]
-      batch = b if batch is None else batch
-      if b != batch:
-        raise ValueError(
-          f"Tapped outputs disagree on the batch size (leading axis): {'/'.join(tap.path)} "
-          f"has {b}, an earlier tap has {batch}."
-        )
-      # Per-example gradient of a batch-mean loss: B times the batch gradient.
-      hh = sum(_per_example(x * x, tap) for x in _f32(h_leaves))
-      gg = sum(_per_example(x * x, tap) for x in _f32(g_leaves)) * float(b) ** 2
-      gh = sum(
-        _per_example(x * y, tap)
-        for x, y in zip(_f32(g_leaves), _f32(h_leaves), strict=True)
-      ) * float(b)
-      for name, cols in _columns(tap):
-        prev = per_example.get(name)
-        if self.method == "norm_product":
-          val = (
-            jnp.sqrt(gg[:, cols]) * jnp.sqrt(hh[:, cols])
-            if cols is not None
-            else jnp.sqrt(gg) * jnp.sqrt(hh)
-          )
-        else:
-          val = gh[:, cols] if cols is not None else gh
-        per_example[name] = val if prev is None else prev + val
-    if self.method == "taylor":
-      per_example = {k: jnp.abs(v) for k, v in per_example.items()}
-    return {k: jnp.mean(v) for k, v in per_example.items()}
 
-  def _ablation(self, run, has_aux, taps, params, detached):
-    names = list(dict.fromkeys(name for tap in taps for name, _ in _columns(tap)))
-    position = {name: i for i, name in enumerate(names)}
-
-    known = set(taps)
-
-    def masked_loss(params, keep):
-      def visit(tap, value):
-        value = _detach(tap, value, detached)
-        if tap not in known:
-          return value
-        idx = np.array([position[name] for name, _ in _columns(tap)])
-        k = keep[idx]
-
-        def scale(v):
-          if tap.heads is None:
-            return v * k[0].astype(v.dtype)
-          shape = (1,) * (v.ndim - 2) + (tap.heads, 1)  # Along the head axis.
-          return v * k.reshape(shape).astype(v.dtype)
-
-        return jax.tree.map(scale, value)
-
-      out, state = run(params, visit)
-      loss, aux = out if has_aux else (out, None)
-      return loss, (aux, state)
-
-    ones = jnp.ones(len(names), jnp.float32)
-    (loss, (aux, state)), grads = jax.value_and_grad(
-      lambda p: masked_loss(p, ones), has_aux=True
-    )(params)
-    # The ablated forwards' state changes are dropped: only the full call counts.
-    ablated = jax.lax.map(
-      lambda keep: masked_loss(params, keep)[0], 1.0 - jnp.eye(len(names))
-    )
-    diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
-    error_map = {name: diffs[i] for i, name in enumerate(names)}
-    return (loss, aux), grads, error_map, state
+def _stacked_table(tap: Tap, value) -> np.ndarray:
+  """`[L, C]` of `value(name)` over the columns of a tap inside a scan."""
+  table = np.zeros((tap.layers, tap.heads or 1), np.float32)
+  for name, layer, col in columns(tap):
+    table[layer, col] = value(name)
+  return table
 
 
-def _refuse_lifted(path: Path, lifted: str | None) -> None:
-  """A clear error for a tap inside a Linen lifted transform (not supported yet)."""
-  if lifted is None:
-    return
-  raise ValueError(
-    f"Cannot tap {'/'.join(path)!r}: it runs inside the lifted transform "
-    f"{lifted} (flax.linen.scan, remat/checkpoint, vmap, ...: Hugging Face's "
-    "gradient_checkpointing uses remat), and taps there are not supported yet. "
-    "Unroll the layers (scan=False, no remat) or select modules outside it."
-  )
+def _embed(taps, detached, **per_tap: dict[Tap, Any]) -> Embed:
+  """Leaves for the taps inside scans: detach masks and the given `per_tap` ones."""
+  embed: Embed = {}
+  for tap in taps:
+    if tap.layers is None:
+      continue
+    leaves = {k: v[tap] for k, v in per_tap.items() if tap in v}
+    mask = _stacked_table(tap, lambda n: n in detached)
+    if 0 < mask.sum() < mask.size:
+      leaves["detach"] = mask
+    if leaves:
+      embed.setdefault(tap.site, {}).update(leaves)
+  return embed
 
 
-def _describe(select: Select) -> str:
-  """What `select` looks for, for error messages."""
-  if select == "branches":
-    return (
-      "'branches' (looks for flax.linen.MultiHeadDotProductAttention, "
-      "flax.nnx.MultiHeadAttention, and modules whose class name matches "
-      f"{_BRANCH_CLASS.pattern!r})"
-    )
-  if select == "heads":
-    return (
-      "'heads' (looks for the `out` projection of flax.linen."
-      "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
-    )
-  try:
-    source = inspect.getsource(select).strip()
-  except (OSError, TypeError):
-    source = getattr(select, "__qualname__", repr(select))
-  return f"the predicate {source!r}"
-
-
-def _in_order(comps: Components, order: list[str]) -> Components:
-  """`comps` with its names in `order` (those that own parameters)."""
-  names = [n for n in order if n in comps.names]
-  position = {n: i for i, n in enumerate(names)}
-  new = np.array([position[n] for n in comps.names] + [-1], np.int32)  # -1 stays.
-  return Components(
-    tuple(names), jax.tree.map(lambda i: new[np.asarray(i)], comps.index)
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Abstract:
-  """Shape, dtype and varying manual axes (inside `shard_map`) of a tapped value."""
-
-  shape: tuple[int, ...]
-  dtype: Any
-  vma: tuple[str, ...] = ()
-
-  @classmethod
-  def of(cls, value) -> _Abstract:
-    return cls(tuple(value.shape), value.dtype, tuple(sorted(_varying(value))))
-
-  def zeros(self) -> jax.Array:
-    z = jnp.zeros(self.shape, self.dtype)
-    # Varying like the value it perturbs, so its gradient is per device.
-    return jax.lax.pcast(z, self.vma, to="varying") if self.vma else z
-
-
-def _varying(x) -> frozenset[str]:
-  """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)  # Newer JAX.
-  varying = mat.varying if mat is not None else getattr(aval, "vma", ())
-  return frozenset(varying or ())
-
-
-def _across(axis_name, loss, grads, error_map):
-  """Loss, gradients and error map of the whole batch split over `axis_name`.
-
-  With `shard_map`'s varying-axes checks on (the default), the loss varies
-  over the axis and the gradient of a replicated parameter arrives already
-  summed over it; with them off, every gradient is the local one.
-  """
-  axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  size = jax.lax.psum(1, axes)
-  checked = set(axes) <= _varying(loss)
-
-  def grad(g):
-    summed = checked and not set(axes) & _varying(g)
-    return g / size if summed else jax.lax.pmean(g, axes)
-
-  loss = jax.lax.pmean(loss, axes)
-  error_map = {k: jax.lax.pmean(v, axes) for k, v in error_map.items()}
-  return loss, jax.tree.map(grad, grads), error_map
-
-
-def _f32(leaves):
-  return [jnp.asarray(x, jnp.float32) for x in leaves]
-
-
-def _per_example(x: jax.Array, tap: _Tap) -> jax.Array:
-  """Sums over all axes but the batch (and the head axis of a per-head tap)."""
-  if tap.heads is None:
-    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
-  x = jnp.moveaxis(x, -2, 1)
-  return jnp.sum(x.reshape(x.shape[0], x.shape[1], -1), axis=2)
-
-
-def _detach(tap: _Tap, value: Any, detached: frozenset[str]) -> Any:
+def _detach(tap: Tap, value: Any, read, detached: frozenset[str]) -> Any:
   """`value` with the outputs of `detached` components behind `stop_gradient`."""
-  cols = [c for name, c in _columns(tap) if name in detached]
+  cols = [(layer, col) for name, layer, col in columns(tap) if name in detached]
   if not cols:
     return value
-  if tap.heads is None or len(cols) == tap.heads:
+  if len(cols) == len(columns(tap)):
     return jax.tree.map(jax.lax.stop_gradient, value)
-  mask = np.zeros(tap.heads, bool)
-  mask[cols] = True
-  mask = mask[:, None]  # Heads on the second-to-last axis.
+  if tap.layers is None:  # Some heads.
+    mask = np.zeros(tap.heads, bool)
+    mask[[col for _, col in cols]] = True
+  else:  # This layer's slice of the mask.
+    mask = read("detach") > 0
+  mask = mask[:, None] if tap.heads is not None else mask[0]  # Heads on axis -2.
   return jax.tree.map(lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value)
 
 
-def _columns(tap: _Tap) -> list[tuple[str, int | None]]:
-  name = "/".join(tap.path)
-  if tap.heads is None:
-    return [(name, None)]
-  return [(f"{name}/head{h}", h) for h in range(tap.heads)]
+def _cheap(method, run, has_aux, recorded, measured, params, detached):
+  """Loss, gradients and the norm_product/taylor map in one backward pass."""
+  measured = set(measured)
+  plain = [(tap, v) for tap, v in recorded if tap in measured and tap.layers is None]
+  stacked = list(dict.fromkeys(t for t, _ in recorded if t in measured and t.layers))
+  first = {}
+  for tap, v in recorded:
+    first.setdefault(tap, v)
+
+  def stats_zeros(tap, value, lead=()):
+    vma = jax.tree.leaves(value, is_leaf=lambda x: isinstance(x, Abstract))[0].vma
+    return Abstract(lead + stats_shape(tap, value), jnp.float32, vma).zeros()
+
+  def perturbed(params, probes):
+    plain_probes, stacked_probes = probes
+    it = iter(plain_probes)
+    by_tap = dict(zip(stacked, stacked_probes, strict=True))
+
+    def visit(tap, value, read):
+      value = _detach(tap, value, read, detached)
+      if tap not in measured:
+        return value
+      if tap.layers is None:
+        s = next(it, None)
+        if s is None:
+          raise RuntimeError(
+            f"{'/'.join(tap.path)!r} was called more often than when the "
+            "taps were recorded; the loss function must call the model the "
+            "same way every time."
+          )
+      else:
+        s = read("probe")
+      return probe(value, s, tap.heads)
+
+    embed = _embed(first, detached, probe=by_tap)
+    out, state = run(params, visit, embed)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, state)
+
+  zeros = (
+    [stats_zeros(tap, v) for tap, v in plain],
+    [stats_zeros(tap, first[tap], (tap.layers,)) for tap in stacked],
+  )
+  (loss, (aux, state)), (grads, (d_plain, d_stacked)) = jax.value_and_grad(
+    perturbed, argnums=(0, 1), has_aux=True
+  )(params, zeros)
+  stats = [(tap, s) for (tap, _), s in zip(plain, d_plain, strict=True)]
+  stats += list(zip(stacked, d_stacked, strict=True))
+  return (loss, aux), grads, cheap_map(method, stats), state
 
 
-def _check_tappable(tap: _Tap, value: Any) -> None:
+def _ablation(run, has_aux, taps, params, detached):
+  """Loss, gradients and the exact `L - L(component output zeroed)` map."""
+  names = list(dict.fromkeys(name for tap in taps for name, _, _ in columns(tap)))
+  position = {name: i for i, name in enumerate(names)}
+  known = set(taps)
+
+  def masked_loss(params, keep):
+    def visit(tap, value, read):
+      value = _detach(tap, value, read, detached)
+      if tap not in known:
+        return value
+      if tap.layers is None:
+        k = keep[np.array([position[name] for name, _, _ in columns(tap)])]
+      else:
+        k = read("keep")
+
+      def scale(v):
+        if tap.heads is None:
+          return v * k[0].astype(v.dtype)
+        shape = (1,) * (v.ndim - 2) + (tap.heads, 1)  # Along the head axis.
+        return v * k.reshape(shape).astype(v.dtype)
+
+      return jax.tree.map(scale, value)
+
+    keeps = {
+      tap: keep[_stacked_table(tap, position.__getitem__).astype(np.int32)]
+      for tap in taps
+      if tap.layers is not None
+    }
+    out, state = run(params, visit, _embed(taps, detached, keep=keeps))
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, state)
+
+  ones = jnp.ones(len(names), jnp.float32)
+  (loss, (aux, state)), grads = jax.value_and_grad(
+    lambda p: masked_loss(p, ones), has_aux=True
+  )(params)
+  # The ablated forwards' state changes are dropped: only the full call counts.
+  ablated = jax.lax.map(
+    lambda keep: masked_loss(params, keep)[0], 1.0 - jnp.eye(len(names))
+  )
+  diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
+  error_map = {name: diffs[i] for i, name in enumerate(names)}
+  return (loss, aux), grads, error_map, state
+
+
+def _check_tappable(tap: Tap, value: Any) -> None:
   leaves = jax.tree.leaves(value)
   bad = [
     type(v).__name__ if not hasattr(v, "shape") else f"{v.dtype}{list(v.shape)}"
@@ -640,61 +516,3 @@ def _check_tappable(tap: _Tap, value: Any) -> None:
       f"Cannot tap the output of {'/'.join(tap.path)!r}: every leaf must be a "
       f"floating array with a leading batch axis; got {bad or 'no arrays'}."
     )
-
-
-def _is_nnx_head_projection(model: nnx.Module) -> Callable[[Path, Any], bool]:
-  """Whether `(path, module)` is the output projection of an `nnx.MultiHeadAttention`."""
-  attention = {
-    tuple(str(k) for k in path)
-    for path, m in nnx.iter_modules(model)
-    if isinstance(m, nnx.MultiHeadAttention)
-  }
-  return lambda path, module: (
-    bool(path) and path[-1] == "out" and path[:-1] in attention
-  )
-
-
-@contextlib.contextmanager
-def _nnx_taps(model: nnx.Module, handle):
-  """Routes every `__call__` of `model`'s submodules through `handle`.
-
-  NNX has no method interceptor, so each class defining `__call__` among the
-  model's modules gets a wrapper for the duration of the context. The wrapper
-  acts only on this model's module objects and only on the outermost
-  `__call__` of each (a subclass calling `super().__call__` is one call); any
-  other instance runs unchanged. Tracing is single-threaded in practice, but
-  another thread calling the same classes meanwhile would see the wrapper too.
-  """
-  modules = {
-    id(m): (tuple(str(k) for k in path), m) for path, m in nnx.iter_modules(model)
-  }
-  classes = {
-    cls
-    for _, m in modules.values()
-    for cls in type(m).__mro__
-    if "__call__" in vars(cls) and cls not in (object, nnx.Module)
-  }
-  active: set[int] = set()
-
-  def wrap(original):
-    @functools.wraps(original)
-    def call(self, *args, **kwargs):
-      entry = modules.get(id(self))
-      if entry is None or entry[1] is not self or id(self) in active:
-        return original(self, *args, **kwargs)
-      active.add(id(self))
-      try:
-        return handle(entry[0], self, functools.partial(original, self), args, kwargs)
-      finally:
-        active.discard(id(self))
-
-    return call
-
-  originals = {cls: vars(cls)["__call__"] for cls in classes}
-  try:
-    for cls, original in originals.items():
-      cls.__call__ = wrap(original)
-    yield
-  finally:
-    for cls, original in originals.items():
-      cls.__call__ = original

@@ -526,33 +526,3 @@ def test_errors_say_what_was_looked_for():
 
   with pytest.raises(TypeError, match=r"pass its `.module`"):
     rgft_jax.ErrorTracker(Wrapper(model, params))
-
-
-@pytest.mark.parametrize("lift", ["scan", "remat"])
-def test_a_tap_inside_a_lifted_transform_is_a_clear_error(lift):
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-      return x + MlpBlock()(x), None
-
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      if lift == "scan":
-        block = nn.scan(
-          Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
-        )
-      else:
-        block = nn.remat(Block)
-      x, _ = block()(x, None)
-      return x
-
-  model = Net()
-  x = jnp.ones((2, WIDTH))
-  params = model.init(jax.random.key(0), x)["params"]
-  tracker = rgft_jax.ErrorTracker(model, select="branches")
-  name = "ScanBlock" if lift == "scan" else "CheckpointBlock"
-  with pytest.raises(ValueError, match=rf"inside the lifted transform {name}"):
-    tracker.components(params, x)
-  with pytest.raises(ValueError, match=rf"inside the lifted transform {name}"):
-    tracker.value_and_grad(lambda p, x: model.apply({"params": p}, x).sum())(params, x)

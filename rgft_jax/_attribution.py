@@ -1,0 +1,106 @@
+"""Per-example attribution statistics, collected in the backward pass.
+
+A measured tap's value `h` goes through `probe(h, s)`, an identity whose
+backward pass also returns, as the cotangent of the zero array `s`, three
+statistics per example and column (head): `||g||^2`, `||h||^2` and `<g, h>`,
+where `g = dL/dh` of the batch-mean loss. Nothing is carried out of the traced
+function but gradients, so taps work inside `jax.checkpoint` (remat) and, with
+`s` a slice of a stacked leaf, inside a scan over layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rgft_jax._discovery import columns
+from rgft_jax._intercept import Tap
+
+METHODS = ("norm_product", "taylor", "ablation")
+STATS = 3  # ||g||^2, ||h||^2, <g, h>.
+
+
+def _per_example(x: jax.Array, heads: int | None) -> jax.Array:
+  """`[B, C]` sums over all axes but the batch (and the head axis, -2)."""
+  if heads is None:
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)[:, None]
+  x = jnp.moveaxis(x, -2, 1)
+  return jnp.sum(x.reshape(x.shape[0], x.shape[1], -1), axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _probe(leaves, s, heads):
+  del s, heads
+  return leaves
+
+
+def _probe_fwd(leaves, s, heads):
+  del s, heads
+  return leaves, leaves
+
+
+def _probe_bwd(heads, leaves, g):
+  hs = [jnp.asarray(x, jnp.float32) for x in leaves]
+  gs = [jnp.asarray(x, jnp.float32) for x in g]
+  stats = jnp.stack(
+    [
+      sum(_per_example(x * x, heads) for x in gs),
+      sum(_per_example(x * x, heads) for x in hs),
+      sum(_per_example(x * y, heads) for x, y in zip(gs, hs, strict=True)),
+    ],
+    axis=-1,
+  )
+  return g, stats
+
+
+_probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def probe(value: Any, s: jax.Array, heads: int | None) -> Any:
+  """`value`, whose backward pass writes the statistics into `s`'s cotangent."""
+  leaves, treedef = jax.tree.flatten(value)
+  return jax.tree.unflatten(treedef, list(_probe(tuple(leaves), s, heads)))
+
+
+def stats_shape(tap: Tap, value: Any) -> tuple[int, ...]:
+  """Shape of the statistics of one call of `tap` on `value` (per layer)."""
+  batch = jax.tree.leaves(value)[0].shape[0]
+  return (batch, tap.heads or 1, STATS)
+
+
+def cheap_map(
+  method: str, stats: Sequence[tuple[Tap, jax.Array]]
+) -> dict[str, jax.Array]:
+  """The batch's error map from each measured call's statistics.
+
+  `stats` holds `(tap, s)` with `s` of shape `[B, C, 3]`, or `[L, B, C, 3]`
+  for a tap inside a scan. With a batch-mean loss of B examples, the
+  per-example gradient is `B g`: norm_product is `B ||g_b|| ||h_b||` and
+  taylor `|B <g_b, h_b>|`, summed over a component's calls, then averaged
+  over the batch.
+  """
+  per_example: dict[str, jax.Array] = {}
+  batch = None
+  for tap, s in stats:
+    b = s.shape[-3]
+    if batch is not None and b != batch:
+      raise ValueError(
+        f"Tapped outputs disagree on the batch size (leading axis): "
+        f"{'/'.join(tap.path)} has {b}, an earlier tap has {batch}."
+      )
+    batch = b
+    for name, layer, col in columns(tap):
+      gg, hh, gh = jnp.moveaxis((s if layer is None else s[layer])[:, col], -1, 0)
+      if method == "norm_product":
+        val = jnp.sqrt(gg) * jnp.sqrt(hh) * b
+      else:
+        val = gh * b
+      prev = per_example.get(name)
+      per_example[name] = val if prev is None else prev + val
+  if method == "taylor":
+    per_example = {k: jnp.abs(v) for k, v in per_example.items()}
+  return {k: jnp.mean(v) for k, v in per_example.items()}

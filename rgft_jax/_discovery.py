@@ -1,0 +1,170 @@
+"""Which module calls are components, their names, and the parameters they own."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+from rgft_jax._components import Components
+from rgft_jax._components import _is_variable
+from rgft_jax._components import path_str
+from rgft_jax._intercept import Path
+from rgft_jax._intercept import Tap
+
+Module = nn.Module | nnx.Module
+Select = str | Callable[[Path, Module], bool]
+
+BRANCH_CLASS = re.compile(r"(?i)mlp|feed_?forward|ffn")
+NORM_CLASS = re.compile(r"(?i)norm")
+_ATTENTION = (nn.MultiHeadDotProductAttention, nnx.MultiHeadAttention)
+_HEAD_LEAVES = re.compile(r"(query|key|value)/(kernel|bias)")
+
+
+def is_branch(path: Path, module: Module) -> bool:
+  """A transformer block's attention or MLP branch."""
+  del path
+  return isinstance(module, _ATTENTION) or bool(
+    BRANCH_CLASS.search(type(module).__name__)
+  )
+
+
+def describe(select: Select) -> str:
+  """What `select` looks for, for error messages."""
+  if select == "branches":
+    return (
+      "'branches' (looks for flax.linen.MultiHeadDotProductAttention, "
+      "flax.nnx.MultiHeadAttention, and modules whose class name matches "
+      f"{BRANCH_CLASS.pattern!r})"
+    )
+  if select == "heads":
+    return (
+      "'heads' (looks for the `out` projection of flax.linen."
+      "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
+    )
+  try:
+    source = inspect.getsource(select).strip()
+  except (OSError, TypeError):
+    source = getattr(select, "__qualname__", repr(select))
+  return f"the predicate {source!r}"
+
+
+def columns(tap: Tap) -> list[tuple[str, int | None, int]]:
+  """`(component name, layer or None, column)` of each component `tap` measures.
+
+  The column indexes the tap's per-head axis (0 for a whole output). Inside a
+  scan over layers, layer `l` of the scanned module `root` is named like the
+  same model unrolled into a list, `root/l/...`.
+  """
+  layers = [None] if tap.layers is None else list(range(tap.layers))
+  out = []
+  for layer in layers:
+    if layer is None:
+      base = "/".join(tap.path)
+    else:
+      rest = tap.path[len(tap.root) :]
+      base = "/".join((*tap.root, str(layer), *rest))
+    if tap.heads is None:
+      out.append((base, layer, 0))
+    else:
+      out += [(f"{base}/head{h}", layer, h) for h in range(tap.heads)]
+  return out
+
+
+def ordered_names(taps: Sequence[Tap]) -> list[str]:
+  """Component names in call order; a scan's taps go layer by layer."""
+  taps = list(dict.fromkeys(taps))
+  names: list[str] = []
+  i = 0
+  while i < len(taps):
+    j = i + 1
+    if taps[i].layers is not None:
+      key = (taps[i].root, taps[i].layers)
+      while j < len(taps) and (taps[j].root, taps[j].layers) == key:
+        j += 1
+      group = [c for t in taps[i:j] for c in columns(t)]
+      group.sort(key=lambda c: c[1])  # Stable: call order within a layer.
+      names += [n for n, _, _ in group]
+    else:
+      names += [n for n, _, _ in columns(taps[i])]
+    i = j
+  return list(dict.fromkeys(names))
+
+
+def _owner(taps: Sequence[Tap], path: str) -> tuple[Tap, str] | None:
+  """The tap owning the parameter at `path` and how: 'whole', 'head' or 'out'.
+
+  The deepest tapped module wins; a pre-norm goes with the branch it feeds;
+  a head owns its slices of the query/key/value kernels and biases and of the
+  output kernel.
+  """
+  for tap in sorted(taps, key=lambda t: -len(t.path)):
+    prefix = "/".join(tap.path) + "/"
+    if not path.startswith(prefix):
+      if tap.feeder is not None and path.startswith("/".join(tap.feeder) + "/"):
+        return tap, "whole"
+      continue
+    rest = path[len(prefix) :]
+    if tap.heads is None:
+      return tap, "whole"
+    if _HEAD_LEAVES.fullmatch(rest):
+      return tap, "head"
+    if rest == "out/kernel":
+      return tap, "out"
+  return None
+
+
+def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
+  """The `Components` of `taps` over `params`, named in `order`.
+
+  Components that own no parameter are left out.
+  """
+  taps = list(dict.fromkeys(taps))
+  owners = {}  # Leaf path -> (tap, how, shape).
+
+  def visit(key_path, leaf):
+    path = path_str(key_path)
+    found = _owner(taps, path)
+    if found is not None:
+      owners[path] = (*found, tuple(np.shape(leaf)))
+    return leaf
+
+  jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_variable)
+  owned = {n for tap, _, _ in owners.values() for n, _, _ in columns(tap)}
+  names = [n for n in order if n in owned]
+  number = {n: i for i, n in enumerate(names)}
+
+  def index(key_path, leaf):
+    path = path_str(key_path)
+    if path not in owners:
+      return np.full((), -1, np.int32)
+    tap, how, shape = owners[path]
+    lead = 0 if tap.layers is None else 1
+    if tap.layers is not None and shape[:1] != (tap.layers,):
+      raise ValueError(
+        f"Parameter {path!r} of shape {shape} should have the {tap.layers} "
+        f"layers of {'/'.join(tap.root)!r} on its leading axis."
+      )
+    axes = [0] if lead else []
+    if how != "whole":
+      axes.append(len(shape) - 2 if how == "head" else lead)
+    table = np.full([tap.layers or 1, tap.heads or 1], -1, np.int32)
+    for name, layer, col in columns(tap):
+      table[layer or 0, col] = number.get(name, -1)
+    if not axes:
+      return np.asarray(table[0, 0], np.int32)
+    table = table[:, 0] if how == "whole" else (table if lead else table[0])
+    idx_shape = [1] * len(shape)
+    for a in axes:
+      idx_shape[a] = shape[a]
+    return table.reshape(idx_shape)
+
+  index_tree = jax.tree_util.tree_map_with_path(index, params, is_leaf=_is_variable)
+  return Components(tuple(names), index_tree)
