@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zipfile
 import zlib
 from typing import Any
@@ -54,6 +55,7 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   heads: int
   dropout: float = 0.0
+  carry: bool = False  # Return `(x, None)`, as the body of a scan over layers.
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -65,7 +67,8 @@ class Encoder1DBlock(nn.Module):
     x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = nn.LayerNorm(name="LayerNorm_2")(x)
     mlp = MlpBlock(self.mlp_dim, self.dropout, name="MlpBlock_3")
-    return x + mlp(y, deterministic=deterministic)
+    x = x + mlp(y, deterministic=deterministic)
+    return (x, None) if self.carry else x
 
 
 class AddPositionEmbs(nn.Module):
@@ -76,20 +79,40 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
+  """The blocks, as a loop (`encoderblock_{i}`) or, with `scan`, as big_vision's
+  one `encoderblock` scanned over layers, its parameters stacked on axis 0
+  (`scan_params` converts). `remat` recomputes each block in the backward pass."""
+
   depth: int
   mlp_dim: int
   heads: int
   dropout: float = 0.0
+  scan: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    for i in range(self.depth):
-      block = Encoder1DBlock(
-        self.mlp_dim, self.heads, self.dropout, name=f"encoderblock_{i}"
+    block = Encoder1DBlock
+    if self.remat:  # Argument 2 (after the module and x) is `deterministic`.
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(2,))
+    if self.scan:
+      scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=self.depth,
       )
-      x = block(x, deterministic)
+      x, _ = scanned(
+        self.mlp_dim, self.heads, self.dropout, carry=True, name="encoderblock"
+      )(x, deterministic)
+    else:
+      for i in range(self.depth):
+        x = block(self.mlp_dim, self.heads, self.dropout, name=f"encoderblock_{i}")(
+          x, deterministic
+        )
     return nn.LayerNorm(name="encoder_norm")(x)
 
 
@@ -98,6 +121,8 @@ class VisionTransformer(nn.Module):
   patch: int = 16
   size: str = "B"  # One of SIZES.
   dropout: float = 0.0
+  scan: bool = False  # Blocks scanned over layers (see `Encoder`).
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, deterministic=True):
@@ -113,12 +138,43 @@ class VisionTransformer(nn.Module):
     x = x.reshape(b, h * w, c)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
     x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
-    x = Encoder(s.depth, s.mlp_dim, s.heads, self.dropout, name="Transformer")(
-      x, deterministic
+    encoder = Encoder(
+      s.depth,
+      s.mlp_dim,
+      s.heads,
+      self.dropout,
+      self.scan,
+      self.remat,
+      name="Transformer",
     )
+    x = encoder(x, deterministic)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(
       x[:, 0]
     )
+
+
+def scan_params(params: dict[str, Any], scan: bool = True) -> dict[str, Any]:
+  """`params` in the layout of `VisionTransformer(scan=scan)`.
+
+  The published checkpoints (and `load_npz`) use the loop's layout, one
+  `Transformer/encoderblock_{i}` per block; the scanned layout stacks them
+  on a leading axis under `Transformer/encoderblock`. Either layout converts
+  to either; anything else is left as it is.
+  """
+  encoder = dict(params["Transformer"])
+  if scan and "encoderblock" not in encoder:
+    blocks = sorted(
+      (k for k in encoder if re.fullmatch(r"encoderblock_\d+", k)),
+      key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+    stacked = [encoder.pop(k) for k in blocks]
+    encoder["encoderblock"] = jax.tree.map(lambda *a: jnp.stack(a), *stacked)
+  elif not scan and "encoderblock" in encoder:
+    stacked = encoder.pop("encoderblock")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+      encoder[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return {**params, "Transformer": encoder}
 
 
 _POSEMB = "Transformer/posembed_input/pos_embedding"

@@ -1,4 +1,5 @@
 import io
+import re
 import zipfile
 
 import jax
@@ -10,6 +11,7 @@ import rgft_jax
 from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
+from experiments.vit import scan_params
 
 
 def test_parameter_layout_matches_vision_transformer_checkpoints():
@@ -59,6 +61,49 @@ def test_tracker_branches_on_vit_own_block_parameters():
   )  # Dense_0/1, LayerNorm_2.
   assert sizes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1"] == attn
   assert sizes["Transformer/encoderblock_1/MlpBlock_3"] == mlp
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_vit_is_the_looped_one_and_its_layers_are_components(remat):
+  looped = VisionTransformer(num_classes=5, patch=4, size="mu")
+  scanned = VisionTransformer(num_classes=5, patch=4, size="mu", scan=True, remat=remat)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  y = jnp.array([0, 3, 1])
+  params = looped.init(jax.random.key(0), x)["params"]
+  params["head"]["kernel"] = jax.random.normal(
+    jax.random.key(2), (SIZES["mu"].width, 5)
+  )
+  stacked = scan_params(params)
+  # The scanned model's own initialisation has the layout scan_params makes.
+  init = jax.eval_shape(scanned.init, jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, stacked)
+  jax.tree.map(np.testing.assert_array_equal, scan_params(stacked, scan=False), params)
+
+  def loss_fn(model):
+    def loss(p, x, y):
+      logits = model.apply({"params": p}, x)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+    return loss
+
+  maps = []
+  for model, p in ((looped, params), (scanned, stacked)):
+    tracker = rgft_jax.ErrorTracker(model, select="heads")
+    names = tracker.components(p, x).names
+    loss, grads, error_map = jax.jit(tracker.value_and_grad(loss_fn(model)))(p, x, y)
+    maps.append((names, loss, grads, error_map))
+  (names_l, loss_l, grads_l, map_l), (names_s, loss_s, grads_s, map_s) = maps
+  unroll = {n: re.sub(r"encoderblock/(\d+)/", r"encoderblock_\1/", n) for n in names_s}
+  assert [unroll[n] for n in names_s] == list(names_l)
+  assert len(names_s) == SIZES["mu"].depth * SIZES["mu"].heads
+  for n in names_s:
+    np.testing.assert_allclose(map_s[n], map_l[unroll[n]], rtol=1e-4, err_msg=n)
+  np.testing.assert_allclose(loss_s, loss_l, rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    scan_params(grads_s, scan=False),
+    grads_l,
+  )
 
 
 def _write_npz(path, params, extra=None):
