@@ -98,27 +98,61 @@ def ordered_names(taps: Sequence[Tap]) -> list[str]:
   return list(dict.fromkeys(names))
 
 
+def owned_paths(path: Path, given: Any) -> tuple[Path, ...]:
+  """The module paths an `owns(path, module)` callable returned, checked."""
+  if isinstance(given, (str, tuple)) and all(isinstance(p, str) for p in given):
+    given = [given]  # One path.
+  try:
+    out = tuple(tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in given)
+  except TypeError:
+    out = None
+  if not out or not all(p and all(isinstance(k, str) for k in p) for p in out):
+    raise TypeError(
+      f"owns({path!r}, module) must return module paths (tuples of names or "
+      f"'/'-joined strings), got {given!r}."
+    )
+  return out
+
+
+def _claims(tap: Tap) -> list[tuple[Path, str]]:
+  """`(module path, how)` of the parameters `tap` claims."""
+  if tap.owns is not None:
+    return [(p, "whole") for p in tap.owns]
+  claims = [(tap.path, "whole" if tap.heads is None else "heads")]
+  if tap.feeder is not None:
+    claims.append((tap.feeder, "whole"))
+  return claims
+
+
 def _owner(taps: Sequence[Tap], path: str) -> tuple[Tap, str] | None:
   """The tap owning the parameter at `path` and how: 'whole', 'head' or 'out'.
 
-  The deepest tapped module wins; a pre-norm goes with the branch it feeds;
-  a head owns its slices of the query/key/value kernels and biases and of the
-  output kernel.
+  The deepest claimed module path wins: a tapped module's own parameters, a
+  pre-norm with the branch it feeds, a head's slices of the query/key/value
+  kernels and biases and of the output kernel, or what `owns` gave.
   """
-  for tap in sorted(taps, key=lambda t: -len(t.path)):
-    prefix = "/".join(tap.path) + "/"
-    if not path.startswith(prefix):
-      if tap.feeder is not None and path.startswith("/".join(tap.feeder) + "/"):
-        return tap, "whole"
-      continue
-    rest = path[len(prefix) :]
-    if tap.heads is None:
-      return tap, "whole"
-    if _HEAD_LEAVES.fullmatch(rest):
-      return tap, "head"
-    if rest == "out/kernel":
-      return tap, "out"
-  return None
+  best, found = -1, []
+  for tap in taps:
+    for prefix, how in _claims(tap):
+      joined = "/".join(prefix) + "/"
+      if not path.startswith(joined) or len(prefix) < best:
+        continue
+      if how == "heads":
+        rest = path[len(joined) :]
+        how = "head" if _HEAD_LEAVES.fullmatch(rest) else "out"
+        if how == "out" and rest != "out/kernel":
+          continue
+      if len(prefix) > best:
+        best, found = len(prefix), []
+      found.append((tap, how))
+  owners = list(dict.fromkeys(found))
+  if len({t.path for t, _ in owners}) > 1 and any(t.owns for t, _ in owners):
+    raise ValueError(
+      f"Parameter {path!r} is claimed by the components of "
+      f"{sorted('/'.join(t.path) for t, _ in owners)} through the same module "
+      "path; give it to one of them (owns=)."
+    )
+  return owners[0] if owners else None
 
 
 def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
@@ -137,6 +171,14 @@ def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
     return leaf
 
   jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_variable)
+  for tap in taps:
+    for prefix in tap.owns or ():
+      joined = "/".join(prefix) + "/"
+      if not any(p.startswith(joined) for p in owners):
+        raise ValueError(
+          f"owns gave {'/'.join(tap.path)!r} the module path {'/'.join(prefix)!r}, "
+          "which holds no parameter it could own."
+        )
   owned = {n for tap, _, _ in owners.values() for n, _, _ in columns(tap)}
   names = [n for n in order if n in owned]
   number = {n: i for i, n in enumerate(names)}

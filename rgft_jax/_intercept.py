@@ -50,6 +50,8 @@ class Tap:
     layers: the length of the stacked layer axis the module's parameters are
       a slice of (inside a scan over layers), None outside a scan.
     root: the path of the scanned module (with `layers`).
+    owns: the module paths whose parameters the component owns, when given
+      apart from where it is measured (None: `path` and `feeder`).
   """
 
   path: Path
@@ -58,6 +60,7 @@ class Tap:
   site: Path = ()
   layers: int | None = None
   root: Path = ()
+  owns: tuple[Path, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from rgft_jax._discovery import columns
 from rgft_jax._discovery import describe
 from rgft_jax._discovery import is_branch
 from rgft_jax._discovery import ordered_names
+from rgft_jax._discovery import owned_paths
 from rgft_jax._intercept import Call
 from rgft_jax._intercept import Embed
 from rgft_jax._intercept import Path
@@ -64,6 +65,16 @@ class ErrorTracker:
     method: `"norm_product"` (per example `||dL/dh|| ||h||`, batch mean),
       `"taylor"` (per example `|<dL/dh, h>|`, batch mean) or `"ablation"`
       (exact `L - L(component output zeroed)`, one extra forward per component).
+    owns: which parameters each component scales, where that is not what
+      `select` measures: `owns(path, module)` gets a tapped module's path and
+      module and returns the module paths (tuples of names, or `/`-joined
+      strings, from the model's root) whose parameters the component owns, in
+      place of the default (the tapped module's own parameters and the norm
+      layer called just before it). Use it to measure at a Dense inside a
+      module that adds the residual itself (Hugging Face's `FlaxBertSelfOutput`)
+      while scaling the whole attention. A parameter under several components'
+      paths goes to the deepest path; two components claiming it through the
+      same path is an error. Not for `select="heads"`.
 
   The loss function must return the mean over the batch of per-example losses,
   and tapped outputs must have the batch on their leading axis: then
@@ -96,7 +107,11 @@ class ErrorTracker:
   """
 
   def __init__(
-    self, model: Module, select: Select = "branches", method: str = "norm_product"
+    self,
+    model: Module,
+    select: Select = "branches",
+    method: str = "norm_product",
+    owns: Callable[[Path, Module], Any] | None = None,
   ):
     if not isinstance(model, (nn.Module, nnx.Module)):
       hint = ""
@@ -122,8 +137,14 @@ class ErrorTracker:
         f"select must be a string or a callable, got {type(select).__name__}."
       )
     self.model = model
+    if owns is not None and (select == "heads" or not callable(owns)):
+      raise ValueError(
+        "owns must be a callable owns(path, module) -> module paths, and heads "
+        f"own their slices: got owns={owns!r} with select={select!r}."
+      )
     self.select = select
     self.method = method
+    self.owns = owns
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
 
   @property
@@ -151,7 +172,10 @@ class ErrorTracker:
       check_lifted(path, call.lifted)
       stacked = call.stacked()
       layers, root = stacked if stacked is not None else (None, ())
-      return Tap(path, heads, feeder, call.path, layers, root)
+      owns = None
+      if self.owns is not None and heads is None:
+        owns = owned_paths(path, self.owns(path, call.module))
+      return Tap(path, heads, feeder, call.path, layers, root, owns)
 
     def handle(call: Call, next_fun, args, kwargs):
       path, module = call.path, call.module

@@ -526,3 +526,114 @@ def test_errors_say_what_was_looked_for():
 
   with pytest.raises(TypeError, match=r"pass its `.module`"):
     rgft_jax.ErrorTracker(Wrapper(model, params))
+
+
+class PostNormSelfOutput(nn.Module):
+  """Hugging Face's `FlaxBertSelfOutput`: the residual is added inside."""
+
+  @nn.compact
+  def __call__(self, h, x):
+    return nn.LayerNorm(name="LayerNorm")(nn.Dense(WIDTH, name="dense")(h) + x)
+
+
+class PostNormAttention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.MultiHeadDotProductAttention(HEADS, out_features=WIDTH, name="self")(x)
+    return PostNormSelfOutput(name="output")(h, x)
+
+
+class PostNormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(WIDTH, name="embedding")(x)
+    for i in range(2):
+      x = PostNormAttention(name=f"layer_{i}")(x)
+    return nn.Dense(CLASSES, name="head")(x.mean(axis=1))
+
+
+def test_owns_scales_what_select_does_not_measure():
+  model = PostNormNet()
+  x, y = _data(4)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = _loss_fn(model)
+
+  def is_dense(path, module):  # Measure the branch before the residual joins.
+    return path[-2:] == ("output", "dense")
+
+  plain = rgft_jax.ErrorTracker(model, select=is_dense)
+  assert plain.components(params, x).owned_paths()["layer_0/output/dense"] == [
+    "layer_0/output/dense/bias",
+    "layer_0/output/dense/kernel",
+  ]
+  tracker = rgft_jax.ErrorTracker(model, select=is_dense, owns=lambda p, m: [p[:-2]])
+  comps = tracker.components(params, x)
+  assert comps.names == ("layer_0/output/dense", "layer_1/output/dense")
+  owned = comps.owned_paths()
+  for i in range(2):
+    expected = sorted(
+      "/".join(k.key for k in p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(params[f"layer_{i}"])[0]
+    )
+    assert sorted(owned[f"layer_{i}/output/dense"]) == [
+      f"layer_{i}/{p}" for p in expected
+    ]
+  assert comps.unassigned(params) == [
+    "embedding/bias",
+    "embedding/kernel",
+    "head/bias",
+    "head/kernel",
+  ]
+  # The attribution is still measured at the dense output: the same map as
+  # without owns, checked against an independent per-example computation.
+  _, _, error_map = jax.jit(tracker.value_and_grad(loss_fn))(params, x, y)
+
+  def example_loss(delta, name, xb, yb):
+    def add(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if "/".join(context.module.scope.path) == name:
+        out = out + delta
+      return out
+
+    with nn.intercept_methods(add):
+      return loss_fn(params, xb[None], yb[None])
+
+  for name, value in error_map.items():
+    expected = []
+    for b in range(len(y)):
+      h = {}
+
+      def grab(next_fun, args, kwargs, context, h=h):
+        out = next_fun(*args, **kwargs)
+        h["/".join(context.module.scope.path)] = out
+        return out
+
+      with nn.intercept_methods(grab):
+        model.apply({"params": params}, x[b : b + 1])
+      g = jax.grad(example_loss)(jnp.zeros_like(h[name]), name, x[b], y[b])
+      expected.append(np.linalg.norm(g) * np.linalg.norm(h[name]))
+    np.testing.assert_allclose(value, np.mean(expected), rtol=1e-4, err_msg=name)
+
+
+def test_owns_errors_name_the_problem():
+  model = PostNormNet()
+  x, _ = _data(2)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def is_dense(path, module):
+    return path[-2:] == ("output", "dense")
+
+  with pytest.raises(ValueError, match="holds no parameter"):
+    rgft_jax.ErrorTracker(
+      model, select=is_dense, owns=lambda p, m: ["layer_0/nothing"]
+    ).components(params, x)
+  with pytest.raises(ValueError, match="claimed by the components of"):
+    rgft_jax.ErrorTracker(
+      model, select=is_dense, owns=lambda p, m: ["layer_0"]
+    ).components(params, x)
+  with pytest.raises(TypeError, match="must return module paths"):
+    rgft_jax.ErrorTracker(model, select=is_dense, owns=lambda p, m: 3).components(
+      params, x
+    )
+  with pytest.raises(ValueError, match="heads own their slices"):
+    rgft_jax.ErrorTracker(model, select="heads", owns=lambda p, m: [p])
