@@ -1,0 +1,1 @@
+"""Byte-level language-model fine-tuning study: Python source -> English prose."""

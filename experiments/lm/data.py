@@ -1,0 +1,258 @@
+"""Byte corpora and input pipelines for the language-model study.
+
+Both corpora ship with every CPython, so nothing is downloaded:
+
+* `"stdlib"` (source domain): the standard library's Python source, read
+  through the interpreter's own `sysconfig.get_paths()["stdlib"]`. Files are
+  taken in sorted order of their relative paths until the next one would pass
+  `STDLIB_MAX_BYTES` (8 MiB; about 85% of the filtered 3.11 stdlib). Left out:
+  any directory named in `EXCLUDED_DIRS` (tests, IDLE, tkinter, turtledemo,
+  lib2to3, installed packages, and `pydoc_data`, which *is* the target corpus),
+  the build's `config-*` directory and `_sysconfigdata*` (machine-specific,
+  generated), and files that are not UTF-8 or contain a NUL byte.
+* `"pydoc"` (target domain): the English help topics of
+  `pydoc_data.topics.topics` (about 465 KB), in sorted topic order.
+
+Each document goes wholly to one split by a hash of its name (relative path
+or topic): bucket `int(sha256(name)[:8 bytes]) % 100`, `<80` train, `<90`
+validation, else test; adding a document never moves another (though under
+the stdlib cap a new file early in sorted order can push the last ones out).
+A split is the uint8 concatenation, in name order, of `DOC_START + document`
+for its documents. Both corpora change between Python versions, so a study
+stores `fingerprint()` with its results instead of trusting fixed checksums.
+
+`train_batches` is a `grain.MapDataset` indexed by step (`ds[step]` is the
+batch for that step, so a resumed run continues exactly); `eval_windows` is a
+fixed evaluation set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Mapping
+
+import grain
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+CORPORA = ("stdlib", "pydoc")  # (Source, target) domain.
+STDLIB_MAX_BYTES = 8 * 2**20
+EXCLUDED_DIRS = frozenset(
+  {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "pydoc_data",
+    "__pycache__",
+  }
+)
+DOC_START = b"\x00"  # Starts every document in a split.
+# Bumped whenever the bytes produced for the same files would change.
+_FORMAT = 1
+
+
+def split_of(name: str) -> str:
+  """The split of the document called `name`, from its SHA-256 bucket.
+
+  >>> split_of("assert"), split_of("os.py")
+  ('train', 'test')
+  """
+  digest = hashlib.sha256(name.encode("utf-8")).digest()
+  bucket = int.from_bytes(digest[:8], "big") % 100
+  return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
+
+
+def _excluded(relative_dir: str) -> bool:
+  parts = relative_dir.split("/") if relative_dir else []
+  return bool(
+    EXCLUDED_DIRS.intersection(parts) or (parts and parts[0].startswith("config-"))
+  )
+
+
+def stdlib_documents(
+  root: str | None = None, max_bytes: int = STDLIB_MAX_BYTES
+) -> dict[str, bytes]:
+  """The standard library's `.py` files as `{relative path: bytes}`, sorted.
+
+  Args:
+    root: The stdlib directory; this interpreter's when None.
+    max_bytes: Files are taken in sorted path order while their total stays
+      within it.
+  """
+  root = root or sysconfig.get_paths()["stdlib"]
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    relative = os.path.relpath(dirpath, root).replace(os.sep, "/")
+    relative = "" if relative == "." else relative
+    dirnames[:] = [d for d in dirnames if not _excluded(f"{relative}/{d}".lstrip("/"))]
+    paths += [
+      f"{relative}/{f}".lstrip("/")
+      for f in filenames
+      if f.endswith(".py") and not f.startswith("_sysconfigdata")
+    ]
+  documents, total = {}, 0
+  for path in sorted(paths):
+    with open(os.path.join(root, path), "rb") as f:
+      text = f.read()
+    try:
+      text.decode("utf-8")
+    except UnicodeDecodeError:
+      continue
+    if DOC_START in text:
+      continue
+    if total + len(text) > max_bytes:
+      break
+    documents[path], total = text, total + len(text)
+  return documents
+
+
+def pydoc_documents() -> dict[str, bytes]:
+  """`pydoc_data.topics.topics` as `{topic: UTF-8 bytes}`, sorted by topic."""
+  from pydoc_data import topics
+
+  return {k: topics.topics[k].encode("utf-8") for k in sorted(topics.topics)}
+
+
+def _readonly(x: np.ndarray) -> np.ndarray:
+  x.setflags(write=False)
+  return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+  """A corpus split by document into uint8 byte arrays."""
+
+  name: str
+  documents: dict[str, tuple[str, ...]]  # Split -> its document names, sorted.
+  splits: dict[str, np.ndarray]  # Split -> uint8 [bytes], read-only.
+
+  def summary(self) -> dict[str, dict[str, int | str]]:
+    """Per split: `sha256` of its bytes, `bytes` and `documents` counts."""
+    return {
+      s: {
+        "sha256": hashlib.sha256(self.splits[s].tobytes()).hexdigest(),
+        "bytes": len(self.splits[s]),
+        "documents": len(self.documents[s]),
+      }
+      for s in SPLITS
+    }
+
+
+def build(name: str, documents: Mapping[str, bytes]) -> Corpus:
+  """Splits `documents` (`{name: bytes}`) by `split_of` into a `Corpus`.
+
+  >>> c = build("toy", {"assert": b"ab", "os.py": b"c"})
+  >>> c.splits["train"].tobytes(), c.splits["test"].tobytes()
+  (b'\\x00ab', b'\\x00c')
+  """
+  names = {s: [] for s in SPLITS}
+  for doc in sorted(documents):
+    if DOC_START in documents[doc]:
+      raise ValueError(f"Document {doc!r} contains the document separator.")
+    names[split_of(doc)].append(doc)
+  splits = {
+    s: _readonly(
+      np.frombuffer(b"".join(DOC_START + documents[d] for d in names[s]), np.uint8)
+    )
+    for s in SPLITS
+  }
+  return Corpus(name, {s: tuple(n) for s, n in names.items()}, splits)
+
+
+@functools.cache
+def load(name: str) -> Corpus:
+  """The corpus `"stdlib"` (source domain) or `"pydoc"` (target domain)."""
+  if name == "stdlib":
+    return build(name, stdlib_documents())
+  if name == "pydoc":
+    return build(name, pydoc_documents())
+  raise ValueError(f"Unknown corpus {name!r}; expected one of {CORPORA}.")
+
+
+def fingerprint() -> dict:
+  """What the corpora are on this interpreter, for a study's run signature.
+
+  Two runs used the same data if and only if their fingerprints are equal
+  (the Python version is informative; the checksums decide).
+
+  Returns:
+    `{"format": int, "python": str, "stdlib": Corpus.summary(), "pydoc": ...}`,
+    JSON-serialisable.
+  """
+  return {
+    "format": _FORMAT,
+    "python": sys.version.split()[0],
+    **{name: load(name).summary() for name in CORPORA},
+  }
+
+
+def train_batches(
+  data: np.ndarray, *, context: int, batch_size: int, seed: int
+) -> grain.MapDataset:
+  """Infinite batches of random `context + 1`-byte windows, random access by step.
+
+  `data` is cut into `n = len(data) // (context + 1) - 1` consecutive
+  windows; each epoch visits all `n` in a shuffled order, and each visit
+  shifts its window right by a random `0..context` bytes. Batch `step` depends
+  only on `seed` and `step`, so `ds[step]` after a restart is the batch an
+  uninterrupted run saw.
+
+  Args:
+    data: uint8 [N] bytes of one split.
+    context: Bytes the model reads; windows hold one more (the last target).
+    batch_size: Windows per batch.
+    seed: Non-negative seed of the shuffle and the shifts.
+
+  Returns:
+    A `grain.MapDataset` whose element `step` is int32 [batch_size, context + 1].
+
+  >>> ds = train_batches(np.arange(100, dtype=np.uint8), context=4, batch_size=2, seed=0)
+  >>> ds[7].shape, ds[7].dtype
+  ((2, 5), dtype('int32'))
+  """
+  width = context + 1
+  count = len(data) // width - 1
+  if context < 1 or count < 1:
+    raise ValueError(
+      f"Need context >= 1 and at least {2 * width} bytes for context {context}, "
+      f"got {len(data)}."
+    )
+
+  def window(k: int, rng: np.random.Generator) -> np.ndarray:
+    start = k * width + int(rng.integers(width))
+    return data[start : start + width].astype(np.int32)
+
+  ds = grain.MapDataset.range(count).seed(seed).shuffle().repeat()
+  return ds.random_map(window).batch(batch_size, drop_remainder=True)
+
+
+def eval_windows(
+  data: np.ndarray, *, context: int, max_windows: int | None = None
+) -> np.ndarray:
+  """A fixed evaluation set: non-overlapping windows of `context + 1` bytes.
+
+  Windows start at multiples of `context + 1`; with `max_windows`, that many
+  evenly spaced ones are kept.
+
+  Returns:
+    int32 [windows, context + 1].
+
+  >>> eval_windows(np.arange(10, dtype=np.uint8), context=2).tolist()
+  [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+  """
+  width = context + 1
+  count = len(data) // width
+  windows = data[: count * width].reshape(count, width).astype(np.int32)
+  if max_windows is not None and count > max_windows:
+    windows = windows[np.linspace(0, count - 1, max_windows).round().astype(int)]
+  return windows

@@ -1,0 +1,374 @@
+"""The tracker on Hugging Face Flax (Linen) models: ViT, BERT, GPT-2, ResNet.
+
+Tiny random-init configurations of `transformers` 4.x models (v5 dropped
+Flax), each with a predicate that picks every layer's attention and MLP
+submodules by path (`select="branches"` only recognises flax's own attention
+classes and MLP-like class names). The tracker gets the wrapper's `.module`
+and the loss applies it with `{"params": params}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _compat_reference import Reference
+from _compat_reference import assert_matches
+from _compat_reference import assert_ownership
+from _compat_reference import jit
+from _compat_reference import linen_reference
+from transformers import BertConfig
+from transformers import FlaxBertForSequenceClassification
+from transformers import FlaxGPT2LMHeadModel
+from transformers import FlaxResNetForImageClassification
+from transformers import FlaxViTForImageClassification
+from transformers import GPT2Config
+from transformers import ResNetConfig
+from transformers import ViTConfig
+
+import rgft_jax
+
+BATCH = 4
+CLASSES = 3
+VOCAB = 50
+SEQ = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A model, its parameters, a fixed batch and what the components must be.
+
+  `loss(params, *batch)` is the eval-mode batch-mean loss; `train_loss(params,
+  state, *batch)` returns `(loss, new_state)` (batch statistics for ResNet,
+  `{}` otherwise). `inputs` are the model inputs `components()` is called on.
+  `reference_of` is the model the per-example reference runs on, when not this
+  one (the same model without gradient checkpointing).
+  """
+
+  module: nn.Module
+  params: Any
+  state: Any
+  inputs: tuple
+  batch: tuple
+  loss: Callable[..., jax.Array]
+  train_loss: Callable[..., Any]
+  select: Callable[[tuple[str, ...], Any], bool]
+  names: tuple[str, ...]
+  rules: tuple[tuple[str, str], ...]
+  unassigned: tuple[str, ...]
+  reference_of: Case | None = None  # Measure against this model's reference.
+
+
+def _by_path(pattern: str):
+  """A predicate selecting the modules whose `/`-joined path matches `pattern`."""
+  regex = re.compile(pattern)
+  return lambda path, module: regex.fullmatch("/".join(path)) is not None
+
+
+def _init(module, *inputs):
+  # An RBG key: the threefry init of the conv kernels takes seconds to compile.
+  key = jax.random.key(0, impl="rbg")
+  return jit(lambda k: module.init(k, *inputs))(key)
+
+
+def _ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _stateless(loss):
+  return lambda params, state, *batch: (loss(params, *batch), state)
+
+
+def _vit() -> Case:
+  config = ViTConfig(
+    image_size=8,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    num_labels=CLASSES,
+  )
+  module = FlaxViTForImageClassification(config, _do_init=False).module
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(BATCH, 8, 8, 3)), jnp.float32)
+  y = jnp.arange(BATCH) % CLASSES
+  params = _init(module, x)["params"]
+
+  def loss(params, x, y):
+    return _ce(module.apply({"params": params}, x, deterministic=True).logits, y)
+
+  # HF splits the MLP into `intermediate` (dense + GELU) and `output` (dense,
+  # dropout, + residual): the branch output is `output/dense`'s.
+  layer = r"vit/encoder/layer/(\d+)"
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=(x,),
+    batch=(x, y),
+    loss=loss,
+    train_loss=_stateless(loss),
+    select=_by_path(layer + r"/(attention|intermediate|output/dense)"),
+    names=tuple(
+      f"vit/encoder/layer/{i}/{m}"
+      for i in range(2)
+      for m in ("attention", "intermediate", "output/dense")
+    ),
+    rules=(
+      (layer + r"/(attention|layernorm_before)/.*", r"vit/encoder/layer/\1/attention"),
+      (
+        layer + r"/(intermediate|layernorm_after)/.*",
+        r"vit/encoder/layer/\1/intermediate",
+      ),
+      (layer + r"/output/dense/.*", r"vit/encoder/layer/\1/output/dense"),
+    ),
+    unassigned=("vit/embeddings/", "vit/layernorm/", "classifier/"),
+  )
+
+
+def _bert(gradient_checkpointing: bool = False) -> Case:
+  """BERT; with `gradient_checkpointing` (nn.remat around each layer) it
+  takes the plain model's parameters, whose tree it must share."""
+  config = BertConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    num_labels=CLASSES,
+  )
+  model = FlaxBertForSequenceClassification(
+    config, _do_init=False, gradient_checkpointing=gradient_checkpointing
+  )
+  module = model.module
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  mask = jnp.ones((BATCH, SEQ), jnp.int32).at[1, -3:].set(0)  # One padded example.
+  y = jnp.arange(BATCH) % CLASSES
+  types = jnp.zeros_like(ids)
+  positions = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  inputs = (ids, mask, types, positions, None)  # head_mask=None
+  plain = _case("bert") if gradient_checkpointing else None
+  if plain is None:
+    params = _init(module, *inputs)["params"]
+  else:
+    params = plain.params
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, params)
+
+  def loss(params, ids, mask, y):
+    out = module.apply(
+      {"params": params}, ids, mask, jnp.zeros_like(ids), positions[: len(ids)], None
+    )
+    return _ce(out.logits, y)
+
+  # Post-LN: `attention` and `output` end with the residual add and LayerNorm,
+  # so each owns its whole subtree; `intermediate` is dense + GELU.
+  layer = r"bert/encoder/layer/(\d+)"
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=inputs,
+    batch=(ids, mask, y),
+    loss=loss,
+    train_loss=_stateless(loss),
+    select=_by_path(layer + r"/(attention|intermediate|output)"),
+    names=tuple(
+      f"bert/encoder/layer/{i}/{m}"
+      for i in range(2)
+      for m in ("attention", "intermediate", "output")
+    ),
+    rules=(
+      (layer + r"/(attention|intermediate|output)/.*", r"bert/encoder/layer/\1/\2"),
+    ),
+    unassigned=("bert/embeddings/", "bert/pooler/", "classifier/"),
+    reference_of=plain,
+  )
+
+
+def _gpt2() -> Case:
+  config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+  module = FlaxGPT2LMHeadModel(config, _do_init=False).module
+  rng = np.random.default_rng(2)
+  ids = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  inputs = (ids, jnp.ones_like(ids), positions)
+  params = _init(module, *inputs)["params"]
+
+  def loss(params, ids):
+    logits = module.apply(
+      {"params": params}, ids, jnp.ones_like(ids), positions[: len(ids)]
+    ).logits
+    return _ce(logits[:, :-1], ids[:, 1:])  # Next token, mean over tokens.
+
+  block = r"transformer/h/(\d+)"
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=inputs,
+    batch=(ids,),
+    loss=loss,
+    train_loss=_stateless(loss),
+    select=_by_path(block + r"/(attn|mlp)"),
+    names=tuple(f"transformer/h/{i}/{m}" for i in range(2) for m in ("attn", "mlp")),
+    rules=(
+      (block + r"/(attn|ln_1)/.*", r"transformer/h/\1/attn"),
+      (block + r"/(mlp|ln_2)/.*", r"transformer/h/\1/mlp"),
+    ),
+    # Tied embeddings: the LM head has no parameters of its own.
+    unassigned=("transformer/wte/", "transformer/wpe/", "transformer/ln_f/"),
+  )
+
+
+def _resnet() -> Case:
+  config = ResNetConfig(
+    num_channels=3,
+    embedding_size=8,
+    hidden_sizes=[8, 16],
+    depths=[1, 1],
+    layer_type="basic",
+    num_labels=CLASSES,
+  )
+  module = FlaxResNetForImageClassification(config, _do_init=False).module
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(BATCH, 16, 16, 3)), jnp.float32)
+  y = jnp.arange(BATCH) % CLASSES
+  variables = _init(module, x)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def loss(params, x, y):  # Eval mode: running statistics, examples independent.
+    out = module.apply({"params": params, "batch_stats": stats}, x, deterministic=True)
+    return _ce(out.logits, y)
+
+  def train_loss(params, stats, x, y):  # Batch statistics, updated.
+    out, new = module.apply(
+      {"params": params, "batch_stats": stats},
+      x,
+      deterministic=False,
+      mutable=["batch_stats"],
+    )
+    return _ce(out.logits, y), new["batch_stats"]
+
+  # Each residual layer's branch (`layer`: conv-BN-ReLU-conv-BN) and, where the
+  # shape changes, its projection shortcut (conv-BN).
+  block = r"resnet/encoder/stages/(\d+)/layers/(\d+)"
+  return Case(
+    module=module,
+    params=params,
+    state=stats,
+    inputs=(x,),
+    batch=(x, y),
+    loss=loss,
+    train_loss=train_loss,
+    select=_by_path(block + r"/(layer|shortcut)"),
+    names=(
+      "resnet/encoder/stages/0/layers/0/layer",
+      "resnet/encoder/stages/1/layers/0/layer",
+      "resnet/encoder/stages/1/layers/0/shortcut",
+    ),
+    rules=(
+      (block + r"/(layer|shortcut)/.*", r"resnet/encoder/stages/\1/layers/\2/\3"),
+    ),
+    unassigned=("resnet/embedder/", "classifier/"),
+  )
+
+
+_BUILDERS = {
+  "vit": _vit,
+  "bert": _bert,
+  "bert_gradient_checkpointing": functools.partial(_bert, gradient_checkpointing=True),
+  "gpt2": _gpt2,
+  "resnet": _resnet,
+}
+MODELS = list(_BUILDERS)
+
+
+@functools.cache
+def _case(name: str) -> Case:
+  return _BUILDERS[name]()
+
+
+_REFERENCES: dict[int, Reference] = {}
+
+
+def _reference(case: Case) -> Reference:
+  """The per-example reference of `case` (of its `reference_of` when set)."""
+  case = case.reference_of or case
+  if id(case) not in _REFERENCES:
+    _REFERENCES[id(case)] = linen_reference(
+      case.loss, case.params, case.batch, case.names
+    )
+  return _REFERENCES[id(case)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request) -> Case:
+  # Module-scoped and parametrized: pytest runs each model's tests together.
+  return _case(request.param)
+
+
+def _tracker(case: Case) -> rgft_jax.ErrorTracker:
+  return rgft_jax.ErrorTracker(case.module, select=case.select)
+
+
+def test_components(case):
+  comps = _tracker(case).components(case.params, *case.inputs)
+  assert_ownership(comps, case.params, case.names, case.rules, case.unassigned)
+
+
+def test_rgft_steps_lower_the_loss(case):
+  tracker = _tracker(case)
+  comps = tracker.components(case.params, *case.inputs)
+  tx = rgft_jax.rgft(1e-2, comps, warmup_steps=5)
+
+  @jit
+  def step(params, opt_state, state):
+    (loss, state), grads, error_map = tracker.value_and_grad(
+      case.train_loss, has_aux=True
+    )(params, state, *case.batch)
+    updates, opt_state = tx.update(grads, opt_state, params, error_map=error_map)
+    return optax.apply_updates(params, updates), opt_state, state, loss, error_map
+
+  params, opt_state, state = case.params, tx.init(case.params), case.state
+  losses = []
+  for _ in range(6):  # The 6th call's loss is the loss after 5 updates.
+    params, opt_state, state, loss, error_map = step(params, opt_state, state)
+    losses.append(float(loss))
+    assert sorted(error_map) == sorted(case.names)
+    assert all(np.isfinite(float(v)) and float(v) > 0 for v in error_map.values())
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_norm_product_matches_per_example_reference(case):
+  """Loss, gradients and error map against the independent reference; with
+  gradient checkpointing, against the plain model's (same parameters)."""
+  tracker = _tracker(case)
+  tracker.components(case.params, *case.inputs)
+  loss, grads, error_map = jit(tracker.value_and_grad(case.loss))(
+    case.params, *case.batch
+  )
+  assert_matches(loss, grads, error_map, _reference(case))
+
+
+def test_wrapper_is_refused_with_a_pointer_to_its_module():
+  wrapper = FlaxGPT2LMHeadModel(
+    GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=4),
+    _do_init=False,
+  )
+  with pytest.raises(TypeError, match=r"\.module"):
+    rgft_jax.ErrorTracker(wrapper, select="branches")
