@@ -35,7 +35,9 @@ Embed = dict[Path, dict[str, Any]]  # Call path -> {key: stacked leaf}.
 
 # Lifted transforms a tap may sit in. Their Linen classes are named after the
 # transforms they stack, e.g. `ScanCheckpointBlock` for nn.scan(nn.remat(Block)).
-_SUPPORTED_LIFTS = {"Scan", "Checkpoint", "Remat"}
+_SUPPORTED_LIFTS = {"Scan", "Checkpoint"}
+_LIFT_KINDS = r"scan|checkpoint|remat|vmap|jit|map|vjp|jvp|while|cond|switch"
+_LIFTED_MODULES = ("flax.linen.transforms", "flax.linen.partitioning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +87,16 @@ class Call:
 
 
 def lift_kinds(lifted: tuple[str, ...]) -> list[str]:
-  """`['Scan', 'Checkpoint']` for `('ScanCheckpointBlock',)`."""
+  """`['Scan', 'Checkpoint']` for `('ScanCheckpoint(Block)',)`.
+
+  Hugging Face's gradient checkpointing (`flax.linen.partitioning.remat`)
+  names its class `Core_remat_static...`: that is a remat too.
+  """
   kinds = []
   for name in lifted:
-    kinds += re.findall(
-      r"Scan|Checkpoint|Remat|Vmap|Jit|Map|Vjp|Jvp|While|Cond|Switch|Custom\w*", name
-    )
+    for kind in re.findall(_LIFT_KINDS, name.split("(")[0], flags=re.IGNORECASE):
+      kind = kind.capitalize()
+      kinds.append("Checkpoint" if kind == "Remat" else kind)
   return kinds
 
 
@@ -134,6 +140,14 @@ def compare_stacked(path: Path, inner: dict[str, Any], outer: dict[str, Any]):
       "are stacked on axis 0 are supported."
     )
   return layers.pop()
+
+
+def _lift_name(cls: type) -> str:
+  """`'Scan(Block)'` for the class of nn.scan(Block): the transforms, then the
+  user's class, so that a class named `ConditionalMap` reads as no transform."""
+  base = next(c for c in cls.__mro__ if c.__module__ not in _LIFTED_MODULES)
+  prefix = cls.__name__.removesuffix(base.__name__)
+  return f"{prefix}({base.__name__})"
 
 
 def _embed_key(key: str) -> str:
@@ -196,8 +210,8 @@ def linen_run(loss_fn, params, handle: Handle, embed: Embed | None, args, kwargs
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if type(module).__module__ == "flax.linen.transforms":  # nn.scan(Block), say.
-      pending.append(type(module).__name__)
+    if type(module).__module__ in _LIFTED_MODULES:  # nn.scan(Block), say.
+      pending.append(_lift_name(type(module)))
       return next_fun(*call_args, **call_kwargs)
     root = module.scope
     while root.parent is not None:
