@@ -135,7 +135,7 @@ def _owner(taps: Sequence[Tap], path: str) -> tuple[Tap, str] | None:
   for tap in taps:
     for prefix, how in _claims(tap):
       joined = "/".join(prefix) + "/"
-      if not path.startswith(joined) or len(prefix) < best:
+      if not (path + "/").startswith(joined) or len(prefix) < best:
         continue
       if how == "heads":
         rest = path[len(joined) :]
@@ -174,7 +174,7 @@ def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
   for tap in taps:
     for prefix in tap.owns or ():
       joined = "/".join(prefix) + "/"
-      if not any(p.startswith(joined) for p in owners):
+      if not any((p + "/").startswith(joined) for p in owners):
         raise ValueError(
           f"owns gave {'/'.join(tap.path)!r} the module path {'/'.join(prefix)!r}, "
           "which holds no parameter it could own."

@@ -44,6 +44,7 @@ from rgft_jax._intercept import linen_head_projection
 from rgft_jax._intercept import linen_run
 from rgft_jax._intercept import nnx_head_projections
 from rgft_jax._intercept import nnx_run
+from rgft_jax._structure import residual_branches
 
 Module = nn.Module | nnx.Module
 
@@ -146,6 +147,8 @@ class ErrorTracker:
     self.method = method
     self.owns = owns
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
+    # Residual branches by dataflow (select="branches"): path -> owned leaves.
+    self._branches: dict[Path, tuple[Path, ...]] | None = None
 
   @property
   def _is_nnx(self) -> bool:
@@ -157,8 +160,24 @@ class ErrorTracker:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
+      if self._branches:
+        return path in self._branches
       return is_branch(path, module)
     return bool(self.select(path, module))
+
+  def _find_branches(self, run, params) -> None:
+    """The residual branches by dataflow, once (`select="branches"`)."""
+    if self.select != "branches" or self._branches is not None:
+      return
+    abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+      params,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    found = residual_branches(lambda p, handle: run(p, None, handle=handle), abstract)
+    self._branches = {
+      b.path: tuple(tuple(leaf.split("/")) for leaf in b.owns) for b in found
+    }
 
   def _handler(self, visit, calls: list | None, is_head_projection):
     """`handle(call, next_fun, args, kwargs)` for one module call.
@@ -175,6 +194,8 @@ class ErrorTracker:
       owns = None
       if self.owns is not None and heads is None:
         owns = owned_paths(path, self.owns(path, call.module))
+      elif self.select == "branches" and self._branches:
+        owns = self._branches[path]
       return Tap(path, heads, feeder, call.path, layers, root, owns)
 
     def handle(call: Call, next_fun, args, kwargs):
@@ -200,15 +221,17 @@ class ErrorTracker:
   def _bind(self, loss_fn: Callable[..., Any], model_or_params: Any, args, kwargs):
     """`(params, run, finish)` for `loss_fn(model_or_params, *args, **kwargs)`.
 
-    `run(params, visit, embed=None, calls=None)` calls the loss function on
-    `params` with the taps in place and returns `(output, state)`;
+    `run(params, visit, embed=None, calls=None, handle=None)` calls the loss
+    function on `params` with the taps in place (or every module call given
+    to `handle`) and returns `(output, state)`;
     `finish(state)` writes the model state the call changed back (NNX) or
     does nothing (Linen).
     """
     if not self._is_nnx:
 
-      def run(params, visit, embed=None, calls=None):
-        handle = self._handler(visit, calls, linen_head_projection)
+      def run(params, visit, embed=None, calls=None, handle=None):
+        if handle is None:
+          handle = self._handler(visit, calls, linen_head_projection)
         return linen_run(loss_fn, params, handle, embed, args, kwargs), None
 
       return model_or_params, run, lambda state: None
@@ -221,9 +244,10 @@ class ErrorTracker:
       )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def run(params, visit, embed=None, calls=None):
+    def run(params, visit, embed=None, calls=None, handle=None):
       live = nnx.merge(graphdef, params, rest, copy=True)
-      handle = self._handler(visit, calls, nnx_head_projections(live))
+      if handle is None:
+        handle = self._handler(visit, calls, nnx_head_projections(live))
       out = nnx_run(loss_fn, live, handle, embed, args, kwargs)
       return out, nnx.split(live, nnx.Param, ...)[2]
 
@@ -299,6 +323,7 @@ class ErrorTracker:
         return self.model.apply({"params": p}, *inputs, **kwargs)
 
     bound, run, _ = self._bind(call, model, (), {})
+    self._find_branches(run, bound)
     recorded, _ = self._record(run, bound)
     taps = [tap for tap, _ in recorded]
     comps = build_components(params, taps, ordered_names(taps))
@@ -354,6 +379,7 @@ class ErrorTracker:
 
     def wrapped(model_or_params, *args, **kwargs):
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
+      self._find_branches(run, params)
       recorded, _ = self._record(run, params)
       taps = list(dict.fromkeys(tap for tap, _ in recorded))
       names = ordered_names(taps)

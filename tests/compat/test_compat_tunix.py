@@ -1,10 +1,10 @@
 """The tracker on a Flax NNX decoder LLM from google-tunix: Llama 3.
 
 A tiny random-init `tunix.models.llama3.model.Llama3` (grouped-query attention,
-RMSNorm pre-norms, SwiGLU MLP, RoPE) with a predicate picking each decoder
-layer's `attn` and `mlp` (`select="branches"` finds only the MLPs: tunix's
-`Attention` is not flax's). Also under tunix's own remat settings (`nnx.remat`
-around each attention/MLP block, or around each decoder layer).
+RMSNorm pre-norms, SwiGLU MLP, RoPE) with `select="branches"`: each decoder
+layer's `attn` and `mlp`, found from the dataflow (tunix's `Attention` is not
+flax's class). Also under tunix's own remat settings (`nnx.remat` around each
+attention/MLP block, or around each decoder layer).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import re
 import sys
 
 import flax
@@ -73,11 +72,7 @@ RULES = (
   (r"layers/(\d+)/(mlp|post_attention_layernorm)/.*", r"layers/\1/mlp"),
 )
 UNASSIGNED = ("embedder/", "final_norm/", "lm_head/")
-_LAYER_BRANCH = re.compile(r"layers/\d+/(attn|mlp)")
-
-
-def select(path, module):
-  return _LAYER_BRANCH.fullmatch("/".join(path)) is not None
+select = "branches"
 
 
 @pytest.fixture(autouse=True)
