@@ -271,15 +271,16 @@ def nnx_run(
       setattr(modules[site], _embed_key(key), Embedded(value))
   outer = {path: _module_params(m) for path, m in modules.items()}
 
+  calling: list[tuple[Path, nnx.Module]] = []  # The calls under way, outermost first.
+
   def stacked(module, path):
     layers = compare_stacked(path, _module_params(module), outer[path])
     if layers is None:
       return None
-    # The scanned module: the outermost one whose parameters all share it.
-    for n in range(len(path) + 1):
-      leaves = outer[path[:n]].values()
-      if leaves and all(np.shape(v)[:1] == (layers,) for v in leaves):
-        return layers, path[:n]
+    # The scanned module: the outermost call under way on a layer's slice.
+    for p, m in calling:
+      if compare_stacked(p, _module_params(m), outer[p]) == layers:
+        return layers, p
     return layers, path
 
   def read(module, key):
@@ -300,6 +301,7 @@ def nnx_run(
       if path is None or id(self) in active:
         return original(self, *args, **kwargs)
       active.add(id(self))
+      calling.append((path, self))
       try:
         where = Call(
           path=path,
@@ -310,6 +312,7 @@ def nnx_run(
         )
         return handle(where, functools.partial(original, self), args, kwargs)
       finally:
+        calling.pop()
         active.discard(id(self))
 
     return call

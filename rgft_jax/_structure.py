@@ -5,9 +5,10 @@ outputs tagged (`checkpoint_name`, an identity). In that graph a residual
 branch is an `add` of two values where one, `h`, is a module's output and the
 module read the other, `x` (the stream): `x + h(..x..)`, whatever the classes
 are called and wherever the norms sit (pre-norm; post-norm with the add
-inside the module, as Hugging Face's BERT and ViT output layers do). Two
-modules reading the same value whose outputs are added (a convolution block
-and its projection shortcut) are both branches. A branch is measured at the
+inside the module, as Hugging Face's BERT and ViT output layers do). Where the
+other operand is a module's output (a projection shortcut), the module that
+read the same value that one read directly is a branch too (Hugging Face's
+ResNet layer and its shortcut both are). A branch is measured at the
 module's output and owns the parameters `h` depends on beyond those `x`
 depends on: its own weights and its pre-norm, not what lies below.
 
@@ -32,7 +33,23 @@ from rgft_jax._intercept import Path
 
 _TAG = "rgft:"
 # Primitives that pass a value through unchanged (for finding what was added).
-_IDENTITY = {"name", "convert_element_type", "copy", "copy_p", "reduce_precision"}
+_IDENTITY = {
+  "name",
+  "convert_element_type",
+  "copy",
+  "copy_p",
+  "reduce_precision",
+  "neg",
+}
+# Primitives that only reshape or broadcast (a scale parameter on its way to a multiply).
+_SHAPING = {
+  "broadcast_in_dim",
+  "reshape",
+  "squeeze",
+  "expand_dims",
+  "convert_element_type",
+  "name",
+}
 _SUBJAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -121,13 +138,27 @@ class _Graph:
         env[v] = self.node("const", ()) if n is None else n
     return [read(v) for v in jaxpr.outvars]
 
-  def chain(self, n: int) -> list[int]:
-    """`n` and the nodes it passes through unchanged from, nearest first."""
-    out = [n]
-    while self.prim[n] in _IDENTITY and len(self.deps[n]) == 1:
+  def _constant(self, n: int) -> bool:
+    """Whether `n` is a parameter or constant, reshaped or broadcast."""
+    while self.prim[n] in _SHAPING and len(self.deps[n]) == 1:
       n = self.deps[n][0]
+    return self.prim[n] in ("param", "const")
+
+  def chain(self, n: int) -> list[int]:
+    """`n` and the nodes it passes through from, nearest first: identities and
+    scalings by a literal or a parameter (`0.5 * h`, a layer scale `gamma * h`)."""
+    out = [n]
+    while True:
+      prim, deps = self.prim[n], self.deps[n]
+      if len(deps) == 1 and (prim in _IDENTITY or prim in ("mul", "div")):
+        n = deps[0]
+      elif len(deps) == 2 and prim in ("mul", "div") and self._constant(deps[1]):
+        n = deps[0]
+      elif len(deps) == 2 and prim == "mul" and self._constant(deps[0]):
+        n = deps[1]
+      else:
+        return out
       out.append(n)
-    return out
 
   def reads(self, start: list[int], targets: set[int]) -> bool:
     """Whether any of `targets` is among the ancestors of `start` (inclusive)."""
@@ -188,23 +219,18 @@ def residual_branches(run: Callable[[Any, Any], Any], params: Any) -> list[Branc
 
   found: dict[Path, int] = {}  # Module path -> parameters owned (bitmask).
   for a, b in graph.adds:
-    chains = {a: graph.chain(a), b: graph.chain(b)}
     for h, x in ((a, b), (b, a)):
-      module = producer(chains[h])
+      module = producer(graph.chain(h))
       if module is None or module not in inputs_of:
         continue
-      read_x = graph.reads(inputs_of[module], set(chains[x]))
-      other = producer(chains[x])
-      shared = (
-        other is not None
-        and other != module
-        and other in inputs_of
-        and _same_input(graph, inputs_of[module], inputs_of[other])
-      )
-      if read_x or shared:
-        owned = graph.params[h] & ~graph.params[x] if read_x else graph.params[h]
-        if shared:
-          owned &= ~graph.params[inputs_of[module][0]]
+      # The stream: the other operand, or what the module producing it read
+      # directly (a projection shortcut reading the block's input).
+      stream = set(graph.chain(x))
+      shortcut = producer(graph.chain(x))
+      if shortcut is not None and shortcut != module:
+        stream |= {graph.chain(n)[-1] for n in inputs_of.get(shortcut, ())}
+      if graph.reads(inputs_of[module], stream):
+        owned = graph.params[h] & ~graph.params[x]
         found[module] = found.get(module, 0) | owned
 
   taken = 0
@@ -215,10 +241,3 @@ def residual_branches(run: Callable[[Any, Any], Any], params: Any) -> list[Branc
     owns = tuple(p for i, p in enumerate(paths) if mine >> i & 1)
     branches.append(Branch(module, owns))
   return branches
-
-
-def _same_input(graph: _Graph, a: list[int], b: list[int]) -> bool:
-  """Whether two modules' tagged inputs pass through from one common value."""
-  roots_a = {graph.chain(n)[-1] for n in a}
-  roots_b = {graph.chain(n)[-1] for n in b}
-  return bool(roots_a & roots_b)
