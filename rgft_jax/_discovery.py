@@ -40,7 +40,8 @@ def describe(select: Select) -> str:
   """What `select` looks for, for error messages."""
   if select == "branches":
     return (
-      "'branches' (looks for flax.linen.MultiHeadDotProductAttention, "
+      "'branches' (looks for module outputs added back to what the module "
+      "read; finding none, for flax.linen.MultiHeadDotProductAttention, "
       "flax.nnx.MultiHeadAttention, and modules whose class name matches "
       f"{BRANCH_CLASS.pattern!r})"
     )

@@ -1,8 +1,8 @@
 """Sparse RGFT: components that are not trained this step leave the backward pass.
 
 A train step variant is the set of components whose *output* is detached: the
-tracker puts the output `h` behind `jax.lax.stop_gradient` (keeping the zero
-perturbation that measures it), so XLA drops the component's whole backward
+tracker puts the output `h` behind `jax.lax.stop_gradient` (keeping the
+identity that measures it), so XLA drops the component's whole backward
 pass, weight and input gradients, at any depth, while the gradient still
 reaches the layers below through the residual stream. A detached component
 is still measured every step; its parameters get no update and their

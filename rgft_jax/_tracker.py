@@ -56,13 +56,17 @@ class ErrorTracker:
     model: the `flax.linen.Module` the loss function applies, or the
       `flax.nnx.Module` it calls (taps are found on the model object that
       `value_and_grad`'s wrapper receives, so it works under `nnx.jit`).
-    select: which submodules are components: `"branches"` (each attention and
-      MLP branch of a transformer block, measured on the branch output before it
-      joins the residual stream: every `nn.MultiHeadDotProductAttention` and every
-      module whose class name says MLP/FeedForward/FFN), `"heads"` (every head of
-      every `nn.MultiHeadDotProductAttention`, measured on the per-head output
-      before the output projection), or a predicate `select(path, module)` on
-      the module path (a tuple of names) and the bound module.
+    select: which submodules are components: `"branches"` (the residual
+      branches, found from the model's dataflow: a module whose output is
+      added back to the value it read, measured at that output and owning the
+      parameters it depends on beyond that value, e.g. its pre-norm; names
+      and classes do not matter, see `rgft_jax._structure`; a model with no
+      such add falls back to every `nn.MultiHeadDotProductAttention` /
+      `nnx.MultiHeadAttention` and every module whose class name says
+      MLP/FeedForward/FFN), `"heads"` (every head of every flax attention
+      module, measured on the per-head output before the output projection),
+      or a predicate `select(path, module)` on the module path (a tuple of
+      names) and the module.
     method: `"norm_product"` (per example `||dL/dh|| ||h||`, batch mean),
       `"taylor"` (per example `|<dL/dh, h>|`, batch mean) or `"ablation"`
       (exact `L - L(component output zeroed)`, one extra forward per component).
