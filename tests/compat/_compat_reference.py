@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from rgft_jax._components import leaves_by_path
@@ -27,6 +28,17 @@ from rgft_jax._components import leaves_by_path
 # XLA's CPU backend at optimisation level 0 compiles these tiny models about
 # twice as fast; the tests check values, not speed.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def allow_rank_promotion():
+  """tests/conftest.py makes implicit rank promotion an error for our code;
+  Hugging Face's Flax models rely on it (GPT-2's `y + bias`, say). Module
+  scope, so that it also covers the module-scoped model fixtures; each test
+  module imports it (no conftest here: a second `conftest` module clashes
+  with tests/conftest.py under `--doctest-modules`)."""
+  with jax.numpy_rank_promotion("allow"):
+    yield
 
 
 def jit(fun, **kwargs):

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from _compat_reference import Reference
+from _compat_reference import allow_rank_promotion  # noqa: F401 (autouse fixture)
 from _compat_reference import assert_matches
 from _compat_reference import assert_ownership
 from _compat_reference import jit
