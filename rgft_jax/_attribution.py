@@ -2,8 +2,9 @@
 
 A measured tap's value `h` goes through `probe(h, s)`, an identity whose
 backward pass also returns, as the cotangent of the zero array `s`, three
-statistics per example and column (head): `||g||^2`, `||h||^2` and `<g, h>`,
-where `g = dL/dh` of the batch-mean loss. Nothing is carried out of the traced
+statistics per example and column (head): `||g||^2`, `||h||^2` (taken in the
+forward pass) and, for taylor, `<g, h>`, where `g = dL/dh` of the batch-mean
+loss. Nothing is carried out of the traced
 function but gradients, so taps work inside `jax.checkpoint` (remat) and, with
 `s` a slice of a stacked leaf, inside a scan over layers.
 """
@@ -32,38 +33,44 @@ def _per_example(x: jax.Array, heads: int | None) -> jax.Array:
   return jnp.sum(x.reshape(x.shape[0], x.shape[1], -1), axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _probe(leaves, s, heads):
-  del s, heads
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _probe(leaves, s, heads, inner):
+  del s, heads, inner
   return leaves
 
 
-def _probe_fwd(leaves, s, heads):
-  del s, heads
-  return leaves, leaves
-
-
-def _probe_bwd(heads, leaves, g):
+def _probe_fwd(leaves, s, heads, inner):
+  del s
   hs = [jnp.asarray(x, jnp.float32) for x in leaves]
+  hh = sum(_per_example(x * x, heads) for x in hs)
+  # Keep the value itself only when the backward pass needs <g, h>: a branch
+  # output feeding an add is otherwise not kept for the backward pass at all.
+  return leaves, (hh, leaves if inner else None)
+
+
+def _probe_bwd(heads, inner, residuals, g):
+  hh, leaves = residuals
   gs = [jnp.asarray(x, jnp.float32) for x in g]
-  stats = jnp.stack(
-    [
-      sum(_per_example(x * x, heads) for x in gs),
-      sum(_per_example(x * x, heads) for x in hs),
-      sum(_per_example(x * y, heads) for x, y in zip(gs, hs, strict=True)),
-    ],
-    axis=-1,
-  )
-  return g, stats
+  gg = sum(_per_example(x * x, heads) for x in gs)
+  if inner:
+    hs = [jnp.asarray(x, jnp.float32) for x in leaves]
+    gh = sum(_per_example(x * y, heads) for x, y in zip(gs, hs, strict=True))
+  else:
+    gh = jnp.zeros_like(gg)
+  return g, jnp.stack([gg, hh, gh], axis=-1)
 
 
 _probe.defvjp(_probe_fwd, _probe_bwd)
 
 
-def probe(value: Any, s: jax.Array, heads: int | None) -> Any:
-  """`value`, whose backward pass writes the statistics into `s`'s cotangent."""
+def probe(value: Any, s: jax.Array, heads: int | None, inner: bool = True) -> Any:
+  """`value`, whose backward pass writes the statistics into `s`'s cotangent.
+
+  With `inner=False` the inner product `<g, h>` is left at zero (norm_product
+  needs only the norms), so `h` is not kept for the backward pass.
+  """
   leaves, treedef = jax.tree.flatten(value)
-  return jax.tree.unflatten(treedef, list(_probe(tuple(leaves), s, heads)))
+  return jax.tree.unflatten(treedef, list(_probe(tuple(leaves), s, heads, inner)))
 
 
 def stats_shape(tap: Tap, value: Any) -> tuple[int, ...]:

@@ -491,7 +491,7 @@ def _cheap(method, run, has_aux, recorded, measured, params, detached):
           )
       else:
         s = read("probe")
-      return probe(value, s, tap.heads)
+      return probe(value, s, tap.heads, inner=method == "taylor")
 
     embed = _embed(first, detached, probe=by_tap)
     out, state = run(params, visit, embed)
