@@ -3,15 +3,22 @@
 The default runs the two embedded transfer tasks (data shipped in pip
 packages, no download) on a small ViT, with 5 seeds: full fine-tuning, soft
 RGFT, budgeted RGFT at budget 0.5, the same budget spent uniformly at random,
-and full fine-tuning and LISA given the same FLOPs:
+and full fine-tuning and LISA given the same FLOPs, every method at one
+learning rate. `--lr_grid` picks each method's rate from one shared grid on a
+validation split instead (on `--tune_seeds` seeds of its own), then the seeds
+run at the chosen rate and are scored on the test split. `--methods` adds the
+controls (a random error map; random and magnitude masks of the same size)
+and bottleneck adapters:
 
   python -m experiments.finetune                 # the default
   python -m experiments.finetune --methods all   # every method at every budget
+  python -m experiments.finetune --methods fair --lr_grid=3e-4,1e-3,3e-3,1e-2
 
 and writes `results.json`, `results.md`, plots and TensorBoard logs under
-`--workdir`. The source-task pretraining is cached there, and every run keeps
-an orbax checkpoint, so an interrupted study resumes where it stopped. The real
-study, on a machine with the data prepared (see README):
+`--workdir`. The source-task pretraining is cached there, and every run
+(tuning runs too) keeps an orbax checkpoint and its result, so an interrupted
+study resumes where it stopped. The real study, on a machine with the data
+prepared (see README):
 
   python -m experiments.finetune --dataset cifar10 --init ViT-B_16.npz \
       --size B --patch 16 --image_size 224 --batch_size 128 --steps 2000
@@ -19,7 +26,6 @@ study, on a machine with the data prepared (see README):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -31,11 +37,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import rgft_jax
-from experiments import compare
+from experiments import accounting
+from experiments import cli
 from experiments import data as data_lib
 from experiments import methods as methods_lib
+from experiments import store
 from experiments import train as train_lib
+from experiments.report import markdown
+from experiments.report import plots
+from experiments.report import summarize
 from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
@@ -49,33 +59,45 @@ DEFAULT_METHODS = (
   "full@0.5",
   "lisa@0.5",
 )
+# `--methods fair`: every baseline and control next to the default's methods.
+FAIR_METHODS = (
+  *DEFAULT_METHODS[:2],
+  "rgft_random",
+  "random_sparse",
+  "magnitude_sparse",
+  "adapters",
+  *DEFAULT_METHODS[2:],
+)
+# Tuning runs use seeds TUNE_SEED, TUNE_SEED + 1, ...: never a reported seed.
+TUNE_SEED = 1000
+# The settings that changed a run's result when the committed study ran.
+_LEGACY_SETTINGS = (
+  "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
+  "beta thresh_init thresh_final min_scale "
+  "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
+  "budget_refresh budget_exact "
+  "augment init val_fraction"
+).split()
 
 
-@dataclasses.dataclass
-class Config:
+@dataclasses.dataclass(frozen=True)
+class Config(methods_lib.Hyper):
+  """Every setting of the study: the methods' (`Hyper`) and its own, each a flag."""
+
   dataset: str = "embedded"  # "embedded", or a tfds name such as "cifar10".
   tasks: str = "label_shift,input_shift"  # Embedded tasks to run.
-  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, or "all".
-  seeds: int = 5  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
+  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, "fair" or "all".
+  seeds: int = 5  # Seeds 0..seeds-1 reported (data order, inits, random draws).
+  # Rates each method is tuned over on validation ("": --learning_rate only).
+  lr_grid: str = ""  # e.g. "3e-4,1e-3,3e-3,1e-2"; empty: --learning_rate for all.
+  tune_seeds: int = 1  # Seeds per tuning run (1000, 1001, ...; never reported).
   size: str = "xs"  # ViT size: mu, xs, Ti, S, B or L.
   patch: int = 7  # Patch size in pixels.
   image_size: int = 0  # 0: the data's own size.
-  batch_size: int = 64  # Training batch size.
-  steps: int = 200  # Fine-tuning steps (equal-FLOPs baselines run fewer).
+  batch_size: int = 64  # Fine-tuning batch size.
   pretrain_steps: int = 400  # Source-task pretraining steps (embedded tasks).
-  learning_rate: float = 1e-3  # Adam's learning rate, every method.
-  beta: float = 0.9  # RGFT: EMA decay of the error map.
-  thresh_init: float = 0.1  # RGFT: threshold at the first step.
-  thresh_final: float = 0.3  # RGFT: threshold at the last step.
-  min_scale: float = 0.01  # RGFT: smallest multiplier.
-  lora_rank: int = 4  # LoRA: rank of the factors.
-  lisa_layers: int = 1  # LISA: blocks trained at a time.
-  lisa_period: int = 20  # LISA: steps between redraws.
-  budget_every: int = 20  # Budgeted RGFT: steps between decisions.
-  budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
-  budget_hysteresis: float = 0.1  # Bonus of the branches trained now ("top").
-  budget_refresh: bool = False  # A step with nothing detached before each decision.
-  budget_exact: bool = False  # Only exact measurements enter the error map.
+  pretrain_learning_rate: float = 1e-3  # Source-task pretraining: Adam's rate.
+  pretrain_batch_size: int = 64  # Source-task pretraining: batch size.
   augment: bool = False  # Random crop and flip (tfds datasets).
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
   data_dir: str = ""  # TFDS data directory (default: TFDS's own).
@@ -88,29 +110,18 @@ class Config:
   progress: bool = True  # Progress bars.
 
   def hyper(self) -> methods_lib.Hyper:
+    """The methods' settings (the `Hyper` fields of this config)."""
     return methods_lib.Hyper(
-      learning_rate=self.learning_rate,
-      steps=self.steps,
-      beta=self.beta,
-      thresh_init=self.thresh_init,
-      thresh_final=self.thresh_final,
-      min_scale=self.min_scale,
-      lora_rank=self.lora_rank,
-      lisa_layers=self.lisa_layers,
-      lisa_period=self.lisa_period,
-      budget_every=self.budget_every,
-      budget_ramp=self.budget_ramp,
-      budget_hysteresis=self.budget_hysteresis,
-      budget_refresh=self.budget_refresh,
-      budget_exact=self.budget_exact,
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(methods_lib.Hyper)}
     )
 
   def method_names(self) -> list[str]:
-    names = (
-      list(methods_lib.METHODS)
-      if self.methods == "all"
-      else [m for m in self.methods.split(",") if m]
-    )
+    if self.methods == "all":
+      names = list(methods_lib.METHODS)
+    elif self.methods == "fair":
+      names = list(FAIR_METHODS)
+    else:
+      names = [m for m in self.methods.split(",") if m]
     if not names:
       raise ValueError("--methods names no method.")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -120,20 +131,33 @@ class Config:
       methods_lib.parse_name(name)  # Raises on an unknown name.
     return names
 
+  def learning_rates(self) -> list[float]:
+    """The tuning grid, ascending; `[learning_rate]` when `lr_grid` is empty."""
+    if not self.lr_grid.strip():
+      return [self.learning_rate]
+    try:
+      grid = [float(x) for x in self.lr_grid.split(",")]
+    except ValueError:
+      raise ValueError(
+        f"--lr_grid must be comma-separated numbers, got {self.lr_grid!r}."
+      ) from None
+    if not all(np.isfinite(x) and x > 0 for x in grid):
+      raise ValueError(f"--lr_grid must hold finite rates > 0, got {grid}.")
+    if len(set(grid)) != len(grid):
+      raise ValueError(f"--lr_grid repeats a rate: {grid}.")
+    return sorted(grid)
+
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range, before any compute."""
+    super().validate()
     at_least = {
       "seeds": 1,
+      "tune_seeds": 1,
       "patch": 1,
       "image_size": 0,
       "batch_size": 1,
-      "steps": 1,
       "pretrain_steps": 1,
-      "lora_rank": 1,
-      "lisa_layers": 1,
-      "lisa_period": 1,
-      "budget_every": 1,
-      "budget_ramp": 0,
+      "pretrain_batch_size": 1,
       "eval_every": 0,
       "log_every": 1,
       "ckpt_every": 1,
@@ -141,22 +165,13 @@ class Config:
     }
     for name, low in at_least.items():
       value = getattr(self, name)
-      if not isinstance(value, int) or value < low:
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
-    if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-      raise ValueError(
-        f"--learning_rate must be finite and > 0, got {self.learning_rate}."
-      )
-    if not (np.isfinite(self.budget_hysteresis) and self.budget_hysteresis >= 0):
-      raise ValueError(
-        f"--budget_hysteresis must be finite and >= 0, got {self.budget_hysteresis}."
-      )
+    rate = self.pretrain_learning_rate
+    if not (np.isfinite(rate) and rate > 0):
+      raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {rate}.")
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
-    if self.budget_ramp > self.steps:
-      raise ValueError(
-        f"--budget_ramp must be in [0, --steps={self.steps}], got {self.budget_ramp}."
-      )
     if self.size not in SIZES:
       raise ValueError(f"--size must be one of {sorted(SIZES)}, got {self.size!r}.")
     if self.image_size and self.image_size % self.patch:
@@ -166,39 +181,54 @@ class Config:
       )
     if not self.workdir.strip():
       raise ValueError("--workdir must name a directory, got an empty string.")
-    self.method_names()
-    try:  # RGFT's own checks, on a one-parameter stand-in.
-      stand_in = {"w": np.zeros(1, np.float32)}
-      rgft_jax.rgft(
-        self.learning_rate,
-        rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]),
-        beta=self.beta,
-        thresh_init=self.thresh_init,
-        thresh_final=self.thresh_final,
-        min_scale=self.min_scale,
+    self.learning_rates()
+    budgeted = [
+      n
+      for n in self.method_names()
+      if methods_lib.parse_name(n)[0] in methods_lib.BUDGETED_RGFT
+    ]
+    if budgeted and self.error_method not in methods_lib.BUDGET_ERROR_METHODS:
+      raise ValueError(
+        f"--error_method {self.error_method!r} cannot drive budgeted RGFT "
+        f"({budgeted}); use one of {methods_lib.BUDGET_ERROR_METHODS}."
       )
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
 
   def run_settings(self) -> dict:
-    """The settings that change a fine-tuning run's result (its signature)."""
-    keep = (
-      "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
-      "beta thresh_init thresh_final min_scale "
-      "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
-      "budget_refresh budget_exact "
-      "augment init val_fraction"
-    ).split()
-    return {k: getattr(self, k) for k in keep}
+    """The settings that change a fine-tuning run's result (its signature).
+
+    Settings added since the committed study join only when they differ from
+    what that study's code did, so its runs keep their signatures.
+    """
+    out = {k: getattr(self, k) for k in _LEGACY_SETTINGS}
+    did = {
+      "pretrain_learning_rate": self.learning_rate,
+      "pretrain_batch_size": self.batch_size,
+      "warmup_steps": self.steps,
+    }
+    defaults = {f.name: f.default for f in dataclasses.fields(methods_lib.Hyper)}
+    for k in ("pretrain_learning_rate", "pretrain_batch_size", "warmup_steps"):
+      value = getattr(self, k)
+      if k == "warmup_steps":
+        value = value or self.steps
+      if value != did[k]:
+        out[k] = value
+    for k in ("error_method", "adapter_width", "sparse_fraction"):
+      if getattr(self, k) != defaults[k]:
+        out[k] = getattr(self, k)
+    return out
 
 
 def _image_size(cfg: Config) -> int | None:
   return cfg.image_size or None
 
 
-def _batches(cfg: Config, source, seed: int):
+def _batches(cfg: Config, source, seed: int, batch_size: int | None = None):
   return data_lib.train_batches(
-    source, cfg.batch_size, seed, image_size=_image_size(cfg), augment=cfg.augment
+    source,
+    batch_size or cfg.batch_size,
+    seed,
+    image_size=_image_size(cfg),
+    augment=cfg.augment,
   )
 
 
@@ -217,9 +247,11 @@ def pretrain_dir(cfg: Config, name: str) -> tuple[str, dict[str, Any]]:
   """Where the pretraining of task `name` is cached, and the settings naming it."""
   settings = {
     k: getattr(cfg, k)
-    for k in "dataset size patch image_size batch_size pretrain_steps "
-    "learning_rate augment".split()
+    for k in "dataset size patch image_size pretrain_steps augment".split()
   }
+  # Named as when one batch size and rate served both stages (same caches).
+  settings["batch_size"] = cfg.pretrain_batch_size
+  settings["learning_rate"] = cfg.pretrain_learning_rate
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   where = os.path.join(
     cfg.workdir,
@@ -239,7 +271,7 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   model, params = _init(cfg, task.num_classes, example)
   done = os.path.join(where, "done.json")
   if os.path.exists(done):
-    record = train_lib.load_json(done)
+    record = store.load_json(done)
     if record.get("settings") != settings:
       raise ValueError(f"{done} was written by another setup; it is left as it is.")
     accuracy = record["test_accuracy"]
@@ -248,13 +280,12 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
       return ckptr.restore(
         os.path.abspath(os.path.join(where, "params")), abstract
       ), accuracy
-  method = methods_lib.make(
-    "full", model, params, example, cfg.hyper(), jax.random.key(0)
-  )
+  hyper = dataclasses.replace(cfg.hyper(), learning_rate=cfg.pretrain_learning_rate)
+  method = methods_lib.make("full", model, params, example, hyper, jax.random.key(0))
   record, params = train_lib.run(
     model,
     method,
-    _batches(cfg, task.train, seed=0),
+    _batches(cfg, task.train, seed=0, batch_size=cfg.pretrain_batch_size),
     _eval(cfg, task.test),
     steps=cfg.pretrain_steps,
     seed=0,
@@ -266,7 +297,7 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   )
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(os.path.join(where, "params")), params, force=True)
-  train_lib.save_json(
+  store.save_json(
     done, {"test_accuracy": record["test_accuracy"], "settings": settings}
   )
   return params, record["test_accuracy"]
@@ -289,86 +320,129 @@ def _tasks(cfg: Config):
   return [(cfg.dataset, None, data_lib.tfds_task(cfg.dataset, cfg.data_dir or None))]
 
 
-def study(cfg: Config) -> dict[str, Any]:
-  """Every method on every task with every seed; records, summary and pretraining."""
-  names = cfg.method_names()
+@dataclasses.dataclass
+class TaskSetup:
+  """One task, ready to fine-tune on: model, starting point, splits, costs."""
+
+  name: str
+  model: Any
+  params: Any
+  example: jax.Array
+  train: Any
+  val: Any
+  test: Any
+  info: dict[str, Any]
+  costs: methods_lib.Costs | None = None
+  forget: tuple | None = None  # (source model, source head, source test batches).
+
+
+def prepare(cfg: Config, task_name, source, target, costs: bool) -> TaskSetup:
+  """Splits, the pretrained (or loaded) model with a new head, and with `costs`
+  the per-step FLOPs that size the budgeted methods."""
   if cfg.init and cfg.dataset == "embedded":
     raise ValueError(
       "--init loads a checkpoint for a tfds dataset, not the embedded tasks."
     )
-  out = {"config": dataclasses.asdict(cfg), "tasks": {}}
-  for task_name, source, target in _tasks(cfg):
-    train, val = data_lib.split_validation(target.train, cfg.val_fraction)
-    example = _batches(cfg, train, 0)[0]["image"][:2]
-    model, fresh = _init(cfg, target.num_classes, example)
-    info: dict[str, Any] = {"num_classes": target.num_classes}
-    forget = None
-    if source is not None:
-      pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
-      params = _new_head(pre, fresh)
-      # Forgetting: the fine-tuned body with the source task's head, kept aside.
-      source_model, _ = _init(cfg, source.num_classes, example)
-      forget = (source_model, pre["head"], _eval(cfg, source.test))
-    elif cfg.init:
-      params = load_npz(cfg.init, fresh)
-    else:
-      params = fresh
-      info["note"] = "no --init: fine-tuning starts from a random initialisation"
-    costs = None
-    if any(methods_lib.parse_name(n)[1] is not None for n in names):
-      costs = train_lib.measure_costs(
-        model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0]
-      )
-      info["costs"] = {
-        "full_step_flops": costs.full,
-        "lisa_step_flops": costs.lisa,
-        "rgft_step_flops": costs.detach.full,
-        "all_detached_step_flops": costs.detach.floor,
-        "detach_saving": dict(
-          zip(costs.detach.names, costs.detach.saving.tolist(), strict=True)
-        ),
-        "additivity_error": costs.detach.additivity_error,
-      }
-    runs, infeasible = [], {}
-    for name in names:
-      why = methods_lib.infeasible(name, costs)
-      if why:
-        infeasible[name] = why
-        continue
-      variants = None  # Compiled steps, shared by the seeds.
-      for seed in range(cfg.seeds):
-        record, variants = _one_run(
-          cfg,
-          task_name,
-          (train, val, target.test),
-          model,
-          params,
-          example,
-          name,
-          seed,
-          costs,
-          variants,
-          forget,
-        )
-        runs.append(record)
-    info["runs"] = runs
-    info["infeasible"] = infeasible
-    info["summary"] = summarize(runs)
-    out["tasks"][task_name] = info
-  return out
+  train, val = data_lib.split_validation(target.train, cfg.val_fraction)
+  example = _batches(cfg, train, 0)[0]["image"][:2]
+  model, fresh = _init(cfg, target.num_classes, example)
+  info: dict[str, Any] = {"num_classes": target.num_classes}
+  forget = None
+  if source is not None:
+    pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
+    params = _new_head(pre, fresh)
+    # Forgetting: the fine-tuned body with the source task's head, kept aside.
+    source_model, _ = _init(cfg, source.num_classes, example)
+    forget = (source_model, pre["head"], _eval(cfg, source.test))
+  elif cfg.init:
+    params = load_npz(cfg.init, fresh)
+  else:
+    params = fresh
+    info["note"] = "no --init: fine-tuning starts from a random initialisation"
+  task = TaskSetup(task_name, model, params, example, train, val, target.test, info)
+  task.forget = forget
+  if costs:
+    task.costs = accounting.measure_costs(
+      model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0]
+    )
+    c = task.costs
+    info["costs"] = {
+      "full_step_flops": c.full,
+      "lisa_step_flops": c.lisa,
+      "rgft_step_flops": c.detach.full,
+      "all_detached_step_flops": c.detach.floor,
+      "detach_saving": dict(zip(c.detach.names, c.detach.saving.tolist(), strict=True)),
+      "additivity_error": c.detach.additivity_error,
+    }
+  return task
 
 
-def _one_run(
-  cfg, task_name, splits, model, params, example, name, seed, costs, variants, forget
-):
-  train, val, test = splits
-  where = os.path.join(cfg.workdir, "runs", task_name, name, f"seed{seed}")
+def choose(grid: list[float], scores: list[list[float]]) -> float:
+  """The rate of `grid` whose tuning seeds' mean validation accuracy is highest
+  (`scores[i]`: the seeds' accuracies at `grid[i]`); ties go to the smaller rate."""
+  means = [float(np.mean(s)) for s in scores]
+  best = max(means)
+  return min(r for r, m in zip(grid, means, strict=True) if m == best)
+
+
+def tune(cfg: Config, task: TaskSetup, name: str, variants: dict) -> dict[str, Any]:
+  """Picks `name`'s learning rate on the validation split; the tuning record.
+
+  Each rate of the grid trains `--tune_seeds` runs (seeds `TUNE_SEED + k`) on
+  the training split and scores their final validation accuracy; the test
+  split is never seen. A one-rate grid is taken as it is, without runs.
+  """
+  grid = cfg.learning_rates()
+  if len(grid) == 1:
+    return {"grid": grid, "chosen": grid[0]}
+  seeds = [TUNE_SEED + k for k in range(cfg.tune_seeds)]
+  scores = []
+  for rate in grid:
+    at = dataclasses.replace(cfg, learning_rate=rate)
+    scores.append(
+      [
+        one_run(at, task, name, seed, variants, tuning=True)["val_accuracy"]
+        for seed in seeds
+      ]
+    )
+  return {
+    "grid": grid,
+    "seeds": seeds,
+    "val_accuracy": scores,
+    "val_accuracy_mean": [float(np.mean(s)) for s in scores],
+    "chosen": choose(grid, scores),
+  }
+
+
+def run_dir(cfg: Config, task: str, name: str, seed: int, tuning: bool) -> str:
+  """`runs/<task>/<method>/lr<rate>/seed<k>` (tuning runs: `tune<k>`)."""
+  leaf = f"tune{seed}" if tuning else f"seed{seed}"
+  return os.path.join(cfg.workdir, "runs", task, name, f"lr{cfg.learning_rate:g}", leaf)
+
+
+def one_run(
+  cfg: Config,
+  task: TaskSetup,
+  name: str,
+  seed: int,
+  variants: dict,
+  tuning: bool = False,
+  where: str | None = None,
+) -> dict[str, Any]:
+  """One run of method `name` (cached in `where`, by default `run_dir`).
+
+  Reported runs are scored on the test split (and the source task's, for
+  forgetting) and log validation accuracy every `--eval_every` steps; tuning
+  runs are scored on the validation split only (`val_accuracy`). `variants`
+  maps `(name, learning rate)` to the compiled steps the seeds share.
+  """
+  where = where or run_dir(cfg, task.name, name, seed, tuning)
   done = os.path.join(where, "result.json")
   settings = cfg.run_settings()
   if os.path.exists(done):
-    record = train_lib.load_json(done)
+    record = store.load_json(done)
     if record.get("settings") == settings:
-      return record, variants
+      return record
     raise ValueError(
       f"{done} holds a run with other settings; it is left as it is. Use another "
       "--workdir or remove it. Differences: "
@@ -380,18 +454,19 @@ def _one_run(
     )
   key = jax.random.fold_in(jax.random.key(seed), 1)
   method = methods_lib.make(
-    name, model, params, example, cfg.hyper(), key, seed=seed, costs=costs
+    name, task.model, task.params, task.example, cfg.hyper(), key, seed, task.costs
   )
-  if variants is None:
-    variants = train_lib.variants_of(model, method)
+  cache = (name, json.dumps(settings, sort_keys=True))
+  if cache not in variants:
+    variants[cache] = train_lib.variants_of(task.model, method)
   from tensorboardX import SummaryWriter
 
   with SummaryWriter(os.path.join(where, "tb")) as writer:
     record, final = train_lib.run(
-      model,
+      task.model,
       method,
-      _batches(cfg, train, seed=seed + 1),
-      _eval(cfg, test),
+      _batches(cfg, task.train, seed=seed + 1),
+      _eval(cfg, task.val if tuning else task.test),
       steps=cfg.steps,
       seed=seed,
       workdir=where,
@@ -399,252 +474,73 @@ def _one_run(
       ckpt_every=cfg.ckpt_every,
       writer=writer,
       progress=cfg.progress,
-      variants=variants,
-      val_batches=_eval(cfg, val),
+      variants=variants[cache],
+      val_batches=None if tuning else _eval(cfg, task.val),
       eval_every=cfg.eval_every,
       config=settings,
     )
-    writer.add_scalar("test/accuracy", record["test_accuracy"], record["steps"])
-  if forget is not None:
-    source_model, head, batches = forget
-    body = method.to_model(final)
-    record["source_accuracy"] = train_lib.accuracy(
-      source_model, {**body, "head": head}, batches()
+    writer.add_scalar(
+      "val/accuracy" if tuning else "test/accuracy",
+      record["test_accuracy"],
+      record["steps"],
     )
-  record["task"] = task_name
+  if tuning:
+    record["val_accuracy"] = record.pop("test_accuracy")
+  elif task.forget is not None:
+    source_model, head, batches = task.forget
+    record["source_accuracy"] = train_lib.accuracy(
+      source_model,
+      methods_lib.replace_head(method, final, head),
+      batches(),
+      method.to_model,
+      method.forward,
+    )
+  record["task"] = task.name
   record["settings"] = settings
-  train_lib.save_json(done, record)
-  return record, variants
+  store.save_json(done, record)
+  return record
 
 
-def _reach(rs: list[dict[str, Any]], target: float) -> float | None:
-  """Mean FLOPs at the first logged step where the seeds' mean held-out accuracy
-  reaches `target` (None if it never does)."""
-  curves = [r["history"]["val_accuracy"] for r in rs]
-  if not curves or not curves[0] or len({len(c) for c in curves}) != 1:
-    return None
-  mean = np.mean(curves, axis=0)
-  hit = np.flatnonzero(mean >= target - 1e-12)
-  if not len(hit):
-    return None
-  return float(np.mean([r["history"]["val_flops"][hit[0]] for r in rs]))
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """Per method: accuracy over seeds, the paired difference to full fine-tuning
-  (same seeds) with its 95% interval, and costs relative to full."""
-  out = {}
-  full = {r["seed"]: r for r in runs if r["method"] == "full"}
-  for name in dict.fromkeys(r["method"] for r in runs):
-    rs = [r for r in runs if r["method"] == name]
-    acc = np.array([r["test_accuracy"] for r in rs])
-    s = {
-      "seeds": len(rs),
-      "steps": int(rs[0]["steps"]),
-      "accuracy_mean": float(acc.mean()),
-      "accuracy_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
-      "train_flops": float(np.mean([r["train_flops"] for r in rs])),
-      "wall_s": float(np.mean([r["wall_s"] for r in rs])),
-      "peak_bytes": int(max(r["peak_bytes"] for r in rs)),
-      "update_ratio": float(np.mean([r["update_ratio"] for r in rs])),
-      "trainable_params": int(rs[0]["trainable_params"]),
-      "step_variants": int(max(r["step_variants"] for r in rs)),
-      "compilations": int(sum(r["compilations"] for r in rs)),  # Cache shared by seeds.
-    }
-    if all("source_accuracy" in r for r in rs):
-      source = np.array([r["source_accuracy"] for r in rs])
-      s["source_accuracy_mean"] = float(source.mean())
-      s["source_accuracy_std"] = float(source.std(ddof=1)) if len(rs) > 1 else 0.0
-    vs_full = compare.paired(runs, name, "full") if full else None
-    if vs_full is not None:
-      s["diff_vs_full"], s["diff_ci95"] = vs_full["mean"], vs_full["ci95"]
-    out[name] = s
-  if "full" in out:
-    base = out["full"]
-    finals = [
-      full[k]["history"]["val_accuracy"][-1]
-      for k in full
-      if full[k]["history"]["val_accuracy"]
-    ]
-    target = float(np.mean(finals)) - 0.005 if finals else None
-    for name, s in out.items():
-      s["flops_vs_full"] = s["train_flops"] / base["train_flops"]
-      s["time_vs_full"] = s["wall_s"] / max(base["wall_s"], 1e-9)
-      s["time_per_flop_vs_full"] = s["time_vs_full"] / s["flops_vs_full"]
-      if target is not None:
-        reach = _reach([r for r in runs if r["method"] == name], target)
-        s["reach_target"] = target
-        s["flops_to_reach_vs_full"] = (
-          None if reach is None else reach / base["train_flops"]
-        )
+def study(cfg: Config) -> dict[str, Any]:
+  """Every method on every task: learning rate tuned on validation, then
+  every seed at the chosen rate; records, tuning, summary and pretraining."""
+  names = cfg.method_names()
+  budgeted = any(methods_lib.parse_name(n)[1] is not None for n in names)
+  out = {"config": dataclasses.asdict(cfg), "tasks": {}}
+  for task_name, source, target in _tasks(cfg):
+    task = prepare(cfg, task_name, source, target, costs=budgeted)
+    runs, infeasible, tuning = [], {}, {}
+    for name in names:
+      why = methods_lib.infeasible(name, task.costs)
+      if why:
+        infeasible[name] = why
+        continue
+      variants: dict = {}  # Compiled steps, shared by the seeds.
+      tuning[name] = tune(cfg, task, name, variants)
+      at = dataclasses.replace(cfg, learning_rate=tuning[name]["chosen"])
+      runs += [one_run(at, task, name, seed, variants) for seed in range(cfg.seeds)]
+    task.info.update(
+      runs=runs, infeasible=infeasible, tuning=tuning, summary=summarize(runs)
+    )
+    out["tasks"][task_name] = task.info
   return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-  return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
-
-
-def _source(s: dict[str, Any]) -> str:
-  if "source_accuracy_mean" not in s:
-    return "n/a"
-  return f"{s['source_accuracy_mean']:.3f} ± {s['source_accuracy_std']:.3f}"
-
-
-def markdown(results: dict[str, Any]) -> str:
-  lines = []
-  for task, info in results["tasks"].items():
-    head = f"### {task}"
-    if "pretrain_accuracy" in info:
-      head += f" (source-task test accuracy after pretraining: {info['pretrain_accuracy']:.3f})"
-    lines += [head, ""]
-    lines.append(
-      "| method | steps | test acc (mean ± sd) | vs full, paired (95% CI) | source "
-      "acc after (forgetting) | FLOPs vs full | FLOPs to reach full - 0.5 pt | wall s "
-      "| time vs full | time / FLOPs vs full | peak MiB | update ratio | step "
-      "variants (compiled) |"
-    )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, s in info["summary"].items():
-      diff = s.get("diff_vs_full")
-      paired = (
-        "n/a"
-        if diff is None or name == "full"
-        else f"{diff * 100:+.1f} pt (± {_fmt(s['diff_ci95'] * 100, '.1f')})"
-      )
-      lines.append(
-        f"| {name} | {s['steps']} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
-        f"{paired} | {_source(s)} | {_fmt(s.get('flops_vs_full'), '.3f')} | "
-        f"{_fmt(s.get('flops_to_reach_vs_full'), '.3f')} | "
-        f"{s['wall_s']:.1f} | {_fmt(s.get('time_vs_full'), '.2f')} | "
-        f"{_fmt(s.get('time_per_flop_vs_full'), '.2f')} | "
-        f"{s['peak_bytes'] / 2**20:.1f} | {s['update_ratio']:.3f} | "
-        f"{s['step_variants']} ({s['compilations']}) |"
-      )
-    for name, why in info.get("infeasible", {}).items():
-      lines.append(f"| {name} | not run: {why} |" + " |" * 11)
-    lines.append("")
-  return "\n".join(lines)
-
-
-def plots(results: dict[str, Any], where: str) -> list[str]:
-  """Error map heat maps, alpha distributions and accuracy against FLOPs."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  from rgft_jax import viz
-
-  files = []
-  os.makedirs(where, exist_ok=True)
-
-  def save(fig, name):
-    path = os.path.join(where, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(path)
-
-  for task, info in results["tasks"].items():
-    for r in info["runs"]:
-      if r["seed"] != 0 or not r["history"]["alpha"]:
-        continue
-      h = r["history"]
-      fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-      viz.error_map_heatmap(h["error_map"], h["step"], r["components"], ax=axes[0])
-      axes[0].set_title(f"{task}, {r['method']}: EMA error map / max")
-      viz.alpha_distribution(h["alpha"], h["step"], ax=axes[1])
-      axes[1].set_title("multipliers across components")
-      save(fig, f"{task}_{r['method']}_error_map.png")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    bases = list(dict.fromkeys(methods_lib.BASE_METHODS + methods_lib.BUDGET_METHODS))
-    colors = plt.get_cmap("tab10")
-    # Colour by method, marker and line by budget (none, 0.3, 0.5, 0.7, other).
-    looks = {None: ("o", "-"), 0.3: ("v", ":"), 0.5: ("s", "--"), 0.7: ("D", "-.")}
-    for name, s in info["summary"].items():
-      base, budget = methods_lib.parse_name(name)
-      color = colors(bases.index(base) % 10)
-      marker, line = looks.get(budget, ("x", "-"))
-      accs = [r["test_accuracy"] for r in info["runs"] if r["method"] == name]
-      axes[0].errorbar(
-        s["train_flops"] / 1e12,
-        np.mean(accs),
-        yerr=np.std(accs, ddof=1) if len(accs) > 1 else 0.0,
-        fmt=marker,
-        color=color,
-        label=name,
-      )
-      rs = [r for r in info["runs"] if r["method"] == name]
-      if rs and rs[0]["history"]["val_accuracy"]:
-        curves = [
-          r["history"]
-          for r in rs
-          if len(r["history"]["val_accuracy"]) == len(rs[0]["history"]["val_accuracy"])
-        ]
-        axes[1].plot(
-          np.mean([h["val_flops"] for h in curves], axis=0) / 1e12,
-          np.mean([h["val_accuracy"] for h in curves], axis=0),
-          marker=marker,
-          linestyle=line,
-          color=color,
-          markersize=3,
-          label=name,
-        )
-    axes[0].set_xlabel("training TFLOPs (XLA-counted)")
-    axes[0].set_ylabel("test accuracy (mean ± sd over seeds)")
-    axes[0].set_title(f"{task}: accuracy against training FLOPs")
-    axes[1].set_xlabel("training TFLOPs so far")
-    axes[1].set_ylabel("held-out accuracy (mean over seeds)")
-    axes[1].set_title(f"{task}: held-out accuracy during training")
-    for ax in axes:
-      ax.legend(fontsize=7)
-    save(fig, f"{task}_accuracy_vs_flops.png")
-  return files
-
-
-def _field_help() -> dict[str, str]:
-  """Each Config field's trailing comment, as its --help text."""
-  import inspect
-  import re
-
-  helps = {}
-  for line in inspect.getsource(Config).splitlines():
-    m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)", line)
-    if m:
-      helps[m.group(1)] = m.group(2)
-  return helps
-
-
 def parse(argv: list[str]) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  helps = _field_help()
-  for f in dataclasses.fields(Config):
-    if f.type == "bool":
-      parser.add_argument(
-        f"--{f.name}",
-        action=argparse.BooleanOptionalAction,
-        default=f.default,
-        help=helps.get(f.name),
-      )
-    else:
-      kind = {"int": int, "float": float}.get(f.type, str)
-      parser.add_argument(
-        f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name)
-      )
-  return Config(**vars(parser.parse_args(argv)))
+  return cli.parse(Config, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse(sys.argv[1:] if argv is None else argv)
-  cfg.workdir = os.path.expanduser(cfg.workdir)
+  cfg = dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
   cfg.validate()
-  with train_lib.lock(cfg.workdir):
+  with store.lock(cfg.workdir):
     return _main(cfg)
 
 
 def _main(cfg: Config) -> dict[str, Any]:
   results = study(cfg)
-  train_lib.save_json(os.path.join(cfg.workdir, "results.json"), results)
+  store.save_json(os.path.join(cfg.workdir, "results.json"), results)
   table = markdown(results)
   with open(os.path.join(cfg.workdir, "results.md"), "w") as f:
     f.write(table)

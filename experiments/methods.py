@@ -1,27 +1,64 @@
 """The fine-tuning methods compared side by side, on one ViT parameter layout.
 
-Every method is a `Method`: the parameters it trains from (LoRA adds factors),
-how those become the model's parameters, which of them are trainable, the optax
-transformation, and for RGFT the `ErrorTracker`. Frozen parameters are held out
-of differentiation, so XLA drops their weight-gradient work and the counted
-FLOPs show each method's real cost.
+Every method is a `Method`: the parameters it trains from (LoRA and the
+adapters add their own), how those become the model's parameters or logits,
+which of them are trainable, the optax transformation, where RGFT's error map
+comes from, and the step builder (`experiments.steps`). Each name is one
+registry entry (`ENTRIES`) that builds its `Method`; the training loop knows
+no method. Frozen parameters are held out of differentiation, so XLA drops
+their weight-gradient work and the counted FLOPs show each method's real cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 import rgft_jax
+from experiments import adapters as adapters_lib
+from experiments import lora as lora_lib
+from experiments import masks
+from experiments import steps as steps_lib
+from experiments.error_maps import ERROR_METHODS
+from experiments.error_maps import RandomErrorMap
+from experiments.error_maps import Tracked
+from experiments.error_maps import random_map_seed
+from experiments.grouping import MixedTracker
+from experiments.policies import BudgetPolicy
+from experiments.policies import LisaPolicy
+from experiments.policies import Policy
+from experiments.policies import depth
+from experiments.policies import lisa_blocks
+from experiments.trees import count
+from experiments.trees import flat
+from experiments.trees import identity
+from experiments.trees import unflat
+
+__all__ = (  # What other modules take from here, the registry's names aside.
+  "BudgetPolicy",
+  "Costs",
+  "Hyper",
+  "LisaPolicy",
+  "Method",
+  "Policy",
+  "count",
+  "depth",
+  "flat",
+  "identity",
+  "infeasible",
+  "lisa_blocks",
+  "make",
+  "parse_name",
+  "replace_head",
+  "trainable_count",
+  "unflat",
+)
 
 BASE_METHODS = (
   "full",
@@ -31,6 +68,11 @@ BASE_METHODS = (
   "bitfit",
   "head_only",
   "lisa",
+  "rgft_mix",
+  "rgft_random",
+  "adapters",
+  "random_sparse",
+  "magnitude_sparse",
 )
 # Methods given a compute budget b as `name@b`: budgeted RGFT (the error map
 # chooses which block branches get a backward pass; `top` or `sample`), the
@@ -39,12 +81,11 @@ BASE_METHODS = (
 BUDGET_METHODS = ("rgft_budget", "rgft_budget_sample", "uniform_budget", "full", "lisa")
 BUDGETS = (0.3, 0.5, 0.7)
 METHODS = BASE_METHODS + tuple(f"{m}@{b}" for b in BUDGETS for m in BUDGET_METHODS)
-
-_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
-# Kernels LoRA adapts: attention projections and both MLP layers.
-_LORA_TARGET = re.compile(
-  r".*/(MultiHeadDotProductAttention_1/(query|key|value|out)|MlpBlock_3/Dense_\d)/kernel"
-)
+# What `sum_i alpha_i size_i / sum_i size_i` over RGFT's block branches came to,
+# averaged over the logged steps of the 10 committed `rgft_blocks` runs (5 seeds
+# on each embedded task; 0.915 to 0.935 per run): the sparsification baselines
+# train this fraction of those entries by default.
+RGFT_BLOCKS_FRACTION = 0.926
 
 
 def parse_name(name: str) -> tuple[str, float | None]:
@@ -70,87 +111,78 @@ def parse_name(name: str) -> tuple[str, float | None]:
 
 @dataclasses.dataclass(frozen=True)
 class Hyper:
-  """Hyperparameters shared by every method (one rule for all, no per-method tuning)."""
+  """What the methods read: one rule for all (the study tunes only the rate).
 
-  learning_rate: float = 1e-3
-  steps: int = 300
-  lora_rank: int = 4
-  lisa_layers: int = 1  # Blocks trained at a time.
-  lisa_period: int = 20  # Steps between re-sampling them.
-  beta: float = 0.9
-  thresh_init: float = 0.1
-  thresh_final: float = 0.3
-  min_scale: float = 0.01
+  `experiments.finetune.Config` extends it with the study's settings, so each
+  field is declared once, with its default and its --help text (the comment).
+  """
+
+  learning_rate: float = 1e-3  # Fine-tuning Adam rate when --lr_grid is empty.
+  steps: int = 200  # Fine-tuning steps (equal-FLOPs baselines run fewer).
+  beta: float = 0.9  # RGFT: EMA decay of the error map.
+  thresh_init: float = 0.1  # RGFT: threshold at the first step.
+  thresh_final: float = 0.3  # RGFT: threshold after the warmup.
+  warmup_steps: int = 0  # RGFT: steps of the threshold's rise (0: --steps).
+  min_scale: float = 0.01  # RGFT: smallest multiplier.
+  # RGFT's attribution: norm_product, taylor, ablation (|exact|) or random.
+  error_method: str = "norm_product"
+  lora_rank: int = 4  # LoRA: rank of the factors.
+  adapter_width: int = 8  # Adapters: bottleneck width.
+  # random_sparse, magnitude_sparse: fraction of the branches' entries trained.
+  sparse_fraction: float = RGFT_BLOCKS_FRACTION
+  lisa_layers: int = 1  # LISA: blocks trained at a time.
+  lisa_period: int = 20  # LISA: steps between redraws.
   budget_every: int = 20  # Budgeted RGFT: steps between decisions.
-  budget_ramp: int = 0  # Steps over which the allowance falls from full steps.
-  budget_hysteresis: float = 0.1  # Bonus of the components trained now ("top").
-  budget_refresh: bool = False  # A step with nothing detached before each decision.
-  budget_exact: bool = False  # Only exact measurements enter the error map.
+  budget_ramp: int = 0  # Budgeted RGFT: steps of the fall from full steps.
+  budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the trained ("top").
+  budget_refresh: bool = False  # Budgeted RGFT: a full step before decisions.
+  budget_exact: bool = False  # Budgeted RGFT: only exact measurements count.
 
-
-class Policy:
-  """Chooses each step's variant: what the compiled step leaves out (nothing here)."""
-
-  def variant(self, step: int, opt_state: Any) -> frozenset[str]:
-    del step, opt_state
-    return frozenset()
-
-  def spend(self, step: int, variant: frozenset[str]) -> None:
-    del step, variant
-
-  def reset(self) -> None:
-    """Back to the start of a run."""
-
-  def state_dict(self) -> dict[str, Any]:
-    return {}
-
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    del state
-
-
-@dataclasses.dataclass
-class LisaPolicy(Policy):
-  """LISA: `layers` random blocks trained, redrawn every `period` steps."""
-
-  params: Any
-  trainable: frozenset[str]
-  layers: int
-  period: int
-  seed: int
-
-  def variant(self, step, opt_state):
-    del opt_state
-    active = lisa_blocks(self.params, step, self.seed, self.layers, self.period)
-    return frozenset(
-      p
-      for p in self.trainable
-      if (m := _BLOCK.match(p)) is not None and int(m.group(1)) not in active
-    )
-
-
-@dataclasses.dataclass
-class BudgetPolicy(Policy):
-  """Budgeted RGFT: the variant is the set of detached components."""
-
-  budget: rgft_jax.Budget
-
-  def variant(self, step, opt_state):
-    if self.budget.due(step):  # The only host read of the error map.
-      ema = rgft_jax.residual_error_state(opt_state).error_map
-      self.budget.decide(step, jax.device_get(ema))
-    return self.budget.variant(step)
-
-  def spend(self, step, variant):
-    self.budget.spend(step, variant)
-
-  def reset(self):
-    self.budget.reset()
-
-  def state_dict(self):
-    return self.budget.state_dict()
-
-  def load_state_dict(self, state):
-    self.budget.load_state_dict(state)
+  def validate(self) -> None:
+    """Raises ValueError naming the flag and its allowed range."""
+    at_least = {
+      "steps": 1,
+      "warmup_steps": 0,
+      "lora_rank": 1,
+      "adapter_width": 1,
+      "lisa_layers": 1,
+      "lisa_period": 1,
+      "budget_every": 1,
+      "budget_ramp": 0,
+    }
+    for name, low in at_least.items():
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(
+        f"--learning_rate must be finite and > 0, got {self.learning_rate}."
+      )
+    if not (np.isfinite(self.budget_hysteresis) and self.budget_hysteresis >= 0):
+      raise ValueError(
+        f"--budget_hysteresis must be finite and >= 0, got {self.budget_hysteresis}."
+      )
+    if not 0.0 < self.sparse_fraction <= 1.0:
+      raise ValueError(
+        f"--sparse_fraction must be in (0, 1], got {self.sparse_fraction}."
+      )
+    if self.error_method not in ERROR_METHODS:
+      raise ValueError(
+        f"--error_method must be one of {ERROR_METHODS}, got {self.error_method!r}."
+      )
+    if self.budget_ramp > self.steps:
+      raise ValueError(
+        f"--budget_ramp must be in [0, --steps={self.steps}], got {self.budget_ramp}."
+      )
+    if self.warmup_steps > self.steps:
+      raise ValueError(
+        f"--warmup_steps must be in [0, --steps={self.steps}], got {self.warmup_steps}."
+      )
+    try:  # RGFT's own checks, on a one-parameter stand-in.
+      stand_in = {"w": np.zeros(1, np.float32)}
+      _rgft_tx(self, rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,8 +190,13 @@ class Method:
   """A fine-tuning method: what it trains, its optimizer, how it picks variants.
 
   Variants (hashable) are what `policy` leaves out of a step: parameter paths
-  for LISA, detached components for budgeted RGFT. `detaches` says which.
-  `steps` overrides the run's steps (equal-FLOPs baselines).
+  for LISA, detached components for budgeted RGFT (`build_step` is then
+  `steps.detached_step`). `steps` overrides the run's steps (equal-FLOPs
+  baselines). `measure` gives the loss, gradients and the error map of
+  methods with one (`error_maps`); `forward`, when set, gives the logits of
+  `params` in place of `model.apply(to_model(params))` (adapters); `held`
+  marks entries never updated (the sparsification baselines; their optimizer
+  holds the same mask); `head` is where the classifier head sits in `params`.
   """
 
   name: str
@@ -167,34 +204,34 @@ class Method:
   to_model: Callable[[Any], Any]  # `params` -> the model's parameters.
   trainable: frozenset[str]  # Paths of `params` that are trained.
   tx: optax.GradientTransformation
-  tracker: rgft_jax.ErrorTracker | None = None
+  tracker: Any = None  # `rgft_jax.ErrorTracker` (or `grouping.MixedTracker`).
   components: rgft_jax.Components | None = None
   policy: Policy = dataclasses.field(default_factory=Policy)
   detaches: bool = False  # Variants name detached components.
   exact: bool = False  # Detached steps measure only what they measure exactly.
   steps: int | None = None
+  measure: Callable[..., Any] | None = None
+  forward: Callable[[nn.Module, Any, jax.Array], jax.Array] | None = None
+  held: Any = None
+  head: str = "head"
+  build_step: Callable[..., Any] = steps_lib.dense_step
 
 
-def identity(tree: Any) -> Any:
-  return tree
+def trainable_count(method: Method) -> int:
+  """Entries `method` trains: its trainable paths, less the entries it holds."""
+  held = (
+    0
+    if method.held is None
+    else sum(int(np.sum(m)) for m in jax.tree.leaves(method.held))
+  )
+  return count(method.params, method.trainable) - held
 
 
-def flat(tree: Any) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflat(tree: dict[str, Any]) -> Any:
-  return traverse_util.unflatten_dict(tree, sep="/")
-
-
-def depth(params: Any) -> int:
-  return 1 + max(int(m.group(1)) for p in flat(params) if (m := _BLOCK.match(p)))
-
-
-def lisa_blocks(params, step: int, seed: int, layers: int, period: int) -> tuple:
-  """The blocks LISA trains at `step`: `layers` of them, redrawn every `period`."""
-  rng = np.random.default_rng([seed, step // period])
-  return tuple(sorted(rng.choice(depth(params), size=layers, replace=False).tolist()))
+def replace_head(method: Method, tree: Any, head: Any) -> Any:
+  """`tree` (a `method.params`) with `head` as the classifier head."""
+  prefix = method.head + "/"
+  kept = {p: v for p, v in flat(tree).items() if not p.startswith(prefix)}
+  return unflat({**kept, **{prefix + p: v for p, v in flat(head).items()}})
 
 
 def _frozen_tx(inner: optax.GradientTransformation, params, trainable) -> Any:
@@ -203,32 +240,8 @@ def _frozen_tx(inner: optax.GradientTransformation, params, trainable) -> Any:
   return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
 
 
-def _lora_init(params, rank: int, key: jax.Array) -> dict[str, Any]:
-  """Factors `a` [d_in, r] (scaled normal) and `b` [r, d_out] (zeros) per kernel."""
-  factors = {}
-  targets = sorted(p for p in flat(params) if _LORA_TARGET.fullmatch(p))
-  for path, k in zip(targets, jax.random.split(key, len(targets)), strict=True):
-    d_in, d_out = _lora_shape(path, flat(params)[path].shape)
-    factors[path.replace("/", ".")] = {
-      "a": jax.random.normal(k, (d_in, rank)) / np.sqrt(d_in),
-      "b": jnp.zeros((rank, d_out)),
-    }
-  return factors
-
-
-def _lora_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
-  """A kernel as a matrix: out's [H, K, D] is [H*K, D], q/k/v's [D, H, K] is [D, H*K]."""
-  if path.endswith("out/kernel"):
-    return int(np.prod(shape[:-1])), shape[-1]
-  return shape[0], int(np.prod(shape[1:]))
-
-
-def _lora_merge(tree: dict[str, Any]) -> Any:
-  base = flat(tree["base"])
-  for key, f in tree["lora"].items():
-    path = key.replace(".", "/")
-    base[path] = base[path] + (f["a"] @ f["b"]).reshape(base[path].shape)
-  return unflat(base)
+def _base(tree: dict[str, Any]) -> Any:
+  return tree["base"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,21 +281,211 @@ _BUDGET_RULES = {
   "rgft_budget_sample": "sample",
   "uniform_budget": "uniform",
 }
+BUDGETED_RGFT = tuple(_BUDGET_RULES)  # The methods a `Budget` drives.
+# Attributions a budgeted run can use: detached steps feed the tracker's map
+# to RGFT as it is (non-negative), with no random draw.
+BUDGET_ERROR_METHODS = ("norm_product", "taylor")
 
 
-def _rgft(model, params, example, hyper, select):
-  tracker = rgft_jax.ErrorTracker(model, select=select)
-  comps = tracker.components(params, example)
-  tx = rgft_jax.rgft(
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a registry entry builds its method from (see `make`)."""
+
+  name: str
+  budget: float | None
+  model: nn.Module
+  params: Any
+  example: jax.Array
+  hyper: Hyper
+  key: jax.Array
+  seed: int
+  costs: Costs | None
+
+  @property
+  def paths(self) -> frozenset[str]:
+    return frozenset(flat(self.params))
+
+  @property
+  def head(self) -> frozenset[str]:
+    return frozenset(p for p in self.paths if p.startswith("head/"))
+
+  def adam(self) -> optax.GradientTransformation:
+    return optax.adam(self.hyper.learning_rate)
+
+
+def _rgft_tx(hyper: Hyper, comps: rgft_jax.Components):
+  return rgft_jax.rgft(
     hyper.learning_rate,
     comps,
     beta=hyper.beta,
     thresh_init=hyper.thresh_init,
     thresh_final=hyper.thresh_final,
-    warmup_steps=hyper.steps,
+    warmup_steps=hyper.warmup_steps or hyper.steps,
     min_scale=hyper.min_scale,
   )
-  return tracker, comps, tx
+
+
+def _soft_rgft(s: Setup, select: str, error_method: str) -> Method:
+  """Soft RGFT over `select` ("branches", "heads" or "mix"), map from `error_method`."""
+  attribution = "norm_product" if error_method == "random" else error_method
+  if select == "mix":
+    tracker = MixedTracker(s.model, method=attribution)
+  else:
+    tracker = rgft_jax.ErrorTracker(s.model, select=select, method=attribution)
+  comps = tracker.components(s.params, s.example)
+  tx = _rgft_tx(s.hyper, comps)
+  if error_method == "random":  # The tracker only named the components.
+    tx = optax.chain(random_map_seed(s.seed), tx)
+    tracker, measure = None, RandomErrorMap(comps.names)
+  else:
+    measure = Tracked(tracker, absolute=error_method == "ablation")
+  return Method(
+    s.name, s.params, identity, s.paths, tx, tracker, comps, measure=measure
+  )
+
+
+def _full(s: Setup) -> Method:
+  steps = None if s.budget is None else max(1, round(s.budget * s.hyper.steps))
+  return Method(s.name, s.params, identity, s.paths, s.adam(), steps=steps)
+
+
+def _budgeted(s: Setup) -> Method:
+  if s.hyper.error_method not in BUDGET_ERROR_METHODS:
+    raise ValueError(
+      f"{s.name} needs --error_method in {BUDGET_ERROR_METHODS}, got "
+      f"{s.hyper.error_method!r}."
+    )
+  tracker = rgft_jax.ErrorTracker(
+    s.model, select="branches", method=s.hyper.error_method
+  )
+  comps = tracker.components(s.params, s.example)
+  if s.costs.detach.names != comps.names:
+    raise ValueError(
+      f"The step costs are for components {s.costs.detach.names}, this model's "
+      f"are {comps.names}."
+    )
+  h = s.hyper
+  # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
+  policy = BudgetPolicy(
+    rgft_jax.Budget(
+      s.costs.detach,
+      s.budget,
+      total_steps=h.steps,
+      every=h.budget_every,
+      rule=_BUDGET_RULES[parse_name(s.name)[0]],
+      ramp_steps=h.budget_ramp,
+      hysteresis=h.budget_hysteresis,
+      seed=s.seed,
+      unit=s.costs.full,
+      refresh=h.budget_refresh,
+    )
+  )
+  return Method(
+    s.name,
+    s.params,
+    identity,
+    s.paths,
+    _rgft_tx(h, comps),
+    tracker,
+    comps,
+    policy,
+    detaches=True,
+    exact=h.budget_exact,
+    build_step=steps_lib.detached_step,
+  )
+
+
+def _head_only(s: Setup) -> Method:
+  return Method(
+    s.name, s.params, identity, s.head, _frozen_tx(s.adam(), s.params, s.head)
+  )
+
+
+def _bitfit(s: Setup) -> Method:
+  trainable = s.head | {p for p in s.paths if p.endswith("/bias")}
+  return Method(
+    s.name, s.params, identity, trainable, _frozen_tx(s.adam(), s.params, trainable)
+  )
+
+
+def _lora(s: Setup) -> Method:
+  tree = {"base": s.params, "lora": lora_lib.init(s.params, s.hyper.lora_rank, s.key)}
+  trainable = frozenset(
+    p for p in flat(tree) if p.startswith("lora/") or p.startswith("base/head/")
+  )
+  tx = _frozen_tx(s.adam(), tree, trainable)
+  return Method(s.name, tree, lora_lib.merge, trainable, tx, head="base/head")
+
+
+def _adapters(s: Setup) -> Method:
+  width = s.hyper.adapter_width
+  tree = {
+    "base": s.params,
+    "adapters": adapters_lib.init(s.model, s.params, s.example, width, s.key),
+  }
+  trainable = frozenset(
+    p for p in flat(tree) if p.startswith("adapters/") or p.startswith("base/head/")
+  )
+  tx = _frozen_tx(s.adam(), tree, trainable)
+  return Method(
+    s.name,
+    tree,
+    _base,
+    trainable,
+    tx,
+    forward=adapters_lib.forward,
+    head="base/head",
+  )
+
+
+def _masked(s: Setup, rule: str) -> Method:
+  """A fixed mask over the block branches' entries (see `masks`)."""
+  comps = rgft_jax.ErrorTracker(s.model, select="branches").components(
+    s.params, s.example
+  )
+  fraction = s.hyper.sparse_fraction
+  if rule == "random":
+    held = masks.random_mask(comps, s.params, fraction, s.seed)
+  else:
+    held = masks.magnitude_mask(comps, s.params, fraction)
+  tx = optax.chain(masks.hold_entries(held), s.adam())
+  return Method(s.name, s.params, identity, s.paths, tx, held=held)
+
+
+def _lisa(s: Setup) -> Method:
+  h = s.hyper
+  if not 1 <= h.lisa_layers <= depth(s.params):
+    raise ValueError(
+      f"lisa_layers must be in [1, {depth(s.params)}], got {h.lisa_layers}."
+    )
+  policy = LisaPolicy(s.params, s.paths, h.lisa_layers, h.lisa_period, s.seed)
+  steps = None
+  if s.budget is not None:
+    steps = max(1, round(s.budget * h.steps * s.costs.full / s.costs.lisa))
+  return Method(
+    s.name, s.params, identity, s.paths, s.adam(), policy=policy, steps=steps
+  )
+
+
+# One entry per method name (budgeted ones take `@b`); `make` looks them up.
+ENTRIES: dict[str, Callable[[Setup], Method]] = {
+  "full": _full,
+  "rgft_blocks": lambda s: _soft_rgft(s, "branches", s.hyper.error_method),
+  "rgft_heads": lambda s: _soft_rgft(s, "heads", s.hyper.error_method),
+  "rgft_mix": lambda s: _soft_rgft(s, "mix", s.hyper.error_method),
+  "rgft_random": lambda s: _soft_rgft(s, "branches", "random"),
+  "lora": _lora,
+  "bitfit": _bitfit,
+  "head_only": _head_only,
+  "lisa": _lisa,
+  "adapters": _adapters,
+  "random_sparse": lambda s: _masked(s, "random"),
+  "magnitude_sparse": lambda s: _masked(s, "magnitude"),
+  "rgft_budget": _budgeted,
+  "rgft_budget_sample": _budgeted,
+  "uniform_budget": _budgeted,
+}
+assert set(ENTRIES) == set(BASE_METHODS) | set(BUDGET_METHODS)
 
 
 def make(
@@ -297,86 +500,12 @@ def make(
 ) -> Method:
   """The method `name` (one of `METHODS`) set up on pretrained `params`.
 
-  `seed` seeds LISA's and the budget's random draws; budgeted methods
-  (`name@b`) need the task's `costs`.
+  `key` draws LoRA's and the adapters' initial factors; `seed` seeds the
+  random draws of LISA, the budget, the random mask and the random error
+  map; budgeted methods (`name@b`) need the task's `costs`.
   """
   base, budget = parse_name(name)
-  adam = optax.adam(hyper.learning_rate)
-  paths = frozenset(flat(params))
-  head = frozenset(p for p in paths if p.startswith("head/"))
   if budget is not None and costs is None:
     raise ValueError(f"{name} needs the task's step costs (costs=...).")
-  if base == "full":
-    steps = None if budget is None else max(1, round(budget * hyper.steps))
-    return Method(name, params, identity, paths, adam, steps=steps)
-  if base in ("rgft_blocks", "rgft_heads"):
-    select = "heads" if base == "rgft_heads" else "branches"
-    tracker, comps, tx = _rgft(model, params, example, hyper, select)
-    return Method(name, params, identity, paths, tx, tracker, comps)
-  if base in _BUDGET_RULES:
-    tracker, comps, tx = _rgft(model, params, example, hyper, "branches")
-    rule = _BUDGET_RULES[base]
-    if costs.detach.names != comps.names:
-      raise ValueError(
-        f"The step costs are for components {costs.detach.names}, this model's "
-        f"are {comps.names}."
-      )
-    # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
-    policy = BudgetPolicy(
-      rgft_jax.Budget(
-        costs.detach,
-        budget,
-        total_steps=hyper.steps,
-        every=hyper.budget_every,
-        rule=rule,
-        ramp_steps=hyper.budget_ramp,
-        hysteresis=hyper.budget_hysteresis,
-        seed=seed,
-        unit=costs.full,
-        refresh=hyper.budget_refresh,
-      )
-    )
-    return Method(
-      name,
-      params,
-      identity,
-      paths,
-      tx,
-      tracker,
-      comps,
-      policy,
-      detaches=True,
-      exact=hyper.budget_exact,
-    )
-  if base == "head_only":
-    return Method(name, params, identity, head, _frozen_tx(adam, params, head))
-  if base == "bitfit":
-    trainable = head | {p for p in paths if p.endswith("/bias")}
-    return Method(
-      name, params, identity, trainable, _frozen_tx(adam, params, trainable)
-    )
-  if base == "lora":
-    tree = {"base": params, "lora": _lora_init(params, hyper.lora_rank, key)}
-    trainable = frozenset(
-      p for p in flat(tree) if p.startswith("lora/") or p.startswith("base/head/")
-    )
-    return Method(name, tree, _lora_merge, trainable, _frozen_tx(adam, tree, trainable))
-  # LISA.
-  if not 1 <= hyper.lisa_layers <= depth(params):
-    raise ValueError(
-      f"lisa_layers must be in [1, {depth(params)}], got {hyper.lisa_layers}."
-    )
-  policy = LisaPolicy(params, paths, hyper.lisa_layers, hyper.lisa_period, seed)
-  steps = None
-  if budget is not None:
-    steps = max(1, round(budget * hyper.steps * costs.full / costs.lisa))
-  return Method(name, params, identity, paths, adam, policy=policy, steps=steps)
-
-
-def count(tree: Any, paths: frozenset[str] | None = None) -> int:
-  """Number of parameter entries (at `paths`, or all)."""
-  return sum(
-    int(np.prod(np.shape(v)))
-    for p, v in flat(tree).items()
-    if paths is None or p in paths
-  )
+  setup = Setup(name, budget, model, params, example, hyper, key, seed, costs)
+  return ENTRIES[base](setup)

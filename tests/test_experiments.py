@@ -58,6 +58,7 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
     "--ckpt_every=1",
     "--augment",
     "--no-progress",
+    "--lr_grid=",  # No tuning here (see test_learning_rates_are_tuned...).
   ]
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     results = finetune.main(flags)
@@ -70,7 +71,7 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["train_flops"] > 0 and r["peak_bytes"] > 0
     assert sum(r["steps_per_variant"].values()) == r["steps"]
-    run_dir = tmp_path / "runs" / "cifar10" / r["method"] / "seed0"
+    run_dir = tmp_path / "runs" / "cifar10" / r["method"] / "lr0.001" / "seed0"
     assert (run_dir / "result.json").exists()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tb"))
   rgft = [r for r in runs if r["method"].startswith("rgft")]
@@ -86,8 +87,8 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
   assert "cifar10_rgft_heads_error_map.png" in plots
   # Rerunning into the same workdir with another setting is refused.
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    with pytest.raises(ValueError, match=r"other settings.*learning_rate"):
-      finetune.main([*flags, "--learning_rate=0.01", "--methods=full"])
+    with pytest.raises(ValueError, match=r"other settings.*lora_rank"):
+      finetune.main([*flags, "--lora_rank=2", "--methods=full"])
 
 
 def test_trainable_parameter_counts_by_hand():
@@ -101,7 +102,7 @@ def test_trainable_parameter_counts_by_hand():
   counts = {}
   for name in methods_lib.BASE_METHODS:
     method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
-    counts[name] = methods_lib.count(method.params, method.trainable)
+    counts[name] = methods_lib.trainable_count(method)
     assert methods_lib.count(method.to_model(method.params)) == total
   assert counts["full"] == counts["lisa"] == counts["rgft_blocks"] == total
   assert counts["head_only"] == head
@@ -109,6 +110,14 @@ def test_trainable_parameter_counts_by_hand():
   assert counts["bitfit"] == w + d * (w + 4 * w + w + m + w) + w + head
   # Rank r factors: q, k, v are [w, w], out [w, w], Dense_0 [w, m], Dense_1 [m, w].
   assert counts["lora"] == d * r * (4 * 2 * w + 2 * (w + m)) + head
+  assert counts["rgft_mix"] == counts["rgft_random"] == total
+  # Adapters: per branch (2 per block) down [w, a] + bias a, up [a, w] + bias w.
+  a = hyper.adapter_width
+  assert counts["adapters"] == d * 2 * (2 * w * a + a + w) + head
+  # Masks over the branches' entries (every block parameter), the rest trained.
+  branches = d * per_block
+  kept = round(hyper.sparse_fraction * branches) + total - branches
+  assert counts["random_sparse"] == counts["magnitude_sparse"] == kept
 
 
 def _matmul_flops(batch, image, patch):
@@ -276,6 +285,19 @@ def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
     ("--beta=1.5", r"RGFT flags .*beta"),
     ("--min_scale=0", r"RGFT flags .*min_scale"),
     ("--thresh_init=0.5", r"RGFT flags .*thresh_init"),
+    ("--lr_grid=abc", "--lr_grid must be comma-separated numbers"),
+    ("--lr_grid=0,1e-3", "--lr_grid must hold finite rates > 0"),
+    ("--lr_grid=1e-3,1e-3", "--lr_grid repeats"),
+    ("--tune_seeds=0", "--tune_seeds must be"),
+    ("--pretrain_learning_rate=0", "--pretrain_learning_rate must be"),
+    ("--pretrain_batch_size=0", "--pretrain_batch_size must be"),
+    ("--adapter_width=0", "--adapter_width must be"),
+    ("--sparse_fraction=0", "--sparse_fraction must be in"),
+    ("--sparse_fraction=1.5", "--sparse_fraction must be in"),
+    ("--error_method=foo", "--error_method must be one of"),
+    ("--error_method=random", "cannot drive budgeted RGFT"),
+    ("--warmup_steps=-1", "--warmup_steps must be"),
+    ("--warmup_steps=500", "--warmup_steps must be in"),
   ],
 )
 def test_flags_are_checked_before_any_compute(tmp_path, flag, message):
@@ -348,8 +370,8 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
   base = finetune.Config()
   where, _ = finetune.pretrain_dir(base, "label_shift")
   for change in (
-    {"learning_rate": 3e-3},
-    {"batch_size": 32},
+    {"pretrain_learning_rate": 3e-3},
+    {"pretrain_batch_size": 32},
     {"image_size": 56},
     {"pretrain_steps": 100},
     {"augment": True},
@@ -357,10 +379,9 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
     other = dataclasses.replace(base, **change)
     assert finetune.pretrain_dir(other, "label_shift")[0] != where, change
   # Settings that only change the fine-tuning share it.
-  assert (
-    finetune.pretrain_dir(dataclasses.replace(base, steps=50), "label_shift")[0]
-    == where
-  )
+  for change in ({"steps": 50}, {"learning_rate": 3e-3}, {"batch_size": 32}):
+    other = dataclasses.replace(base, **change)
+    assert finetune.pretrain_dir(other, "label_shift")[0] == where, change
 
 
 def test_a_checkpoint_past_the_run_is_refused(tmp_path):
@@ -416,3 +437,68 @@ def test_a_workdir_that_cannot_be_made_is_refused_before_compute(tmp_path):
   for workdir in (blocker, blocker / "sub"):
     with pytest.raises(ValueError, match="Cannot write to --workdir"):
       finetune.main([f"--workdir={workdir}"])
+
+
+def test_the_chosen_rate_is_the_best_mean_validation_accuracy():
+  grid = [3e-4, 1e-3, 3e-3, 1e-2]
+  scores = [[0.5, 0.7], [0.8, 0.7], [0.9, 0.8], [0.1, 0.2]]  # Means .6 .75 .85 .15.
+  assert finetune.choose(grid, scores) == 3e-3
+  assert finetune.choose(grid, [[0.5], [0.9], [0.9], [0.1]]) == 1e-3  # Tie: smaller.
+
+
+def test_learning_rates_are_tuned_on_validation_then_reported(tmp_path):
+  flags = [
+    "--dataset=cifar10",
+    "--seeds=2",
+    "--tune_seeds=1",
+    "--lr_grid=1e-1,1e-3",
+    "--size=mu",
+    "--patch=8",
+    "--batch_size=4",
+    "--steps=2",
+    "--methods=full,rgft_blocks",
+    "--eval_batch_size=5",
+    "--eval_every=1",
+    f"--workdir={tmp_path}",
+    "--no-progress",
+  ]
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = finetune.main(flags)
+  info = results["tasks"]["cifar10"]
+  for name in ("full", "rgft_blocks"):
+    t = info["tuning"][name]
+    assert t["grid"] == [1e-3, 1e-1] and t["seeds"] == [finetune.TUNE_SEED]
+    # Recorded scores are the tuning runs' own, on the validation split.
+    for rate, scores in zip(t["grid"], t["val_accuracy"], strict=True):
+      run = tmp_path / "runs" / "cifar10" / name / f"lr{rate:g}" / "tune1000"
+      record = json.loads((run / "result.json").read_text())
+      assert scores == [record["val_accuracy"]] and "test_accuracy" not in record
+      assert record["settings"]["learning_rate"] == rate
+    means = np.array(t["val_accuracy_mean"])
+    best = [r for r, m in zip(t["grid"], means, strict=True) if m == means.max()]
+    assert t["chosen"] == min(best)
+    reported = [r for r in info["runs"] if r["method"] == name]
+    assert [r["seed"] for r in reported] == [0, 1]
+    assert {r["settings"]["learning_rate"] for r in reported} == {t["chosen"]}
+    assert info["summary"][name]["learning_rate"] == t["chosen"]
+  table = (tmp_path / "results.md").read_text()
+  assert "| method | steps | LR |" in table and "learning-rate tuning" in table
+  assert "cifar10_lr_tuning.png" in os.listdir(tmp_path / "plots")
+  # A second call finds every run, tuning runs included, and redoes none.
+  before = _listing(tmp_path / "runs")
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    again = finetune.main(flags)
+  assert _listing(tmp_path / "runs") == before
+  assert again["tasks"]["cifar10"]["tuning"] == info["tuning"]
+
+
+def test_every_flag_has_help():
+  from experiments import ablate
+  from experiments import cli
+
+  for parser in (
+    cli.parser(finetune.Config, ""),
+    cli.parser(ablate.AblateConfig, "", exclude=ablate._NOT_HERE),
+  ):
+    flags = [a for a in parser._actions if a.dest != "help"]
+    assert flags and all(a.help for a in flags), [a.dest for a in flags if not a.help]

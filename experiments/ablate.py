@@ -1,0 +1,335 @@
+"""Ablations of soft RGFT on the embedded tasks: a table (markdown, JSON) and a plot each.
+
+  python -m experiments.ablate           # every ablation (sized for 2 CPU cores)
+  python -m experiments.ablate --quick   # tiny settings, a smoke run
+
+Each ablation changes one thing of `rgft_blocks` (or of `full` fine-tuning, for
+the sensitivity ones) and compares it with the default on the same seeds:
+the error-map method, the threshold pair, the warmup length, the batch size,
+the learning rate, and the grouping of parameters into components. Every
+other setting is `experiments.finetune`'s, settable with the same flags; runs
+are cached under `--workdir` by their settings, so a row shared by two
+ablations (the default) runs once, and an interrupted command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from experiments import cli
+from experiments import compare
+from experiments import finetune
+from experiments import store
+
+ABLATIONS = (
+  "error_method",
+  "threshold",
+  "warmup",
+  "batch_size",
+  "learning_rate",
+  "grouping",
+)
+GROUPINGS = {"blocks": "rgft_blocks", "heads": "rgft_heads", "mix": "rgft_mix"}
+# What --quick sets: a tiny model, few steps, one seed, two values per grid.
+QUICK = {
+  "tasks": "label_shift",
+  "seeds": 1,
+  "size": "mu",
+  "steps": 6,
+  "pretrain_steps": 6,
+  "batch_size": 16,
+  "pretrain_batch_size": 16,
+  "log_every": 3,
+  "thresholds": "0.1:0.3,0.5:1.0",
+  "warmups": "3,6",
+  "batch_sizes": "8,16",
+  "lr_values": "1e-3,3e-3",
+  "progress": False,
+}
+# Flags of the fine-tuning study that mean nothing here.
+_NOT_HERE = ("methods", "lr_grid", "tune_seeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class AblateConfig(finetune.Config):
+  """The study's settings (the defaults every row starts from) and the grids."""
+
+  methods: str = "full,rgft_blocks,rgft_heads,rgft_mix"  # Methods the rows use.
+  learning_rate: float = 1e-3  # Adam's rate of every row (but learning_rate's).
+  seeds: int = 2  # Seeds 0..seeds-1 of every row.
+  eval_every: int = 0  # Held-out accuracy logged this often (0: never).
+  workdir: str = "workdir/ablate"  # Tables, plots, cached runs and pretraining.
+  ablations: str = ",".join(ABLATIONS)  # Which ablations to run, comma-separated.
+  # error_method ablation: the attributions compared.
+  error_methods: str = "norm_product,taylor,ablation,random"
+  # threshold ablation: thresh_init:thresh_final pairs.
+  thresholds: str = "0.1:0.3,0.1:0.6,0.3:0.9,0.5:1.0"
+  warmups: str = "50,100,200"  # warmup ablation: --warmup_steps values.
+  batch_sizes: str = "32,64,128"  # batch_size ablation (full and rgft_blocks).
+  lr_values: str = "3e-4,1e-3,3e-3,1e-2"  # learning_rate ablation (same two).
+  groupings: str = "blocks,heads,mix"  # grouping ablation (mix: heads + MLPs).
+  quick: bool = False  # Tiny settings for a smoke run (sizes, steps, grids).
+
+  def names(self) -> list[str]:
+    names = [a for a in self.ablations.split(",") if a]
+    unknown = [a for a in names if a not in ABLATIONS]
+    if unknown or not names:
+      raise ValueError(f"--ablations must name some of {ABLATIONS}, got {names}.")
+    return names
+
+  def validate(self) -> None:
+    """The study's checks, then every row's settings, before any compute."""
+    super().validate()
+    for name in self.names():
+      for row in rows(self, name):
+        finetune.Config.validate(dataclasses.replace(self, **row.overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One setting of an ablation: a method with some settings changed."""
+
+  label: str
+  method: str
+  overrides: dict[str, Any]
+  x: Any  # Where the plot puts it: a number, or the label.
+  reference: str  # Label of the row it is compared with (the default).
+
+
+def _list(text: str, kind, flag: str) -> list:
+  try:
+    values = [kind(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(
+      f"--{flag} must be comma-separated values, got {text!r}."
+    ) from None
+  if not values:
+    raise ValueError(f"--{flag} names no value.")
+  if len(set(values)) != len(values):
+    raise ValueError(f"--{flag} repeats a value: {values}.")
+  return values
+
+
+def _pair(text: str) -> tuple[float, float]:
+  low, sep, high = text.partition(":")
+  if not sep:
+    raise ValueError(text)
+  return float(low), float(high)
+
+
+def _reference(labels: list[str], default: str) -> str:
+  return default if default in labels else labels[0]
+
+
+def rows(cfg: AblateConfig, name: str) -> list[Row]:
+  """The rows of ablation `name` under `cfg` (grids parsed and checked).
+
+  Each row is compared with the row of the default setting (the first row
+  when the grid leaves the default out).
+  """
+  if name == "error_method":
+    values = _list(cfg.error_methods, str, "error_methods")
+    ref = _reference(values, cfg.error_method)
+    return [Row(m, "rgft_blocks", {"error_method": m}, m, ref) for m in values]
+  if name == "threshold":
+    pairs = _list(cfg.thresholds, _pair, "thresholds")
+    labels = [f"{a:g}:{b:g}" for a, b in pairs]
+    ref = _reference(labels, f"{cfg.thresh_init:g}:{cfg.thresh_final:g}")
+    return [
+      Row(label, "rgft_blocks", {"thresh_init": a, "thresh_final": b}, label, ref)
+      for label, (a, b) in zip(labels, pairs, strict=True)
+    ]
+  if name == "warmup":
+    values = _list(cfg.warmups, int, "warmups")
+    ref = _reference([str(w) for w in values], str(cfg.warmup_steps or cfg.steps))
+    return [
+      Row(str(w), "rgft_blocks", {"warmup_steps": 0 if w == cfg.steps else w}, w, ref)
+      for w in values
+    ]
+  if name in ("batch_size", "learning_rate"):
+    flag = "batch_sizes" if name == "batch_size" else "lr_values"
+    values = _list(getattr(cfg, flag), int if name == "batch_size" else float, flag)
+    out = []
+    for m in ("full", "rgft_blocks"):
+      labels = [f"{m} {v:g}" for v in values]
+      ref = _reference(labels, f"{m} {getattr(cfg, name):g}")
+      out += [
+        Row(label, m, {name: v}, v, ref)
+        for label, v in zip(labels, values, strict=True)
+      ]
+    return out
+  values = _list(cfg.groupings, str, "groupings")
+  unknown = [g for g in values if g not in GROUPINGS]
+  if unknown:
+    raise ValueError(f"--groupings must be some of {sorted(GROUPINGS)}, got {unknown}.")
+  return [Row(g, GROUPINGS[g], {}, g, _reference(values, "blocks")) for g in values]
+
+
+def _where(cfg: finetune.Config, task: str, method: str, seed: int) -> str:
+  """Runs are keyed by their settings, so the same row in two ablations is one."""
+  key = json.dumps(cfg.run_settings(), sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+  return os.path.join(cfg.workdir, "runs", task, method, digest, f"seed{seed}")
+
+
+def _stats(records: list[dict], reference: list[dict]) -> dict[str, Any]:
+  acc = np.array([r["test_accuracy"] for r in records])
+  diffs = acc - np.array([r["test_accuracy"] for r in reference])
+  mean, half = compare.interval(diffs)
+  flops = float(np.mean([r["train_flops"] for r in records]))
+  return {
+    "test_accuracy": acc.tolist(),
+    "accuracy_mean": float(acc.mean()),
+    "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+    "diff_vs_reference": mean,
+    "diff_ci95": half,
+    "update_ratio": float(np.mean([r["update_ratio"] for r in records])),
+    "train_flops": flops,
+    "flops_vs_reference": flops / np.mean([r["train_flops"] for r in reference]),
+    "wall_s": float(np.mean([r["wall_s"] for r in records])),
+  }
+
+
+def run_ablation(cfg: AblateConfig, name: str, tasks, variants: dict) -> dict[str, Any]:
+  """Every row of ablation `name` on every task and seed; its table's data."""
+  table = rows(cfg, name)
+  out = {"ablation": name, "rows": []}
+  for task in tasks:
+    records = {}
+    for row in table:
+      at = dataclasses.replace(cfg, **row.overrides)
+      records[row.label] = [
+        finetune.one_run(
+          at,
+          task,
+          row.method,
+          seed,
+          variants,
+          where=_where(at, task.name, row.method, seed),
+        )
+        for seed in range(cfg.seeds)
+      ]
+    for row in table:
+      out["rows"].append(
+        {
+          "task": task.name,
+          "label": row.label,
+          "method": row.method,
+          "overrides": row.overrides,
+          "x": row.x,
+          "reference": row.reference,
+          **_stats(records[row.label], records[row.reference]),
+        }
+      )
+  return out
+
+
+def _ci(r: dict[str, Any]) -> str:
+  if r["label"] == r["reference"]:
+    return "reference"
+  half = "n/a" if not np.isfinite(r["diff_ci95"]) else f"{r['diff_ci95'] * 100:.1f}"
+  return f"{r['diff_vs_reference'] * 100:+.1f} pt (± {half})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  lines = [
+    f"### {result['ablation']}",
+    "",
+    "| task | setting | method | test acc (mean ± sd) | vs reference, paired (95% CI) "
+    "| update ratio | FLOPs vs reference | wall s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    lines.append(
+      f"| {r['task']} | {r['label']} | {r['method']} | {r['accuracy_mean']:.3f} ± "
+      f"{r['accuracy_std']:.3f} | {_ci(r)} | {r['update_ratio']:.3f} | "
+      f"{r['flops_vs_reference']:.3f} | {r['wall_s']:.1f} |"
+    )
+  return "\n".join([*lines, ""])
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+  """Test accuracy (mean ± sd over seeds) per setting, one panel per task."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tasks = list(dict.fromkeys(r["task"] for r in result["rows"]))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+  numeric = all(isinstance(r["x"], int | float) for r in result["rows"])
+  for ax, task in zip(axes[0], tasks, strict=True):
+    rs = [r for r in result["rows"] if r["task"] == task]
+    for method in dict.fromkeys(r["method"] for r in rs):
+      mine = [r for r in rs if r["method"] == method]
+      xs = [r["x"] if numeric else r["label"] for r in mine]
+      ax.errorbar(
+        xs,
+        [r["accuracy_mean"] for r in mine],
+        yerr=[r["accuracy_std"] for r in mine],
+        marker="o",
+        capsize=3,
+        linestyle="-" if numeric else "none",
+        label=method,
+      )
+    if numeric and result["ablation"] in ("learning_rate", "batch_size"):
+      ax.set_xscale("log")
+    ax.set_title(f"{task}: {result['ablation']}")
+    ax.set_xlabel(result["ablation"])
+    ax.set_ylabel("test accuracy (mean ± sd over seeds)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def ablate(cfg: AblateConfig) -> dict[str, Any]:
+  """Runs the ablations; writes `<workdir>/ablations/<name>.{md,json,png}`."""
+  tic = time.perf_counter()
+  where = os.path.join(cfg.workdir, "ablations")
+  os.makedirs(where, exist_ok=True)
+  tasks = [
+    finetune.prepare(cfg, n, source, target, costs=False)
+    for n, source, target in finetune._tasks(cfg)
+  ]
+  variants: dict = {}
+  out = {}
+  for name in cfg.names():
+    result = run_ablation(cfg, name, tasks, variants)
+    result["config"] = dataclasses.asdict(cfg)
+    store.save_json(os.path.join(where, f"{name}.json"), result)
+    with open(os.path.join(where, f"{name}.md"), "w") as f:
+      f.write(markdown(result))
+    plot(result, os.path.join(where, f"{name}.png"))
+    out[name] = result
+    print(markdown(result))
+  seconds = time.perf_counter() - tic
+  print(f"ablations in {where} ({seconds:.0f} s)")
+  store.save_json(os.path.join(where, "time.json"), {"seconds": seconds})
+  return out
+
+
+def parse(argv: list[str]) -> AblateConfig:
+  cfg = cli.parse(AblateConfig, argv, __doc__.split("\n\n")[0], exclude=_NOT_HERE)
+  if cfg.quick:
+    cfg = dataclasses.replace(cfg, **QUICK)
+  return dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  cfg = parse(sys.argv[1:] if argv is None else argv)
+  cfg.validate()
+  with store.lock(cfg.workdir):
+    return ablate(cfg)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,100 @@
+"""What a run costs: XLA-counted FLOPs per step variant, peak memory, update ratio."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+import rgft_jax
+from experiments import methods as methods_lib
+from experiments import steps as steps_lib
+from experiments.trees import count
+from rgft_jax._sparse import StepVariants
+
+
+class StepCounts:
+  """Steps run per variant, by the variant's name, and each name's set."""
+
+  def __init__(self, counts=None, names=None):
+    self.counts: dict[str, int] = dict(counts or {})
+    self.names: dict[str, list[str]] = dict(names or {})
+
+  def add(self, name: str, variant: frozenset[str]) -> None:
+    self.counts[name] = self.counts.get(name, 0) + 1
+    if name not in self.names:
+      self.names[name] = sorted(variant)
+
+  def flops(self, variants: StepVariants, *args) -> float:
+    """FLOPs of the steps counted so far (`args`: a step's arguments)."""
+    return sum(
+      variants.cost(frozenset(self.names[v]), *args)[0] * n
+      for v, n in self.counts.items()
+    )
+
+  def costs(self, variants: StepVariants, *args) -> tuple[dict[str, float], int]:
+    """FLOPs of each variant that ran, by name, and the largest peak bytes."""
+    flops, peak = {}, 0
+    for name, members in self.names.items():
+      f, p = variants.cost(frozenset(members), *args)
+      flops[name] = f
+      peak = max(peak, p)
+    return flops, peak
+
+
+def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:
+  """Fraction of the model's parameters a step moves, alpha-weighted for RGFT.
+
+  Frozen parameters (LISA's, sparse RGFT's) and held entries (the masked
+  baselines') count as not moved. Counted on the model's parameters: LoRA's
+  update of an adapted kernel counts as its factors' size, the way LoRA is
+  usually compared (adapters likewise count as their own size).
+  """
+  total = count(method.to_model(method.params))
+  if method.components is not None:
+    sizes = method.components.sizes(method.params)
+    alpha = np.where([n in frozen for n in method.components.names], 0.0, alpha)
+    return float((np.sum(alpha * sizes) + (total - sizes.sum())) / total)
+  moved = count(method.params, method.trainable - frozen)
+  if method.held is not None:
+    moved -= sum(int(np.sum(m)) for m in jax.tree.leaves(method.held))
+  return moved / total
+
+
+def measure_costs(
+  model: nn.Module, params: Any, example: jax.Array, hyper, batch
+) -> methods_lib.Costs:
+  """Per-step FLOPs that size the budgeted methods, from compiled steps."""
+
+  def step_flops(name):
+    method = methods_lib.make(name, model, params, example, hyper, jax.random.key(0))
+    state = method.tx.init(method.params)
+    variant = method.policy.variant(0, state)
+    return steps_lib.variants_of(model, method).cost(
+      variant, method.params, state, batch
+    )[0]
+
+  # The budgeted methods' step without its metrics (the study's results were
+  # sized by this; the metrics change a step's count by about 1e-6).
+  rgft = methods_lib.make(
+    "rgft_blocks", model, params, example, hyper, jax.random.key(0)
+  )
+  sparse = rgft_jax.train_step(
+    rgft.tracker,
+    rgft.tx,
+    functools.partial(steps_lib.loss_and_accuracy, model),
+    rgft.components,
+    has_aux=True,
+  )
+  detach = rgft_jax.detach_costs(
+    sparse,
+    rgft.components.names,
+    params,
+    rgft.tx.init(params),
+    batch,
+    compiled=True,
+  )
+  return methods_lib.Costs(detach, step_flops("full"), step_flops("lisa"))

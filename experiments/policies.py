@@ -1,0 +1,113 @@
+"""Policies: what each step of a run leaves out (LISA's blocks, budgeted RGFT's branches)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+import rgft_jax
+from experiments.trees import flat
+
+_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
+
+
+class Policy:
+  """Chooses each step's variant: what the compiled step leaves out (nothing here)."""
+
+  def variant(self, step: int, opt_state: Any) -> frozenset[str]:
+    del step, opt_state
+    return frozenset()
+
+  def spend(self, step: int, variant: frozenset[str]) -> None:
+    del step, variant
+
+  def reset(self) -> None:
+    """Back to the start of a run."""
+
+  def state_dict(self) -> dict[str, Any]:
+    return {}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    del state
+
+  def variant_name(self, variant: frozenset[str]) -> str:
+    """`all` when nothing is left out, else what is (components or paths)."""
+    if not variant:
+      return "all"
+    return ",".join(sorted(n.replace("Transformer/", "") for n in variant))
+
+  def record(self) -> dict[str, Any]:
+    """What the run's record adds about the policy."""
+    return {}
+
+
+@dataclasses.dataclass
+class LisaPolicy(Policy):
+  """LISA: `layers` random blocks trained, redrawn every `period` steps."""
+
+  params: Any
+  trainable: frozenset[str]
+  layers: int
+  period: int
+  seed: int
+
+  def variant(self, step, opt_state):
+    del opt_state
+    active = lisa_blocks(self.params, step, self.seed, self.layers, self.period)
+    return frozenset(
+      p
+      for p in self.trainable
+      if (m := _BLOCK.match(p)) is not None and int(m.group(1)) not in active
+    )
+
+  def variant_name(self, variant):
+    """The frozen blocks (`encoderblock_0,...`), or `all`."""
+    return super().variant_name(frozenset(p.split("/")[1] for p in variant))
+
+
+@dataclasses.dataclass
+class BudgetPolicy(Policy):
+  """Budgeted RGFT: the variant is the set of detached components."""
+
+  budget: rgft_jax.Budget
+
+  def variant(self, step, opt_state):
+    if self.budget.due(step):  # The only host read of the error map.
+      ema = rgft_jax.residual_error_state(opt_state).error_map
+      self.budget.decide(step, jax.device_get(ema))
+    return self.budget.variant(step)
+
+  def spend(self, step, variant):
+    self.budget.spend(step, variant)
+
+  def reset(self):
+    self.budget.reset()
+
+  def state_dict(self):
+    return self.budget.state_dict()
+
+  def load_state_dict(self, state):
+    self.budget.load_state_dict(state)
+
+  def record(self):
+    return {
+      "budget": {
+        "target": self.budget.budget,
+        "planned_fraction": self.budget.fraction,
+        "decisions": self.budget.decisions,
+      }
+    }
+
+
+def depth(params: Any) -> int:
+  return 1 + max(int(m.group(1)) for p in flat(params) if (m := _BLOCK.match(p)))
+
+
+def lisa_blocks(params, step: int, seed: int, layers: int, period: int) -> tuple:
+  """The blocks LISA trains at `step`: `layers` of them, redrawn every `period`."""
+  rng = np.random.default_rng([seed, step // period])
+  return tuple(sorted(rng.choice(depth(params), size=layers, replace=False).tolist()))

@@ -1,0 +1,68 @@
+"""The ablation command: its quick mode writes every file; flags checked first."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import ablate
+
+
+def test_quick_mode_writes_a_table_and_a_plot_per_ablation(tmp_path):
+  results = ablate.main(["--quick", f"--workdir={tmp_path}"])
+  where = tmp_path / "ablations"
+  assert list(results) == list(ablate.ABLATIONS)
+  for name in ablate.ABLATIONS:
+    for ext in ("md", "json", "png"):
+      assert (where / f"{name}.{ext}").stat().st_size > 0, (name, ext)
+    saved = json.loads((where / f"{name}.json").read_text())
+    cfg = ablate.parse(["--quick"])
+    assert len(saved["rows"]) == len(ablate.rows(cfg, name))  # One task.
+    table = (where / f"{name}.md").read_text()
+    assert table.count("\n| label_shift |") == len(saved["rows"])
+    for row in saved["rows"]:
+      assert len(row["test_accuracy"]) == 1
+      if row["label"] == row["reference"]:
+        assert row["diff_vs_reference"] == 0.0 and "reference" in table
+  # The default row is one run, shared by every ablation that has it.
+  rows = {
+    n: {r["label"]: r for r in json.loads((where / f"{n}.json").read_text())["rows"]}
+    for n in ablate.ABLATIONS
+  }
+  default = rows["error_method"]["norm_product"]["test_accuracy"]
+  assert rows["grouping"]["blocks"]["test_accuracy"] == default
+  assert rows["threshold"]["0.1:0.3"]["test_accuracy"] == default
+  assert rows["warmup"]["6"]["test_accuracy"] == default
+  # The mix takes two measured passes; the random map none.
+  mix = rows["grouping"]["mix"]["flops_vs_reference"]
+  assert mix > 1.2 and rows["error_method"]["random"]["flops_vs_reference"] < 1.0
+  assert np.isfinite(json.loads((where / "time.json").read_text())["seconds"])
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--ablations=nope", "--ablations must name some of"),
+    ("--ablations=", "--ablations must name some of"),
+    ("--thresholds=abc", "--thresholds must be comma-separated"),
+    ("--thresholds=0.5:0.1", r"RGFT flags .*thresh"),
+    ("--warmups=500", "--warmup_steps must be in"),
+    ("--warmups=50,50", "--warmups repeats"),
+    ("--error_methods=foo", "--error_method must be one of"),
+    ("--batch_sizes=0", "--batch_size must be"),
+    ("--lr_values=-1", "--learning_rate must be finite and > 0"),
+    ("--groupings=nope", "--groupings must be some of"),
+    ("--seeds=0", "--seeds must be"),
+    ("--size=foo", "--size must be one of"),
+  ],
+)
+def test_flags_are_checked_before_any_compute(tmp_path, flag, message):
+  with pytest.raises(ValueError, match=message):
+    ablate.main([f"--workdir={tmp_path / 'w'}", flag])
+  assert not (tmp_path / "w").exists()
+
+
+def test_the_study_s_own_flags_are_not_taken_here():
+  for flag in ("--methods=full", "--lr_grid=1e-3", "--tune_seeds=2"):
+    with pytest.raises(SystemExit):
+      ablate.parse([flag])

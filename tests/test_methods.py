@@ -1,0 +1,336 @@
+"""The baselines and RGFT variants, each against an independent computation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rgft_jax
+from experiments import adapters
+from experiments import error_maps
+from experiments import masks
+from experiments import methods as methods_lib
+from experiments import steps as steps_lib
+from experiments.trees import flat
+from experiments.trees import unflat
+from experiments.vit import SIZES
+from experiments.vit import MlpBlock
+from experiments.vit import VisionTransformer
+
+CLASSES, IMAGE, PATCH = 3, 16, 4
+
+
+def _setup(seed=0):
+  """The mu ViT with every parameter drawn from N(0, 0.1) (no ties), a batch."""
+  model = VisionTransformer(num_classes=CLASSES, patch=PATCH, size="mu")
+  x = jnp.zeros((2, IMAGE, IMAGE, 3))
+  params = flat(model.init(jax.random.key(0), x)["params"])
+  keys = jax.random.split(jax.random.key(seed + 1), len(params))
+  params = unflat(
+    {
+      p: 0.1 * jax.random.normal(k, v.shape)
+      for (p, v), k in zip(params.items(), keys, strict=True)
+    }
+  )
+  rng = np.random.default_rng(seed)
+  batch = {
+    "image": jnp.asarray(rng.normal(size=(4, IMAGE, IMAGE, 3)), jnp.float32),
+    "label": jnp.asarray(rng.integers(0, CLASSES, size=4), jnp.int32),
+  }
+  return model, params, x, batch
+
+
+def _train(model, method, batch, steps=3):
+  """`steps` steps of `method` on `batch`; the final parameters and state."""
+  step = jax.jit(steps_lib.make_step(model, method, frozenset()))
+  params, state = method.params, method.tx.init(method.params)
+  for _ in range(steps):
+    params, state, _ = step(params, state, batch)
+  return params, state
+
+
+def _bits(x):
+  return np.asarray(x).view(np.uint32)
+
+
+def _in_blocks(params):
+  """Entries RGFT's block branches own, by hand: every encoder block parameter."""
+  return {
+    p: np.full(np.shape(v), "encoderblock_" in p) for p, v in flat(params).items()
+  }
+
+
+@pytest.mark.parametrize("name", ["random_sparse", "magnitude_sparse"])
+def test_masked_entries_and_their_adam_state_are_held_bit_for_bit(name):
+  model, params, x, batch = _setup()
+  # Negative zeros among the held entries: `p + 0.0` would turn them positive.
+  params = jax.tree.map(lambda v: jnp.where(jnp.abs(v) < 0.02, -0.0, v), params)
+  hyper = methods_lib.Hyper(sparse_fraction=0.5)
+  method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0), seed=3)
+  final, state = _train(model, method, batch)
+  held = flat(method.held)
+  before, after = flat(params), flat(final)
+  mu, nu = flat(optax.tree.get(state, "mu")), flat(optax.tree.get(state, "nu"))
+  assert any(
+    np.any(m & np.signbit(before[p]) & (before[p] == 0)) for p, m in held.items()
+  )
+  moved = 0
+  for p, m in held.items():
+    np.testing.assert_array_equal(_bits(after[p])[m], _bits(before[p])[m])
+    assert not np.any(np.asarray(mu[p])[m]) and not np.any(np.asarray(nu[p])[m])
+    moved += int(np.sum(np.asarray(after[p]) != np.asarray(before[p])))
+  in_blocks = _in_blocks(params)
+  size = sum(int(v.sum()) for v in in_blocks.values())
+  total = sum(v.size for v in in_blocks.values())
+  assert sum(int(m.sum()) for m in held.values()) == size - round(0.5 * size)
+  assert methods_lib.trainable_count(method) == round(0.5 * size) + total - size
+  assert moved > 0.9 * methods_lib.trainable_count(method)  # The rest train.
+  for p, m in held.items():  # Nothing outside the blocks is held.
+    assert not np.any(m & ~in_blocks[p])
+
+
+def test_the_magnitude_mask_is_numpy_s_top_k():
+  model, params, x, _ = _setup()
+  comps = rgft_jax.ErrorTracker(model, select="branches").components(params, x)
+  held = flat(masks.magnitude_mask(comps, params, 0.3))
+  in_blocks = _in_blocks(params)
+  values = np.concatenate(
+    [np.abs(np.asarray(v))[in_blocks[p]] for p, v in flat(params).items()]
+  )
+  k = round(0.3 * values.size)
+  threshold = np.sort(values)[-k]  # The k-th largest (no ties: normal draws).
+  for p, v in flat(params).items():
+    expected = in_blocks[p] & (np.abs(np.asarray(v)) < threshold)
+    np.testing.assert_array_equal(held[p], expected)
+
+
+def test_random_masks_train_the_same_count_and_differ_by_seed():
+  model, params, x, _ = _setup()
+  comps = rgft_jax.ErrorTracker(model, select="branches").components(params, x)
+  a, b, a2 = (masks.random_mask(comps, params, 0.4, s) for s in (0, 1, 0))
+  size = sum(int(v.sum()) for v in _in_blocks(params).values())
+  for mask in (a, b):
+    assert sum(int(m.sum()) for m in jax.tree.leaves(mask)) == size - round(0.4 * size)
+  same = jax.tree.leaves(jax.tree.map(np.array_equal, a, a2))
+  assert all(same)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def _by_hand(params, ads, images):
+  """The mu ViT written out with flax layers, adapters after each branch."""
+  s = SIZES["mu"]
+  p, t = params, params["Transformer"]
+
+  def adapted(h, a):
+    z = h @ a["down"] + a["down_bias"][None, None]
+    z = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    return h + z @ a["up"] + a["up_bias"][None, None]
+
+  x = nn.Conv(s.width, (PATCH, PATCH), strides=PATCH, padding="VALID").apply(
+    {"params": p["embedding"]}, images
+  )
+  b, h, w, c = x.shape
+  x = x.reshape(b, h * w, c)
+  x = jnp.concatenate([jnp.tile(p["cls"], (b, 1, 1)), x], axis=1)
+  x = x + t["posembed_input"]["pos_embedding"]
+  for i in range(s.depth):
+    block, name = t[f"encoderblock_{i}"], f"Transformer.encoderblock_{i}"
+    y = nn.LayerNorm().apply({"params": block["LayerNorm_0"]}, x)
+    y = nn.MultiHeadDotProductAttention(num_heads=s.heads).apply(
+      {"params": block["MultiHeadDotProductAttention_1"]}, y, y
+    )
+    x = x + adapted(y, ads[f"{name}.MultiHeadDotProductAttention_1"])
+    y = nn.LayerNorm().apply({"params": block["LayerNorm_2"]}, x)
+    y = MlpBlock(s.mlp_dim).apply({"params": block["MlpBlock_3"]}, y)
+    x = x + adapted(y, ads[f"{name}.MlpBlock_3"])
+  x = nn.LayerNorm().apply({"params": t["encoder_norm"]}, x)
+  return x[:, 0] @ p["head"]["kernel"] + p["head"]["bias"][None]
+
+
+def test_adapters_are_residual_bottlenecks_after_each_branch():
+  model, params, x, batch = _setup()
+  method = methods_lib.make(
+    "adapters", model, params, x, methods_lib.Hyper(), jax.random.key(5)
+  )
+  ads = method.params["adapters"]
+  assert len(ads) == 2 * SIZES["mu"].depth
+  # Zero up-projections: the adapted model is the pretrained one, exactly.
+  plain = model.apply({"params": params}, batch["image"])
+  np.testing.assert_array_equal(
+    adapters.forward(model, method.params, batch["image"]), plain
+  )
+  # Random adapters: the hand-written residual bottleneck after every branch.
+  keys = iter(jax.random.split(jax.random.key(7), 4 * len(ads)))
+  ads = jax.tree.map(lambda v: 0.3 * jax.random.normal(next(keys), v.shape), ads)
+  tree = {"base": params, "adapters": ads}
+  np.testing.assert_allclose(
+    adapters.forward(model, tree, batch["image"]),
+    _by_hand(params, ads, batch["image"]),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_adapters_train_only_the_adapters_and_the_head():
+  model, params, x, batch = _setup()
+  hyper = methods_lib.Hyper(adapter_width=3)
+  method = methods_lib.make("adapters", model, params, x, hyper, jax.random.key(5))
+  final, _ = _train(model, method, batch)
+  before, after = flat(method.params), flat(final)
+  for p in before:
+    changed = not np.array_equal(before[p], after[p])
+    assert changed == (p.startswith("adapters/") or p.startswith("base/head/")), p
+  w, d = SIZES["mu"].width, SIZES["mu"].depth
+  head = w * CLASSES + CLASSES
+  assert methods_lib.trainable_count(method) == 2 * d * (2 * w * 3 + 3 + w) + head
+
+
+def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
+  model, params, x, batch = _setup()
+  hyper = methods_lib.Hyper()
+  method = methods_lib.make(
+    "rgft_random", model, params, x, hyper, jax.random.key(0), seed=4
+  )
+  n = len(method.components)
+  _, state = _train(model, method, batch, steps=1)
+  ema = rgft_jax.residual_error_state(state).error_map  # ema_1 = the first map.
+  drawn = jax.random.uniform(jax.random.fold_in(jax.random.key(4), 0), (n,))
+  np.testing.assert_array_equal(ema, drawn)
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  tracker.components(params, x)
+  loss_fn = steps_lib.method_loss(model, method)
+  _, _, real = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  real = np.array([real[c] for c in method.components.names])
+  assert np.all(real > 0) and not np.allclose(real / real.max(), ema / ema.max())
+  # Another seed draws another map; the next step draws afresh.
+  other = methods_lib.make(
+    "rgft_random", model, params, x, hyper, jax.random.key(0), seed=5
+  )
+  _, other_state = _train(model, other, batch, steps=1)
+  assert not np.array_equal(rgft_jax.residual_error_state(other_state).error_map, ema)
+  draw = error_maps.RandomErrorMap(method.components.names).draw
+  second = np.array(list(draw(state).values()))
+  assert not np.array_equal(second, drawn) and np.all((second >= 0) & (second < 1))
+
+
+def test_the_mix_measures_heads_in_attention_and_whole_mlps():
+  model, params, x, batch = _setup()
+  method = methods_lib.make(
+    "rgft_mix", model, params, x, methods_lib.Hyper(), jax.random.key(0)
+  )
+  comps = method.components
+  heads = rgft_jax.ErrorTracker(model, select="heads")
+  branches = rgft_jax.ErrorTracker(model, select="branches")
+  head_names = heads.components(params, x).names
+  mlps = [n for n in branches.components(params, x).names if "MlpBlock" in n]
+  s = SIZES["mu"]
+  expected = []
+  for i in range(s.depth):
+    expected += [n for n in head_names if f"encoderblock_{i}/" in n] + [mlps[i]]
+  assert comps.names == tuple(expected)
+  index = flat(comps.index)
+  attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1"
+  query = np.broadcast_to(index[f"{attention}/query/kernel"], (s.width, s.heads, 1))
+  assert [comps.names[j] for j in query[0, :, 0]] == [
+    f"{attention}/head{h}" for h in range(s.heads)
+  ]
+  dense = index["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
+  assert comps.names[int(dense)] == mlps[0]
+  assert int(index["Transformer/encoderblock_0/LayerNorm_0/scale"]) == -1
+  # Heads' values from the heads tracker, the MLPs' from the branches tracker.
+  loss_fn = steps_lib.method_loss(model, method)
+  _, _, got = method.tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  _, _, by_head = heads.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  _, _, by_branch = branches.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  for name in comps.names:
+    want = by_head[name] if name in by_head else by_branch[name]
+    np.testing.assert_allclose(got[name], want, rtol=1e-6)
+  final, _ = _train(model, method, batch, steps=1)
+  query = f"{attention}/query/kernel"
+  assert not np.array_equal(flat(final)[query], flat(params)[query])
+
+
+def test_exact_ablation_feeds_rgft_its_absolute_value():
+  model, params, x, batch = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select="branches", method="ablation")
+  tracker.components(params, x)
+  loss_fn = steps_lib.method_loss(
+    model, methods_lib.make("full", model, params, x, methods_lib.Hyper(), None)
+  )
+  _, _, signed = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  _, _, fed = error_maps.Tracked(tracker, absolute=True)(loss_fn, params, None, batch)
+  for name, value in signed.items():
+    np.testing.assert_array_equal(fed[name], np.abs(value))
+  hyper = methods_lib.Hyper(error_method="ablation")
+  method = methods_lib.make("rgft_blocks", model, params, x, hyper, None)
+  assert method.tracker.method == "ablation" and method.measure.absolute
+
+
+def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
+  """An entry the loop has never seen (norms only, plus the head) trains as is."""
+  from experiments import train as train_lib
+
+  def norms_only(s):
+    trainable = s.head | {p for p in s.paths if "LayerNorm" in p or "norm" in p}
+    tx = methods_lib._frozen_tx(s.adam(), s.params, trainable)
+    return methods_lib.Method(s.name, s.params, methods_lib.identity, trainable, tx)
+
+  monkeypatch.setitem(methods_lib.ENTRIES, "norms_only", norms_only)
+  monkeypatch.setattr(
+    methods_lib, "BASE_METHODS", (*methods_lib.BASE_METHODS, "norms_only")
+  )
+  model, params, x, batch = _setup()
+  method = methods_lib.make("norms_only", model, params, x, methods_lib.Hyper(), None)
+  test = [{**batch, "mask": jnp.ones(4)}]
+  record, final = train_lib.run(
+    model,
+    method,
+    [batch] * 2,
+    lambda: test,
+    steps=2,
+    seed=0,
+    workdir=str(tmp_path),
+    progress=False,
+  )
+  assert record["trainable_params"] == methods_lib.count(params, method.trainable)
+  changed = {
+    p for p in flat(params) if not np.array_equal(flat(params)[p], flat(final)[p])
+  }
+  assert changed == set(method.trainable)
+
+
+def test_masked_steps_compile_once_for_every_seed():
+  """Per-seed masks and random seeds live in the optimizer state, not the step."""
+  model, params, x, batch = _setup()
+  # Threshold 1: every multiplier is ema_i / max_j ema_j, so seeds' maps show.
+  hyper = methods_lib.Hyper(sparse_fraction=0.5, thresh_init=1.0, thresh_final=1.0)
+  for name in ("random_sparse", "rgft_random"):
+    a, b = (
+      methods_lib.make(name, model, params, x, hyper, jax.random.key(0), seed=s)
+      for s in (0, 1)
+    )
+    variants = steps_lib.variants_of(model, a)
+    ran = []
+    for m in (a, b):
+      state = m.tx.init(m.params)
+      ran.append(variants(frozenset(), m.params, state, batch)[0])
+    assert variants.compilations == 1
+    # Seed 1 through seed 0's compiled step is seed 1's own step.
+    own, _ = _train(model, b, batch, steps=1)
+    for u, v in zip(jax.tree.leaves(ran[1]), jax.tree.leaves(own), strict=True):
+      np.testing.assert_array_equal(u, v)
+    assert not all(
+      np.array_equal(u, v)
+      for u, v in zip(jax.tree.leaves(ran[0]), jax.tree.leaves(ran[1]), strict=True)
+    )
+
+
+def test_hold_entries_zeroes_what_it_holds():
+  held = {"w": np.array([True, False, True])}
+  tx = optax.chain(masks.hold_entries(held), optax.sgd(1.0))
+  params = {"w": jnp.array([1.0, 2.0, 3.0])}
+  updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  np.testing.assert_array_equal(updates["w"], [0.0, -1.0, 0.0])
+  np.testing.assert_array_equal(masks.held_entries(state)["w"], held["w"])
