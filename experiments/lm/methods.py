@@ -1,0 +1,509 @@
+"""The fine-tuning methods of the language-model study, one registry entry each.
+
+Every method starts from the pretrained decoder in the looped layout (one
+module per layer, so that detaching a layer's branch drops its backward pass;
+inside `nnx.scan` it would only be masked), with parameters as a pure dict
+(`nnx.to_pure_dict`). A `Method` says how to initialise what it trains, how
+to build the train step of a variant, how its trained tree becomes the
+decoder's parameters, and which policy picks each step's variant. The
+learning rate lives in the optimizer state (`optax.inject_hyperparams`), so
+one compiled step serves every learning rate of the grid and every seed.
+
+A variant (`frozenset[str]`) names what a step leaves out: the layers LISA
+holds (`layers/2`) or the components budgeted RGFT detaches (`layers/2/mlp`).
+Parameters a step does not train are closed over instead of differentiated,
+so XLA drops their gradient work and the counted FLOPs are each method's real
+cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax import traverse_util
+
+import rgft_jax
+from experiments import methods as vision_methods
+from experiments.lm import model as lm
+from rgft_jax._sparse import hold_masked
+
+Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
+
+# Kernels LoRA adapts: the attention projections and the MLP's three layers.
+_LORA_TARGET = re.compile(
+  r"layers/\d+/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
+)
+
+
+class Unavailable(ValueError):
+  """A method that cannot run on this model or budget; the message says why."""
+
+
+class Decoder:
+  """The decoder of `cfg` as a pure function of its parameters.
+
+  `decoder(params)` is an `lm.Transformer` holding `params` (a pure dict, as
+  `nnx.to_pure_dict` gives); it works under `jax.jit`.
+
+  Example:
+
+  >>> import numpy as np
+  >>> cfg = lm.Config(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  >>> decoder = Decoder(cfg)
+  >>> params = decoder.init(0)
+  >>> decoder(params)(np.zeros((1, 4), np.int32)).shape
+  (1, 4, 256)
+  """
+
+  def __init__(self, cfg: lm.Config):
+    self.cfg = cfg
+    abstract = nnx.eval_shape(lambda: lm.Transformer(cfg, rngs=nnx.Rngs(0)))
+    self.graphdef, self._state = nnx.split(abstract)
+    self.window_nats = jax.jit(self._window_nats)
+
+  def init(self, seed: int) -> dict[str, Any]:
+    """Freshly initialised parameters."""
+    return params_of(lm.Transformer(self.cfg, rngs=nnx.Rngs(seed)))
+
+  def __call__(self, params: dict[str, Any]) -> lm.Transformer:
+    state = jax.tree.map(lambda x: x, self._state)  # A fresh copy to fill in.
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def _window_nats(self, params, tokens):
+    return lm.loss(self(params), tokens)[1]["per_example"]
+
+
+def params_of(model: nnx.Module) -> dict[str, Any]:
+  """The model's parameters as a pure dict."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """What every method is built from.
+
+  `cfg` is the study's `Config` (the hyperparameters the methods read);
+  `costs` the step FLOPs that size budgets (None when no method needs them).
+  """
+
+  decoder: Decoder  # Looped layout.
+  params: dict[str, Any]  # Pretrained.
+  example: np.ndarray  # A training batch, int32 [B, T + 1].
+  cfg: Any
+  costs: vision_methods.Costs | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Method:
+  """A fine-tuning method, independent of the learning rate and the seed.
+
+  Attributes:
+    name: as given, e.g. `"rgft_budget@0.5"`.
+    init: `(learning_rate, seed) -> (tree, opt_state)`, the tree it trains.
+    make_step: `variant -> step(tree, opt_state, batch) -> (tree, opt_state,
+      {"loss": nats})`, a pure function for `jax.jit`.
+    to_params: the trained tree -> the decoder's parameters.
+    policy: `seed -> Policy` choosing each step's variant.
+    family: methods of one family build the same step for the same variant,
+      so they can share compiled steps (`full`, `full@b` and `lisa`, say).
+    components: the RGFT components, if any.
+    steps: the steps it runs when not the study's (equal-FLOPs baselines).
+  """
+
+  name: str
+  init: Callable[[float, int], tuple[Any, Any]]
+  make_step: Callable[[frozenset[str]], Step]
+  to_params: Callable[[Any], dict[str, Any]]
+  policy: Callable[[int], vision_methods.Policy]
+  family: str
+  components: rgft_jax.Components | None = None
+  steps: int | None = None
+
+
+def key_of(path) -> str:
+  """`'layers/0/attn'` for a pytree key path."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _under(path: str, prefixes) -> bool:
+  return any(path.startswith(p + "/") for p in prefixes)
+
+
+def _injected(make: Callable[[float], optax.GradientTransformation], lr: float):
+  """`make(learning_rate)` with the learning rate in its state."""
+  return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
+    learning_rate=lr
+  )
+
+
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+  return _injected(optax.adam, learning_rate)
+
+
+def _no_policy(seed: int) -> vision_methods.Policy:
+  del seed
+  return vision_methods.Policy()  # Nothing left out.
+
+
+def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
+  """Adam on every parameter not under a prefix in `held`; those are closed
+  over (no gradient work), get no update and keep their optimizer state."""
+
+  def step(params, opt_state, batch):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    hold = [_under(key_of(p), held) for p, _ in leaves]
+    values = [v for _, v in leaves]
+
+    def loss(trained):
+      it = iter(trained)
+      tree = [v if h else next(it) for v, h in zip(values, hold, strict=True)]
+      return lm.loss(decoder(jax.tree.unflatten(treedef, tree)), batch)
+
+    trained = [v for v, h in zip(values, hold, strict=True) if not h]
+    (nats, _), g = jax.value_and_grad(loss, has_aux=True)(trained)
+    it = iter(g)
+    grads = [
+      jnp.zeros_like(v) if h else next(it) for v, h in zip(values, hold, strict=True)
+    ]
+    grads = jax.tree.unflatten(treedef, grads)
+    updates, new_state = tx.update(grads, opt_state, params)
+    if any(hold):
+      masks = jax.tree.unflatten(treedef, hold)
+      updates, new_state = hold_masked(tx, masks, updates, new_state, opt_state)
+    return optax.apply_updates(params, updates), new_state, {"loss": nats}
+
+  return step
+
+
+def _full(setup: Setup, name: str, budget: float | None) -> Method:
+  steps = None if budget is None else max(1, round(budget * setup.cfg.steps))
+  return Method(
+    name,
+    lambda lr, seed: (setup.params, _adam(lr).init(setup.params)),
+    lambda variant: _adam_step(setup.decoder, _adam(1.0), variant),
+    lambda tree: tree,
+    _no_policy,
+    "adam",
+    steps=steps,
+  )
+
+
+@dataclasses.dataclass
+class LisaPolicy(vision_methods.Policy):
+  """LISA: `active` random layers trained, redrawn every `period` steps.
+
+  The variant holds the other layers; the embedding, the final norm and the
+  head are always trained.
+  """
+
+  layers: int
+  active: int
+  period: int
+  seed: int
+
+  def variant(self, step, opt_state):
+    del opt_state
+    rng = np.random.default_rng([self.seed, step // self.period])
+    on = rng.choice(self.layers, size=self.active, replace=False)
+    return frozenset(f"layers/{i}" for i in range(self.layers) if i not in on)
+
+
+def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
+  del budget
+  cfg, layers = setup.cfg, setup.decoder.cfg.n_layers
+  return Method(
+    name,
+    lambda lr, seed: (setup.params, _adam(lr).init(setup.params)),
+    lambda variant: _adam_step(setup.decoder, _adam(1.0), variant),
+    lambda tree: tree,
+    lambda seed: LisaPolicy(layers, cfg.lisa_layers, cfg.lisa_period, seed),
+    "adam",
+  )
+
+
+def lora_init(params, rank: int, seed: int) -> dict[str, Any]:
+  """Factors `a` [d_in, r] ~ N(0, 1/d_in) and `b` [r, d_out] = 0 per adapted kernel.
+
+  A kernel is a matrix with its head axes merged: q/k/v [D, N, H] is
+  [D, N*H], o [N, H, D] is [N*H, D].
+  """
+  leaves = {key_of(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  targets = sorted(p for p in leaves if _LORA_TARGET.fullmatch(p))
+  keys = jax.random.split(jax.random.key(seed), len(targets))
+  factors = {}
+  for path, key in zip(targets, keys, strict=True):
+    shape = leaves[path].shape
+    split = 2 if path.endswith("o_proj/kernel") else 1
+    d_in, d_out = int(np.prod(shape[:split])), int(np.prod(shape[split:]))
+    factors[path] = {
+      "a": jax.random.normal(key, (d_in, rank)) / np.sqrt(d_in),
+      "b": jnp.zeros((rank, d_out)),
+    }
+  return factors
+
+
+def lora_merge(tree: dict[str, Any]) -> dict[str, Any]:
+  """`{"base", "lora"}` -> the decoder's parameters, `W + a @ b` per kernel."""
+  base = traverse_util.flatten_dict(tree["base"])
+  for key, leaf in base.items():
+    f = tree["lora"].get("/".join(map(str, key)))
+    if f is not None:
+      base[key] = leaf + (f["a"] @ f["b"]).reshape(leaf.shape)
+  return traverse_util.unflatten_dict(base)
+
+
+def _lora(setup: Setup, name: str, budget: float | None) -> Method:
+  del budget
+  cfg, decoder = setup.cfg, setup.decoder
+
+  def init(lr, seed):
+    factors = lora_init(setup.params, cfg.lora_rank, seed)
+    return {"base": setup.params, "lora": factors}, _adam(lr).init(factors)
+
+  def make_step(variant):
+    del variant
+    tx = _adam(1.0)
+
+    def step(tree, opt_state, batch):
+      def loss(factors):
+        return lm.loss(decoder(lora_merge({**tree, "lora": factors})), batch)
+
+      (nats, _), g = jax.value_and_grad(loss, has_aux=True)(tree["lora"])
+      updates, opt_state = tx.update(g, opt_state, tree["lora"])
+      factors = optax.apply_updates(tree["lora"], updates)
+      return {**tree, "lora": factors}, opt_state, {"loss": nats}
+
+    return step
+
+  return Method(name, init, make_step, lora_merge, _no_policy, "lora")
+
+
+def is_branch(path: tuple[str, ...], module: Any) -> bool:
+  """A decoder layer's attention or MLP branch (`ErrorTracker`'s `select`)."""
+  del module
+  return path[-1] in ("attn", "mlp")
+
+
+def _components(setup: Setup, select) -> tuple[rgft_jax.ErrorTracker, Any]:
+  model = setup.decoder(setup.params)
+  tracker = rgft_jax.ErrorTracker(model, select=select)
+  try:
+    comps = tracker.components(nnx.state(model, nnx.Param), setup.example[:, :-1])
+  except ValueError:
+    if select != "heads":
+      raise
+    raise Unavailable(
+      "ErrorTracker(select='heads') finds no head in this decoder: it measures "
+      "heads at the output projection of flax's attention modules only, and this "
+      "attention is its own q/k/v/o Einsums"
+    ) from None
+  return tracker, comps
+
+
+def _rgft_tx(setup: Setup, comps) -> Callable[[float], Any]:
+  cfg = setup.cfg
+
+  def tx_of(lr):
+    return _injected(
+      lambda learning_rate: rgft_jax.rgft(
+        learning_rate,
+        comps,
+        beta=cfg.beta,
+        thresh_init=cfg.thresh_init,
+        thresh_final=cfg.thresh_final,
+        warmup_steps=cfg.steps,
+        min_scale=cfg.min_scale,
+      ),
+      lr,
+    )
+
+  return tx_of
+
+
+def tracked_step(decoder: Decoder, tracker, tx, comps, detached) -> Step:
+  """`rgft_jax.train_step` (NNX) as a pure step, with `detached` detached."""
+  sparse = rgft_jax.train_step(tracker, None, lm.loss, comps, has_aux=True)
+
+  def step(params, opt_state, batch):
+    model = decoder(params)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # Its init is unused.
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    nats, _ = sparse(model, optimizer, batch, detached=detached)
+    return params_of(model), nnx.as_pure(optimizer.opt_state), {"loss": nats}
+
+  return step
+
+
+def _rgft(select):
+  def build(setup: Setup, name: str, budget: float | None) -> Method:
+    del budget
+    tracker, comps = _components(setup, select)
+    tx_of = _rgft_tx(setup, comps)
+    return Method(
+      name,
+      lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
+      lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
+      lambda tree: tree,
+      _no_policy,
+      f"rgft:{select if isinstance(select, str) else 'branches'}",
+      components=comps,
+    )
+
+  return build
+
+
+def _budgeted(rule: str):
+  def build(setup: Setup, name: str, budget: float | None) -> Method:
+    cfg, costs = setup.cfg, setup.costs
+    if costs is None:
+      raise ValueError(f"{name} needs the step costs (Setup.costs).")
+    floor = costs.detach.floor / costs.full
+    if budget < floor:
+      raise Unavailable(
+        f"budget {budget} is below {floor:.3f} of a full step, the cost of a "
+        "step with every branch detached"
+      )
+    tracker, comps = _components(setup, is_branch)
+    if costs.detach.names != comps.names:
+      raise ValueError(
+        f"The step costs are for {costs.detach.names}, the components are "
+        f"{comps.names}."
+      )
+    tx_of = _rgft_tx(setup, comps)
+
+    def policy(seed):
+      return vision_methods.BudgetPolicy(
+        rgft_jax.Budget(
+          costs.detach,
+          budget,
+          total_steps=cfg.steps,
+          every=cfg.budget_every,
+          rule=rule,
+          hysteresis=cfg.budget_hysteresis,
+          seed=seed,
+          unit=costs.full,  # A fraction of a plain full fine-tuning step.
+        )
+      )
+
+    return Method(
+      name,
+      lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
+      lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
+      lambda tree: tree,
+      policy,
+      "rgft:branches",
+      components=comps,
+    )
+
+  return build
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A registered method: its builder, whether it takes `@budget`, its help."""
+
+  build: Callable[[Setup, str, float | None], Method]
+  budget: str  # "none", "optional" (equal-FLOPs variant) or "required".
+  help: str
+
+
+METHODS: dict[str, Entry] = {
+  "full": Entry(
+    _full,
+    "optional",
+    "Adam on every parameter; full@b runs b x steps (b of the FLOPs)",
+  ),
+  "rgft_blocks": Entry(
+    _rgft(is_branch), "none", "rgft() with each layer's attn and mlp branch"
+  ),
+  "rgft_heads": Entry(
+    _rgft("heads"), "none", "rgft() with each attention head (select='heads')"
+  ),
+  "rgft_budget": Entry(
+    _budgeted("top"),
+    "required",
+    "budgeted RGFT: the error map picks the branches that get a backward pass",
+  ),
+  "rgft_budget_sample": Entry(
+    _budgeted("sample"), "required", "budgeted RGFT, branches drawn by error"
+  ),
+  "uniform_budget": Entry(
+    _budgeted("uniform"), "required", "the same budget spent uniformly at random"
+  ),
+  "lora": Entry(_lora, "none", "LoRA on the attention and MLP kernels"),
+  "lisa": Entry(_lisa, "none", "LISA: random layers trained, redrawn periodically"),
+}
+
+
+def parse(name: str) -> tuple[str, float | None]:
+  """`"rgft_budget@0.5"` -> `("rgft_budget", 0.5)`; `"lora"` -> `("lora", None)`.
+
+  >>> parse("full@0.5"), parse("lisa")
+  (('full', 0.5), ('lisa', None))
+  """
+  base, at, value = name.partition("@")
+  if base not in METHODS:
+    raise ValueError(f"Unknown method {name!r}; the methods are {list(METHODS)}.")
+  kind = METHODS[base].budget
+  if not at:
+    if kind == "required":
+      raise ValueError(f"{base} needs a budget: {base}@<fraction>, e.g. {base}@0.5.")
+    return base, None
+  if kind == "none":
+    raise ValueError(f"{base} takes no budget, got {name!r}.")
+  try:
+    budget = float(value)
+  except ValueError:
+    raise ValueError(f"The budget of {name!r} is not a number.") from None
+  if not 0.0 < budget <= 1.0:
+    raise ValueError(f"The budget of {name!r} must be in (0, 1], got {budget}.")
+  return base, budget
+
+
+def needs_costs(name: str) -> bool:
+  return METHODS[parse(name)[0]].budget == "required"
+
+
+def build(name: str, setup: Setup) -> Method:
+  """The method `name` on `setup`; raises `Unavailable` when it cannot run."""
+  base, budget = parse(name)
+  return METHODS[base].build(setup, name, budget)
+
+
+def measure_costs(setup: Setup) -> vision_methods.Costs:
+  """Step FLOPs that size budgets, from XLA's analysis of the lowered steps.
+
+  `full` is a plain full fine-tuning step (the unit of every budget), `lisa`
+  a LISA step training one layer, `detach` what detaching each branch of the
+  tracked step saves (`rgft_jax.detach_costs`).
+  """
+  decoder, params, batch = setup.decoder, setup.params, setup.example
+  adam = _adam(1.0)
+  state = adam.init(params)
+
+  def flops(step):
+    analysis = jax.jit(step).lower(params, state, batch).cost_analysis()
+    return float(analysis["flops"])
+
+  held = frozenset(f"layers/{i}" for i in range(1, decoder.cfg.n_layers))
+  tracker, comps = _components(setup, is_branch)
+  tx = _rgft_tx(setup, comps)(1.0)
+
+  def step(params, opt_state, batch, detached):
+    return tracked_step(decoder, tracker, tx, comps, detached)(params, opt_state, batch)
+
+  detach = rgft_jax.detach_costs(step, comps.names, params, tx.init(params), batch)
+  return vision_methods.Costs(
+    detach,
+    flops(_adam_step(decoder, adam, frozenset())),
+    flops(_adam_step(decoder, adam, held)),
+  )

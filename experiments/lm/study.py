@@ -1,0 +1,636 @@
+"""Language-model study: RGFT against the usual methods on a domain shift.
+
+A byte-level decoder (`experiments/lm/model.py`, its default size) is
+pretrained on the standard library's Python source and fine-tuned on pydoc's
+English help topics (both ship with CPython, `experiments/lm/data.py`), with
+each method given the same steps and seeds:
+
+  python -m experiments.lm            # the default study
+  python -m experiments.lm --help     # every flag
+
+Each method picks its learning rate from one shared grid on the target
+validation split (seed 0), runs every seed at it, and is reported on the
+target test split next to the source test split after fine-tuning
+(forgetting), its training FLOPs (XLA's count of the compiled steps times
+the steps run), peak memory and wall time. Writes `results.json`,
+`results.md` and `plots/` into `--workdir`, where the pretraining is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+import rgft_jax
+from experiments import compare
+from experiments import train as vision_train
+from experiments.lm import data
+from experiments.lm import methods as methods_lib
+from experiments.lm import model as lm
+from experiments.lm import pretrain as pretrain_lib
+from experiments.lm import train as train_lib
+
+DEFAULT_METHODS = (
+  "full",
+  "rgft_blocks",
+  "rgft_heads",
+  "rgft_budget@0.5",
+  "uniform_budget@0.5",
+  "lora",
+  "lisa",
+  "full@0.5",
+)
+
+
+@dataclasses.dataclass
+class Config:
+  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated; name@b for budgets.
+  seeds: int = 4  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
+  learning_rates: str = "3e-4,1e-3,3e-3"  # The grid every method picks from.
+  steps: int = 150  # Fine-tuning steps of every method (full@b: b x steps).
+  batch_size: int = 8  # Fine-tuning windows per step.
+  context: int = 64  # Bytes the decoder reads (a window holds one more).
+  pretrain_steps: int = 600  # Source-domain pretraining steps (cached).
+  pretrain_batch_size: int = 16  # Pretraining windows per step.
+  pretrain_learning_rate: float = 3e-3  # Peak of the warmup-cosine schedule.
+  d_model: int = 128  # Decoder width.
+  n_layers: int = 4  # Decoder layers.
+  n_heads: int = 4  # Query heads.
+  n_kv_heads: int = 2  # Key/value heads (grouped-query attention).
+  d_ff: int = 384  # MLP hidden width.
+  beta: float = 0.9  # RGFT: EMA decay of the error map.
+  thresh_init: float = 0.1  # RGFT: threshold at the first step.
+  thresh_final: float = 0.3  # RGFT: threshold at the last step.
+  min_scale: float = 0.01  # RGFT: smallest multiplier.
+  budget_every: int = 25  # Budgeted RGFT: steps between decisions.
+  budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the branches trained now.
+  lora_rank: int = 8  # LoRA: rank of the factors.
+  lisa_layers: int = 1  # LISA: layers trained at a time.
+  lisa_period: int = 25  # LISA: steps between redraws.
+  eval_windows: int = 256  # Most windows per evaluation split (evenly spaced).
+  log_every: int = 10  # Loss and error map logged every this many steps.
+  workdir: str = "workdir/lm"  # Results, plots and the pretraining cache.
+  progress: bool = True  # Print progress.
+
+  @classmethod
+  def quick(cls, **changes) -> Config:
+    """A tiny study for tests and notebooks (a few seconds per method)."""
+    tiny = dict(
+      seeds=2,
+      learning_rates="1e-3,1e-2",
+      steps=12,
+      batch_size=4,
+      context=16,
+      pretrain_steps=30,
+      pretrain_batch_size=8,
+      d_model=32,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=2,
+      d_ff=256,
+      budget_every=12,
+      lora_rank=2,
+      lisa_period=12,
+      eval_windows=24,
+      log_every=2,
+      progress=False,
+    )
+    return cls(**{**tiny, **changes})
+
+  def method_names(self) -> list[str]:
+    names = [m.strip() for m in self.methods.split(",") if m.strip()]
+    if not names:
+      raise ValueError("--methods names no method.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"--methods repeats {repeated}.")
+    for name in names:
+      try:
+        methods_lib.parse(name)
+      except ValueError as e:
+        raise ValueError(f"--methods: {e}") from None
+    return names
+
+  def grid(self) -> list[float]:
+    """The learning rates of `--learning_rates`, checked."""
+    try:
+      grid = [float(x) for x in self.learning_rates.split(",") if x.strip()]
+    except ValueError:
+      raise ValueError(
+        f"--learning_rates must be comma-separated numbers, got "
+        f"{self.learning_rates!r}."
+      ) from None
+    if not grid:
+      raise ValueError("--learning_rates names no learning rate.")
+    bad = [x for x in grid if not (math.isfinite(x) and x > 0)]
+    if bad:
+      raise ValueError(f"--learning_rates must be finite and > 0, got {bad}.")
+    if len(set(grid)) != len(grid):
+      raise ValueError(f"--learning_rates repeats a value: {grid}.")
+    return grid
+
+  def validate(self) -> None:
+    """Raises ValueError naming the flag and its allowed range, before any compute."""
+    at_least = {
+      "seeds": 1,
+      "steps": 1,
+      "batch_size": 1,
+      "context": 1,
+      "pretrain_steps": 1,
+      "pretrain_batch_size": 1,
+      "d_model": 1,
+      "n_layers": 1,
+      "n_heads": 1,
+      "n_kv_heads": 1,
+      "d_ff": 1,
+      "budget_every": 1,
+      "lora_rank": 1,
+      "lisa_layers": 1,
+      "lisa_period": 1,
+      "eval_windows": 1,
+      "log_every": 1,
+    }
+    for name, low in at_least.items():
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    lr = self.pretrain_learning_rate
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+      raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {lr}.")
+    h = self.budget_hysteresis
+    if not (isinstance(h, int | float) and math.isfinite(h) and h >= 0):
+      raise ValueError(f"--budget_hysteresis must be finite and >= 0, got {h}.")
+    if self.lisa_layers > self.n_layers:
+      raise ValueError(
+        f"--lisa_layers must be in [1, --n_layers={self.n_layers}], got "
+        f"{self.lisa_layers}."
+      )
+    if not self.workdir.strip():
+      raise ValueError("--workdir must name a directory, got an empty string.")
+    self.method_names()
+    grid = self.grid()
+    try:
+      pretrain_lib.model_config(self)
+    except ValueError as e:
+      raise ValueError(
+        f"Model flags (--d_model, --n_layers, --n_heads, --n_kv_heads, --d_ff, "
+        f"--context): {e}"
+      ) from None
+    try:  # RGFT's own checks, on a one-parameter stand-in.
+      stand_in = {"w": np.zeros(1, np.float32)}
+      rgft_jax.rgft(
+        grid[0],
+        rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]),
+        beta=self.beta,
+        thresh_init=self.thresh_init,
+        thresh_final=self.thresh_final,
+        min_scale=self.min_scale,
+      )
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
+    width = self.context + 1
+    for corpus, split, least in (
+      ("pydoc", "train", 2 * width),
+      ("pydoc", "validation", width),
+      ("pydoc", "test", width),
+      ("stdlib", "train", 2 * width),
+      ("stdlib", "test", width),
+    ):
+      size = len(data.load(corpus).splits[split])
+      if size < least:
+        raise ValueError(
+          f"--context {self.context} is too long for the {corpus} {split} split "
+          f"({size} bytes; it needs at least {least})."
+        )
+
+
+def eval_sets(cfg: Config) -> dict[str, np.ndarray]:
+  """The evaluation sets: target validation and test, source test."""
+  target, source = data.load("pydoc"), data.load("stdlib")
+
+  def windows(split):
+    return data.eval_windows(split, context=cfg.context, max_windows=cfg.eval_windows)
+
+  return {
+    "validation": windows(target.splits["validation"]),
+    "test": windows(target.splits["test"]),
+    "source_test": windows(source.splits["test"]),
+  }
+
+
+def train_batches(cfg: Config, seed: int):
+  """The target-domain training batches of `seed` (`batches[step]`)."""
+  return data.train_batches(
+    data.load("pydoc").splits["train"],
+    context=cfg.context,
+    batch_size=cfg.batch_size,
+    seed=seed + 1,
+  )
+
+
+def _method_runs(cfg: Config, method, variants, bpb, log):
+  """The learning-rate search of `method` on seed 0, then every seed at the
+  picked rate: `(search, [(record, final parameters) per seed])`."""
+  grid = cfg.grid()
+
+  def one(lr, seed):
+    record, tree = train_lib.run(
+      method,
+      variants,
+      train_batches(cfg, seed),
+      steps=cfg.steps,
+      learning_rate=lr,
+      seed=seed,
+      log_every=cfg.log_every,
+    )
+    final = method.to_params(tree)
+    record["validation_bpb"] = bpb(final, "validation")
+    log(
+      f"{method.name} lr {lr:g} seed {seed}: validation "
+      f"{record['validation_bpb']:.4f} bits/byte, {record['wall_s']:.1f} s"
+    )
+    return record, final
+
+  tried = {lr: one(lr, 0) for lr in grid}
+  scores = [tried[lr][0]["validation_bpb"] for lr in grid]
+  picked = grid[int(np.argmin(scores))]  # The first of equal scores.
+  search = {"learning_rates": grid, "validation_bpb": scores, "picked": picked}
+  seeds = [tried[picked]] + [one(picked, seed) for seed in range(1, cfg.seeds)]
+  for record, final in seeds:
+    record["test_bpb"] = bpb(final, "test")
+    record["source_bpb"] = bpb(final, "source_test")
+  return search, seeds
+
+
+def _costs(costs) -> dict[str, Any]:
+  return {
+    "full_step_flops": costs.full,
+    "lisa_step_flops": costs.lisa,
+    "rgft_step_flops": costs.detach.full,
+    "all_detached_step_flops": costs.detach.floor,
+    "detach_saving": dict(
+      zip(costs.detach.names, costs.detach.saving.tolist(), strict=True)
+    ),
+    "additivity_error": costs.detach.additivity_error,
+  }
+
+
+def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
+  """Pretrains (or reads the cache), then runs every method and seed.
+
+  With `keep` (a dict), each reported run's final decoder parameters are
+  stored in it under `(method, seed)`.
+
+  Returns:
+    JSON-serialisable results: the config, the pretraining record, the
+    pretrained decoder's bits per byte, the step costs, every run's record,
+    the learning-rate search, the methods that could not run and why, and
+    the summary per method.
+  """
+  names = cfg.method_names()
+  scanned, pre_record = pretrain_lib.pretrain(cfg, log)
+  looped = dataclasses.replace(pretrain_lib.model_config(cfg), scan_layers=False)
+  decoder = methods_lib.Decoder(looped)
+  params = lm.unstack_layers(scanned)
+  windows = eval_sets(cfg)
+
+  def bpb(p, split):
+    return train_lib.bits_per_byte(decoder, p, windows[split])
+
+  before = {split: bpb(params, split) for split in windows}
+  log(
+    f"pretrained: source test {before['source_test']:.3f}, target test "
+    f"{before['test']:.3f} bits/byte"
+  )
+  setup = methods_lib.Setup(decoder, params, train_batches(cfg, 0)[0], cfg)
+  if any(methods_lib.needs_costs(n) for n in names):
+    setup = dataclasses.replace(setup, costs=methods_lib.measure_costs(setup))
+  runs, search, unavailable = [], {}, {}
+  shared: dict[str, Any] = {}  # Compiled steps, by method family.
+  for name in names:
+    try:
+      method = methods_lib.build(name, setup)
+    except methods_lib.Unavailable as e:
+      unavailable[name] = str(e)
+      log(f"{name}: not run: {e}")
+      continue
+    if method.family not in shared:
+      shared[method.family] = train_lib.variants_of(method)
+    search[name], done = _method_runs(cfg, method, shared[method.family], bpb, log)
+    for record, final in done:
+      runs.append(record)
+      if keep is not None:
+        keep[(name, record["seed"])] = final
+  out = {
+    "config": dataclasses.asdict(cfg),
+    "pretrain": {**pre_record, "directory": pretrain_lib.directory(cfg)[0]},
+    "pretrained_bpb": before,
+    "windows": {split: len(w) for split, w in windows.items()},
+    "runs": runs,
+    "lr_search": search,
+    "unavailable": unavailable,
+    "summary": summarize(runs),
+  }
+  if setup.costs is not None:
+    out["costs"] = _costs(setup.costs)
+  return out
+
+
+def paired(runs: list[dict], a: str, b: str, key: str = "test_bpb") -> dict | None:
+  """Differences `a - b` of `key` on the seeds both methods ran, with the 95%
+  t-interval's half-width (`compare.interval`)."""
+  by: dict[str, dict[int, float]] = {}
+  for r in runs:
+    by.setdefault(r["method"], {})[r["seed"]] = r[key]
+  if a not in by or b not in by:
+    return None
+  seeds = sorted(set(by[a]) & set(by[b]))
+  if not seeds:
+    return None
+  diffs = np.array([by[a][s] - by[b][s] for s in seeds])
+  mean, half = compare.interval(diffs)
+  return {"seeds": seeds, "diffs": diffs.tolist(), "mean": mean, "ci95": half}
+
+
+def _mean_sd(values) -> tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def trained_fraction(record: dict) -> dict[str, float]:
+  """Per component, the fraction of a run's steps it was trained (not detached)."""
+  total = sum(record["steps_per_variant"].values())
+  out = {}
+  for name in record.get("components", []):
+    held = sum(
+      n
+      for v, n in record["steps_per_variant"].items()
+      if v != "all" and name in v.split(",")
+    )
+    out[name] = 1.0 - held / total
+  return out
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, Any]]:
+  """Per method: bits per byte over seeds, the paired difference to full
+  fine-tuning with its 95% interval, forgetting, and costs relative to full."""
+  out = {}
+  for name in dict.fromkeys(r["method"] for r in runs):
+    rs = [r for r in runs if r["method"] == name]
+    s = {
+      "seeds": len(rs),
+      "steps": rs[0]["steps"],
+      "learning_rate": rs[0]["learning_rate"],
+    }
+    for key in ("test_bpb", "source_bpb", "validation_bpb"):
+      s[f"{key}_mean"], s[f"{key}_std"] = _mean_sd([r[key] for r in rs])
+    s["train_flops"] = float(np.mean([r["train_flops"] for r in rs]))
+    s["wall_s"] = float(np.mean([r["wall_s"] for r in rs]))
+    s["peak_bytes"] = int(max(r["peak_bytes"] for r in rs))
+    s["step_variants"] = int(max(r["step_variants"] for r in rs))
+    s["compilations"] = int(sum(r["compilations"] for r in rs))
+    if "error_map" in rs[0]:
+      maps = [np.array(list(r["error_map"].values())) for r in rs]
+      normed = np.mean([m / max(m.max(), 1e-30) for m in maps], axis=0)
+      s["error_map"] = dict(zip(rs[0]["error_map"], normed.tolist(), strict=True))
+    if "budget" in rs[0]:
+      s["budget_fraction"] = float(np.mean([r["budget"]["fraction"] for r in rs]))
+      fractions = [trained_fraction(r) for r in rs]
+      s["trained_fraction"] = {
+        c: float(np.mean([f[c] for f in fractions])) for c in fractions[0]
+      }
+    vs_full = paired(runs, name, "full") if name != "full" else None
+    if vs_full is not None:
+      s["diff_vs_full"], s["diff_ci95"] = vs_full["mean"], vs_full["ci95"]
+    out[name] = s
+  if "full" in out:
+    base = out["full"]
+    for s in out.values():
+      s["flops_vs_full"] = s["train_flops"] / base["train_flops"]
+      s["time_vs_full"] = s["wall_s"] / max(base["wall_s"], 1e-9)
+  return out
+
+
+def _fmt(x, spec: str) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The results table, the learning-rate search and the RGFT error maps."""
+  cfg, before = results["config"], results["pretrained_bpb"]
+  summary = results["summary"]
+  lines = [
+    "### Byte-level LM: stdlib source -> pydoc prose",
+    "",
+    f"Decoder d{cfg['d_model']} x {cfg['n_layers']} layers, context "
+    f"{cfg['context']}, batch {cfg['batch_size']}, {cfg['steps']} fine-tuning "
+    f"steps, seeds 0-{cfg['seeds'] - 1}; pretrained for {cfg['pretrain_steps']} "
+    f"steps: source test {before['source_test']:.3f} bits/byte, target test "
+    f"{before['test']:.3f} bits/byte before fine-tuning. Lower is better.",
+    "",
+    "| method | lr | steps | target test bpb (mean ± sd) | vs full, paired (95% CI) "
+    "| source test bpb after (forgetting) | FLOPs vs full | train GFLOPs | peak MiB "
+    "| wall s | time vs full |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, s in summary.items():
+    diff = s.get("diff_vs_full")
+    vs = "n/a" if diff is None else f"{diff:+.4f} (± {_fmt(s['diff_ci95'], '.4f')})"
+    lines.append(
+      f"| {name} | {s['learning_rate']:g} | {s['steps']} | "
+      f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f} | {vs} | "
+      f"{s['source_bpb_mean']:.4f} ± {s['source_bpb_std']:.4f} | "
+      f"{_fmt(s.get('flops_vs_full'), '.3f')} | {s['train_flops'] / 1e9:.4g} | "
+      f"{s['peak_bytes'] / 2**20:.1f} | {s['wall_s']:.1f} | "
+      f"{_fmt(s.get('time_vs_full'), '.2f')} |"
+    )
+  for name, why in results["unavailable"].items():
+    lines.append(f"| {name} | not run: {why} |" + " |" * 9)
+  search = results["lr_search"]
+  if search:
+    grid = next(iter(search.values()))["learning_rates"]
+    lines += [
+      "",
+      "Learning-rate search (target validation bits/byte, seed 0; picked in bold):",
+      "",
+      "| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |",
+      "|---|" + "---|" * len(grid),
+    ]
+    for name, s in search.items():
+      cells = [
+        f"**{v:.4f}**" if lr == s["picked"] else f"{v:.4f}"
+        for lr, v in zip(s["learning_rates"], s["validation_bpb"], strict=True)
+      ]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  maps = {n: s for n, s in summary.items() if "error_map" in s}
+  if maps:
+    comps = list(next(iter(maps.values()))["error_map"])
+    lines += [
+      "",
+      "Final EMA error map (each run's divided by its largest entry, mean over "
+      "seeds); for budgets, the fraction of steps each branch was trained:",
+      "",
+      "| method | " + " | ".join(comps) + " |",
+      "|---|" + "---|" * len(comps),
+    ]
+    for name, s in maps.items():
+      lines.append(
+        f"| {name} | " + " | ".join(f"{s['error_map'][c]:.2f}" for c in comps) + " |"
+      )
+      if "trained_fraction" in s:
+        cells = " | ".join(f"{s['trained_fraction'][c]:.2f}" for c in comps)
+        lines.append(f"| {name}, trained | {cells} |")
+  return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], where: str) -> list[str]:
+  """Bits per byte against training FLOPs (and forgetting), and each RGFT
+  method's error map over steps and per layer."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from rgft_jax import viz
+
+  os.makedirs(where, exist_ok=True)
+  files = []
+
+  def save(fig, name):
+    path = os.path.join(where, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    files.append(path)
+
+  runs, summary = results["runs"], results["summary"]
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+  colors = plt.get_cmap("tab10")
+  for i, (name, s) in enumerate(summary.items()):
+    target = [r["test_bpb"] for r in runs if r["method"] == name]
+    source = [r["source_bpb"] for r in runs if r["method"] == name]
+    sd = np.std(target, ddof=1) if len(target) > 1 else 0.0
+    style = dict(fmt="o", color=colors(i % 10), label=name)
+    axes[0].errorbar(s["train_flops"] / 1e12, np.mean(target), yerr=sd, **style)
+    axes[1].errorbar(
+      np.mean(target),
+      np.mean(source),
+      xerr=sd,
+      yerr=np.std(source, ddof=1) if len(source) > 1 else 0.0,
+      **style,
+    )
+  before = results["pretrained_bpb"]
+  axes[1].axhline(before["source_test"], color="gray", ls=":", label="pretrained")
+  axes[0].set_xlabel("training TFLOPs (XLA-counted)")
+  axes[0].set_ylabel("target (pydoc) test bits/byte")
+  axes[0].set_title("target bits/byte against training FLOPs (mean ± sd)")
+  axes[1].set_xlabel("target (pydoc) test bits/byte")
+  axes[1].set_ylabel("source (stdlib) test bits/byte after")
+  axes[1].set_title("forgetting against fitting")
+  for ax in axes:
+    ax.legend(fontsize=7)
+  save(fig, "bpb_vs_flops.png")
+  for name, s in summary.items():
+    rs = [r for r in runs if r["method"] == name and r["history"]["error_map"]]
+    if not rs:
+      continue
+    h, comps = rs[0]["history"], rs[0]["components"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    viz.error_map_heatmap(h["error_map"], h["step"], comps, ax=axes[0])
+    axes[0].set_title(f"{name}, seed {rs[0]['seed']}: EMA error map / max")
+    layers = sorted({c.rsplit("/", 1)[0] for c in comps}, key=_natural)
+    branches = sorted({c.rsplit("/", 1)[1] for c in comps})
+    grid = np.full((len(layers), len(branches)), np.nan)
+    for c, v in s["error_map"].items():
+      layer, branch = c.rsplit("/", 1)
+      grid[layers.index(layer), branches.index(branch)] = v
+    im = axes[1].imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    for (i, j), v in np.ndenumerate(grid):
+      color = "k" if v > 0.6 else "w"
+      axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", color=color)
+    axes[1].set_xticks(range(len(branches)), branches)
+    axes[1].set_yticks(range(len(layers)), layers)
+    axes[1].set_title("final error map / max, mean over seeds")
+    fig.colorbar(im, ax=axes[1])
+    save(fig, f"error_map_{name.replace('@', '_at_')}.png")
+  return files
+
+
+def _natural(name: str) -> list:
+  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def write(results: dict[str, Any], workdir: str) -> tuple[str, list[str]]:
+  """`results.json`, `results.md` and `plots/` in `workdir`; returns the table."""
+  vision_train.save_json(os.path.join(workdir, "results.json"), results)
+  table = markdown(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  return table, plots(results, os.path.join(workdir, "plots"))
+
+
+def _field_help() -> dict[str, str]:
+  """Each Config field's trailing comment, as its --help text."""
+  helps = {}
+  for line in inspect.getsource(Config).splitlines():
+    m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)", line)
+    if m:
+      helps[m.group(1)] = m.group(2)
+  return helps
+
+
+def parse(argv: list[str]) -> Config:
+  """The Config of command-line flags (one per field, with its --help)."""
+  methods = "; ".join(f"{n}: {e.help}" for n, e in methods_lib.METHODS.items())
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.lm",
+    description=__doc__.split("\n\n")[0] + f" Methods: {methods}.",
+  )
+  helps = _field_help()
+  for f in dataclasses.fields(Config):
+    help_text = f"{helps.get(f.name, '')} (default: %(default)s)"
+    if f.type == "bool":
+      parser.add_argument(
+        f"--{f.name}",
+        action=argparse.BooleanOptionalAction,
+        default=f.default,
+        help=helps.get(f.name),
+      )
+    else:
+      kind = {"int": int, "float": float}.get(f.type, str)
+      parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+  return Config(**vars(parser.parse_args(argv)))
+
+
+def run(cfg: Config, keep: dict | None = None) -> dict[str, Any]:
+  """Checks `cfg`, runs the study in its work directory (one study at a time)
+  and writes and prints its results; `keep` as in `study`."""
+  cfg.workdir = os.path.expanduser(cfg.workdir)
+  cfg.validate()
+  start = time.perf_counter()
+
+  def log(*args):
+    if cfg.progress:
+      minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+      print(f"[{minutes:02d}:{seconds:02d}]", *args, flush=True)
+
+  with vision_train.lock(cfg.workdir):
+    results = study(cfg, log=log, keep=keep)
+    table, files = write(results, cfg.workdir)
+  print(table)
+  print(f"results: {os.path.join(cfg.workdir, 'results.json')}, results.md; plots:")
+  print("\n".join(files))
+  return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return run(parse(sys.argv[1:] if argv is None else argv))

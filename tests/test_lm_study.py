@@ -1,0 +1,255 @@
+"""The language-model study: a QUICK study end to end, its pretraining cache,
+its metrics against independent computations, and its flags."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments import train as vision_train
+from experiments.lm import data
+from experiments.lm import methods
+from experiments.lm import model as lm
+from experiments.lm import pretrain
+from experiments.lm import study
+from tests.test_lm_model import reference_logits
+
+# Every registered method, once.
+ALL = (*study.DEFAULT_METHODS, "rgft_budget_sample@0.5")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  """The QUICK study over every method: (config, results, final parameters)."""
+  cfg = study.Config.quick(
+    workdir=str(tmp_path_factory.mktemp("lm")), methods=",".join(ALL)
+  )
+  keep = {}
+  results = study.run(cfg, keep=keep)
+  return cfg, results, keep
+
+
+def looped_config(cfg) -> lm.Config:
+  return dataclasses.replace(pretrain.model_config(cfg), scan_layers=False)
+
+
+def reference_bpb(cfg, params, split: np.ndarray) -> float:
+  """Bits per byte of `params` on `split`'s evaluation windows, in float64 NumPy."""
+  windows = data.eval_windows(split, context=cfg.context, max_windows=cfg.eval_windows)
+  logits = reference_logits(looped_config(cfg), params, windows[:, :-1])
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nats = -np.take_along_axis(logp, windows[:, 1:, None], axis=-1)
+  return float(nats.mean() / math.log(2))
+
+
+def test_quick_study_writes_its_files(quick):
+  cfg, results, _ = quick
+  workdir = pathlib.Path(cfg.workdir)
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["summary"].keys() == results["summary"].keys()
+  table = (workdir / "results.md").read_text()
+  for name in ALL:
+    assert f"| {name} |" in table
+  assert "bits/byte" in table and "Learning-rate search" in table
+  plots = sorted(p.name for p in (workdir / "plots").iterdir())
+  assert "bpb_vs_flops.png" in plots and "error_map_rgft_blocks.png" in plots
+  for name in plots:
+    assert (workdir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+  assert not (workdir / ".lock").exists()
+
+
+def test_every_method_is_registered_and_trains(quick):
+  cfg, results, _ = quick
+  assert {methods.parse(n)[0] for n in ALL} == set(methods.METHODS)
+  before = results["pretrained_bpb"]["validation"]
+  ran = set(results["summary"])
+  for name in ALL:
+    if name in results["unavailable"]:  # Only heads, while the tracker cannot.
+      assert name == "rgft_heads" and "head" in results["unavailable"][name]
+      continue
+    assert name in ran
+    for r in (r for r in results["runs"] if r["method"] == name):
+      assert r["validation_bpb"] < before - 0.02, (name, r["seed"])
+      assert r["history"]["loss"][-1] < r["history"]["loss"][0], (name, r["seed"])
+  for name in ("rgft_budget@0.5", "uniform_budget@0.5", "rgft_budget_sample@0.5"):
+    for r in (r for r in results["runs"] if r["method"] == name):
+      assert r["budget"]["fraction"] <= 0.5 + 1e-9
+      assert r["step_variants"] >= 2
+    assert results["summary"][name]["flops_vs_full"] < 0.52
+  assert results["summary"]["full@0.5"]["steps"] == cfg.steps // 2
+
+
+def test_forgetting_equals_bits_per_byte_computed_by_hand(quick):
+  cfg, results, keep = quick
+  source = data.load("stdlib").splits["test"]
+  scanned, _ = pretrain.pretrain(cfg, log=lambda *a: None)  # The cache.
+  pretrained = lm.unstack_layers(scanned)
+  want = reference_bpb(cfg, pretrained, source)
+  assert results["pretrained_bpb"]["source_test"] == pytest.approx(want, rel=1e-5)
+  checked = 0
+  for r in results["runs"]:
+    want = reference_bpb(cfg, keep[(r["method"], r["seed"])], source)
+    assert r["source_bpb"] == pytest.approx(want, rel=1e-5), r["method"]
+    checked += 1
+  assert checked == len(results["runs"]) > 0
+
+
+def test_learning_rate_is_the_validation_argmin(quick):
+  cfg, results, keep = quick
+  validation = data.load("pydoc").splits["validation"]
+  grid = [float(x) for x in cfg.learning_rates.split(",")]
+  for name, search in results["lr_search"].items():
+    assert search["learning_rates"] == grid
+    scores = search["validation_bpb"]
+    assert search["picked"] == grid[int(np.argmin(scores))]
+    for r in (r for r in results["runs"] if r["method"] == name):
+      assert r["learning_rate"] == search["picked"]
+    # The picked run's score, computed by hand from its final parameters.
+    want = reference_bpb(cfg, keep[(name, 0)], validation)
+    assert min(scores) == pytest.approx(want, rel=1e-5)
+
+
+def test_paired_difference_and_interval_by_hand(quick):
+  _, results, _ = quick
+  by = {}
+  for r in results["runs"]:
+    by.setdefault(r["method"], {})[r["seed"]] = r["test_bpb"]
+  d = np.array([by["lora"][s] - by["full"][s] for s in sorted(by["full"])])
+  half = 12.706204736174707 * d.std(ddof=1) / np.sqrt(2)  # t(0.975, 1 dof).
+  s = results["summary"]["lora"]
+  assert s["diff_vs_full"] == pytest.approx(d.mean())
+  assert s["diff_ci95"] == pytest.approx(half)
+
+
+def test_pretraining_cache_is_reused_only_with_equal_settings(
+  quick, tmp_path, monkeypatch
+):
+  cfg, _, _ = quick
+  here = dataclasses.replace(cfg, workdir=str(tmp_path))
+  shutil.copytree(
+    os.path.join(cfg.workdir, "pretrained"), os.path.join(here.workdir, "pretrained")
+  )
+  where, _ = pretrain.directory(here)
+  record = json.loads(pathlib.Path(where, "done.json").read_text())
+
+  def no_training(*args):
+    raise AssertionError("trained although the cache holds these settings")
+
+  monkeypatch.setattr(pretrain, "_train", no_training)
+  messages = []
+  params, got = pretrain.pretrain(here, log=messages.append)
+  assert "read from" in messages[0] and got == record
+  assert vision_train.checksum(params) == record["checksum"]
+  # Every setting that changes the weights names another directory ...
+  changes = {
+    "pretrain_steps": 31,
+    "pretrain_batch_size": 4,
+    "pretrain_learning_rate": 1e-3,
+    "context": 8,
+    "d_model": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 4,
+    "d_ff": 32,
+  }
+  for name, value in changes.items():
+    other = dataclasses.replace(here, **{name: value})
+    assert pretrain.directory(other)[0] != where, name
+  # ... the corpora too; fine-tuning settings do not.
+  same = dataclasses.replace(here, steps=3, seeds=1, learning_rates="1e-1", lora_rank=1)
+  assert pretrain.directory(same)[0] == where
+  real = data.fingerprint()
+  monkeypatch.setattr(data, "fingerprint", lambda: {**real, "python": "0.0"})
+  assert pretrain.directory(here)[0] != where
+  monkeypatch.setattr(data, "fingerprint", lambda: real)
+  # Other settings train afresh beside it (training faked here).
+  trained = []
+
+  def fake_train(cfg, decoder, log):
+    trained.append(cfg.pretrain_steps)
+    return decoder.init(1), {"bits_per_byte": [], "wall_s": 0.0}
+
+  monkeypatch.setattr(pretrain, "_train", fake_train)
+  pretrain.pretrain(dataclasses.replace(here, pretrain_steps=31), log=messages.append)
+  assert trained == [31] and os.path.isdir(where)
+
+
+def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
+  quick, tmp_path, monkeypatch
+):
+  cfg, _, _ = quick
+  here = dataclasses.replace(cfg, workdir=str(tmp_path))
+  shutil.copytree(
+    os.path.join(cfg.workdir, "pretrained"), os.path.join(here.workdir, "pretrained")
+  )
+  where, _ = pretrain.directory(here)
+  monkeypatch.setattr(pretrain, "_train", lambda *a: pytest.fail("trained"))
+  done = pathlib.Path(where, "done.json")
+  record = json.loads(done.read_text())
+  done.write_text(json.dumps({**record, "settings": {**record["settings"], "seed": 1}}))
+  with pytest.raises(ValueError, match="another setup"):
+    pretrain.pretrain(here, log=lambda *a: None)
+  done.write_text(json.dumps(record))
+  # Damage the largest array file: restoring fails or the checksum differs.
+  files = [p for p in pathlib.Path(where, "params").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  raw = bytearray(biggest.read_bytes())
+  for i in range(len(raw) // 3, len(raw) // 3 + 64):
+    raw[i] ^= 0xFF
+  biggest.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="damaged"):
+    pretrain.pretrain(here, log=lambda *a: None)
+  assert biggest.read_bytes() == bytes(raw)  # Left as it is.
+  # A checksum that does not match the arrays is refused the same way.
+  shutil.rmtree(where)
+  shutil.copytree(pretrain.directory(cfg)[0], where)
+  done.write_text(json.dumps({**record, "checksum": "0" * 64}))
+  with pytest.raises(ValueError, match="damaged"):
+    pretrain.pretrain(here, log=lambda *a: None)
+
+
+@pytest.mark.parametrize(
+  "flags, match",
+  [
+    (["--seeds", "0"], "--seeds"),
+    (["--steps", "-1"], "--steps"),
+    (["--learning_rates", "1e-3,x"], "--learning_rates"),
+    (["--learning_rates", "0,1e-3"], "--learning_rates"),
+    (["--learning_rates", "1e-3,1e-3"], "--learning_rates"),
+    (["--methods", "adam"], "--methods"),
+    (["--methods", "rgft_budget"], "--methods"),
+    (["--methods", "lora@0.5"], "--methods"),
+    (["--methods", "full@1.5"], "--methods"),
+    (["--methods", "full,full"], "--methods"),
+    (["--n_heads", "3"], "--n_heads"),
+    (["--lisa_layers", "5"], "--lisa_layers"),
+    (["--beta", "1.5"], "--beta"),
+    (["--context", "100000"], "--context"),
+    (["--pretrain_learning_rate", "nan"], "--pretrain_learning_rate"),
+    (["--budget_hysteresis", "-1"], "--budget_hysteresis"),
+    (["--eval_windows", "0"], "--eval_windows"),
+    (["--workdir", " "], "--workdir"),
+  ],
+)
+def test_flags_are_checked_before_any_compute(flags, match, tmp_path, monkeypatch):
+  monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("computed"))
+  argv = ["--workdir", str(tmp_path / "work"), *flags]
+  with pytest.raises(ValueError, match=match):
+    study.main(argv)
+  assert not (tmp_path / "work").exists()
+
+
+def test_help_lists_every_flag_and_method(capsys):
+  with pytest.raises(SystemExit) as done:
+    study.main(["--help"])
+  assert done.value.code == 0
+  text = capsys.readouterr().out
+  for f in dataclasses.fields(study.Config):
+    assert f"--{f.name}" in text
+  for name in methods.METHODS:
+    assert name in text
