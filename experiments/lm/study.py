@@ -18,9 +18,7 @@ the steps run), peak memory and wall time. Writes `results.json`,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 import rgft_jax
+from experiments import cli
 from experiments import compare
 from experiments import train as vision_train
 from experiments.lm import data
@@ -578,36 +577,11 @@ def write(results: dict[str, Any], workdir: str) -> tuple[str, list[str]]:
   return table, plots(results, os.path.join(workdir, "plots"))
 
 
-def _field_help() -> dict[str, str]:
-  """Each Config field's trailing comment, as its --help text."""
-  helps = {}
-  for line in inspect.getsource(Config).splitlines():
-    m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)", line)
-    if m:
-      helps[m.group(1)] = m.group(2)
-  return helps
-
-
 def parse(argv: list[str]) -> Config:
   """The Config of command-line flags (one per field, with its --help)."""
   methods = "; ".join(f"{n}: {e.help}" for n, e in methods_lib.METHODS.items())
-  parser = argparse.ArgumentParser(
-    prog="python -m experiments.lm",
-    description=__doc__.split("\n\n")[0] + f" Methods: {methods}.",
-  )
-  helps = _field_help()
-  for f in dataclasses.fields(Config):
-    help_text = f"{helps.get(f.name, '')} (default: %(default)s)"
-    if f.type == "bool":
-      parser.add_argument(
-        f"--{f.name}",
-        action=argparse.BooleanOptionalAction,
-        default=f.default,
-        help=helps.get(f.name),
-      )
-    else:
-      kind = {"int": int, "float": float}.get(f.type, str)
-      parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+  parser = cli.parser(Config, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
+  parser.prog = "python -m experiments.lm"
   return Config(**vars(parser.parse_args(argv)))
 
 
