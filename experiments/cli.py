@@ -72,3 +72,11 @@ def parser(cls: type, description: str, exclude=()) -> argparse.ArgumentParser:
 def parse(cls: type, argv: list[str], description: str, exclude=()) -> Any:
   """An instance of `cls` from the command line `argv`."""
   return cls(**vars(parser(cls, description, exclude).parse_args(argv)))
+
+
+def check_integers(cfg: Any, at_least: dict[str, int]) -> None:
+  """Raises naming the flag unless each `cfg.<name>` is an int >= its bound."""
+  for name, low in at_least.items():
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")

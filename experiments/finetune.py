@@ -163,10 +163,7 @@ class Config(methods_lib.Hyper):
       "ckpt_every": 1,
       "eval_batch_size": 1,
     }
-    for name, low in at_least.items():
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    cli.check_integers(self, at_least)
     rate = self.pretrain_learning_rate
     if not (np.isfinite(rate) and rate > 0):
       raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {rate}.")

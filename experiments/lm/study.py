@@ -158,10 +158,7 @@ class Config:
       "eval_windows": 1,
       "log_every": 1,
     }
-    for name, low in at_least.items():
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    cli.check_integers(self, at_least)
     lr = self.pretrain_learning_rate
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
       raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {lr}.")
