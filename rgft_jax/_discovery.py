@@ -47,7 +47,10 @@ def describe(select: Select) -> str:
     )
   if select == "heads":
     return (
-      "'heads' (looks for the `out` projection of flax.linen."
+      "'heads' (looks for attention output projections: a module whose input "
+      "is a batched `weights @ values` product, reshaped, whose trailing axes "
+      "it contracts hold the heads and the head dimension, heads major; "
+      "finding none, for the `out` projection of flax.linen."
       "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
     )
   try:
@@ -156,16 +159,53 @@ def _owner(taps: Sequence[Tap], path: str) -> tuple[Tap, str] | None:
   return owners[0] if owners else None
 
 
-def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
+def _squeeze_constant(index: np.ndarray) -> np.ndarray:
+  """`index` with each axis it is constant along cut to size 1."""
+  for axis in range(index.ndim):
+    first = np.take(index, [0], axis=axis)
+    if index.shape[axis] > 1 and (index == first).all():
+      index = first
+  return index
+
+
+def _entry_index(tap: Tap, heads: np.ndarray, number: dict[str, int]) -> np.ndarray:
+  """Component numbers of a leaf whose entries each belong to a head (or -1)."""
+  table = np.full([tap.layers or 1, tap.heads], -1, np.int32)
+  for name, layer, col in columns(tap):
+    table[layer or 0, col] = number.get(name, -1)
+  layer = np.zeros(heads.shape, np.int32)
+  if tap.layers is not None:
+    layer = np.broadcast_to(
+      np.arange(heads.shape[0]).reshape((-1,) + (1,) * (heads.ndim - 1)), heads.shape
+    )
+  index = np.where(heads >= 0, table[layer, np.maximum(heads, 0)], -1)
+  return _squeeze_constant(index.astype(np.int32))
+
+
+def build_components(
+  params: Any,
+  taps: Sequence[Tap],
+  order: Sequence[str],
+  entries: dict[str, tuple[Tap, np.ndarray]] | None = None,
+):
   """The `Components` of `taps` over `params`, named in `order`.
 
-  Components that own no parameter are left out.
+  `entries` gives, for leaves whose entries are owned head by head, the
+  attention's tap and the head of each entry (-1: none); other leaves go to
+  the tap that claims their module path. Components that own no parameter
+  are left out.
   """
   taps = list(dict.fromkeys(taps))
+  entries = entries or {}
   owners = {}  # Leaf path -> (tap, how, shape).
 
   def visit(key_path, leaf):
     path = path_str(key_path)
+    if path in entries:
+      tap, heads = entries[path]
+      if (heads >= 0).any():
+        owners[path] = (tap, "entries", tuple(np.shape(leaf)))
+      return leaf
     found = _owner(taps, path)
     if found is not None:
       owners[path] = (*found, tuple(np.shape(leaf)))
@@ -189,6 +229,8 @@ def build_components(params: Any, taps: Sequence[Tap], order: Sequence[str]):
     if path not in owners:
       return np.full((), -1, np.int32)
     tap, how, shape = owners[path]
+    if how == "entries":
+      return _entry_index(tap, entries[path][1], number)
     lead = 0 if tap.layers is None else 1
     if tap.layers is not None and shape[:1] != (tap.layers,):
       raise ValueError(

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import nnx
 
@@ -40,6 +41,11 @@ _LIFT_KINDS = r"scan|checkpoint|remat|vmap|jit|map|vjp|jvp|while|cond|switch"
 _LIFTED_MODULES = ("flax.linen.transforms", "flax.linen.partitioning")
 
 
+def per_head_view(x: Any, heads: int, features: int) -> Any:
+  """`x` with its `features` trailing axes as `(heads, head_dim)`."""
+  return x.reshape((*x.shape[: x.ndim - features], heads, -1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Tap:
   """One tapped value: a module's output, or the per-head input of a projection.
@@ -54,6 +60,8 @@ class Tap:
     root: the path of the scanned module (with `layers`).
     owns: the module paths whose parameters the component owns, when given
       apart from where it is measured (None: `path` and `feeder`).
+    features: for a per-head tap, how many trailing axes of the value hold
+      the heads and the head dimension (heads major).
   """
 
   path: Path
@@ -63,6 +71,18 @@ class Tap:
   layers: int | None = None
   root: Path = ()
   owns: tuple[Path, ...] | None = None
+  features: int = 2
+
+  def per_head(self, fn: Callable[[Any], Any], value: Any) -> Any:
+    """`fn(value)` with the heads on axis -2 of each leaf (as `(heads, dim)`)."""
+    if self.heads is None:
+      return fn(value)
+    shapes = [v.shape for v in jax.tree.leaves(value)]
+    out = fn(jax.tree.map(lambda v: per_head_view(v, self.heads, self.features), value))
+    leaves, treedef = jax.tree.flatten(out)
+    return jax.tree.unflatten(
+      treedef, [v.reshape(s) for v, s in zip(leaves, shapes, strict=True)]
+    )
 
 
 @dataclasses.dataclass(frozen=True)

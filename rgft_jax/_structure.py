@@ -93,15 +93,33 @@ class _Graph:
     self.tag: list[str | None] = []
     self.params: list[int] = []  # Bitmask of parameter leaves each node depends on.
     self.adds: list[tuple[int, int]] = []
+    # The equation (and output index) of each primitive's node, and its
+    # operands in order (None for a literal).
+    self.eqn: list[tuple[Any, int] | None] = []
+    self.args: list[tuple[int | None, ...]] = []
+    self._users: list[list[int]] | None = None
 
-  def node(self, prim: str, deps: tuple[int, ...], tag=None, params=0) -> int:
+  def node(
+    self, prim: str, deps: tuple[int, ...], tag=None, params=0, eqn=None, args=()
+  ) -> int:
     for d in deps:
       params |= self.params[d]
     self.deps.append(deps)
     self.prim.append(prim)
     self.tag.append(tag)
     self.params.append(params)
+    self.eqn.append(eqn)
+    self.args.append(tuple(args))
     return len(self.deps) - 1
+
+  def users(self, n: int) -> list[int]:
+    """The nodes that read `n`, in order."""
+    if self._users is None:
+      self._users = [[] for _ in self.deps]
+      for m, deps in enumerate(self.deps):
+        for d in dict.fromkeys(deps):
+          self._users[d].append(m)
+    return self._users[n]
 
   def walk(self, jaxpr, inputs: list[int | None]) -> list[int | None]:
     """Adds `jaxpr`'s equations, its inputs bound to `inputs`; returns its outputs."""
@@ -131,7 +149,10 @@ class _Graph:
         deps = tuple(n for n in ins if n is not None)
         name = eqn.primitive.name
         tag = eqn.params.get("name") if name == "name" else None
-        outs = [self.node(name, deps, tag) for _ in eqn.outvars]
+        outs = [
+          self.node(name, deps, tag, eqn=(eqn, i), args=ins)
+          for i in range(len(eqn.outvars))
+        ]
         if name == "add" and len(deps) == 2:
           self.adds.append((deps[0], deps[1]))
       for v, n in zip(eqn.outvars, outs, strict=True):
@@ -185,12 +206,37 @@ def _tags(graph: _Graph, nodes: list[int], kind: str) -> list[Path]:
   return out
 
 
-def residual_branches(run: Callable[[Any, Any], Any], params: Any) -> list[Branch]:
-  """The residual branches of the model `run(params, handle)` calls.
+@dataclasses.dataclass
+class Traced:
+  """A model's dataflow with every module call's inputs and outputs tagged.
 
-  Branches are in call order; a parameter leaf goes to the first branch that
-  owns it. Empty when the model adds no module output back to what it read.
+  Attributes:
+    graph: the nodes.
+    paths: the parameter leaves' paths (bit `i` of a node's `params` is `paths[i]`).
+    order: module paths in call order.
+    inputs_of: each module path's input nodes (the tagged values it read).
   """
+
+  graph: _Graph
+  paths: list[str]
+  order: list[Path]
+  inputs_of: dict[Path, list[int]]
+
+  def position(self, path: Path) -> int:
+    if not hasattr(self, "_rank"):
+      self._rank = {p: i for i, p in enumerate(self.order)}
+    return self._rank.get(path, 0)
+
+  def producer(self, chain: list[int]) -> Path | None:
+    """The outermost (then first-called) module whose output is the value."""
+    outs = [p for p in _tags(self.graph, chain, "out") if p]
+    if not outs:
+      return None
+    return min(outs, key=lambda p: (len(p), self.position(p)))
+
+
+def trace(run: Callable[[Any, Any], Any], params: Any) -> Traced:
+  """The dataflow of the model `run(params, handle)` calls (abstractly)."""
   order: list[Path] = []
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
   paths = [path_str(p) for p, _ in leaves]
@@ -202,21 +248,21 @@ def residual_branches(run: Callable[[Any, Any], Any], params: Any) -> list[Branc
   graph = _Graph()
   inputs = [graph.node("param", (), params=1 << i) for i in range(len(paths))]
   graph.walk(closed.jaxpr, inputs)
-
   inputs_of: dict[Path, list[int]] = {}
   for n, tag in enumerate(graph.tag):
     if tag is not None and tag.startswith(f"{_TAG}in:"):
       (path,) = _tags(graph, [n], "in")
       inputs_of.setdefault(path, []).append(n)
-  position = {p: i for i, p in enumerate(order)}
+  return Traced(graph, paths, order, inputs_of)
 
-  def producer(chain: list[int]) -> Path | None:
-    """The outermost (then first-called) module whose output is the value."""
-    outs = [p for p in _tags(graph, chain, "out") if p]
-    if not outs:
-      return None
-    return min(outs, key=lambda p: (len(p), position.get(p, 0)))
 
+def residual_branches(traced: Traced) -> list[Branch]:
+  """The residual branches of a traced model.
+
+  Branches are in call order; a parameter leaf goes to the first branch that
+  owns it. Empty when the model adds no module output back to what it read.
+  """
+  graph, inputs_of, producer = traced.graph, traced.inputs_of, traced.producer
   found: dict[Path, int] = {}  # Module path -> parameters owned (bitmask).
   for a, b in graph.adds:
     for h, x in ((a, b), (b, a)):
@@ -235,9 +281,9 @@ def residual_branches(run: Callable[[Any, Any], Any], params: Any) -> list[Branc
 
   taken = 0
   branches = []
-  for module in sorted(found, key=lambda p: position.get(p, 0)):
+  for module in sorted(found, key=traced.position):
     mine = found[module] & ~taken
     taken |= mine
-    owns = tuple(p for i, p in enumerate(paths) if mine >> i & 1)
+    owns = tuple(p for i, p in enumerate(traced.paths) if mine >> i & 1)
     branches.append(Branch(module, owns))
   return branches

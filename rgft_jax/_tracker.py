@@ -10,6 +10,7 @@ come from the same calls (`rgft_jax._discovery`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from collections.abc import Collection
 from typing import Any
@@ -35,6 +36,9 @@ from rgft_jax._discovery import describe
 from rgft_jax._discovery import is_branch
 from rgft_jax._discovery import ordered_names
 from rgft_jax._discovery import owned_paths
+from rgft_jax._heads import Heads
+from rgft_jax._heads import find_heads
+from rgft_jax._heads import head_owners
 from rgft_jax._intercept import Call
 from rgft_jax._intercept import Embed
 from rgft_jax._intercept import Path
@@ -45,6 +49,7 @@ from rgft_jax._intercept import linen_run
 from rgft_jax._intercept import nnx_head_projections
 from rgft_jax._intercept import nnx_run
 from rgft_jax._structure import residual_branches
+from rgft_jax._structure import trace
 
 Module = nn.Module | nnx.Module
 
@@ -63,9 +68,13 @@ class ErrorTracker:
       and classes do not matter, see `rgft_jax._structure`; a model with no
       such add falls back to every `nn.MultiHeadDotProductAttention` /
       `nnx.MultiHeadAttention` and every module whose class name says
-      MLP/FeedForward/FFN), `"heads"` (every head of every flax attention
-      module, measured on the per-head output before the output projection),
-      or a predicate `select(path, module)` on the module path (a tuple of
+      MLP/FeedForward/FFN), `"heads"` (every head of every attention, found
+      from the dataflow: measured on its slice of the output projection's
+      input, and owning the entries of the query/key/value kernels and
+      biases (separate or fused) and of the output kernel that it alone
+      computes with; entries several heads share, such as a grouped-query
+      key/value head or the output bias, belong to no head; see
+      `rgft_jax._heads`; falls back to flax's attention classes), or a predicate `select(path, module)` on the module path (a tuple of
       names) and the module.
     method: `"norm_product"` (per example `||dL/dh|| ||h||`, batch mean),
       `"taylor"` (per example `|<dL/dh, h>|`, batch mean) or `"ablation"`
@@ -153,6 +162,8 @@ class ErrorTracker:
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
     # Residual branches by dataflow (select="branches"): path -> owned leaves.
     self._branches: dict[Path, tuple[Path, ...]] | None = None
+    # Attentions by dataflow (select="heads"): output projection path -> Heads.
+    self._heads: dict[Path, Heads] | None = None
 
   @property
   def _is_nnx(self) -> bool:
@@ -169,18 +180,19 @@ class ErrorTracker:
       return is_branch(path, module)
     return bool(self.select(path, module))
 
-  def _find_branches(self, run, params) -> None:
-    """The residual branches by dataflow, once (`select="branches"`)."""
-    if self.select != "branches" or self._branches is not None:
+  def _find_structure(self, run, params) -> None:
+    """Residual branches or attention heads by dataflow, once."""
+    if self.select not in ("branches", "heads"):
       return
-    abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-      params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    found = residual_branches(lambda p, handle: run(p, None, handle=handle), abstract)
+    if (self._branches if self.select == "branches" else self._heads) is not None:
+      return
+    traced = trace(lambda p, handle: run(p, None, handle=handle), _abstract(params))
+    if self.select == "heads":
+      self._heads = find_heads(traced)
+      return
     self._branches = {
-      b.path: tuple(tuple(leaf.split("/")) for leaf in b.owns) for b in found
+      b.path: tuple(tuple(leaf.split("/")) for leaf in b.owns)
+      for b in residual_branches(traced)
     }
 
   def _handler(self, visit, calls: list | None, is_head_projection):
@@ -206,7 +218,14 @@ class ErrorTracker:
       path, module = call.path, call.module
       if calls is not None:
         calls.append((path, module))
-      if self.select == "heads" and is_head_projection(path, module):
+      if self.select == "heads" and self._heads:
+        found = self._heads.get(path)
+        if found is not None:
+          t = dataclasses.replace(
+            tap(call, found.attention, found.heads, None), features=found.features
+          )
+          return next_fun(visit(t, args[0], call.read), *args[1:], **kwargs)
+      elif self.select == "heads" and is_head_projection(path, module):
         x = visit(tap(call, path[:-1], args[0].shape[-2], None), args[0], call.read)
         return next_fun(x, *args[1:], **kwargs)
       before = last_done.get(path[:-1]) if path else None
@@ -288,7 +307,9 @@ class ErrorTracker:
     `nnx.state(model, nnx.Param)`. A whole-output tap owns the parameters under
     its module, and the norm layer called just before it in the same parent
     (the pre-norm that feeds a residual branch); a head owns its slices of the
-    query/key/value kernels and biases and of the output kernel. Every other
+    query/key/value kernels and biases and of the output kernel (with
+    `select="heads"` these are found by running one backward pass per head
+    index on random parameters of the same shapes). Every other
     parameter (embeddings, a new head, shared biases) is in no component;
     `Components.unassigned(params)` lists them. Names come in the order the
     model calls the tapped modules (input side first).
@@ -327,10 +348,18 @@ class ErrorTracker:
         return self.model.apply({"params": p}, *inputs, **kwargs)
 
     bound, run, _ = self._bind(call, model, (), {})
-    self._find_branches(run, bound)
+    self._find_structure(run, bound)
     recorded, _ = self._record(run, bound)
     taps = [tap for tap, _ in recorded]
-    comps = build_components(params, taps, ordered_names(taps))
+    entries = {}
+    if self._heads:
+      owners = head_owners(
+        lambda p, handle: run(p, None, handle=handle)[0],
+        _abstract(bound),
+        self._heads,
+      )
+      entries = _head_entries(taps, owners)
+    comps = build_components(params, taps, ordered_names(taps), entries)
     # Taps that own no parameter (a dropout, a parent of tapped children) are
     # no component: `value_and_grad` leaves them out of the error map too.
     self._owned = comps.names
@@ -383,7 +412,7 @@ class ErrorTracker:
 
     def wrapped(model_or_params, *args, **kwargs):
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
-      self._find_branches(run, params)
+      self._find_structure(run, params)
       recorded, _ = self._record(run, params)
       taps = list(dict.fromkeys(tap for tap, _ in recorded))
       names = ordered_names(taps)
@@ -418,6 +447,24 @@ class ErrorTracker:
       return ((loss, aux) if has_aux else loss), grads, error_map
 
     return wrapped
+
+
+def _abstract(params: Any) -> Any:
+  return jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+    params,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+
+
+def _head_entries(taps, owners) -> dict[str, tuple[Tap, np.ndarray]]:
+  """`head_owners`' result with each attention's tap in place of its path."""
+  by_path = {tap.path: tap for tap in taps if tap.heads is not None}
+  return {
+    leaf: (by_path[attention], heads)
+    for leaf, (attention, heads) in owners.items()
+    if attention in by_path
+  }
 
 
 def _stacked_table(tap: Tap, value) -> np.ndarray:
@@ -456,7 +503,12 @@ def _detach(tap: Tap, value: Any, read, detached: frozenset[str]) -> Any:
   else:  # This layer's slice of the mask.
     mask = read("detach") > 0
   mask = mask[:, None] if tap.heads is not None else mask[0]  # Heads on axis -2.
-  return jax.tree.map(lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value)
+  return tap.per_head(
+    lambda value: jax.tree.map(
+      lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value
+    ),
+    value,
+  )
 
 
 def _cheap(method, run, has_aux, recorded, measured, params, detached):
@@ -491,7 +543,9 @@ def _cheap(method, run, has_aux, recorded, measured, params, detached):
           )
       else:
         s = read("probe")
-      return probe(value, s, tap.heads, inner=method == "taylor")
+      return tap.per_head(
+        lambda v: probe(v, s, tap.heads, inner=method == "taylor"), value
+      )
 
     embed = _embed(first, detached, probe=by_tap)
     out, state = run(params, visit, embed)
@@ -532,7 +586,7 @@ def _ablation(run, has_aux, taps, params, detached):
         shape = (1,) * (v.ndim - 2) + (tap.heads, 1)  # Along the head axis.
         return v * k.reshape(shape).astype(v.dtype)
 
-      return jax.tree.map(scale, value)
+      return tap.per_head(lambda value: jax.tree.map(scale, value), value)
 
     keeps = {
       tap: keep[_stacked_table(tap, position.__getitem__).astype(np.int32)]

@@ -4,8 +4,9 @@ The per-example reference for "norm_product" perturbs the chosen modules'
 outputs itself (a `flax.linen.intercept_methods` interceptor of its own for
 Linen, a wrapper object swapped into the model for NNX), runs one example at a
 time, and takes `jax.grad` of that example's loss with respect to the
-perturbation: `||dL_i/dh_i|| * ||h_i||`, averaged over the examples. Nothing
-here calls `rgft_jax`.
+perturbation: `||dL_i/dh_i|| * ||h_i||`, averaged over the examples. For
+heads it perturbs the input of the output projection instead and splits it
+by hand into `(heads, head_dim)`. Nothing here calls `rgft_jax`.
 """
 
 from __future__ import annotations
@@ -112,15 +113,46 @@ class Reference:
   norm_product: dict[str, float]
 
 
-def _per_example(grad_fn, batch, paths) -> Reference:
+@dataclasses.dataclass(frozen=True)
+class HeadsAt:
+  """An attention measured per head at the input of its output projection.
+
+  `name`: the attention's component prefix (`name/head{h}`); the input's
+  trailing `features` axes flatten to `heads` blocks of the head dimension.
+  """
+
+  name: str
+  heads: int
+  features: int
+
+
+def _products(g, h, path: str, heads: dict[str, HeadsAt]) -> dict[str, float]:
+  if path not in heads:
+    return {path: _norm(g) * _norm(h)}
+  at = heads[path]
+
+  def split(x):
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[: x.ndim - at.features] + (at.heads, -1))
+
+  g, h = split(g), split(h)
+  return {
+    f"{at.name}/head{k}": _norm(g[..., k, :]) * _norm(h[..., k, :])
+    for k in range(at.heads)
+  }
+
+
+def _per_example(grad_fn, batch, paths, heads=None) -> Reference:
   """`grad_fn(example) -> ((loss, h), (dL/dd, dL/dparams))` over the batch."""
-  losses, grads, products = [], [], {p: [] for p in paths}
+  heads = heads or {}
+  losses, grads, products = [], [], {}
   for example in _examples(batch):
     (loss, h), (g, g_params) = grad_fn(example)
     losses.append(float(loss))
     grads.append(jax.tree.map(lambda x: np.asarray(x, np.float64), g_params))
     for p in paths:
-      products[p].append(_norm(g[p]) * _norm(h[p]))
+      for name, value in _products(g[p], h[p], p, heads).items():
+        products.setdefault(name, []).append(value)
   return Reference(
     loss=float(np.mean(losses)),
     grads=jax.tree.map(lambda *xs: np.mean(xs, axis=0), *grads),
@@ -129,24 +161,35 @@ def _per_example(grad_fn, batch, paths) -> Reference:
 
 
 def linen_reference(
-  loss_one: Callable[..., jax.Array], params: Any, batch: Sequence[Any], paths
+  loss_one: Callable[..., jax.Array],
+  params: Any,
+  batch: Sequence[Any],
+  paths,
+  heads: dict[str, HeadsAt] | None = None,
 ) -> Reference:
   """The reference for the Linen modules at `paths` (`/`-joined module paths).
 
   `loss_one(params, *example)` applies the model (a Linen module) to one
-  example (batch axis of size 1) and returns its loss.
+  example (batch axis of size 1) and returns its loss. A path in `heads` is
+  an output projection, measured per head on its input.
   """
-  targets = {tuple(p.split("/")): p for p in paths}
+  heads = heads or {}
+  targets = {tuple(p.split("/")): p for p in [*paths, *heads]}
 
   def run(deltas, params, example):
     outputs = {}
 
     def interceptor(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
       name = targets.get(tuple(context.module.scope.path))
       if context.method_name != "__call__" or name is None:
-        return out
+        return next_fun(*args, **kwargs)
       assert name not in outputs, f"{name} called twice"
+      if name in heads:
+        outputs[name] = args[0]
+        if deltas is not None:
+          args = (args[0] + deltas[name], *args[1:])
+        return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
       outputs[name] = out
       if deltas is None:
         return out
@@ -156,6 +199,11 @@ def linen_reference(
       loss = loss_one(params, *example)
     return loss, (loss, outputs)
 
+  return _reference(run, params, batch, [*paths, *heads], heads)
+
+
+def _reference(run, params, batch, paths, heads) -> Reference:
+  """The reference of `run(deltas, params, example) -> (loss, (loss, values))`."""
   first = next(_examples(batch))
   shapes = jax.eval_shape(lambda p, e: run(None, p, e)[1][1], params, first)
   assert set(shapes) == set(paths), sorted(shapes)
@@ -166,16 +214,26 @@ def linen_reference(
     g, aux = grad(zeros, params, example)
     return aux, g
 
-  return _per_example(grad_fn, batch, paths)
+  return _per_example(grad_fn, batch, paths, heads)
 
 
 class _Perturbed:
-  """Stands in for an NNX submodule: its output plus a perturbation."""
+  """Stands in for an NNX submodule: its output (or, `at_input`, its first
+  argument) plus a perturbation."""
 
-  def __init__(self, inner, delta, sink, name):
+  def __init__(self, inner, delta, sink, name, at_input=False):
     self.inner, self.delta, self.sink, self.name = inner, delta, sink, name
+    self.at_input = at_input
+
+  def __getattr__(self, name):  # Attributes of the wrapped module (its shape, say).
+    return getattr(self.inner, name)
 
   def __call__(self, *args, **kwargs):
+    if self.at_input:
+      self.sink[self.name] = args[0]
+      if self.delta is not None:
+        args = (args[0] + self.delta, *args[1:])
+      return self.inner(*args, **kwargs)
     out = self.inner(*args, **kwargs)
     self.sink[self.name] = out
     if self.delta is None:
@@ -192,39 +250,33 @@ def nnx_reference(
   model: nnx.Module,
   batch: Sequence[Any],
   paths,
+  heads: dict[str, HeadsAt] | None = None,
 ) -> Reference:
   """The reference for the NNX submodules at `paths`; grads of the `nnx.Param`s.
 
   `loss_one(model, *example)` calls the model on one example and returns its
   loss. Each call works on a fresh copy of the model in which the submodules
-  at `paths` are replaced by `_Perturbed` wrappers.
+  at `paths` (and the projections in `heads`, perturbed at their input) are
+  replaced by `_Perturbed` wrappers.
   """
+  heads = heads or {}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def run(deltas, params, example):
     live = nnx.merge(graphdef, params, rest)
     outputs = {}
-    for p in paths:
+    for p in [*paths, *heads]:
       *parent_keys, last = p.split("/")
       parent = live
       for k in parent_keys:
         parent = _child(parent, k)
       delta = None if deltas is None else deltas[p]
-      setattr(parent, last, _Perturbed(_child(parent, last), delta, outputs, p))
+      inner = _child(parent, last)
+      setattr(parent, last, _Perturbed(inner, delta, outputs, p, p in heads))
     loss = loss_one(live, *example)
     return loss, (loss, outputs)
 
-  first = next(_examples(batch))
-  shapes = jax.eval_shape(lambda s, e: run(None, s, e)[1][1], params, first)
-  assert set(shapes) == set(paths), sorted(shapes)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  grad = jit(jax.grad(run, argnums=(0, 1), has_aux=True))
-
-  def grad_fn(example):
-    g, aux = grad(zeros, params, example)
-    return aux, g
-
-  return _per_example(grad_fn, batch, paths)
+  return _reference(run, params, batch, [*paths, *heads], heads)
 
 
 def assert_matches(loss, grads, error_map, reference: Reference, rtol=1e-4) -> None:
