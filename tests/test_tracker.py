@@ -505,7 +505,9 @@ def test_errors_say_what_was_looked_for():
   model = NoAttention()
   x = jnp.ones((2, 4))
   params = model.init(jax.random.key(0), x)["params"]
-  with pytest.raises(ValueError, match=r"'heads' \(looks for attention output projections"):
+  with pytest.raises(
+    ValueError, match=r"'heads' \(looks for attention output projections"
+  ):
     rgft_jax.ErrorTracker(model, select="heads").components(params, x)
   with pytest.raises(
     ValueError, match=r"'branches' \(looks for .*MultiHeadDotProductAttention"

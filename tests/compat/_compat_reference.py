@@ -133,7 +133,7 @@ def _products(g, h, path: str, heads: dict[str, HeadsAt]) -> dict[str, float]:
 
   def split(x):
     x = np.asarray(x, np.float64)
-    return x.reshape(x.shape[: x.ndim - at.features] + (at.heads, -1))
+    return x.reshape((*x.shape[: x.ndim - at.features], at.heads, -1))
 
   g, h = split(g), split(h)
   return {
