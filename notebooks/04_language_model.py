@@ -37,6 +37,7 @@ from experiments.lm import model as lm
 from experiments.lm import pretrain
 from experiments.lm import study
 from experiments.lm import train
+from rgft_jax import viz
 
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
@@ -127,19 +128,24 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Heads: `select="heads"` measures heads at the output projection of flax's
-# own attention modules; this decoder's attention is its own q/k/v/o
-# `nnx.Einsum`s, so the tracker finds no head in it (yet), and the study runs
-# `rgft_heads` as "not run" with this reason:
+# The same, layer by head: `select="heads"` finds each attention's heads from
+# the dataflow (the `weights @ values` product feeding `o_proj`) and measures
+# each head on its slice of `o_proj`'s input. With grouped-query attention a
+# key/value head serves two query heads, so `k_proj` and `v_proj` belong to
+# no head; a head owns its `q_proj` and `o_proj` slices.
 
 # %%
-try:
-  rgft_jax.ErrorTracker(model, select="heads").components(
-    methods.params_of(model), batches[0][:, :-1]
-  )
-  print("the tracker finds heads in this decoder")
-except ValueError as e:
-  print(str(e)[:240], "...")
+heads = rgft_jax.ErrorTracker(model, select="heads")
+head_names = heads.components(methods.params_of(model), batches[0][:, :-1]).names
+measure = jax.jit(
+  lambda p, x: heads.value_and_grad(lm.loss, has_aux=True)(decoder(p), x)[2]
+)
+per_batch = [measure(params, batches[k]) for k in range(BATCHES)]
+head_map = np.mean([[float(m[n]) for n in head_names] for m in per_batch], axis=0)
+fig, ax = plt.subplots(figsize=(5, 3.5))
+viz.head_grid(head_map / head_map.max(), head_names, ax=ax)
+ax.set_title("norm_product per head / max, before fine-tuning")
+plt.show()
 
 # %% [markdown]
 # ## Detaching inside `nnx.scan` is a mask

@@ -68,10 +68,8 @@ def test_every_method_is_registered_and_trains(quick):
   assert {methods.parse(n)[0] for n in ALL} == set(methods.METHODS)
   before = results["pretrained_bpb"]["validation"]
   ran = set(results["summary"])
+  assert not results["unavailable"]
   for name in ALL:
-    if name in results["unavailable"]:  # Only heads, while the tracker cannot.
-      assert name == "rgft_heads" and "head" in results["unavailable"][name]
-      continue
     assert name in ran
     for r in (r for r in results["runs"] if r["method"] == name):
       assert r["validation_bpb"] < before - 0.02, (name, r["seed"])

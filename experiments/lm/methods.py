@@ -296,16 +296,7 @@ def is_branch(path: tuple[str, ...], module: Any) -> bool:
 def _components(setup: Setup, select) -> tuple[rgft_jax.ErrorTracker, Any]:
   model = setup.decoder(setup.params)
   tracker = rgft_jax.ErrorTracker(model, select=select)
-  try:
-    comps = tracker.components(nnx.state(model, nnx.Param), setup.example[:, :-1])
-  except ValueError:
-    if select != "heads":
-      raise
-    raise Unavailable(
-      "ErrorTracker(select='heads') finds no head in this decoder: it measures "
-      "heads at the output projection of flax's attention modules only, and this "
-      "attention is its own q/k/v/o Einsums"
-    ) from None
+  comps = tracker.components(nnx.state(model, nnx.Param), setup.example[:, :-1])
   return tracker, comps
 
 

@@ -468,17 +468,25 @@ def markdown(results: dict[str, Any]) -> str:
       ]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
   maps = {n: s for n, s in summary.items() if "error_map" in s}
-  if maps:
-    comps = list(next(iter(maps.values()))["error_map"])
+  groups: dict[tuple[str, ...], list[str]] = {}
+  for name, s in maps.items():  # Methods with the same components share a table.
+    groups.setdefault(tuple(s["error_map"]), []).append(name)
+  for comps, names in groups.items():
     lines += [
       "",
       "Final EMA error map (each run's divided by its largest entry, mean over "
       "seeds); for budgets, the fraction of steps each branch was trained:",
       "",
+    ]
+    if all(re.search(r"/head\d+$", c) for c in comps):
+      lines += _head_table(names, comps, maps)
+      continue
+    lines += [
       "| method | " + " | ".join(comps) + " |",
       "|---|" + "---|" * len(comps),
     ]
-    for name, s in maps.items():
+    for name in names:
+      s = maps[name]
       lines.append(
         f"| {name} | " + " | ".join(f"{s['error_map'][c]:.2f}" for c in comps) + " |"
       )
@@ -486,6 +494,22 @@ def markdown(results: dict[str, Any]) -> str:
         cells = " | ".join(f"{s['trained_fraction'][c]:.2f}" for c in comps)
         lines.append(f"| {name}, trained | {cells} |")
   return "\n".join(lines) + "\n"
+
+
+def _head_table(names: list[str], comps: tuple[str, ...], maps: dict) -> list[str]:
+  """Per-head error maps as one row per method and attention, one column per head."""
+  heads = sorted({int(c.rpartition("/head")[2]) for c in comps})
+  attentions = list(dict.fromkeys(c.rpartition("/head")[0] for c in comps))
+  lines = [
+    "| method | attention | " + " | ".join(f"head {h}" for h in heads) + " |",
+    "|---|---|" + "---|" * len(heads),
+  ]
+  for name in names:
+    for a in attentions:
+      cells = [maps[name]["error_map"].get(f"{a}/head{h}") for h in heads]
+      text = " | ".join("" if v is None else f"{v:.2f}" for v in cells)
+      lines.append(f"| {name} | {a} | {text} |")
+  return lines
 
 
 def plots(results: dict[str, Any], where: str) -> list[str]:
