@@ -1,0 +1,166 @@
+"""The passes that measure: loss, gradients and the error map in one go.
+
+`cheap` runs one backward pass with a probe on every measured tap
+(norm_product, taylor); `ablation` adds one forward pass per component with
+its output zeroed. Both detach what they are told to, and carry per-layer
+values (probes, masks) into scans as extra parameter leaves (`embed`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgft_jax._attribution import cheap_map
+from rgft_jax._attribution import probe
+from rgft_jax._attribution import stats_shape
+from rgft_jax._collectives import Abstract
+from rgft_jax._discovery import columns
+from rgft_jax._intercept import Embed
+from rgft_jax._intercept import Tap
+
+
+def _stacked_table(tap: Tap, value) -> np.ndarray:
+  """`[L, C]` of `value(name)` over the columns of a tap inside a scan."""
+  table = np.zeros((tap.layers, tap.heads or 1), np.float32)
+  for name, layer, col in columns(tap):
+    table[layer, col] = value(name)
+  return table
+
+
+def _embed(taps, detached, **per_tap: dict[Tap, Any]) -> Embed:
+  """Leaves for the taps inside scans: detach masks and the given `per_tap` ones."""
+  embed: Embed = {}
+  for tap in taps:
+    if tap.layers is None:
+      continue
+    leaves = {k: v[tap] for k, v in per_tap.items() if tap in v}
+    mask = _stacked_table(tap, lambda n: n in detached)
+    if 0 < mask.sum() < mask.size:
+      leaves["detach"] = mask
+    if leaves:
+      embed.setdefault(tap.site, {}).update(leaves)
+  return embed
+
+
+def _detach(tap: Tap, value: Any, read, detached: frozenset[str]) -> Any:
+  """`value` with the outputs of `detached` components behind `stop_gradient`."""
+  cols = [(layer, col) for name, layer, col in columns(tap) if name in detached]
+  if not cols:
+    return value
+  if len(cols) == len(columns(tap)):
+    return jax.tree.map(jax.lax.stop_gradient, value)
+  if tap.layers is None:  # Some heads.
+    mask = np.zeros(tap.heads, bool)
+    mask[[col for _, col in cols]] = True
+  else:  # This layer's slice of the mask.
+    mask = read("detach") > 0
+  mask = mask[:, None] if tap.heads is not None else mask[0]  # Heads on axis -2.
+  return tap.per_head(
+    lambda value: jax.tree.map(
+      lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value
+    ),
+    value,
+  )
+
+
+def cheap(method, run, has_aux, recorded, measured, params, detached):
+  """Loss, gradients and the norm_product/taylor map in one backward pass."""
+  measured = set(measured)
+  plain = [(tap, v) for tap, v in recorded if tap in measured and tap.layers is None]
+  stacked = list(dict.fromkeys(t for t, _ in recorded if t in measured and t.layers))
+  first = {}
+  for tap, v in recorded:
+    first.setdefault(tap, v)
+
+  def stats_zeros(tap, value, lead=()):
+    vma = jax.tree.leaves(value, is_leaf=lambda x: isinstance(x, Abstract))[0].vma
+    return Abstract(lead + stats_shape(tap, value), jnp.float32, vma).zeros()
+
+  def perturbed(params, probes):
+    plain_probes, stacked_probes = probes
+    it = iter(plain_probes)
+    by_tap = dict(zip(stacked, stacked_probes, strict=True))
+
+    def visit(tap, value, read):
+      value = _detach(tap, value, read, detached)
+      if tap not in measured:
+        return value
+      if tap.layers is None:
+        s = next(it, None)
+        if s is None:
+          raise RuntimeError(
+            f"{'/'.join(tap.path)!r} was called more often than when the "
+            "taps were recorded; the loss function must call the model the "
+            "same way every time."
+          )
+      else:
+        s = read("probe")
+      return tap.per_head(
+        lambda v: probe(v, s, tap.heads, inner=method == "taylor"), value
+      )
+
+    embed = _embed(first, detached, probe=by_tap)
+    out, state = run(params, visit, embed)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, state)
+
+  zeros = (
+    [stats_zeros(tap, v) for tap, v in plain],
+    [stats_zeros(tap, first[tap], (tap.layers,)) for tap in stacked],
+  )
+  (loss, (aux, state)), (grads, (d_plain, d_stacked)) = jax.value_and_grad(
+    perturbed, argnums=(0, 1), has_aux=True
+  )(params, zeros)
+  stats = [(tap, s) for (tap, _), s in zip(plain, d_plain, strict=True)]
+  stats += list(zip(stacked, d_stacked, strict=True))
+  return (loss, aux), grads, cheap_map(method, stats), state
+
+
+def ablation(run, has_aux, taps, params, detached):
+  """Loss, gradients and the exact `L - L(component output zeroed)` map."""
+  names = list(dict.fromkeys(name for tap in taps for name, _, _ in columns(tap)))
+  position = {name: i for i, name in enumerate(names)}
+  known = set(taps)
+
+  def masked_loss(params, keep):
+    def visit(tap, value, read):
+      value = _detach(tap, value, read, detached)
+      if tap not in known:
+        return value
+      if tap.layers is None:
+        k = keep[np.array([position[name] for name, _, _ in columns(tap)])]
+      else:
+        k = read("keep")
+
+      def scale(v):
+        if tap.heads is None:
+          return v * k[0].astype(v.dtype)
+        shape = (1,) * (v.ndim - 2) + (tap.heads, 1)  # Along the head axis.
+        return v * k.reshape(shape).astype(v.dtype)
+
+      return tap.per_head(lambda value: jax.tree.map(scale, value), value)
+
+    keeps = {
+      tap: keep[_stacked_table(tap, position.__getitem__).astype(np.int32)]
+      for tap in taps
+      if tap.layers is not None
+    }
+    out, state = run(params, visit, _embed(taps, detached, keep=keeps))
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, state)
+
+  ones = jnp.ones(len(names), jnp.float32)
+  (loss, (aux, state)), grads = jax.value_and_grad(
+    lambda p: masked_loss(p, ones), has_aux=True
+  )(params)
+  # The ablated forwards' state changes are dropped: only the full call counts.
+  ablated = jax.lax.map(
+    lambda keep: masked_loss(params, keep)[0], 1.0 - jnp.eye(len(names))
+  )
+  diffs = jnp.asarray(loss, jnp.float32) - ablated.astype(jnp.float32)
+  error_map = {name: diffs[i] for i, name in enumerate(names)}
+  return (loss, aux), grads, error_map, state
