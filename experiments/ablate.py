@@ -1,7 +1,7 @@
 """Ablations of soft RGFT on the embedded tasks: a table (markdown, JSON) and a plot each.
 
   python -m experiments.ablate           # every ablation (sized for 2 CPU cores)
-  python -m experiments.ablate --quick   # tiny settings, a smoke run
+  python -m experiments.ablate --quick   # tiny settings, a smoke run (flags given win)
 
 Each ablation changes one thing of `rgft_blocks` (or of `full` fine-tuning, for
 the sensitivity ones) and compares it with the default on the same seeds:
@@ -318,9 +318,11 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
 
 
 def parse(argv: list[str]) -> AblateConfig:
-  cfg = cli.parse(AblateConfig, argv, __doc__.split("\n\n")[0], exclude=_NOT_HERE)
-  if cfg.quick:
-    cfg = dataclasses.replace(cfg, **QUICK)
+  """The config of `argv`; `--quick` changes the defaults, flags given still win."""
+  parser = cli.parser(AblateConfig, __doc__.split("\n\n")[0], exclude=_NOT_HERE)
+  if parser.parse_args(argv).quick:
+    parser.set_defaults(**QUICK)
+  cfg = AblateConfig(**vars(parser.parse_args(argv)))
   return dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
 
 

@@ -431,7 +431,7 @@ def one_run(
   Reported runs are scored on the test split (and the source task's, for
   forgetting) and log validation accuracy every `--eval_every` steps; tuning
   runs are scored on the validation split only (`val_accuracy`). `variants`
-  maps `(name, learning rate)` to the compiled steps the seeds share.
+  maps `(task, name, settings)` to the compiled steps the seeds share.
   """
   where = where or run_dir(cfg, task.name, name, seed, tuning)
   done = os.path.join(where, "result.json")
@@ -453,7 +453,7 @@ def one_run(
   method = methods_lib.make(
     name, task.model, task.params, task.example, cfg.hyper(), key, seed, task.costs
   )
-  cache = (name, json.dumps(settings, sort_keys=True))
+  cache = (task.name, name, json.dumps(settings, sort_keys=True))
   if cache not in variants:
     variants[cache] = train_lib.variants_of(task.model, method)
   from tensorboardX import SummaryWriter

@@ -66,3 +66,24 @@ def test_the_study_s_own_flags_are_not_taken_here():
   for flag in ("--methods=full", "--lr_grid=1e-3", "--tune_seeds=2"):
     with pytest.raises(SystemExit):
       ablate.parse([flag])
+
+
+def test_two_tasks_share_no_compiled_step(tmp_path):
+  """Compiled steps are cached per task: label_shift and input_shift have
+  heads of different sizes, and the second task once got the first's step."""
+  results = ablate.main(
+    [
+      "--quick",
+      f"--workdir={tmp_path}",
+      "--ablations=warmup",
+      "--tasks=label_shift,input_shift",
+    ]
+  )
+  tasks = [r["task"] for r in results["warmup"]["rows"]]
+  assert tasks.count("label_shift") == tasks.count("input_shift") == 2
+
+
+def test_quick_sets_defaults_and_given_flags_win():
+  cfg = ablate.parse(["--quick", "--tasks=input_shift", "--seeds=3"])
+  assert (cfg.tasks, cfg.seeds, cfg.steps) == ("input_shift", 3, ablate.QUICK["steps"])
+  assert ablate.parse(["--seeds=3", "--quick"]).seeds == 3
