@@ -64,7 +64,7 @@ class AblateConfig(finetune.Config):
 
   methods: str = "full,rgft_blocks,rgft_heads,rgft_mix"  # Methods the rows use.
   learning_rate: float = 1e-3  # Adam's rate of every row (but learning_rate's).
-  seeds: int = 2  # Seeds 0..seeds-1 of every row.
+  seeds: int = 5  # Seeds 0..seeds-1 of every row.
   eval_every: int = 0  # Held-out accuracy logged this often (0: never).
   workdir: str = "workdir/ablate"  # Tables, plots, cached runs and pretraining.
   ablations: str = ",".join(ABLATIONS)  # Which ablations to run, comma-separated.
