@@ -69,7 +69,7 @@ class AblateConfig(finetune.Config):
   workdir: str = "workdir/ablate"  # Tables, plots, cached runs and pretraining.
   ablations: str = ",".join(ABLATIONS)  # Which ablations to run, comma-separated.
   # error_method ablation: the attributions compared.
-  error_methods: str = "norm_product,taylor,ablation,random"
+  error_methods: str = "norm_product,taylor,ablation,random,shuffled"
   # threshold ablation: thresh_init:thresh_final pairs.
   thresholds: str = "0.1:0.3,0.1:0.6,0.3:0.9,0.5:1.0"
   warmups: str = "50,100,200"  # warmup ablation: --warmup_steps values.

@@ -3,8 +3,9 @@
 A source is called as `source(loss_fn, params, opt_state, batch)` and returns
 `((loss, accuracy), grads, error_map)`, where `loss_fn(params, batch)` returns
 `(loss, accuracy)`: `Tracked` measures the map with an `ErrorTracker` (or
-anything with its `value_and_grad`), `RandomErrorMap` draws it at random, the
-control that shows whether attribution matters.
+anything with its `value_and_grad`), `RandomErrorMap` draws it at random, and
+`ShuffledErrorMap` measures it and hands each component another component's
+value: the controls that show whether attribution matters.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import optax
 import rgft_jax
 
 # Attribution methods of `ErrorTracker`, and the random control.
-ERROR_METHODS = ("norm_product", "taylor", "ablation", "random")
+ERROR_METHODS = ("norm_product", "taylor", "ablation", "random", "shuffled")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,8 +82,36 @@ class RandomErrorMap:
     return out, grads, self.draw(opt_state)
 
   def draw(self, opt_state: Any) -> dict[str, jax.Array]:
-    seed = optax.tree.get(opt_state, "random_map_seed")
-    count = rgft_jax.residual_error_state(opt_state).count
-    key = jax.random.fold_in(jax.random.key(seed), count)
-    values = jax.random.uniform(key, (len(self.names),), jnp.float32)
+    values = jax.random.uniform(_step_key(opt_state), (len(self.names),), jnp.float32)
     return {n: values[i] for i, n in enumerate(self.names)}
+
+
+def _step_key(opt_state: Any) -> jax.Array:
+  """The key of this update: `fold_in(key(seed), count)` (see `RandomErrorMap`)."""
+  seed = optax.tree.get(opt_state, "random_map_seed")
+  count = rgft_jax.residual_error_state(opt_state).count
+  return jax.random.fold_in(jax.random.key(seed), count)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShuffledErrorMap:
+  """The measured map with its values permuted across the components.
+
+  Each step the tracker's map is measured and component `names[i]` gets the
+  value of `names[perm[i]]`, `perm` drawn afresh like `RandomErrorMap`'s
+  values (the seed from `random_map_seed`). The multipliers spread as RGFT's
+  do, so the control scales as much as RGFT; only which component gets which
+  value is lost.
+  """
+
+  tracked: Tracked
+  names: tuple[str, ...]
+
+  def __call__(self, loss_fn, params, opt_state, batch):
+    out, grads, error_map = self.tracked(loss_fn, params, opt_state, batch)
+    return out, grads, self.shuffle(error_map, opt_state)
+
+  def shuffle(self, error_map, opt_state) -> dict[str, jax.Array]:
+    values = jnp.stack([error_map[n] for n in self.names])
+    perm = jax.random.permutation(_step_key(opt_state), len(self.names))
+    return {n: values[perm[i]] for i, n in enumerate(self.names)}

@@ -27,6 +27,7 @@ from experiments import masks
 from experiments import steps as steps_lib
 from experiments.error_maps import ERROR_METHODS
 from experiments.error_maps import RandomErrorMap
+from experiments.error_maps import ShuffledErrorMap
 from experiments.error_maps import Tracked
 from experiments.error_maps import random_map_seed
 from experiments.grouping import MixedTracker
@@ -124,7 +125,8 @@ class Hyper:
   thresh_final: float = 0.3  # RGFT: threshold after the warmup.
   warmup_steps: int = 0  # RGFT: steps of the threshold's rise (0: --steps).
   min_scale: float = 0.01  # RGFT: smallest multiplier.
-  # RGFT's attribution: norm_product, taylor, ablation (|exact|) or random.
+  # RGFT's attribution: norm_product, taylor, ablation (|exact|), random, or
+  # shuffled (the norm_product map permuted across components each step).
   error_method: str = "norm_product"
   lora_rank: int = 4  # LoRA: rank of the factors.
   adapter_width: int = 8  # Adapters: bottleneck width.
@@ -327,7 +329,9 @@ def _rgft_tx(hyper: Hyper, comps: rgft_jax.Components):
 
 def _soft_rgft(s: Setup, select: str, error_method: str) -> Method:
   """Soft RGFT over `select` ("branches", "heads" or "mix"), map from `error_method`."""
-  attribution = "norm_product" if error_method == "random" else error_method
+  attribution = (
+    "norm_product" if error_method in ("random", "shuffled") else error_method
+  )
   if select == "mix":
     tracker = MixedTracker(s.model, method=attribution)
   else:
@@ -337,6 +341,9 @@ def _soft_rgft(s: Setup, select: str, error_method: str) -> Method:
   if error_method == "random":  # The tracker only named the components.
     tx = optax.chain(random_map_seed(s.seed), tx)
     tracker, measure = None, RandomErrorMap(comps.names)
+  elif error_method == "shuffled":
+    tx = optax.chain(random_map_seed(s.seed), tx)
+    measure = ShuffledErrorMap(Tracked(tracker), comps.names)
   else:
     measure = Tracked(tracker, absolute=error_method == "ablation")
   return Method(

@@ -215,6 +215,25 @@ def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
   assert not np.array_equal(second, drawn) and np.all((second >= 0) & (second < 1))
 
 
+def test_the_shuffled_error_map_is_the_measured_map_permuted():
+  model, params, x, batch = _setup()
+  hyper = methods_lib.Hyper(error_method="shuffled")
+  method = methods_lib.make("rgft_blocks", model, params, x, hyper, None, seed=3)
+  names = method.components.names
+  _, state = _train(model, method, batch, steps=1)
+  ema = np.asarray(rgft_jax.residual_error_state(state).error_map)  # The first map.
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  tracker.components(params, x)
+  loss_fn = steps_lib.method_loss(model, method)
+  _, _, real = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  real = np.array([real[c] for c in names])
+  perm = np.asarray(
+    jax.random.permutation(jax.random.fold_in(jax.random.key(3), 0), len(names))
+  )
+  assert not np.array_equal(perm, np.arange(len(names)))
+  np.testing.assert_allclose(ema, real[perm], rtol=1e-5)
+
+
 def test_the_mix_measures_heads_in_attention_and_whole_mlps():
   model, params, x, batch = _setup()
   method = methods_lib.make(
