@@ -82,15 +82,11 @@ class RandomErrorMap:
     return out, grads, self.draw(opt_state)
 
   def draw(self, opt_state: Any) -> dict[str, jax.Array]:
-    values = jax.random.uniform(_step_key(opt_state), (len(self.names),), jnp.float32)
+    seed = optax.tree.get(opt_state, "random_map_seed")
+    count = rgft_jax.residual_error_state(opt_state).count
+    key = jax.random.fold_in(jax.random.key(seed), count)
+    values = jax.random.uniform(key, (len(self.names),), jnp.float32)
     return {n: values[i] for i, n in enumerate(self.names)}
-
-
-def _step_key(opt_state: Any) -> jax.Array:
-  """The key of this update: `fold_in(key(seed), count)` (see `RandomErrorMap`)."""
-  seed = optax.tree.get(opt_state, "random_map_seed")
-  count = rgft_jax.residual_error_state(opt_state).count
-  return jax.random.fold_in(jax.random.key(seed), count)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,9 +94,10 @@ class ShuffledErrorMap:
   """The measured map with its values permuted across the components.
 
   Each step the tracker's map is measured and component `names[i]` gets the
-  value of `names[perm[i]]`, `perm` drawn afresh like `RandomErrorMap`'s
-  values (the seed from `random_map_seed`). The multipliers spread as RGFT's
-  do, so the control scales as much as RGFT; only which component gets which
+  value of `names[perm[i]]`, with one permutation per run,
+  `permutation(key(seed), n)` (the seed from `random_map_seed`). So the EMA
+  is RGFT's EMA permuted and the multipliers spread exactly as RGFT's do:
+  the control scales as much as RGFT, and only which component gets which
   value is lost.
   """
 
@@ -113,5 +110,6 @@ class ShuffledErrorMap:
 
   def shuffle(self, error_map, opt_state) -> dict[str, jax.Array]:
     values = jnp.stack([error_map[n] for n in self.names])
-    perm = jax.random.permutation(_step_key(opt_state), len(self.names))
+    seed = optax.tree.get(opt_state, "random_map_seed")
+    perm = jax.random.permutation(jax.random.key(seed), len(self.names))
     return {n: values[perm[i]] for i, n in enumerate(self.names)}

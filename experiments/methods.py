@@ -126,7 +126,8 @@ class Hyper:
   warmup_steps: int = 0  # RGFT: steps of the threshold's rise (0: --steps).
   min_scale: float = 0.01  # RGFT: smallest multiplier.
   # RGFT's attribution: norm_product, taylor, ablation (|exact|), random, or
-  # shuffled (the norm_product map permuted across components each step).
+  # shuffled (the norm_product map, permuted across components, one
+  # permutation per run).
   error_method: str = "norm_product"
   lora_rank: int = 4  # LoRA: rank of the factors.
   adapter_width: int = 8  # Adapters: bottleneck width.

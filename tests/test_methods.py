@@ -227,11 +227,17 @@ def test_the_shuffled_error_map_is_the_measured_map_permuted():
   loss_fn = steps_lib.method_loss(model, method)
   _, _, real = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
   real = np.array([real[c] for c in names])
-  perm = np.asarray(
-    jax.random.permutation(jax.random.fold_in(jax.random.key(3), 0), len(names))
-  )
+  perm = np.asarray(jax.random.permutation(jax.random.key(3), len(names)))
   assert not np.array_equal(perm, np.arange(len(names)))
   np.testing.assert_allclose(ema, real[perm], rtol=1e-5)
+  # The same permutation every step: the EMA stays the measured EMA permuted.
+  _, state = _train(model, method, batch, steps=3)
+  measured = method.measure.tracked
+  _, _, again = measured(loss_fn, params, None, batch)
+  shuffled = method.measure.shuffle(again, state)
+  np.testing.assert_array_equal(
+    [shuffled[n] for n in names], np.array([again[n] for n in names])[perm]
+  )
 
 
 def test_the_mix_measures_heads_in_attention_and_whole_mlps():
