@@ -72,8 +72,9 @@ class ErrorTracker:
       biases (separate or fused) and of the output kernel that it alone
       computes with; entries several heads share, such as a grouped-query
       key/value head or the output bias, belong to no head; see
-      `rgft_jax._heads`; falls back to flax's attention classes), or a predicate `select(path, module)` on the module path (a tuple of
-      names) and the module.
+      `rgft_jax._heads`; falls back to flax's attention classes), or a
+      predicate `select(path, module)` on the module path (a tuple of names)
+      and the module.
     method: `"norm_product"` (per example `||dL/dh|| ||h||`, batch mean),
       `"taylor"` (per example `|<dL/dh, h>|`, batch mean) or `"ablation"`
       (exact `L - L(component output zeroed)`, one extra forward per component).
