@@ -281,8 +281,8 @@ def head_owners(
 
   The head array has the leaf's shape; -1 marks an entry that no head or
   more than one uses. `run(params, handle)` calls the model with every
-  module call given to `handle`. Runs one backward pass per head index on
-  random parameters of `params`' shapes.
+  module call given to `handle`. Runs one backward pass per head index (one
+  compiled function, the index traced) on random parameters of `params`' shapes.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
   paths = [path_str(p) for p, _ in leaves]
@@ -295,14 +295,16 @@ def head_owners(
   ]
   attentions = {h.attention for h in heads.values()}
 
-  def grads(h: int):
+  def grads(flat, h):
+    """Gradients with head `h` (a traced index, one compile for all) injected."""
+
     def handle(call: Call, next_fun, args, kwargs):
       if call.path in attentions:
         args, kwargs = jax.tree.map(_stop, (args, kwargs))
       found = heads.get(call.path)
       if found is not None:
         x = per_head_view(args[0], found.heads, found.features)
-        mask = (np.arange(found.heads) == h).astype(x.dtype)
+        mask = (jnp.arange(found.heads) == h).astype(x.dtype)
         mask = mask.reshape((1,) * (x.ndim - 2) + (found.heads, 1))
         x = _inject(x, _pattern(x.shape, x.dtype) * mask) * mask
         args = (x.reshape(args[0].shape), *args[1:])
@@ -321,7 +323,7 @@ def head_owners(
         if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact)
       )
 
-    return jax.jit(jax.grad(total))(values)
+    return jax.grad(total)(flat)
 
   mine = {
     i: next(a for a in attentions if p.startswith("/".join(a) + "/"))
@@ -329,8 +331,9 @@ def head_owners(
     if any(p.startswith("/".join(a) + "/") for a in attentions)
   }
   used = {i: [] for i in mine}
+  grads_of = jax.jit(grads)
   for h in range(max(x.heads for x in heads.values())):
-    g = grads(h)
+    g = grads_of(values, jnp.asarray(h, jnp.int32))
     for i in mine:
       used[i].append(np.asarray(g[i]) != 0)
   owners = {paths[i]: _resolve(np.stack(used[i])) for i in mine}
