@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 from typing import Any
@@ -80,3 +81,21 @@ def check_integers(cfg: Any, at_least: dict[str, int]) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+
+
+def check_rate(flag: str, value: Any) -> None:
+  """Raises naming `--flag` unless `value` is a finite number > 0."""
+  ok = isinstance(value, int | float) and not isinstance(value, bool)
+  if not (ok and math.isfinite(value) and value > 0):
+    raise ValueError(f"--{flag} must be finite and > 0, got {value}.")
+
+
+def parse_budget(name: str, text: str) -> float:
+  """The budget `text` of method `name@text`, a number in (0, 1]."""
+  try:
+    budget = float(text)
+  except ValueError:
+    raise ValueError(f"The budget of {name!r} is not a number.") from None
+  if not 0.0 < budget <= 1.0:
+    raise ValueError(f"The budget of {name!r} must be in (0, 1], got {budget}.")
+  return budget

@@ -164,9 +164,7 @@ class Config(methods_lib.Hyper):
       "eval_batch_size": 1,
     }
     cli.check_integers(self, at_least)
-    rate = self.pretrain_learning_rate
-    if not (np.isfinite(rate) and rate > 0):
-      raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {rate}.")
+    cli.check_rate("pretrain_learning_rate", self.pretrain_learning_rate)
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
     if self.size not in SIZES:

@@ -22,6 +22,7 @@ import optax
 
 import rgft_jax
 from experiments import adapters as adapters_lib
+from experiments import cli
 from experiments import lora as lora_lib
 from experiments import masks
 from experiments import steps as steps_lib
@@ -101,13 +102,7 @@ def parse_name(name: str) -> tuple[str, float | None]:
       f"Unknown budgeted method {name!r}; the budgeted ones are "
       f"{[m + '@<budget>' for m in BUDGET_METHODS]}."
     )
-  try:
-    value = float(budget)
-  except ValueError:
-    raise ValueError(f"The budget of {name!r} is not a number.") from None
-  if not 0.0 < value <= 1.0:
-    raise ValueError(f"The budget of {name!r} must be in (0, 1], got {value}.")
-  return base, value
+  return base, cli.parse_budget(name, budget)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,24 @@ def tuning_markdown(task: str, tuning: dict[str, Any]) -> list[str]:
   return [*lines, ""]
 
 
+def figure_saver(where: str):
+  """`(save, files)`: `save(fig, name)` writes `fig` to `where/name` (PNG),
+  closes it and appends the path to `files`."""
+  import matplotlib.pyplot as plt
+
+  os.makedirs(where, exist_ok=True)
+  files: list[str] = []
+
+  def save(fig, name: str) -> None:
+    path = os.path.join(where, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    files.append(path)
+
+  return save, files
+
+
 def plots(results: dict[str, Any], where: str) -> list[str]:
   """Error map heat maps, alpha distributions and accuracy against FLOPs."""
   import matplotlib
@@ -161,15 +179,7 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
 
   from rgft_jax import viz
 
-  files = []
-  os.makedirs(where, exist_ok=True)
-
-  def save(fig, name):
-    path = os.path.join(where, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(path)
+  save, files = figure_saver(where)
 
   for task, info in results["tasks"].items():
     for r in info["runs"]:

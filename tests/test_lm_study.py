@@ -124,15 +124,20 @@ def test_paired_difference_and_interval_by_hand(quick):
   assert s["diff_ci95"] == pytest.approx(half)
 
 
-def test_pretraining_cache_is_reused_only_with_equal_settings(
-  quick, tmp_path, monkeypatch
-):
+def _copied_cache(quick, tmp_path):
+  """The quick study's config in `tmp_path`, with a copy of its pretraining cache."""
   cfg, _, _ = quick
   here = dataclasses.replace(cfg, workdir=str(tmp_path))
   shutil.copytree(
     os.path.join(cfg.workdir, "pretrained"), os.path.join(here.workdir, "pretrained")
   )
-  where, _ = pretrain.directory(here)
+  return here, pretrain.directory(here)[0]
+
+
+def test_pretraining_cache_is_reused_only_with_equal_settings(
+  quick, tmp_path, monkeypatch
+):
+  here, where = _copied_cache(quick, tmp_path)
   record = json.loads(pathlib.Path(where, "done.json").read_text())
 
   def no_training(*args):
@@ -180,12 +185,7 @@ def test_pretraining_cache_is_reused_only_with_equal_settings(
 def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
   quick, tmp_path, monkeypatch
 ):
-  cfg, _, _ = quick
-  here = dataclasses.replace(cfg, workdir=str(tmp_path))
-  shutil.copytree(
-    os.path.join(cfg.workdir, "pretrained"), os.path.join(here.workdir, "pretrained")
-  )
-  where, _ = pretrain.directory(here)
+  here, where = _copied_cache(quick, tmp_path)
   monkeypatch.setattr(pretrain, "_train", lambda *a: pytest.fail("trained"))
   done = pathlib.Path(where, "done.json")
   record = json.loads(done.read_text())
@@ -205,7 +205,7 @@ def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
   assert biggest.read_bytes() == bytes(raw)  # Left as it is.
   # A checksum that does not match the arrays is refused the same way.
   shutil.rmtree(where)
-  shutil.copytree(pretrain.directory(cfg)[0], where)
+  shutil.copytree(pretrain.directory(quick[0])[0], where)
   done.write_text(json.dumps({**record, "checksum": "0" * 64}))
   with pytest.raises(ValueError, match="damaged"):
     pretrain.pretrain(here, log=lambda *a: None)

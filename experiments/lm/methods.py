@@ -31,6 +31,7 @@ from flax import nnx
 from flax import traverse_util
 
 import rgft_jax
+from experiments import cli
 from experiments import methods as vision_methods
 from experiments.lm import model as lm
 from rgft_jax._sparse import hold_masked
@@ -334,20 +335,26 @@ def tracked_step(decoder: Decoder, tracker, tx, comps, detached) -> Step:
   return step
 
 
+def _tracked(setup: Setup, name: str, tracker, comps, policy, family: str) -> Method:
+  """RGFT over `comps`, measured by `tracker`, detaching what `policy` says."""
+  tx_of = _rgft_tx(setup, comps)
+  return Method(
+    name,
+    lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
+    lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
+    lambda tree: tree,
+    policy,
+    family,
+    components=comps,
+  )
+
+
 def _rgft(select):
   def build(setup: Setup, name: str, budget: float | None) -> Method:
     del budget
     tracker, comps = _components(setup, select)
-    tx_of = _rgft_tx(setup, comps)
-    return Method(
-      name,
-      lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
-      lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
-      lambda tree: tree,
-      _no_policy,
-      f"rgft:{select if isinstance(select, str) else 'branches'}",
-      components=comps,
-    )
+    family = f"rgft:{select if isinstance(select, str) else 'branches'}"
+    return _tracked(setup, name, tracker, comps, _no_policy, family)
 
   return build
 
@@ -369,7 +376,6 @@ def _budgeted(rule: str):
         f"The step costs are for {costs.detach.names}, the components are "
         f"{comps.names}."
       )
-    tx_of = _rgft_tx(setup, comps)
 
     def policy(seed):
       return vision_methods.BudgetPolicy(
@@ -385,15 +391,7 @@ def _budgeted(rule: str):
         )
       )
 
-    return Method(
-      name,
-      lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
-      lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
-      lambda tree: tree,
-      policy,
-      "rgft:branches",
-      components=comps,
-    )
+    return _tracked(setup, name, tracker, comps, policy, "rgft:branches")
 
   return build
 
@@ -451,13 +449,7 @@ def parse(name: str) -> tuple[str, float | None]:
     return base, None
   if kind == "none":
     raise ValueError(f"{base} takes no budget, got {name!r}.")
-  try:
-    budget = float(value)
-  except ValueError:
-    raise ValueError(f"The budget of {name!r} is not a number.") from None
-  if not 0.0 < budget <= 1.0:
-    raise ValueError(f"The budget of {name!r} must be in (0, 1], got {budget}.")
-  return base, budget
+  return base, cli.parse_budget(name, value)
 
 
 def needs_costs(name: str) -> bool:

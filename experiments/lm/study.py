@@ -31,6 +31,7 @@ import numpy as np
 import rgft_jax
 from experiments import cli
 from experiments import compare
+from experiments import report
 from experiments import train as vision_train
 from experiments.lm import data
 from experiments.lm import methods as methods_lib
@@ -159,9 +160,7 @@ class Config:
       "log_every": 1,
     }
     cli.check_integers(self, at_least)
-    lr = self.pretrain_learning_rate
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-      raise ValueError(f"--pretrain_learning_rate must be finite and > 0, got {lr}.")
+    cli.check_rate("pretrain_learning_rate", self.pretrain_learning_rate)
     h = self.budget_hysteresis
     if not (isinstance(h, int | float) and math.isfinite(h) and h >= 0):
       raise ValueError(f"--budget_hysteresis must be finite and >= 0, got {h}.")
@@ -522,15 +521,7 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
 
   from rgft_jax import viz
 
-  os.makedirs(where, exist_ok=True)
-  files = []
-
-  def save(fig, name):
-    path = os.path.join(where, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(path)
+  save, files = report.figure_saver(where)
 
   runs, summary = results["runs"], results["summary"]
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
