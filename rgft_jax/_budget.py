@@ -71,6 +71,7 @@ def detach_costs(
   samples: int = 2,
   seed: int = 0,
   compiled: bool = False,
+  groups: Sequence[Sequence[str]] | None = None,
 ) -> DetachCosts:
   """Measures what detaching each component saves, from XLA's cost analysis.
 
@@ -88,22 +89,32 @@ def detach_costs(
     samples: random subsets checked besides "everything detached".
     seed: seed of those subsets.
     compiled: analyse compiled rather than lowered steps.
+    groups: components measured together, each charged an equal share of
+      what detaching the group saves: the layers of one tap inside a scan
+      over layers, where a static set detaching some layers only is a mask
+      that saves nothing, while runtime gating saves each layer's share.
+      Default: `step.tracker.layer_groups` for a `train_step`, else none.
 
   Returns:
     The `DetachCosts`.
   """
   names = tuple(names)
+  units = _units(step, names, groups)
 
   def flops(detached):
     fn = lambda *a: step(*a, detached=frozenset(detached))  # noqa: E731
     return _flops(fn, args, compiled)
 
   full = flops(())
-  saving = np.array([full - flops((n,)) for n in names], np.float64)
+  saving = np.zeros(len(names), np.float64)
+  for unit in units:
+    share = (full - flops(unit)) / len(unit)
+    saving[[names.index(n) for n in unit]] = share
   costs = DetachCosts(names, full, saving)
   rng = np.random.default_rng(seed)
   subsets = [names] + [
-    tuple(n for n in names if rng.random() < 0.5) for _ in range(samples)
+    tuple(n for unit in units if rng.random() < 0.5 for n in unit)
+    for _ in range(samples)
   ]
   checks = tuple((s, flops(s), costs.step(s)) for s in subsets)
   costs = dataclasses.replace(costs, checks=checks)
@@ -123,6 +134,25 @@ def detach_costs(
       stacklevel=2,
     )
   return costs
+
+
+def _units(
+  step: Any, names: tuple[str, ...], groups: Sequence[Sequence[str]] | None
+) -> list[tuple[str, ...]]:
+  """The sets `detach_costs` measures: each group, and each name in none."""
+  if groups is None:
+    tracker = getattr(step, "tracker", None)
+    groups = tracker.layer_groups if tracker is not None else ()
+  units, seen = [], set()
+  for group in groups:
+    group = tuple(n for n in group if n in names)
+    if seen & set(group):
+      raise ValueError(f"groups overlap: {sorted(seen & set(group))}.")
+    seen.update(group)
+    if group:
+      units.append(group)
+  units += [(n,) for n in names if n not in seen]
+  return units
 
 
 def best_within(

@@ -4,10 +4,19 @@
 (norm_product, taylor); `ablation` adds one forward pass per component with
 its output zeroed. Both detach what they are told to, and carry per-layer
 values (probes, masks) into scans as extra parameter leaves (`embed`).
+
+What is detached comes in one of two forms. A frozenset of names is static:
+the detached outputs go behind `stop_gradient` and XLA removes their backward
+passes from the compiled program (a per-layer set inside a scan is a mask and
+saves nothing). A `Runtime` holds one traced flag per component: each tapped
+call runs through `rgft_jax._gate.gated`, whose backward pass runs only when
+its flag is clear, inside scans too (heads, which share one computation with
+the other heads of their attention, are masked).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,8 +28,28 @@ from rgft_jax._attribution import probe
 from rgft_jax._attribution import stats_shape
 from rgft_jax._collectives import Abstract
 from rgft_jax._discovery import columns
+from rgft_jax._gate import gated
 from rgft_jax._intercept import Embed
 from rgft_jax._intercept import Tap
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """Components detached at run time: a traced boolean flag per name.
+
+  Attributes:
+    flags: component name -> boolean scalar (traced).
+    recompute: gated calls keep no residuals (see `rgft_jax._gate`).
+  """
+
+  flags: dict[str, jax.Array]
+  recompute: bool = False
+
+  def flag(self, name: str) -> jax.Array:
+    return self.flags.get(name, jnp.zeros((), bool))
+
+
+Detached = frozenset[str] | Runtime
 
 
 def _stacked_table(tap: Tap, value) -> np.ndarray:
@@ -31,23 +60,57 @@ def _stacked_table(tap: Tap, value) -> np.ndarray:
   return table
 
 
-def _embed(taps, detached, **per_tap: dict[Tap, Any]) -> Embed:
+def _flag_table(tap: Tap, runtime: Runtime) -> jax.Array:
+  """`[L, C]` float32 of the tap's flags inside a scan (1: detached)."""
+  rows: list[list[Any]] = [[None] * (tap.heads or 1) for _ in range(tap.layers)]
+  for name, layer, col in columns(tap):
+    rows[layer][col] = runtime.flag(name)
+  return jnp.asarray(jnp.stack([jnp.stack(r) for r in rows]), jnp.float32)
+
+
+def _embed(taps, detached: Detached, **per_tap: dict[Tap, Any]) -> Embed:
   """Leaves for the taps inside scans: detach masks and the given `per_tap` ones."""
   embed: Embed = {}
   for tap in taps:
     if tap.layers is None:
       continue
     leaves = {k: v[tap] for k, v in per_tap.items() if tap in v}
-    mask = _stacked_table(tap, lambda n: n in detached)
-    if 0 < mask.sum() < mask.size:
-      leaves["detach"] = mask
+    if isinstance(detached, Runtime):
+      leaves["detach"] = _flag_table(tap, detached)
+    else:
+      mask = _stacked_table(tap, lambda n: n in detached)
+      if 0 < mask.sum() < mask.size:
+        leaves["detach"] = mask
     if leaves:
       embed.setdefault(tap.site, {}).update(leaves)
   return embed
 
 
-def _detach(tap: Tap, value: Any, read, detached: frozenset[str]) -> Any:
-  """`value` with the outputs of `detached` components behind `stop_gradient`."""
+def _masked(tap: Tap, value: Any, mask) -> Any:
+  """`value` behind `stop_gradient` where `mask` (per head, or `[1]`) is set."""
+  mask = mask[:, None] if tap.heads is not None else mask[0]  # Heads on axis -2.
+  return tap.per_head(
+    lambda value: jax.tree.map(
+      lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value
+    ),
+    value,
+  )
+
+
+def _detach(tap: Tap, value: Any, read, detached: Detached) -> Any:
+  """`value` with the outputs of `detached` components behind `stop_gradient`.
+
+  With a `Runtime`, whole outputs were gated around their call (`around`);
+  heads are masked by their flags.
+  """
+  if isinstance(detached, Runtime):
+    if tap.heads is None:
+      return value
+    if tap.layers is None:
+      mask = jnp.stack([detached.flag(name) for name, _, _ in columns(tap)])
+    else:
+      mask = read("detach") > 0
+    return _masked(tap, value, mask)
   cols = [(layer, col) for name, layer, col in columns(tap) if name in detached]
   if not cols:
     return value
@@ -58,13 +121,25 @@ def _detach(tap: Tap, value: Any, read, detached: frozenset[str]) -> Any:
     mask[[col for _, col in cols]] = True
   else:  # This layer's slice of the mask.
     mask = read("detach") > 0
-  mask = mask[:, None] if tap.heads is not None else mask[0]  # Heads on axis -2.
-  return tap.per_head(
-    lambda value: jax.tree.map(
-      lambda v: jnp.where(mask, jax.lax.stop_gradient(v), v), value
-    ),
-    value,
-  )
+  return _masked(tap, value, mask)
+
+
+def around(detached: Detached):
+  """`around(tap, fn, args, read)` running a whole-output tap's call gated by
+  its runtime flag; None for a static set (nothing to wrap)."""
+  if not isinstance(detached, Runtime):
+    return None
+
+  def call(tap: Tap, fn, args, read):
+    if tap.layers is None:
+      (name, _, _), *more = columns(tap)
+      assert not more, tap
+      flag = detached.flag(name)
+    else:
+      flag = read("detach")[0] > 0
+    return gated(fn, flag, *args, recompute=detached.recompute)
+
+  return call
 
 
 def cheap(method, run, has_aux, recorded, measured, params, detached):
@@ -104,7 +179,7 @@ def cheap(method, run, has_aux, recorded, measured, params, detached):
       )
 
     embed = _embed(first, detached, probe=by_tap)
-    out, state = run(params, visit, embed)
+    out, state = run(params, visit, embed, around=around(detached))
     loss, aux = out if has_aux else (out, None)
     return loss, (aux, state)
 
@@ -120,7 +195,7 @@ def cheap(method, run, has_aux, recorded, measured, params, detached):
   return (loss, aux), grads, cheap_map(method, stats), state
 
 
-def ablation(run, has_aux, taps, params, detached):
+def ablation(run, has_aux, recorded, taps, params, detached):
   """Loss, gradients and the exact `L - L(component output zeroed)` map."""
   names = list(dict.fromkeys(name for tap in taps for name, _, _ in columns(tap)))
   position = {name: i for i, name in enumerate(names)}
@@ -149,7 +224,8 @@ def ablation(run, has_aux, taps, params, detached):
       for tap in taps
       if tap.layers is not None
     }
-    out, state = run(params, visit, _embed(taps, detached, keep=keeps))
+    embed = _embed(dict.fromkeys(t for t, _ in recorded), detached, keep=keeps)
+    out, state = run(params, visit, embed, around=around(detached))
     loss, aux = out if has_aux else (out, None)
     return loss, (aux, state)
 

@@ -58,6 +58,29 @@ def component_masks(components: Components, tree: Any, names: Any) -> Any:
   )
 
 
+def flag_masks(components: Components, tree: Any, flags: jax.Array) -> Any:
+  """Per leaf of `tree`: False (in no component) or a traced bool array, set
+  where the entry's component has its flag set (`flags`: bool[n])."""
+  components.check(tree)
+  table = jnp.append(jnp.asarray(flags, bool), False)  # Index -1 -> False.
+  by_path = components._by_path
+
+  def mask(path, _):
+    idx = by_path[path_str(path)]
+    if (idx < 0).all():
+      return False
+    return table[idx]
+
+  return jax.tree_util.tree_map_with_path(
+    mask, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+
+
+def is_runtime(detached: Any) -> bool:
+  """Whether `detached` is a runtime set (a boolean array), not names."""
+  return hasattr(detached, "dtype") and hasattr(detached, "shape")
+
+
 def hold_masked(
   tx: optax.GradientTransformation,
   masks: Any,
@@ -98,6 +121,7 @@ def train_step(
   components: Components,
   has_aux: bool = False,
   exact: bool = False,
+  recompute: bool = False,
 ) -> Callable[..., Any]:
   """An RGFT train step that takes the set of detached components.
 
@@ -107,11 +131,20 @@ def train_step(
   NNX: `step(model, optimizer, *args, detached=frozenset())` updates the
   `nnx.Optimizer` in place and returns `out`; `loss_fn(model, *args)`.
 
-  The outputs of the `detached` components go behind `stop_gradient` (see
+  The `detached` components get no gradient (see
   `ErrorTracker.value_and_grad`): they are measured as usual, their
   parameters get no update and their optimizer state (Adam's moments) is
   held, so a component trained again later resumes where it left off.
-  `detached` must be static under `jit` (`StepVariants` does that).
+  `detached` is either
+
+  * a frozenset of names, static under `jit` (compiled variants, one program
+    per set, `StepVariants`): XLA removes the detached backward passes and
+    the activations kept for them, so peak memory falls too; inside a scan
+    over layers a per-layer set saves nothing;
+  * or a boolean array, one entry per component in `components.names`
+    order, which may be traced (runtime gating): one program for every set;
+    each component's backward pass runs only when it is trained, in loops
+    and scans alike; held parameters and moments are masked at run time.
 
   A component below a detached one (earlier in `components.names`, the
   order `ErrorTracker.components` gives: input side first) is measured
@@ -127,6 +160,8 @@ def train_step(
     components: the components `tx` scales (`tracker.components(...)`).
     has_aux: `loss_fn` returns `(loss, aux)`.
     exact: measure only the components measured exactly (see above).
+    recompute: with runtime gating, keep no residuals for gated backward
+      passes and recompute a trained component's forward pass.
 
   Returns:
     The step function.
@@ -158,28 +193,47 @@ def train_step(
   names = components.names
 
   def measured(detached):
-    if not exact or not detached:
+    if not exact or is_runtime(detached) or not detached:
       return None
     top = max(names.index(n) for n in detached)
     return names[top:]
 
-  def step(params, opt_state, *args, detached: frozenset[str] = frozenset()):
+  def attribute(model_or_params, args, detached):
+    if detached is None:
+      raise TypeError(
+        "detached must be a frozenset of component names (compiled variants) "
+        "or a boolean array with one entry per component (runtime gating); "
+        "got None. Pass frozenset() to detach nothing."
+      )
+    out, grads, error_map = tracker.value_and_grad(
+      loss_fn,
+      has_aux=has_aux,
+      detach=detached,
+      measure=measured(detached),
+      recompute=recompute,
+    )(model_or_params, *args)
+    if exact and is_runtime(detached):
+      error_map = _exact_only(error_map, names, detached)
+    return out, grads, error_map
+
+  def masks_of(params, detached):
+    if is_runtime(detached):
+      return flag_masks(components, params, detached)
+    return component_masks(components, params, detached)
+
+  def step(params, opt_state, *args, detached: Any = frozenset()):
     if isinstance(params, nnx.Module):
       return _nnx_step(params, opt_state, *args, detached=detached)
-    out, grads, error_map = tracker.value_and_grad(
-      loss_fn, has_aux=has_aux, detach=detached, measure=measured(detached)
-    )(params, *args)
+    out, grads, error_map = attribute(params, args, detached)
     updates, new_state = tx.update(grads, opt_state, params, error_map=error_map)
-    if detached:
-      masks = component_masks(components, params, detached)
+    if is_runtime(detached) or detached:
+      masks = masks_of(params, detached)
       updates, new_state = hold_masked(tx, masks, updates, new_state, opt_state)
     return out, optax.apply_updates(params, updates), new_state
 
   def _nnx_step(model, optimizer, *args, detached):
-    out, grads, error_map = tracker.value_and_grad(
-      loss_fn, has_aux=has_aux, detach=detached, measure=measured(detached)
-    )(model, *args)
-    if not detached:
+    out, grads, error_map = attribute(model, args, detached)
+    if not is_runtime(detached) and not detached:
       optimizer.update(model, grads, error_map=error_map)
       return out
     # `nnx.Optimizer.update`, with the detached components held.
@@ -189,14 +243,22 @@ def train_step(
     updates, new_state = optimizer.tx.update(
       nnx.as_pure(nnx.state(grads, wrt)), old_state, params, error_map=error_map
     )
-    masks = component_masks(components, params, detached)
+    masks = masks_of(params, detached)
     updates, new_state = hold_masked(optimizer.tx, masks, updates, new_state, old_state)
     nnx.update(model, optax.apply_updates(params, updates))
     nnx.update(optimizer.opt_state, nnx.state(new_state))
     optimizer.step[...] += 1
     return out
 
+  step.tracker = tracker  # type: ignore[attr-defined]
   return step
+
+
+def _exact_only(error_map: dict, names: tuple[str, ...], flags: jax.Array) -> dict:
+  """NaN (not measured) for the components below the topmost detached one."""
+  position = jnp.arange(len(names))
+  top = jnp.max(jnp.where(flags, position, -1))
+  return {n: jnp.where(i >= top, error_map[n], jnp.nan) for i, n in enumerate(names)}
 
 
 def _signature(args: Any) -> Hashable:
@@ -297,37 +359,83 @@ def compiled_cost(compiled: Any) -> tuple[float, int]:
   return float(analysis.get("flops", 0.0)), int(peak)
 
 
+MODES = ("runtime", "compiled")
+_RUNTIME = "runtime"  # The one variant key of a runtime-gated step.
+
+
 class SparseTrainStep:
-  """Runs the step variant a `Budget` chooses, step after step.
+  """Runs the detached set a `Budget` chooses, step after step.
 
   `sparse(t, params, opt_state, *args)` runs step number `t` (counting from
   0, in order) with the components the budget leaves untrained detached, and
   returns `(out, params, opt_state)`. The host reads RGFT's EMA error map
   from `opt_state` only at the budget's decision steps, so in between the
-  device is never waited on. Compiled variants live in `variants`
-  (a `StepVariants`; nothing is donated).
+  device is never waited on. Compiled steps live in `variants` (a
+  `StepVariants`; nothing is donated).
+
+  Two modes (see `train_step`):
+
+  * `"runtime"`: one compiled step takes the detached set as a boolean array,
+    so every set, and a rule that re-draws it every step, costs one
+    compilation; savings are real inside scans over layers. Each
+    component's forward pass and the residuals kept for its backward pass
+    remain (the floor is higher than a compiled variant's).
+  * `"compiled"`: one compiled step per detached set; XLA removes the
+    detached backward passes and their activations (lower time and peak
+    memory for a set that is reused), but inside a scan a per-layer set
+    saves nothing.
 
   Args:
     step: a step from `train_step` (Linen).
     budget: the `Budget` deciding what is trained.
-    max_variants: compiled variants kept.
+    max_variants: compiled variants kept (compiled mode).
+    mode: `"runtime"`, `"compiled"`, or None: runtime when a component is a
+      layer of a scan over layers (`ErrorTracker.scanned`), compiled
+      otherwise.
   """
 
-  def __init__(self, step: Callable[..., Any], budget: Any, max_variants: int = 8):
+  def __init__(
+    self,
+    step: Callable[..., Any],
+    budget: Any,
+    max_variants: int = 8,
+    mode: str | None = None,
+  ):
+    if mode is None:
+      tracker = getattr(step, "tracker", None)
+      mode = _RUNTIME if tracker is not None and tracker.scanned else "compiled"
+    if mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}.")
     self.budget = budget
-    self.variants = StepVariants(
-      lambda detached: lambda *a: step(*a, detached=detached), max_variants
-    )
+    self.mode = mode
+    self.names = tuple(budget.costs.names)
+
+    def make(variant):
+      if variant == _RUNTIME:
+        return lambda *a: step(*a[:-1], detached=a[-1])
+      return lambda *a: step(*a, detached=variant)
+
+    self.variants = StepVariants(make, max_variants)
 
   @property
   def compilations(self) -> int:
     return self.variants.compilations
 
+  def flags(self, detached: frozenset[str]) -> np.ndarray:
+    """`detached` as the boolean array a runtime step takes."""
+    return np.array([n in detached for n in self.names], bool)
+
   def __call__(self, t: int, params: Any, opt_state: Any, *args: Any):
+    total = self.budget.total_steps
+    if not 0 <= t < total:
+      raise ValueError(f"step {t} is outside the budget's run of {total} steps.")
     if self.budget.due(t):
       ema = jax.device_get(residual_error_state(opt_state).error_map)
       self.budget.decide(t, ema)
     detached = self.budget.variant(t)
-    out = self.variants(detached, params, opt_state, *args)
+    if self.mode == _RUNTIME:
+      out = self.variants(_RUNTIME, params, opt_state, *args, self.flags(detached))
+    else:
+      out = self.variants(detached, params, opt_state, *args)
     self.budget.spend(t, detached)
     return out

@@ -44,6 +44,7 @@ from rgft_jax._intercept import linen_head_projection
 from rgft_jax._intercept import linen_run
 from rgft_jax._intercept import nnx_head_projections
 from rgft_jax._intercept import nnx_run
+from rgft_jax._passes import Runtime
 from rgft_jax._passes import ablation
 from rgft_jax._passes import cheap
 from rgft_jax._structure import residual_branches
@@ -159,6 +160,7 @@ class ErrorTracker:
     self.method = method
     self.owns = owns
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
+    self._layer_groups: tuple[tuple[str, ...], ...] = ()
     # Residual branches by dataflow (select="branches"): path -> owned leaves.
     self._branches: dict[Path, tuple[Path, ...]] | None = None
     # Attentions by dataflow (select="heads"): output projection path -> Heads.
@@ -194,11 +196,13 @@ class ErrorTracker:
       for b in residual_branches(traced)
     }
 
-  def _handler(self, visit, calls: list | None, is_head_projection):
+  def _handler(self, visit, calls: list | None, is_head_projection, around=None):
     """`handle(call, next_fun, args, kwargs)` for one module call.
 
     Passes each tapped value through `visit(tap, value, read)`; with `calls`,
-    also records `(path, module)` of every call, in order.
+    also records `(path, module)` of every call, in order. With `around`, a
+    whole-output tap's call runs as `around(tap, fn, args, read)`, where
+    `fn(*args)` makes the call (runtime gating of its backward pass).
     """
     last_done: dict[Path, tuple[Path, Module]] = {}
 
@@ -228,14 +232,23 @@ class ErrorTracker:
         x = visit(tap(call, path[:-1], args[0].shape[-2], None), args[0], call.read)
         return next_fun(x, *args[1:], **kwargs)
       before = last_done.get(path[:-1]) if path else None
-      out = next_fun(*args, **kwargs)
-      if path:
-        last_done[path[:-1]] = (path, module)
-      if not self._wants_output(path, module):
-        return out
       feeder = None
       if before is not None and NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
+      wanted = self._wants_output(path, module)
+      if wanted and around is not None:
+        out = around(
+          tap(call, path, None, feeder),
+          lambda *a: next_fun(*a, **kwargs),
+          args,
+          call.read,
+        )
+      else:
+        out = next_fun(*args, **kwargs)
+      if path:
+        last_done[path[:-1]] = (path, module)
+      if not wanted:
+        return out
       return visit(tap(call, path, None, feeder), out, call.read)
 
     return handle
@@ -243,17 +256,18 @@ class ErrorTracker:
   def _bind(self, loss_fn: Callable[..., Any], model_or_params: Any, args, kwargs):
     """`(params, run, finish)` for `loss_fn(model_or_params, *args, **kwargs)`.
 
-    `run(params, visit, embed=None, calls=None, handle=None)` calls the loss
-    function on `params` with the taps in place (or every module call given
-    to `handle`) and returns `(output, state)`;
+    `run(params, visit, embed=None, calls=None, handle=None, around=None)`
+    calls the loss function on `params` with the taps in place (or every
+    module call given to `handle`; `around` see `_handler`) and returns
+    `(output, state)`;
     `finish(state)` writes the model state the call changed back (NNX) or
     does nothing (Linen).
     """
     if not self._is_nnx:
 
-      def run(params, visit, embed=None, calls=None, handle=None):
+      def run(params, visit, embed=None, calls=None, handle=None, around=None):
         if handle is None:
-          handle = self._handler(visit, calls, linen_head_projection)
+          handle = self._handler(visit, calls, linen_head_projection, around)
         return linen_run(loss_fn, params, handle, embed, args, kwargs), None
 
       return model_or_params, run, lambda state: None
@@ -266,10 +280,10 @@ class ErrorTracker:
       )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def run(params, visit, embed=None, calls=None, handle=None):
+    def run(params, visit, embed=None, calls=None, handle=None, around=None):
       live = nnx.merge(graphdef, params, rest, copy=True)
       if handle is None:
-        handle = self._handler(visit, calls, nnx_head_projections(live))
+        handle = self._handler(visit, calls, nnx_head_projections(live), around)
       out = nnx_run(loss_fn, live, handle, embed, args, kwargs)
       return out, nnx.split(live, nnx.Param, ...)[2]
 
@@ -362,7 +376,31 @@ class ErrorTracker:
     # Taps that own no parameter (a dropout, a parent of tapped children) are
     # no component: `value_and_grad` leaves them out of the error map too.
     self._owned = comps.names
+    self._layer_groups = tuple(
+      group
+      for tap in dict.fromkeys(taps)
+      if tap.layers is not None and tap.heads is None
+      for group in [tuple(n for n, _, _ in columns(tap) if n in comps.names)]
+      if group
+    )
     return comps
+
+  @property
+  def layer_groups(self) -> tuple[tuple[str, ...], ...]:
+    """The components that are one tap's layers inside a scan over layers, a
+    tuple of names per tap (whole outputs only; from `components()`).
+
+    Detaching one of them with a static set is a mask; at run time it saves
+    `1 / layers` of what detaching the whole group saves (`detach_costs`).
+    """
+    if self._owned is None:
+      raise ValueError("Call components() first: the groups come from its taps.")
+    return self._layer_groups
+
+  @property
+  def scanned(self) -> bool:
+    """Whether some component is a layer of a scan over layers."""
+    return bool(self.layer_groups)
 
   # Attribution.
 
@@ -372,7 +410,8 @@ class ErrorTracker:
     has_aux: bool = False,
     measure: Collection[str] | None = None,
     axis_name: str | tuple[str, ...] | None = None,
-    detach: Collection[str] = (),
+    detach: Collection[str] | jax.Array = (),
+    recompute: bool = False,
   ) -> Callable[..., Any]:
     """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
@@ -396,10 +435,21 @@ class ErrorTracker:
     the rest of the model is differentiated as usual. A detached component is
     still measured: the cotangent at its output is computed anyway. Its
     parameters get zero gradients (a head's slice of the output projection
-    still gets its own). Inside a scan over layers, detaching some layers of
-    a tap and not others is a mask: the gradients are those of the detached
-    model, but the scan's one body still runs every layer's backward pass,
-    so only detaching a tap in every layer saves compute.
+    still gets its own). Given as names, the detached set is static (one
+    compiled program per set): inside a scan over layers, detaching some
+    layers of a tap and not others is then a mask: the gradients are those of
+    the detached model, but the scan's one body still runs every layer's
+    backward pass, so only detaching a tap in every layer saves compute.
+
+    Given as a boolean array with one entry per component (in the order of
+    `components().names`; it may be traced), the set is decided at run time:
+    each tapped call's backward pass sits in a `lax.cond` on its flag and runs
+    only when the component is trained, in looped and scanned models alike,
+    and one compiled program serves every set. The gradients are the same.
+    Heads share their attention's computation: a detached head is masked
+    (same gradients, no saving). With `recompute`, gated calls keep no
+    residuals for the backward pass and a trained call recomputes its forward
+    pass (less memory; see `rgft_jax._gate`).
 
     Inside `jax.shard_map` with the batch split over `axis_name` (parameters
     replicated), pass `axis_name`: the loss and the error map are averaged
@@ -418,8 +468,9 @@ class ErrorTracker:
       if self._owned is not None:
         names = [n for n in names if n in self._owned]
       wanted = set(names) if measure is None else set(measure)
-      detached = frozenset(detach)
-      for what, given in (("measure", wanted), ("detach", detached)):
+      detached = _detached(detach, names, recompute)
+      static = detached if isinstance(detached, frozenset) else frozenset()
+      for what, given in (("measure", wanted), ("detach", static)):
         if given - set(names):
           raise ValueError(
             f"{what} names unknown components {sorted(given - set(names))}; "
@@ -433,7 +484,7 @@ class ErrorTracker:
 
       if self.method == "ablation":
         (loss, aux), grads, error_map, state = ablation(
-          run, has_aux, measured, params, detached
+          run, has_aux, recorded, measured, params, detached
         )
       else:
         (loss, aux), grads, error_map, state = cheap(
@@ -446,6 +497,30 @@ class ErrorTracker:
       return ((loss, aux) if has_aux else loss), grads, error_map
 
     return wrapped
+
+
+def _detached(detach: Any, names: list[str], recompute: bool) -> Any:
+  """`detach` as a frozenset of names (static) or a `Runtime` (flags)."""
+  if detach is None or isinstance(detach, str):
+    raise TypeError(
+      f"detach must be a collection of component names or a boolean array with "
+      f"one entry per component, got {detach!r}; pass () to detach nothing."
+    )
+  if not hasattr(detach, "dtype"):
+    detach = list(detach)
+    if not detach or all(isinstance(n, str) for n in detach):
+      return frozenset(detach)
+    raise TypeError(
+      "detach must hold component names, or be a boolean array with one entry "
+      f"per component (jnp.array([...], bool)); got {detach!r}."
+    )
+  if detach.dtype != bool or tuple(detach.shape) != (len(names),):
+    raise ValueError(
+      f"A runtime detach array must be boolean of shape ({len(names)},), one "
+      f"entry per component in the order {names}; got {detach.dtype}"
+      f"{list(detach.shape)}."
+    )
+  return Runtime({n: detach[i] for i, n in enumerate(names)}, bool(recompute))
 
 
 def _abstract(params: Any) -> Any:
