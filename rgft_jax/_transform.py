@@ -275,17 +275,19 @@ def scale_by_residual_error(
     the rest of the map show: after a steady run it raises the largest EMA
     at most by the factor :math:`\beta + (1 - \beta) K` (1.9 with the
     defaults), and its effect on the other multipliers fades like
-    :math:`\beta^t`, so it cannot pin them at `min_scale` for long. A genuine rise of one component is followed at up
-    to that factor per step; a rise that two components share is not
-    clipped (it is a change of scale, not an outlier).
+    :math:`\beta^t`, so it cannot pin them at `min_scale` for long. A
+    genuine rise of one component is followed at up to that factor per
+    step; a rise that two components share is not clipped (it is a change
+    of scale, not an outlier).
 
   The multipliers are finite and in [`min_scale`, 1] for every error map, and
   exactly 1 for the components with the largest EMA. A threshold that a
   schedule (or `inject_hyperparams`) makes NaN or smaller than float32's
   smallest normal number counts as that number, one above 1 counts as 1 (see
   `multipliers`); a threshold schedule is evaluated at count 0 when the
-  transformation is made (a ValueError unless a real scalar in [0, 1], 0 being the limit 0+), and a
-  value that is not a scalar at run time is a ValueError. A traced
+  transformation is made (a ValueError unless a real scalar in [0, 1], 0
+  standing for the limit 0+), and a value that is not a scalar at run time is
+  a ValueError. A traced
   `outlier_ratio` below 1 or NaN counts as 1. Parameters that an enclosing
   `optax.masked` or `optax.multi_transform` keeps from this transformation
   (`optax.MaskedNode` leaves) are left alone; every component must still own

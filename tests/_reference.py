@@ -10,9 +10,9 @@ def admit(values, ema, seen, ratio):
   """The documented rule for the numbers entering the EMA, in float64.
 
   Returns (values to fold in, or None where ignored; nonfinite, negative,
-  clipped flags). Non-finite: ignored. Negative: 0. Larger than `ratio` times
-  max(largest EMA seen, largest other entry of this map): that bound, unless
-  the bound's base is below float32's smallest normal number.
+  clipped flags; the bounds). Non-finite: ignored. Negative: 0. Larger than
+  `ratio` times max(largest EMA seen, largest other entry of this map): that
+  bound, unless the bound's base is below float32's smallest normal number.
   """
   m = np.asarray(values, np.float64)
   n = len(m)
@@ -20,16 +20,13 @@ def admit(values, ema, seen, ratio):
   negative = ~nonfinite & (m < 0)
   v = np.where(nonfinite, 0.0, np.clip(m, 0.0, F32_MAX))
   ema_top = max([ema[i] for i in range(n) if seen[i]], default=0.0)
-  out, clipped = [], np.zeros(n, bool)
+  out, clipped, bounds = [], np.zeros(n, bool), np.full(n, np.inf)
   for i in range(n):
-    if nonfinite[i]:
-      out.append(None)
-      continue
     base = max([ema_top] + [v[j] for j in range(n) if j != i])
-    bound = ratio * base if base >= F32_TINY else np.inf
-    clipped[i] = v[i] > bound
-    out.append(min(v[i], bound))
-  return out, nonfinite, negative, clipped
+    bounds[i] = ratio * base if base >= F32_TINY else np.inf
+    clipped[i] = not nonfinite[i] and v[i] > bounds[i]
+    out.append(None if nonfinite[i] else min(v[i], bounds[i]))
+  return out, nonfinite, negative, clipped, bounds
 
 
 class ReferenceRGFT:
@@ -86,7 +83,7 @@ class ReferenceRGFT:
     outlier_ratio=10.0,
   ):
     before = self.multipliers(thresh, min_scale)  # From the maps of earlier steps.
-    values, *flags = admit(error_map, self.ema, self.seen, outlier_ratio)
+    values, *flags, _ = admit(error_map, self.ema, self.seen, outlier_ratio)
     for key, flag in zip(("nonfinite", "negative", "clipped"), flags, strict=True):
       self.counts[key] += flag
     for i, m in enumerate(values):

@@ -332,17 +332,22 @@ def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, ma
   state, step = _jitted(config)
   ema, seen = np.zeros(_N), np.zeros(_N, bool)
   counts = {k: np.zeros(_N, int) for k in ("nonfinite", "negative", "clipped")}
+  maybe_clipped = np.zeros(_N, int)  # Within float32 rounding of the bound.
   for values in maps:
     values = np.float32(values)
     # The reference's rule (tests/_reference.py), independent of the library.
-    admitted, nonfinite, negative, clipped = admit(values, ema, seen, ratio)
+    admitted, nonfinite, negative, clipped, bound = admit(values, ema, seen, ratio)
     for i, m in enumerate(admitted):
       if m is not None:
         ema[i] = min(beta * ema[i] + (1 - beta) * m if seen[i] else m, _F32.max)
         seen[i] = True
     state = step(state, jnp.asarray(values))
-    for key, flag in zip(counts, (nonfinite, negative, clipped), strict=True):
+    with np.errstate(invalid="ignore"):  # inf - inf where nothing is bounded.
+      gap = np.abs(values.astype(np.float64) - bound)
+    near = ~nonfinite & np.isfinite(bound) & (gap <= 1e-5 * bound)
+    for key, flag in zip(counts, (nonfinite, negative, clipped & ~near), strict=True):
       counts[key] += flag
+    maybe_clipped += near
     alpha = np.asarray(state.alpha)
     assert np.all(np.isfinite(alpha)), alpha
     assert np.all((alpha >= np.float32(min_scale)) & (alpha <= 1.0)), alpha
@@ -353,7 +358,8 @@ def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, ma
     )
     np.testing.assert_array_equal(state.nonfinite, counts["nonfinite"])
     np.testing.assert_array_equal(state.negative, counts["negative"])
-    np.testing.assert_array_equal(state.clipped, counts["clipped"])
+    extra = np.asarray(state.clipped) - counts["clipped"]
+    assert np.all((extra >= 0) & (extra <= maybe_clipped)), (extra, maybe_clipped)
     np.testing.assert_array_equal(state.observed, seen)
 
 
