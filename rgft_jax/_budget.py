@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from rgft_jax._validation import in_range
+from rgft_jax._validation import number
 
 RULES = ("top", "sample", "uniform")
 
@@ -26,6 +28,11 @@ RULES = ("top", "sample", "uniform")
 @dataclasses.dataclass(frozen=True)
 class DetachCosts:
   """FLOPs of a train step, and what detaching each component saves.
+
+  Checked when made: distinct names, `full` finite and > 0, one finite saving
+  per name, none above `full`, and savings that add up to at most `full`
+  (a step with everything detached costs `floor` >= 0). A saving may be
+  negative (detaching that component costs a little).
 
   Attributes:
     names: the component names.
@@ -40,9 +47,66 @@ class DetachCosts:
   saving: np.ndarray
   checks: tuple[tuple[tuple[str, ...], float, float], ...] = ()
 
+  def __post_init__(self):
+    names = self.names
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+      raise TypeError(f"names must be a sequence of strings, got {names!r}.")
+    names = tuple(names)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+      raise ValueError(f"names must be distinct; {twice} appear more than once.")
+    in_range("full", self.full, 0.0, None, low_open=True, finite=True)
+    full = float(self.full)
+    try:
+      saving = np.array(self.saving, np.float64)
+    except (TypeError, ValueError) as e:
+      raise TypeError(
+        f"saving must be an array of numbers, got {self.saving!r}."
+      ) from e
+    if saving.shape != (len(names),):
+      raise ValueError(
+        f"saving must have one entry per name ({len(names)}: {list(names)}), "
+        f"got shape {saving.shape}."
+      )
+    bad = {
+      n: float(v) for n, v in zip(names, saving, strict=True) if not np.isfinite(v)
+    }
+    if bad:
+      raise ValueError(f"saving must be finite; got {bad}. Measure them again.")
+    over = {n: float(v) for n, v in zip(names, saving, strict=True) if v > full}
+    if over:
+      raise ValueError(
+        f"saving {over} exceeds full ({full}): detaching a component cannot save "
+        "more than the whole step."
+      )
+    if full - saving.sum() < 0:
+      raise ValueError(
+        f"The savings add up to {saving.sum()}, more than full ({full}): a step "
+        "with every component detached would cost less than nothing. Measure "
+        "full and the savings on the same step."
+      )
+    object.__setattr__(self, "names", names)
+    object.__setattr__(self, "full", full)
+    object.__setattr__(self, "saving", saving)
+
   def step(self, detached: Any) -> float:
-    """Predicted FLOPs of a step with `detached` detached (savings add up)."""
-    idx = [self.names.index(n) for n in detached]
+    """Predicted FLOPs of a step with `detached` (a set of names) detached.
+
+    Savings add up. Raises ValueError naming any name that is not a component.
+    """
+    if isinstance(detached, str):
+      raise TypeError(
+        f"detached must be a collection of component names, got the string "
+        f"{detached!r}; for one component pass {{{detached!r}}}."
+      )
+    detached = set(detached)
+    unknown = sorted(detached - set(self.names))
+    if unknown:
+      raise ValueError(
+        f"Unknown component names {unknown} in detached; the components are "
+        f"{list(self.names)}."
+      )
+    idx = [i for i, n in enumerate(self.names) if n in detached]
     return float(self.full - self.saving[idx].sum())
 
   @property
@@ -262,10 +326,12 @@ class Budget:
     rule: `"top"`, `"sample"` or `"uniform"`.
     ramp_steps: steps over which the allowance falls from a full step.
     hysteresis: bonus of the components trained now, >= 0 (`"top"` only).
-    seed: seed of `"sample"` and `"uniform"` (one draw per decision step).
-    unit: the FLOPs `budget` is a fraction of; default `costs.full` (the
-      tracked step with nothing detached). Pass the FLOPs of a plain step
-      without tracking to count the tracking against the budget.
+    seed: seed of `"sample"` and `"uniform"` (one draw per decision step),
+      an integer >= 0.
+    unit: the FLOPs `budget` is a fraction of, finite and > 0; default
+      `costs.full` (the tracked step with nothing detached). Pass the FLOPs
+      of a plain step without tracking to count the tracking against the
+      budget.
     refresh: run step 0 and the step before each decision with nothing
       detached (paid from the budget), so every component is measured
       exactly before each decision. (A component below a detached one is
@@ -309,11 +375,15 @@ class Budget:
     in_range("total_steps", total_steps, 1, None)
     in_range("every", every, 1, None)
     in_range("ramp_steps", ramp_steps, 0, total_steps)
-    in_range("hysteresis", hysteresis, 0.0, None)
+    in_range("hysteresis", hysteresis, 0.0, None, finite=True)
+    in_range("seed", seed, 0, None)
+    if unit is not None:
+      in_range("unit", unit, 0.0, None, low_open=True, finite=True)
     for name, value in (
       ("total_steps", total_steps),
       ("every", every),
       ("ramp_steps", ramp_steps),
+      ("seed", seed),
     ):
       if not isinstance(value, int | np.integer) or isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {value!r}.")
@@ -326,7 +396,6 @@ class Budget:
     self.hysteresis = float(hysteresis)
     self.seed = int(seed)
     self.unit = float(costs.full if unit is None else unit)
-    in_range("unit", self.unit, 0.0, None, low_open=True)
     self.refresh = bool(refresh)
     refreshes = self._refreshes(0)
     least = (total_steps - refreshes) * costs.floor + refreshes * costs.full
@@ -453,6 +522,11 @@ class Budget:
 
   def spend(self, step: int, detached: Any) -> None:
     """Accounts for step `step`, run with `detached` detached."""
+    if not 0 <= step < self.total_steps:
+      raise ValueError(
+        f"spend({step}): the run has total_steps={self.total_steps} (steps 0 to "
+        f"{self.total_steps - 1}); make the Budget with more total_steps."
+      )
     if step != self.steps:
       raise ValueError(f"spend({step}) out of order: expected step {self.steps}.")
     self.spent += self.costs.step(detached)
@@ -463,21 +537,76 @@ class Budget:
     """FLOPs spent so far over as many steps of `unit` FLOPs."""
     return self.spent / max(self.steps * self.unit, 1e-30)
 
+  def _identity(self) -> dict[str, Any]:
+    """What identifies this budget: its arguments and costs (JSON-able)."""
+    return {
+      "names": list(self.costs.names),
+      "full": self.costs.full,
+      "saving": [float(s) for s in self.costs.saving],
+      "budget": self.budget,
+      "total_steps": self.total_steps,
+      "every": self.every,
+      "rule": self.rule,
+      "ramp_steps": self.ramp_steps,
+      "hysteresis": self.hysteresis,
+      "seed": self.seed,
+      "unit": self.unit,
+      "refresh": self.refresh,
+    }
+
   def state_dict(self) -> dict[str, Any]:
+    """The budget's progress, and what identifies the budget (`"budget_of"`)."""
     return {
       "detached": sorted(self._detached),
       "spent": self.spent,
       "steps": self.steps,
       "decisions": self.decisions,
+      "budget_of": self._identity(),
     }
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
+    """Restores `state_dict()`'s progress into a budget made the same way.
+
+    Raises ValueError if the state is of a budget with other arguments or
+    costs (naming each field that differs), or is not a whole, sound state.
+    """
+    if not isinstance(state, Mapping):
+      raise TypeError(f"state must be a dict, got {type(state).__name__}.")
+    keys = ("detached", "spent", "steps", "decisions", "budget_of")
+    missing = [k for k in keys if k not in state]
+    if missing:
+      raise ValueError(
+        f"The budget state lacks {missing}: pass what Budget.state_dict() "
+        "returned (a state saved before budgets recorded their arguments cannot "
+        "be checked; start the run again)."
+      )
+    ours, theirs = self._identity(), dict(state["budget_of"])
+    differ = [k for k in ours if ours[k] != _json_like(theirs.get(k))]
+    if differ:
+      listed = "; ".join(
+        f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ
+      )
+      raise ValueError(
+        f"This budget state is of another budget ({listed}): load it into a "
+        "Budget made with the same costs and arguments."
+      )
     unknown = set(state["detached"]) - set(self.costs.names)
     if unknown:
       raise ValueError(
         f"This budget state names components {sorted(unknown)} this budget lacks."
       )
+    spent = number("spent", state["spent"], finite=True)
+    if spent is None or spent < 0:
+      raise ValueError(f"spent must be >= 0, got {state['spent']}.")
+    in_range("steps", state["steps"], 0, self.total_steps, integer=True)
     self._detached = frozenset(state["detached"])
-    self.spent = float(state["spent"])
+    self.spent = spent
     self.steps = int(state["steps"])
     self.decisions = [(int(s), list(t)) for s, t in state["decisions"]]
+
+
+def _json_like(value: Any) -> Any:
+  """Tuples and arrays as lists, so a state that went through JSON compares."""
+  if isinstance(value, tuple | list | np.ndarray):
+    return [_json_like(v) for v in value]
+  return value

@@ -27,6 +27,9 @@ class ScaleByResidualErrorState(NamedTuple):
   error_map: jax.Array  # shape=(n,), dtype=jnp.float32; EMA of the error map.
   alpha: jax.Array  # shape=(n,), dtype=jnp.float32; multipliers of the last update.
   observed: jax.Array  # shape=(n,), dtype=jnp.bool_; a finite value was seen.
+  nonfinite: jax.Array  # shape=(n,), dtype=jnp.int32; NaN/inf entries ignored.
+  negative: jax.Array  # shape=(n,), dtype=jnp.int32; negatives clipped to 0 (jit).
+  clipped: jax.Array  # shape=(n,), dtype=jnp.int32; outliers clipped to the cap.
 
 
 def residual_error_state(opt_state: Any) -> ScaleByResidualErrorState:
@@ -92,10 +95,33 @@ def _as_float32(value: Any, name: str) -> jax.Array:
   return array
 
 
+def _refuse_negative(values: dict[str, jax.Array]) -> None:
+  """Raises ValueError naming the entries known now (not traced) that are < 0."""
+  known = {
+    name: v
+    for name, v in values.items()
+    if not isinstance(v, jax.core.Tracer) and v.is_fully_addressable
+  }
+  host = jax.device_get(known)  # One transfer for all the entries.
+  negative = {name: v for name, v in host.items() if np.isfinite(v) and v < 0}
+  if negative:
+    listed = ", ".join(f"error_map[{k!r}] = {v}" for k, v in negative.items())
+    raise ValueError(
+      f"Error-map values must be >= 0 (magnitudes of influence), got {listed}. "
+      "Pass |E| for a signed attribution such as exact ablation, or NaN for a "
+      "component not measured this step. (Under jax.jit a negative value is "
+      "clipped to 0 and counted in the state's `negative`.)"
+    )
+
+
 def error_map_vector(
   error_map: Mapping[str, jax.typing.ArrayLike] | None, names: tuple[str, ...]
 ) -> jax.Array:
-  """The error map as float32[n] in the order of `names`, after checking keys."""
+  """The error map as float32[n] in the order of `names`, after checking keys.
+
+  Raises ValueError for a negative finite value that is known now (not
+  traced), naming its component.
+  """
   if error_map is None:
     raise ValueError(
       "scale_by_residual_error needs the batch's error map: call "
@@ -114,8 +140,45 @@ def error_map_vector(
       f"error_map keys differ from the component names; missing: {missing}, "
       f"unknown: {unknown}."
     )
-  values = [_as_float32(error_map[name], name) for name in names]
-  return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+  values = {name: _as_float32(error_map[name], name) for name in names}
+  _refuse_negative(values)
+  return jnp.stack(list(values.values())) if values else jnp.zeros((0,), jnp.float32)
+
+
+def outlier_cap(
+  values: jax.Array,
+  ema: jax.Array,
+  observed: jax.Array,
+  ratio: jax.typing.ArrayLike,
+) -> jax.Array:
+  """The largest value each entry of the map may bring into the EMA.
+
+  `ratio * max(largest observed EMA, largest other entry of this map)`,
+  per entry; infinite (no clipping) where that reference is below float32's
+  smallest normal number (zero included). `values` holds the map's entries,
+  non-negative, with non-finite entries already replaced by 0. A `ratio`
+  below 1 or NaN (only possible when traced) counts as 1.
+  """
+  n = values.shape[0]
+  if n == 0:
+    return values
+  ratio = jnp.asarray(ratio, jnp.float32)
+  ratio = jnp.where(ratio >= 1.0, ratio, 1.0)
+  ema_top = jnp.max(jnp.where(observed, ema, 0.0), initial=0.0)
+  # The largest other entry: the largest, except at the largest's own place
+  # (the first one, if tied), where it is the second largest.
+  first = jnp.arange(n) == jnp.argmax(values)
+  top = jnp.max(values)
+  second = jnp.max(jnp.where(first, 0.0, values), initial=0.0)
+  reference = jnp.maximum(ema_top, jnp.where(first, second, top))
+  cap = reference * ratio  # inf past float32's range: no clipping.
+  return jnp.where(reference >= _TINY, cap, jnp.inf).astype(jnp.float32)
+
+
+def _tally(counts: jax.Array, hit: jax.Array) -> jax.Array:
+  """`counts + hit`, staying at int32's maximum instead of wrapping."""
+  top = np.iinfo(np.int32).max
+  return jnp.where(hit & (counts < top), counts + 1, counts).astype(jnp.int32)
 
 
 def multipliers(
@@ -130,11 +193,14 @@ def multipliers(
   divides by zero. The components at the largest observed EMA get exactly 1;
   components never observed, and every component while the largest observed
   EMA is below float32's smallest normal number (`tiny`, about 1.2e-38:
-  zero, negative or subnormal), get 1. A threshold that is NaN or below
-  `tiny` counts as `tiny`, one above 1 as 1; a `min_scale` outside [0, 1] (only
-  possible when traced) is clipped into it, NaN counting as 0.
+  zero, negative or subnormal), get 1. Any EMA entry below `tiny` counts as 0
+  (platforms differ on whether they flush subnormal numbers to zero). A
+  threshold that is NaN or below `tiny` counts as `tiny`, one above 1 as 1; a
+  `min_scale` outside [0, 1] (only possible when traced) is clipped into it,
+  NaN counting as 0.
   """
   ema = jnp.asarray(ema, jnp.float32)
+  ema = jnp.where(ema >= _TINY, ema, 0.0)
   thresh = jnp.asarray(thresh, jnp.float32)
   thresh = jnp.where(thresh >= _TINY, jnp.minimum(thresh, 1.0), _TINY)
   low = jnp.asarray(min_scale, jnp.float32)
@@ -149,12 +215,30 @@ def multipliers(
   return jnp.where(observed & live, alpha, 1.0).astype(jnp.float32)
 
 
+def _check_state(state: Any, names: tuple[str, ...]) -> None:
+  """Raises unless `state` is a `ScaleByResidualErrorState` for `names`."""
+  if not isinstance(state, ScaleByResidualErrorState):
+    raise TypeError(
+      f"scale_by_residual_error's update got a {type(state).__name__} as its "
+      "state, not a ScaleByResidualErrorState: pass the state that this "
+      "optimizer's own init returned (tx.init(params)), not another optimizer's."
+    )
+  n = jnp.shape(state.error_map)
+  if n != (len(names),):
+    raise ValueError(
+      f"The ScaleByResidualErrorState holds an error map of shape {n}, but this "
+      f"transformation has {len(names)} components {list(names)}: pass the state "
+      "that this optimizer's own init returned."
+    )
+
+
 def scale_by_residual_error(
   components: Components,
   beta: float = 0.9,
   thresh: float | optax.Schedule = 0.1,
   min_scale: float = 0.01,
   lagged: bool = False,
+  outlier_ratio: float = 10.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the updates of each component by a multiplier from its error.
 
@@ -170,19 +254,44 @@ def scale_by_residual_error(
 
   with threshold :math:`\tau_t` (a float or a schedule of the number of updates
   already applied) and :math:`\epsilon` = `min_scale`. Entries in no component
-  are not scaled. A non-finite entry of the error map is ignored (that
-  component's EMA is kept), so a bad batch cannot poison the state; the first
-  finite value of a component initialises its EMA. While no component has a
-  positive EMA, or for components never observed, the multiplier is 1.
+  are not scaled. While no component has a positive EMA, or for components
+  never observed, the multiplier is 1.
+
+  Before it enters the EMA, each entry of the map is checked; the state counts
+  per component what each rule did (`nonfinite`, `negative`, `clipped`):
+
+  * Non-finite (NaN, inf, -inf): ignored, that component's EMA is kept, so a
+    bad batch cannot poison the state (`nonfinite`). The first finite value
+    of a component initialises its EMA.
+  * Negative: the values are magnitudes, so a negative value known eagerly is
+    a ValueError naming its component; under `jax.jit` it cannot be refused
+    and is clipped to 0 (`negative`). Finite values beyond float32's range
+    are clipped into it.
+  * Outlier: an entry is clipped to at most `outlier_ratio` times the larger
+    of the largest EMA so far and the largest *other* entry of the same map
+    (`clipped`; no clipping while that reference is 0 or below float32's
+    smallest normal number). A single huge value (even in the first map)
+    therefore enters as at most :math:`K` times the scale that the EMA and
+    the rest of the map show: after a steady run it raises the largest EMA
+    at most by the factor :math:`\beta + (1 - \beta) K` (1.9 with the
+    defaults), and its effect on the other multipliers fades like
+    :math:`\beta^t`, so it cannot pin them at `min_scale` for long. A
+    genuine rise of one component is followed at up to that factor per
+    step; a rise that two components share is not clipped (it is a change
+    of scale, not an outlier).
 
   The multipliers are finite and in [`min_scale`, 1] for every error map, and
-  exactly 1 for the components with the largest EMA. Finite error-map values
-  beyond float32's range are clipped into it. A threshold that a schedule (or
-  `inject_hyperparams`) makes NaN or smaller than float32's smallest normal
-  number counts as that number, one above 1 counts as 1 (see `multipliers`).
-  Parameters that an enclosing `optax.masked` or `optax.multi_transform` keeps
-  from this transformation (`optax.MaskedNode` leaves) are left alone; every
-  component must still own some parameter entry this transformation sees.
+  exactly 1 for the components with the largest EMA. A threshold that a
+  schedule (or `inject_hyperparams`) makes NaN or smaller than float32's
+  smallest normal number counts as that number, one above 1 counts as 1 (see
+  `multipliers`); a threshold schedule is evaluated at count 0 when the
+  transformation is made (a ValueError unless a real scalar in [0, 1], 0
+  standing for the limit 0+), and a value that is not a scalar at run time is
+  a ValueError. A traced
+  `outlier_ratio` below 1 or NaN counts as 1. Parameters that an enclosing
+  `optax.masked` or `optax.multi_transform` keeps from this transformation
+  (`optax.MaskedNode` leaves) are left alone; every component must still own
+  some parameter entry this transformation sees.
 
   Args:
     components: which parameters belong to which component.
@@ -193,6 +302,8 @@ def scale_by_residual_error(
       folded in, so they do not depend on the current batch (what the
       stochastic convergence argument in docs/theory.md assumes); the map is
       still folded in for the next step.
+    outlier_ratio: how many times the reference scale (above) an entry may
+      be before it is clipped, a real number > 1; `inf` turns clipping off.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -218,7 +329,10 @@ def scale_by_residual_error(
     )
   _validation.in_range("beta", beta, 0.0, 1.0, high_open=True)
   _validation.in_range("min_scale", min_scale, 0.0, 1.0, low_open=True)
-  if not callable(thresh):
+  _validation.in_range("outlier_ratio", outlier_ratio, 1.0, None, low_open=True)
+  if callable(thresh):
+    _validation.schedule("thresh", thresh, (0,), 0.0, 1.0)
+  else:
     _validation.in_range("thresh", thresh, 0.0, 1.0, low_open=True)
   if not isinstance(lagged, (bool, np.bool_)):
     raise TypeError(f"lagged must be a bool, got {lagged!r}.")
@@ -236,14 +350,37 @@ def scale_by_residual_error(
       error_map=jnp.zeros([n], jnp.float32),
       alpha=jnp.ones([n], jnp.float32),
       observed=jnp.zeros([n], jnp.bool_),
+      nonfinite=jnp.zeros([n], jnp.int32),
+      negative=jnp.zeros([n], jnp.int32),
+      clipped=jnp.zeros([n], jnp.int32),
     )
+
+  def threshold(count):
+    value = thresh_fn(count)
+    shape = jnp.shape(value)
+    if shape != ():
+      raise ValueError(
+        f"thresh must be a scalar, but the schedule returned shape {shape} at "
+        "run time: return one threshold per step."
+      )
+    return value
 
   def update_fn(updates, state, params=None, *, error_map=None, **extra_args):
     del params, extra_args
+    _check_state(state, components.names)
     values = error_map_vector(error_map, components.names)
     finite = jnp.isfinite(values)
-    ema = beta * state.error_map + (1.0 - beta) * values
-    ema = jnp.clip(ema, -_MAX, _MAX)  # Rounding can overflow at float32's edge.
+    negative = finite & (values < 0.0)
+    values = jnp.where(finite, jnp.maximum(values, 0.0), 0.0)
+    cap = outlier_cap(values, state.error_map, state.observed, outlier_ratio)
+    clipped = finite & (values > cap)
+    values = jnp.minimum(values, cap)
+    # The barrier keeps XLA from factoring beta = 0.5 into 0.5 * (ema + values),
+    # whose sum overflows for values above half float32's range.
+    old, new = jax.lax.optimization_barrier(
+      (beta * state.error_map, (1.0 - beta) * values)
+    )
+    ema = jnp.clip(old + new, -_MAX, _MAX)  # Rounding can overflow at the edge.
     ema = jnp.where(state.observed, ema, values)
     # NaN only from a NaN `beta` (traced): the old EMA is kept.
     keep = ~finite | jnp.isnan(ema)
@@ -251,16 +388,19 @@ def scale_by_residual_error(
     observed = state.observed | finite
     if lagged:
       alpha = multipliers(
-        state.error_map, state.observed, thresh_fn(state.count), min_scale
+        state.error_map, state.observed, threshold(state.count), min_scale
       )
     else:
-      alpha = multipliers(ema, observed, thresh_fn(state.count), min_scale)
+      alpha = multipliers(ema, observed, threshold(state.count), min_scale)
     updates = components.scale(updates, alpha)
     return updates, ScaleByResidualErrorState(
       count=optax.safe_increment(state.count),
       error_map=ema,
       alpha=alpha,
       observed=observed,
+      nonfinite=_tally(state.nonfinite, ~finite),
+      negative=_tally(state.negative, negative),
+      clipped=_tally(state.clipped, clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -281,6 +421,7 @@ def rgft(
   mu_dtype: Any | None = None,
   lagged: bool = False,
   thresh: float | optax.Schedule | None = None,
+  outlier_ratio: float = 10.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose per-component updates are scaled by RGFT multipliers.
 
@@ -290,7 +431,11 @@ def rgft(
   `thresh_init` to `thresh_final` over `warmup_steps` updates (or given
   whole as `thresh`), then the learning rate. Every hyperparameter is checked
   when its value is known (not under `jax.jit`): a TypeError or ValueError
-  names the one that is wrong.
+  names the one that is wrong. Schedules are checked where they can be: a
+  `learning_rate` schedule is evaluated at update counts 0 and
+  `warmup_steps` (the threshold's), a `thresh` schedule at 0, and each value
+  must be a real scalar in the constant's range. `update` refuses, with a
+  TypeError, a state that this optimizer's `init` did not make.
 
   Args:
     learning_rate: a finite real number >= 0 or an `optax.Schedule`.
@@ -312,6 +457,8 @@ def rgft(
       `optax.Schedule` of the number of updates applied; it replaces
       `thresh_init`, `thresh_final` and `warmup_steps`, so giving it with any
       of them is a ValueError.
+    outlier_ratio: clipping of outlying error-map entries, > 1 (see
+      `scale_by_residual_error`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -342,12 +489,16 @@ def rgft(
     "thresh_final": thresh_final,
     "warmup_steps": warmup_steps,
   }
+  counts = [0]  # Where a learning-rate schedule is checked.
   if thresh is None:
+    warmup = 1000 if warmup_steps is None else warmup_steps
     thresh = _schedules.linear_threshold(
       0.1 if thresh_init is None else thresh_init,
       0.3 if thresh_final is None else thresh_final,
-      1000 if warmup_steps is None else warmup_steps,
+      warmup,
     )
+    end = _validation.number("warmup_steps", warmup, integer=True)
+    counts += [] if end is None or end == 0 else [int(end)]
   else:
     given = [k for k, v in linear.items() if v is not None]
     if given:
@@ -355,11 +506,13 @@ def rgft(
         f"thresh replaces thresh_init, thresh_final and warmup_steps; pass "
         f"either thresh or those, not both (got thresh and {', '.join(given)})."
       )
+  if callable(learning_rate):
+    _validation.schedule("learning_rate", learning_rate, counts, 0.0, None)
   # Decided by type, not value: under inject_hyperparams the value is an array
   # (a tracer under jit) and the chain must have the same shape in init and update.
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = [] if no_decay else [optax.add_decayed_weights(weight_decay)]
-  return optax.chain(
+  chain = optax.chain(
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
     *decay,
     scale_by_residual_error(
@@ -368,6 +521,28 @@ def rgft(
       thresh=thresh,
       min_scale=min_scale,
       lagged=lagged,
+      outlier_ratio=outlier_ratio,
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
+  where = 1 + len(decay)  # RGFT's place in the chain.
+
+  def update_fn(updates, state, params=None, **extra_args):
+    parts = where + 2
+    if not (
+      isinstance(state, tuple)
+      and len(state) == parts
+      and isinstance(state[where], ScaleByResidualErrorState)
+    ):
+      got = type(state).__name__
+      if isinstance(state, tuple):
+        got += f" of {len(state)}: ({', '.join(type(x).__name__ for x in state)})"
+      raise TypeError(
+        f"rgft's update got a state that its init did not make: expected a "
+        f"tuple of {parts} with a ScaleByResidualErrorState at [{where}], got a "
+        f"{got}. Pass the state that this optimizer's init returned "
+        "(tx.init(params)), not another optimizer's."
+      )
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

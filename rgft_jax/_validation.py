@@ -117,3 +117,34 @@ def scalar_or_schedule(name: str, value: Any, low: float = 0.0) -> None:
   v = number(name, value, finite=True)
   if v is not None and v < low:
     raise ValueError(f"{name} must be >= {low}, got {v}.")
+
+
+def schedule(
+  name: str,
+  fn: Any,
+  counts: Any,
+  low: float | None,
+  high: float | None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> None:
+  """Evaluates the schedule `fn` at each update count and checks the values.
+
+  Each value must be a real scalar, finite in float32 and in the interval
+  (like the constant it stands for); a value that is traced (the schedule
+  made under `jax.jit`) is not checked. The error names the hyperparameter
+  and the count. Counts saturate at int32's maximum, like optax's.
+  """
+  for count in counts:
+    count = min(int(count), int(np.iinfo(np.int32).max))
+    value = fn(np.int32(count))
+    in_range(
+      f"{name} (a schedule, at update count {count})",
+      value,
+      low,
+      high,
+      low_open=low_open,
+      high_open=high_open,
+      finite=True,
+    )

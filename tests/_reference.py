@@ -2,6 +2,32 @@
 
 import numpy as np
 
+F32_TINY = float(np.finfo(np.float32).tiny)
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def admit(values, ema, seen, ratio):
+  """The documented rule for the numbers entering the EMA, in float64.
+
+  Returns (values to fold in, or None where ignored; nonfinite, negative,
+  clipped flags; the bounds). Non-finite: ignored. Negative: 0. Larger than
+  `ratio` times max(largest EMA seen, largest other entry of this map): that
+  bound, unless the bound's base is below float32's smallest normal number.
+  """
+  m = np.asarray(values, np.float64)
+  n = len(m)
+  nonfinite = ~np.isfinite(m)
+  negative = ~nonfinite & (m < 0)
+  v = np.where(nonfinite, 0.0, np.clip(m, 0.0, F32_MAX))
+  ema_top = max([ema[i] for i in range(n) if seen[i]], default=0.0)
+  out, clipped, bounds = [], np.zeros(n, bool), np.full(n, np.inf)
+  for i in range(n):
+    base = max([ema_top] + [v[j] for j in range(n) if j != i])
+    bounds[i] = ratio * base if base >= F32_TINY else np.inf
+    clipped[i] = not nonfinite[i] and v[i] > bounds[i]
+    out.append(None if nonfinite[i] else min(v[i], bounds[i]))
+  return out, nonfinite, negative, clipped, bounds
+
 
 class ReferenceRGFT:
   """Adam -> decoupled weight decay -> RGFT multipliers -> learning rate.
@@ -18,6 +44,7 @@ class ReferenceRGFT:
     self.nu = {k: np.zeros_like(v) for k, v in self.params.items()}
     self.ema = np.zeros(n)
     self.seen = np.zeros(n, bool)
+    self.counts = {k: np.zeros(n, int) for k in ("nonfinite", "negative", "clipped")}
     self.t = 0  # Updates applied so far.
 
   def alpha_of_leaf(self, path, alpha):
@@ -43,13 +70,27 @@ class ReferenceRGFT:
             alpha[i] = min(1.0, max(min_scale, self.ema[i] / (thresh * top)))
     return alpha
 
-  def step(self, grads, error_map, lr, beta, thresh, min_scale, wd=0.0, lagged=False):
+  def step(
+    self,
+    grads,
+    error_map,
+    lr,
+    beta,
+    thresh,
+    min_scale,
+    wd=0.0,
+    lagged=False,
+    outlier_ratio=10.0,
+  ):
     before = self.multipliers(thresh, min_scale)  # From the maps of earlier steps.
-    for i in range(self.n):
-      m = error_map[i]
-      if not np.isfinite(m):
+    values, *flags, _ = admit(error_map, self.ema, self.seen, outlier_ratio)
+    for key, flag in zip(("nonfinite", "negative", "clipped"), flags, strict=True):
+      self.counts[key] += flag
+    for i, m in enumerate(values):
+      if m is None:
         continue
-      self.ema[i] = beta * self.ema[i] + (1 - beta) * m if self.seen[i] else m
+      ema = beta * self.ema[i] + (1 - beta) * m if self.seen[i] else m
+      self.ema[i] = min(ema, F32_MAX)
       self.seen[i] = True
     alpha = before if lagged else self.multipliers(thresh, min_scale)
     self.t += 1

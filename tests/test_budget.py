@@ -1,6 +1,7 @@
 """The budget: allocation against brute force, decisions by hand, FLOP accounting."""
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -218,3 +219,124 @@ def test_allocation_stays_fast_and_greedy_at_least_on_many_components():
   greedy = fill_in_order(order, cost, capacity)
   assert sum(cost[i] for i in got) <= capacity
   assert sum(error[i] for i in got) >= sum(error[i] for i in greedy) - 1e-12
+
+
+# Nothing silent: costs, budgets and their states are checked.
+
+
+@pytest.mark.parametrize(
+  "names, full, saving, error, match",
+  [
+    (("a", "b", "c"), 10.0, [3.0, np.nan, 3.0], ValueError, r"finite.*'b': nan"),
+    (("a", "b", "c"), 10.0, [3.0, 15.0, 3.0], ValueError, r"'b': 15.0.*exceeds full"),
+    (("a", "b", "c"), 10.0, [6.0, 6.0, 3.0], ValueError, r"add up to 15.0.*full"),
+    (("a", "b", "a"), 10.0, [3.0, 3.0, 3.0], ValueError, r"distinct.*\['a'\]"),
+    (("a", "b", "c"), 10.0, [3.0, 3.0], ValueError, r"one entry per name \(3"),
+    (("a", "b", "c"), np.inf, [3.0, 3.0, 3.0], ValueError, "full"),
+    (("a", "b", "c"), 0.0, [0.0, 0.0, 0.0], ValueError, "full"),
+    (("a", "b", "c"), np.nan, [3.0, 3.0, 3.0], ValueError, "full"),
+    ("abc", 10.0, [3.0, 3.0, 3.0], TypeError, "names"),
+    (("a", "b", "c"), 10.0, ["x", "y", "z"], TypeError, "saving"),
+  ],
+)
+def test_detach_costs_are_checked(names, full, saving, error, match):
+  with pytest.raises(error, match=match):
+    rgft_jax.DetachCosts(
+      names, full, np.array(saving) if error is ValueError else saving
+    )
+
+
+def test_detach_costs_keep_negative_savings_and_predict_by_hand():
+  costs = rgft_jax.DetachCosts(("a", "b"), 10, [4, -0.5])  # b costs a little.
+  assert costs.saving.dtype == np.float64 and costs.full == 10.0
+  assert costs.step({"a", "b"}) == costs.floor == 6.5
+  assert costs.step(["a", "a"]) == 6.0  # A set: "a" saves once.
+
+
+def test_unknown_component_names_are_named_with_the_known_ones():
+  costs = _costs()
+  with pytest.raises(ValueError, match=r"\['zz'\].*\['a', 'b', 'c'\]"):
+    costs.step({"a", "zz"})
+  with pytest.raises(TypeError, match=r"string 'a'.*\{'a'\}"):
+    costs.step("a")
+  budget = rgft_jax.Budget(costs, 0.5, total_steps=10)
+  with pytest.raises(ValueError, match=r"\['blokc1'\].*\['a', 'b', 'c'\]"):
+    budget.spend(0, {"blokc1"})
+  assert budget.steps == 0 and budget.spent == 0.0  # Nothing was accounted.
+
+
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    (dict(unit=np.inf), ValueError, "unit"),
+    (dict(unit=0.0), ValueError, "unit"),
+    (dict(unit=np.nan), ValueError, "unit"),
+    (dict(unit="10"), TypeError, "unit"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=None), TypeError, "seed"),
+    (dict(hysteresis=np.inf), ValueError, "hysteresis"),
+  ],
+)
+def test_budget_arguments_are_checked(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    rgft_jax.Budget(_costs(), 0.5, total_steps=10, rule="sample", **kwargs)
+
+
+def test_spending_past_the_run_is_refused():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10)
+  for t in range(10):
+    budget.spend(t, budget.detached)
+  with pytest.raises(ValueError, match=r"spend\(10\).*total_steps=10"):
+    budget.spend(10, budget.detached)
+  assert budget.steps == 10 and budget.spent == 10 * 1.0  # Ten floors.
+
+
+def test_a_state_of_another_budget_is_refused_naming_the_field():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2)
+  budget.spend(0, budget.detached)
+  state = budget.state_dict()
+  for kwargs, field in (
+    (dict(budget=0.7), "budget"),
+    (dict(total_steps=20), "total_steps"),
+    (dict(every=3), "every"),
+    (dict(seed=1), "seed"),
+    (dict(unit=20.0), "unit"),
+  ):
+    other = rgft_jax.Budget(
+      _costs(), **{"budget": 0.5, "total_steps": 10, "every": 2, **kwargs}
+    )
+    with pytest.raises(ValueError, match=rf"another budget \({field}: "):
+      other.load_state_dict(state)
+    assert other.steps == 0  # Left as it was.
+  costs = rgft_jax.DetachCosts(("a", "b", "c"), 10.0, np.array([3.0, 2.0, 3.0]))
+  with pytest.raises(ValueError, match=r"saving: \[3.0, 3.0, 3.0\] there"):
+    rgft_jax.Budget(costs, 0.5, total_steps=10, every=2).load_state_dict(state)
+
+
+def test_a_state_round_trips_through_json_and_bad_progress_is_refused():
+  budget = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2)
+  for t in range(3):
+    if budget.due(t):
+      budget.decide(t, np.array([0.3, 0.2, 0.1]))
+    budget.spend(t, budget.detached)
+  state = json.loads(json.dumps(budget.state_dict()))  # How the harness saves it.
+  other = rgft_jax.Budget(_costs(), 0.5, total_steps=10, every=2)
+  other.load_state_dict(state)
+  assert (other.detached, other.spent, other.steps, other.decisions) == (
+    budget.detached,
+    budget.spent,
+    budget.steps,
+    budget.decisions,
+  )
+  for change, match in (
+    (dict(spent=-1.0), "spent"),
+    (dict(spent=float("nan")), "spent"),
+    (dict(steps=11), "steps"),
+    (dict(steps=-1), "steps"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      other.load_state_dict({**state, **change})
+  old = {k: v for k, v in state.items() if k != "budget_of"}
+  with pytest.raises(ValueError, match=r"lacks \['budget_of'\]"):
+    other.load_state_dict(old)

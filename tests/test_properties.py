@@ -1,9 +1,13 @@
 """Invariants of the RGFT transformation, on inputs drawn by hypothesis."""
 
+import functools
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from _reference import admit
 from hypothesis import event
 from hypothesis import given
 from hypothesis import settings
@@ -21,11 +25,15 @@ _min_scale = st.floats(2**-10, 1.0, width=32)
 _thresh = st.floats(2**-4, 1.0, width=32)
 
 
-def _setup(n, thresh, min_scale, beta=0.9):
+def _setup(n, thresh, min_scale, beta=0.9, outlier_ratio=10.0):
   params = {f"c{i}": jnp.ones(2) for i in range(n)}
   comps = rgft_jax.Components.from_regex(params, [(r"(c\d+)", r"\1")])
   tx = rgft_jax.scale_by_residual_error(
-    comps, beta=beta, thresh=thresh, min_scale=min_scale
+    comps,
+    beta=beta,
+    thresh=thresh,
+    min_scale=min_scale,
+    outlier_ratio=outlier_ratio,
   )
   return params, tx
 
@@ -66,7 +74,8 @@ def test_alpha_is_invariant_to_scaling_the_map(values, thresh, min_scale, c):
 @_settings
 @given(_maps, st.floats(0.0, 0.99), st.integers(1, 6))
 def test_ema_of_a_constant_map_is_the_map(values, beta, steps):
-  params, tx = _setup(len(values), 0.5, 0.01, beta=beta)
+  # Without outlier clipping (a ratio above 10 between entries is clipped).
+  params, tx = _setup(len(values), 0.5, 0.01, beta=beta, outlier_ratio=np.inf)
   state = tx.init(params)
   for _ in range(steps):
     _, state = _step(params, tx, state, values)
@@ -210,11 +219,20 @@ def _setup_three():
 
 
 def _check_alpha(tx, params, kwargs, maps):
-  """Finite multipliers in [min_scale, 1]; exactly 1 for the first map's largest."""
+  """Finite multipliers in [min_scale, 1]; exactly 1 for the first map's largest.
+
+  A negative value is refused naming its component, then passed as 0.
+  """
   min_scale = np.float32(kwargs.get("min_scale", 0.01))
   state = tx.init(params)
   for t, values in enumerate(maps):
     error_map = {f"c{i}": np.float32(v) for i, v in enumerate(values)}
+    negative = [k for k, v in error_map.items() if np.isfinite(v) and v < 0]
+    if negative:
+      with pytest.raises(ValueError, match=rf"error_map\['{negative[0]}'\]"):
+        tx.update(params, state, params, error_map=error_map)
+      error_map = {k: max(v, np.float32(0)) for k, v in error_map.items()}
+      values = [max(v, 0.0) for v in values]
     _, state = tx.update(params, state, params, error_map=error_map)
     alpha = np.asarray(residual_error_state(state).alpha)
     assert np.all(np.isfinite(alpha)), alpha
@@ -254,3 +272,121 @@ def test_rgft_raises_naming_a_bad_hyperparameter_or_keeps_alpha_sound(kwargs, ma
   assert not bad, bad
   event("constructed")
   _check_alpha(tx, params, kwargs, maps)
+
+
+# The rules for the numbers entering the EMA, under jit, against a float64 reference.
+
+_CONFIGS = (  # beta, thresh, min_scale, outlier_ratio
+  (0.9, 0.3, 0.01, 10.0),
+  (0.5, 1.0, 0.05, 3.0),
+  (0.0, 0.1, 0.2, 1e30),
+)
+_N = 4
+_f32 = lambda v: float(np.float32(v))  # noqa: E731
+_entries = st.one_of(
+  st.floats(_f32(1e30), float(_F32.max), width=32),  # Huge.
+  # Tiny: subnormal (counting as 0), or normal but far from the subnormal edge,
+  # where XLA may flush a product and the float64 reference does not.
+  st.sampled_from([1e-45, 1e-40, 1e-30]),
+  st.floats(_f32(1e-3), _f32(1e3), width=32),  # Ordinary.
+  st.just(0.0),
+  st.floats(-float(_F32.max), _f32(-1e-40), width=32),  # Negative.
+  st.sampled_from([np.nan, np.inf, -np.inf]),
+)
+
+
+@functools.cache
+def _jitted(config):
+  beta, thresh, min_scale, ratio = config
+  params, tx = _setup(_N, thresh, min_scale, beta=beta, outlier_ratio=ratio)
+  names = [f"c{i}" for i in range(_N)]
+
+  @jax.jit
+  def step(state, values):
+    error_map = dict(zip(names, values, strict=True))
+    return tx.update(params, state, error_map=error_map)[1]
+
+  return tx.init(params), step
+
+
+def _reference_alpha(ema, seen, thresh, min_scale):
+  """DESIGN.md's multiplier in float64 (1 while nothing is positive).
+
+  An EMA below float32's smallest normal number counts as 0 (documented).
+  """
+  ema = np.where(np.asarray(ema) >= _F32.tiny, ema, 0.0)
+  top = max([e for e, s in zip(ema, seen, strict=True) if s], default=0.0)
+  if top == 0.0:  # No signal.
+    return np.ones(len(ema))
+  alpha = np.clip(np.asarray(ema) / (thresh * top), min_scale, 1.0)
+  return np.where(seen, alpha, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  st.sampled_from(_CONFIGS),
+  st.lists(st.lists(_entries, min_size=_N, max_size=_N), min_size=1, max_size=6),
+)
+def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, maps):
+  beta, thresh, min_scale, ratio = config
+  state, step = _jitted(config)
+  ema, seen = np.zeros(_N), np.zeros(_N, bool)
+  counts = {k: np.zeros(_N, int) for k in ("nonfinite", "negative", "clipped")}
+  maybe_clipped = np.zeros(_N, int)  # Within float32 rounding of the bound.
+  for values in maps:
+    values = np.float32(values)
+    # The reference's rule (tests/_reference.py), independent of the library.
+    admitted, nonfinite, negative, clipped, bound = admit(values, ema, seen, ratio)
+    for i, m in enumerate(admitted):
+      if m is not None:
+        ema[i] = min(beta * ema[i] + (1 - beta) * m if seen[i] else m, _F32.max)
+        seen[i] = True
+    state = step(state, jnp.asarray(values))
+    with np.errstate(invalid="ignore"):  # inf - inf where nothing is bounded.
+      gap = np.abs(values.astype(np.float64) - bound)
+    near = ~nonfinite & np.isfinite(bound) & (gap <= 1e-5 * bound)
+    for key, flag in zip(counts, (nonfinite, negative, clipped & ~near), strict=True):
+      counts[key] += flag
+    maybe_clipped += near
+    alpha = np.asarray(state.alpha)
+    assert np.all(np.isfinite(alpha)), alpha
+    assert np.all((alpha >= np.float32(min_scale)) & (alpha <= 1.0)), alpha
+    # Subnormal differences (flushed to 0 by XLA on CPU) below float32's tiny.
+    np.testing.assert_allclose(state.error_map, ema, rtol=2e-5, atol=2 * _F32.tiny)
+    np.testing.assert_allclose(
+      alpha, _reference_alpha(ema, seen, thresh, min_scale), rtol=2e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(state.nonfinite, counts["nonfinite"])
+    np.testing.assert_array_equal(state.negative, counts["negative"])
+    extra = np.asarray(state.clipped) - counts["clipped"]
+    assert np.all((extra >= 0) & (extra <= maybe_clipped)), (extra, maybe_clipped)
+    np.testing.assert_array_equal(state.observed, seen)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  st.lists(st.floats(1.0, 1.5, width=32), min_size=2, max_size=6),
+  st.floats(1.0, float(_F32.max), width=32),
+  st.sampled_from([0.5, 0.9]),
+  st.floats(1.5, 100.0),
+)
+def test_one_outlier_raises_the_largest_ema_at_most_by_beta_plus_one_minus_beta_k(
+  steady, spike, beta, ratio
+):
+  # A steady run (entries within `ratio` of each other: the EMA is the map).
+  params, tx = _setup(len(steady), 0.5, 0.01, beta=beta, outlier_ratio=ratio)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = _step(params, tx, state, steady)
+  np.testing.assert_allclose(state.error_map, np.float32(steady), rtol=1e-6)
+  top = float(np.max(state.error_map))
+  i = int(np.argmin(steady))  # The smallest component spikes.
+  _, state = _step(params, tx, state, [*steady[:i], spike * top, *steady[i + 1 :]])
+  assert float(np.max(state.error_map)) <= top * (beta + (1 - beta) * ratio) * (
+    1 + 1e-6
+  )
+  # Normal maps again: the spike's excess fades like beta ** t.
+  for _ in range(20):
+    _, state = _step(params, tx, state, steady)
+  excess = float(state.error_map[i]) - steady[i]
+  assert excess <= beta**20 * top * (beta + (1 - beta) * ratio) * (1 + 1e-5) + 1e-6

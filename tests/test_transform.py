@@ -36,6 +36,8 @@ def error_maps(steps, seed=1):
   maps[7, 2] = np.inf
   maps[12] = np.nan
   maps[:5, 3] = np.nan  # block1 unobserved for 5 steps: multiplier 1.
+  maps[9, 0] = 1e6  # An outlier: clipped (only jitted steps read rows past 2).
+  maps[15, 2] = -0.5  # Negative: clipped to 0 under jit.
   return maps[:steps]
 
 
@@ -71,6 +73,10 @@ def run_and_compare(tx, steps, hyper, wrap_update=None, clip=None):
     np.testing.assert_allclose(
       optax.tree.get(state, "error_map"), ref.ema, rtol=1e-5, atol=1e-7
     )
+    for key, counts in ref.counts.items():
+      np.testing.assert_array_equal(
+        getattr(rgft_jax.residual_error_state(state), key), counts, err_msg=key
+      )
     for k in SHAPES:
       np.testing.assert_allclose(params[k], ref.params[k], rtol=1e-4, atol=1e-5)
   return state
@@ -94,6 +100,9 @@ def test_rgft_matches_reference_over_30_steps():
     return dict(lr=1e-2, beta=0.8, thresh=thresh, min_scale=0.05, wd=0.1)
 
   state = run_and_compare(tx, 30, hyper)
+  found = rgft_jax.residual_error_state(state)
+  # The spike at step 9 and the negative at step 15 went through the rules.
+  assert found.clipped[0] >= 1 and found.negative[2] == 1
   count = optax.tree.get(
     state,
     "count",
@@ -266,10 +275,12 @@ def test_the_largest_error_gets_exactly_one():
   np.testing.assert_allclose(state.alpha, _formula(values, 1.0, 0.01), rtol=1e-6)
 
 
-def test_huge_and_signed_error_values_stay_finite():
+def test_huge_error_values_stay_finite():
   params, comps = _two(3)
-  tx = rgft_jax.scale_by_residual_error(comps, beta=0.5, thresh=0.5)
-  values = [1e300, 1.0, -3e38]  # Beyond float32, finite: clipped, still largest.
+  tx = rgft_jax.scale_by_residual_error(
+    comps, beta=0.5, thresh=0.5, outlier_ratio=np.inf
+  )
+  values = [1e300, 1.0, 0.0]  # Beyond float32, finite: clipped, still largest.
   _, state = tx.update(
     params, tx.init(params), error_map=dict(zip("abc", values, strict=True))
   )
@@ -280,6 +291,166 @@ def test_huge_and_signed_error_values_stay_finite():
     _, state = tx.update(params, state, error_map={"a": big, "b": big, "c": 0.0})
   assert np.all(np.isfinite(state.error_map))
   np.testing.assert_array_equal(state.alpha[:2], [1.0, 1.0])
+
+
+def test_ema_of_values_above_half_float32s_range_does_not_overflow():
+  # Under jit, XLA turned 0.5 * e + 0.5 * m into 0.5 * (e + m): inf, then max.
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, beta=0.5)
+  step = jax.jit(lambda s, m: tx.update(params, s, error_map=m)[1])
+  big = [2.0**127, 1.5 * 2.0**127]
+  state = step(tx.init(params), {"a": big[0], "b": big[1], "c": 1.0})
+  state = step(state, {"a": big[1], "b": big[0], "c": 1.0})
+  np.testing.assert_allclose(state.error_map, [1.25 * 2.0**127] * 2 + [1.0])
+
+
+# Numbers entering the EMA: the documented rules, against hand computations.
+
+
+def _ema_after(first, later, beta, steps):
+  """EMA of `first` followed by `steps` maps of `later`, in closed form."""
+  return later + (first - later) * beta**steps
+
+
+def test_a_huge_first_value_is_clipped_and_fades():
+  # Was: ema_a = 3e38 * 0.9**t, the others at min_scale for ~800 steps.
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, beta=0.9, thresh=0.5)
+  state = tx.init(params)
+  _, state = tx.update(params, state, error_map={"a": 3e38, "b": 0.5, "c": 0.4})
+  # No EMA yet: a is clipped to 10 times the largest other entry (0.5).
+  np.testing.assert_allclose(state.error_map, [5.0, 0.5, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(state.alpha, [1.0, 0.2, 0.16], rtol=1e-6)
+  np.testing.assert_array_equal(state.clipped, [1, 0, 0])
+  normal = {"a": 0.5, "b": 0.5, "c": 0.4}
+  for _ in range(30):
+    _, state = tx.update(params, state, error_map=normal)
+  ema_a = _ema_after(5.0, 0.5, 0.9, 30)  # 0.69
+  np.testing.assert_allclose(state.error_map, [ema_a, 0.5, 0.4], rtol=1e-5)
+  expected = np.clip(np.array([ema_a, 0.5, 0.4]) / (0.5 * ema_a), 0.01, 1.0)
+  np.testing.assert_allclose(state.alpha, expected, rtol=1e-5)
+  assert np.all(state.alpha[1:] > 0.9)  # Back near 1, not pinned at 0.01.
+  np.testing.assert_array_equal(state.clipped, [1, 0, 0])
+
+
+def test_a_spike_raises_the_largest_ema_by_at_most_beta_plus_one_minus_beta_k():
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, beta=0.9, thresh=0.5, outlier_ratio=4)
+  state = tx.init(params)
+  steady = {"a": 1.0, "b": 0.5, "c": 0.2}
+  for _ in range(3):
+    _, state = tx.update(params, state, error_map=steady)
+  _, state = tx.update(params, state, error_map={**steady, "a": 1e6})
+  # Clipped to 4 * max(largest EMA 1.0, largest other entry 0.5) = 4.
+  np.testing.assert_allclose(state.error_map[0], 0.9 * 1.0 + 0.1 * 4.0, rtol=1e-6)
+  np.testing.assert_allclose(state.alpha[2], 0.2 / (0.5 * 1.3), rtol=1e-6)
+  np.testing.assert_array_equal(state.clipped, [1, 0, 0])
+  # Two components rising together are a change of scale: not clipped.
+  _, state = tx.update(params, state, error_map={"a": 1e3, "b": 1e3, "c": 0.2})
+  np.testing.assert_allclose(state.error_map[:2], [1.17 + 100.0, 0.45 + 100.0])
+  np.testing.assert_array_equal(state.clipped, [1, 0, 0])
+
+
+@pytest.mark.parametrize(
+  "value", [-5.0, np.float32(-1e-30), np.float64(-3e38), jnp.float32(-2.0)]
+)
+def test_a_negative_error_value_is_refused_eagerly_naming_it(value):
+  params, comps = _two(3)
+  tx = rgft_jax.rgft(1e-3, comps)
+  state = tx.init(params)
+  error_map = {"a": value, "b": 1.0, "c": 0.5}
+  with pytest.raises(ValueError, match=r"error_map\['a'\] = -.*>= 0|>= 0.*\['a'\]"):
+    tx.update(params, state, params, error_map=error_map)
+
+
+def test_negative_error_values_under_jit_are_clipped_to_zero_and_counted():
+  # Was: ema_a = -4.4 after -5 then 1, and alpha_a = min_scale.
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps, beta=0.9, thresh=0.5)
+  step = jax.jit(lambda s, m: tx.update(params, s, error_map=m)[1])
+  state = step(tx.init(params), {"a": -5.0, "b": 1.0, "c": 0.5})
+  np.testing.assert_allclose(state.error_map, [0.0, 1.0, 0.5])
+  state = step(state, {"a": 1.0, "b": 1.0, "c": -0.0})
+  np.testing.assert_allclose(state.error_map, [0.1, 1.0, 0.45], rtol=1e-6)
+  np.testing.assert_allclose(state.alpha, [0.2, 1.0, 0.9], rtol=1e-6)
+  np.testing.assert_array_equal(state.negative, [1, 0, 0])  # -0.0 is not < 0.
+
+
+def test_ignored_non_finite_values_are_counted_per_component():
+  params, comps = _two(3)
+  tx = rgft_jax.scale_by_residual_error(comps)
+  state = tx.init(params)
+  for m in ([np.nan, 1.0, np.inf], [1.0, 1.0, -np.inf], [np.nan, 2.0, 1.0]):
+    _, state = tx.update(params, state, error_map=dict(zip("abc", m, strict=True)))
+  np.testing.assert_array_equal(state.nonfinite, [2, 0, 2])
+  np.testing.assert_array_equal(state.negative + state.clipped, [0, 0, 0])
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, -1.0, np.nan, "10"])
+def test_outlier_ratio_is_checked(ratio):
+  _, comps = _two(3)
+  error = TypeError if isinstance(ratio, str) else ValueError
+  with pytest.raises(error, match="outlier_ratio must"):
+    rgft_jax.scale_by_residual_error(comps, outlier_ratio=ratio)
+  with pytest.raises(error, match="outlier_ratio must"):
+    rgft_jax.rgft(1e-3, comps, outlier_ratio=ratio)
+
+
+def test_a_state_from_another_optimizer_is_refused():
+  params, comps = _two(3)
+  tx = rgft_jax.rgft(1e-3, comps)
+  error_map = {"a": 1.0, "b": 0.5, "c": 0.1}
+  for other in (optax.adam(1e-3), optax.adamw(1e-3), optax.sgd(1e-3)):
+    with pytest.raises(TypeError, match=r"ScaleByResidualErrorState.*tx.init"):
+      tx.update(params, other.init(params), params, error_map=error_map)
+  bare = rgft_jax.scale_by_residual_error(comps)
+  with pytest.raises(TypeError, match=r"ScaleByAdamState.*own init"):
+    bare.update(params, optax.scale_by_adam().init(params), error_map=error_map)
+  # The state of RGFT over other components.
+  small, small_comps = _two(2)
+  theirs = rgft_jax.scale_by_residual_error(small_comps).init(small)
+  with pytest.raises(ValueError, match=r"shape \(2,\).*3 components \['a', 'b', 'c'\]"):
+    bare.update(params, theirs, error_map=error_map)
+
+
+@pytest.mark.parametrize(
+  "schedule, error",
+  [
+    (lambda c: jnp.nan, ValueError),
+    (lambda c: jnp.inf, ValueError),
+    (lambda c: -1.0, ValueError),
+    (lambda c: jnp.ones(2) * 1e-3, ValueError),
+    (lambda c: "0.1", TypeError),
+    # Fine at 0, NaN from the end of the threshold's warmup on.
+    (lambda c: jnp.where(c < 10, 1e-3, jnp.nan), ValueError),
+  ],
+)
+def test_a_learning_rate_schedule_is_checked_when_made(schedule, error):
+  _, comps = _two(3)
+  with pytest.raises(error, match=r"learning_rate \(a schedule, at update count"):
+    rgft_jax.rgft(schedule, comps, warmup_steps=10)
+
+
+@pytest.mark.parametrize(
+  "schedule",
+  [lambda c: jnp.nan, lambda c: -0.1, lambda c: 1.5, lambda c: jnp.full(3, 0.2)],
+)
+def test_a_threshold_schedule_is_checked_when_made(schedule):
+  _, comps = _two(3)
+  with pytest.raises(ValueError, match=r"thresh \(a schedule, at update count 0"):
+    rgft_jax.scale_by_residual_error(comps, thresh=schedule)
+  with pytest.raises(ValueError, match=r"thresh \(a schedule"):
+    rgft_jax.rgft(1e-3, comps, thresh=schedule)
+
+
+def test_a_threshold_schedule_that_turns_into_a_vector_is_refused_when_run():
+  params, comps = _two(3)
+  schedule = lambda c: 0.5 if int(c) == 0 else jnp.full(3, 0.5)  # noqa: E731
+  tx = rgft_jax.scale_by_residual_error(comps, thresh=schedule)
+  error_map = {"a": 1.0, "b": 0.5, "c": 0.1}
+  _, state = tx.update(params, tx.init(params), error_map=error_map)
+  with pytest.raises(ValueError, match=r"thresh must be a scalar.*shape \(3,\)"):
+    tx.update(params, state, error_map=error_map)
 
 
 def test_rgft_takes_a_constant_threshold():
