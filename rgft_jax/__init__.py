@@ -4,6 +4,7 @@ from rgft_jax._budget import Budget
 from rgft_jax._budget import DetachCosts
 from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
+from rgft_jax._costs import flops_of
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
@@ -25,6 +26,7 @@ __all__ = (
   "SparseTrainStep",
   "StepVariants",
   "detach_costs",
+  "flops_of",
   "linear_threshold",
   "residual_error_state",
   "rgft",

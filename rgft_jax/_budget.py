@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
+from rgft_jax._costs import flops_of
 from rgft_jax._validation import in_range
 from rgft_jax._validation import number
 
@@ -120,14 +120,6 @@ class DetachCosts:
     return max((abs(m - p) / m for _, m, p in self.checks), default=0.0)
 
 
-def _flops(fn: Callable[..., Any], args: Sequence[Any], compiled: bool) -> float:
-  lowered = jax.jit(fn).lower(*args)
-  analysis = (lowered.compile() if compiled else lowered).cost_analysis()
-  if isinstance(analysis, list | tuple):
-    analysis = analysis[0]
-  return float(analysis["flops"])
-
-
 def detach_costs(
   step: Callable[..., Any],
   names: Sequence[str],
@@ -167,7 +159,7 @@ def detach_costs(
 
   def flops(detached):
     fn = lambda *a: step(*a, detached=frozenset(detached))  # noqa: E731
-    return _flops(fn, args, compiled)
+    return flops_of(fn, *args, compiled=compiled)
 
   full = flops(())
   saving = np.zeros(len(names), np.float64)

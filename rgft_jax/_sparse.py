@@ -27,6 +27,7 @@ from flax import nnx
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
 from rgft_jax._components import path_str
+from rgft_jax._costs import flops_of
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
@@ -309,7 +310,8 @@ class StepVariants:
     if key in self._cache:
       self._cache.move_to_end(key)
       return self._cache[key]
-    fn = jax.jit(self.make(variant), donate_argnums=self.donate_argnums)
+    step = self.make(variant)
+    fn = jax.jit(step, donate_argnums=self.donate_argnums)
     compiled = fn.lower(*args).compile()
     self.compilations += 1
     if self.compilations == self.warn_after + 1:
@@ -321,7 +323,10 @@ class StepVariants:
         stacklevel=2,
       )
     self._cache[key] = compiled
-    self._costs[key] = compiled_cost(compiled)
+    self._costs[key] = (
+      flops_of(step, *args, compiled=True),
+      compiled_cost(compiled)[1],
+    )
     if len(self._cache) > self.max_variants:
       self._cache.popitem(last=False)
     return compiled
@@ -331,7 +336,9 @@ class StepVariants:
     return (variant, _signature(args)) in self._cache
 
   def cost(self, variant: Hashable, *args: Any) -> tuple[float, int]:
-    """(FLOPs, peak bytes) of the compiled step of `variant` for `args`."""
+    """(FLOPs, peak bytes) of the compiled step of `variant` for `args`
+    (`flops_of`: scans counted in full; a runtime-gated step's count holds
+    both sides of each gate)."""
     key = (variant, _signature(args))
     if key not in self._costs:
       self.compiled(variant, *args)
@@ -344,7 +351,9 @@ class StepVariants:
 def compiled_cost(compiled: Any) -> tuple[float, int]:
   """(FLOPs, peak bytes) of a compiled computation, as XLA counts them.
 
-  Peak bytes are arguments + outputs - aliased + temporaries.
+  Peak bytes are arguments + outputs - aliased + temporaries. XLA counts a
+  while loop's body once, so the FLOPs of a scan over layers are those of
+  one layer: use `flops_of` on the function for those.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list | tuple):

@@ -1,9 +1,13 @@
 """The fine-tuning methods of the language-model study, one registry entry each.
 
-Every method starts from the pretrained decoder in the looped layout (one
-module per layer, so that detaching a layer's branch drops its backward pass;
-inside `nnx.scan` it would only be masked), with parameters as a pure dict
-(`nnx.to_pure_dict`). A `Method` says how to initialise what it trains, how
+Full fine-tuning and the RGFT methods train the pretrained decoder in its
+scanned layout (`nnx.scan` over stacked layers, as LLM code stacks them);
+budgeted RGFT detaches branches at run time there (`rgft_jax.train_step` with
+a boolean array), so a layer's detached branch skips its backward pass inside
+the scan and one compiled step serves every detached set. LISA and LoRA,
+which close over held parameters per layer, train the looped layout (one
+module per layer). Parameters are pure dicts (`nnx.to_pure_dict`); trained
+parameters are evaluated in the looped layout (`Method.to_params`). A `Method` says how to initialise what it trains, how
 to build the train step of a variant, how its trained tree becomes the
 decoder's parameters, and which policy picks each step's variant. The
 learning rate lives in the optimizer state (`optax.inject_hyperparams`), so
@@ -101,6 +105,20 @@ class Setup:
   example: np.ndarray  # A training batch, int32 [B, T + 1].
   cfg: Any
   costs: vision_methods.Costs | None = None
+  scanned: Decoder | None = None  # The same decoder, layers scanned.
+
+  def layout(self, scan: bool) -> tuple[Decoder, dict[str, Any]]:
+    """(decoder, pretrained params) in the scanned layout, where there is
+    one and `scan`, else in the looped one."""
+    if scan and self.scanned is not None:
+      return self.scanned, lm.stack_layers(self.params)
+    return self.decoder, self.params
+
+  def to_looped(self, scan: bool) -> Callable[[Any], dict[str, Any]]:
+    """Trained params of `layout(scan)` -> the looped layout's."""
+    if scan and self.scanned is not None:
+      return lm.unstack_layers
+    return lambda tree: tree
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,6 +136,10 @@ class Method:
       so they can share compiled steps (`full`, `full@b` and `lisa`, say).
     components: the RGFT components, if any.
     steps: the steps it runs when not the study's (equal-FLOPs baselines).
+    runtime: with these step costs, the detached set is decided at run
+      time: `make_step(RUNTIME)` takes it as a fourth argument, a boolean
+      array over `components.names`, and a step is charged
+      `runtime.step(variant)` FLOPs (XLA counts both sides of each gate).
   """
 
   name: str
@@ -128,6 +150,15 @@ class Method:
   family: str
   components: rgft_jax.Components | None = None
   steps: int | None = None
+  runtime: rgft_jax.DetachCosts | None = None
+
+  def flags(self, variant: frozenset[str]) -> np.ndarray:
+    """`variant` as a runtime step's boolean array."""
+    assert self.components is not None
+    return np.array([n in variant for n in self.components.names], bool)
+
+
+RUNTIME = "runtime"  # The variant key of a runtime-gated step.
 
 
 def key_of(path) -> str:
@@ -187,13 +218,14 @@ def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
 
 def _full(setup: Setup, name: str, budget: float | None) -> Method:
   steps = None if budget is None else max(1, round(budget * setup.cfg.steps))
+  decoder, params = setup.layout(scan=True)
   return Method(
     name,
-    lambda lr, seed: (setup.params, _adam(lr).init(setup.params)),
-    lambda variant: _adam_step(setup.decoder, _adam(1.0), variant),
-    lambda tree: tree,
+    lambda lr, seed: (params, _adam(lr).init(params)),
+    lambda variant: _adam_step(decoder, _adam(1.0), variant),
+    setup.to_looped(scan=True),
     _no_policy,
-    "adam",
+    "adam:scan",
     steps=steps,
   )
 
@@ -295,7 +327,8 @@ def is_branch(path: tuple[str, ...], module: Any) -> bool:
 
 
 def _components(setup: Setup, select) -> tuple[rgft_jax.ErrorTracker, Any]:
-  model = setup.decoder(setup.params)
+  decoder, params = setup.layout(scan=True)
+  model = decoder(params)
   tracker = rgft_jax.ErrorTracker(model, select=select)
   comps = tracker.components(nnx.state(model, nnx.Param), setup.example[:, :-1])
   return tracker, comps
@@ -322,30 +355,45 @@ def _rgft_tx(setup: Setup, comps) -> Callable[[float], Any]:
 
 
 def tracked_step(decoder: Decoder, tracker, tx, comps, detached) -> Step:
-  """`rgft_jax.train_step` (NNX) as a pure step, with `detached` detached."""
+  """`rgft_jax.train_step` (NNX) as a pure step, with `detached` detached.
+
+  With `detached=RUNTIME` the step takes the detached set as a fourth
+  argument, a boolean array over `comps.names` (runtime gating).
+  """
   sparse = rgft_jax.train_step(tracker, None, lm.loss, comps, has_aux=True)
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, flags=None):
     model = decoder(params)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # Its init is unused.
     nnx.update(optimizer.opt_state, nnx.state(opt_state))
-    nats, _ = sparse(model, optimizer, batch, detached=detached)
+    gate = flags if detached == RUNTIME else detached
+    nats, _ = sparse(model, optimizer, batch, detached=gate)
     return params_of(model), nnx.as_pure(optimizer.opt_state), {"loss": nats}
 
   return step
 
 
-def _tracked(setup: Setup, name: str, tracker, comps, policy, family: str) -> Method:
+def _tracked(
+  setup: Setup,
+  name: str,
+  tracker,
+  comps,
+  policy,
+  family: str,
+  runtime: rgft_jax.DetachCosts | None = None,
+) -> Method:
   """RGFT over `comps`, measured by `tracker`, detaching what `policy` says."""
   tx_of = _rgft_tx(setup, comps)
+  decoder, params = setup.layout(scan=True)
   return Method(
     name,
-    lambda lr, seed: (setup.params, tx_of(lr).init(setup.params)),
-    lambda variant: tracked_step(setup.decoder, tracker, tx_of(1.0), comps, variant),
-    lambda tree: tree,
+    lambda lr, seed: (params, tx_of(lr).init(params)),
+    lambda variant: tracked_step(decoder, tracker, tx_of(1.0), comps, variant),
+    setup.to_looped(scan=True),
     policy,
     family,
     components=comps,
+    runtime=runtime,
   )
 
 
@@ -391,7 +439,9 @@ def _budgeted(rule: str):
         )
       )
 
-    return _tracked(setup, name, tracker, comps, policy, "rgft:branches")
+    gated = costs.detach if setup.scanned is not None else None
+    family = "rgft:branches:runtime" if gated is not None else "rgft:branches"
+    return _tracked(setup, name, tracker, comps, policy, family, gated)
 
   return build
 
@@ -467,16 +517,18 @@ def measure_costs(setup: Setup) -> vision_methods.Costs:
 
   `full` is a plain full fine-tuning step (the unit of every budget), `lisa`
   a LISA step training one layer, `detach` what detaching each branch of the
-  tracked step saves (`rgft_jax.detach_costs`).
+  tracked step saves (`rgft_jax.detach_costs`; in the scanned layout a
+  layer's branch is charged its share of the branch detached in every
+  layer, what a runtime-gated step skips). Each in the layout its method
+  trains.
   """
-  decoder, params, batch = setup.decoder, setup.params, setup.example
+  batch = setup.example
   adam = _adam(1.0)
-  state = adam.init(params)
 
-  def flops(step):
-    analysis = jax.jit(step).lower(params, state, batch).cost_analysis()
-    return float(analysis["flops"])
+  def flops(step, params):
+    return rgft_jax.flops_of(step, params, adam.init(params), batch)
 
+  decoder, params = setup.layout(scan=True)
   held = frozenset(f"layers/{i}" for i in range(1, decoder.cfg.n_layers))
   tracker, comps = _components(setup, is_branch)
   tx = _rgft_tx(setup, comps)(1.0)
@@ -484,9 +536,16 @@ def measure_costs(setup: Setup) -> vision_methods.Costs:
   def step(params, opt_state, batch, detached):
     return tracked_step(decoder, tracker, tx, comps, detached)(params, opt_state, batch)
 
-  detach = rgft_jax.detach_costs(step, comps.names, params, tx.init(params), batch)
+  detach = rgft_jax.detach_costs(
+    step,
+    comps.names,
+    params,
+    tx.init(params),
+    batch,
+    groups=tracker.layer_groups,
+  )
   return vision_methods.Costs(
     detach,
-    flops(_adam_step(decoder, adam, frozenset())),
-    flops(_adam_step(decoder, adam, held)),
+    flops(_adam_step(decoder, adam, frozenset()), params),
+    flops(_adam_step(setup.decoder, adam, held), setup.params),
   )

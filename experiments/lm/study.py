@@ -306,7 +306,13 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
     f"pretrained: source test {before['source_test']:.3f}, target test "
     f"{before['test']:.3f} bits/byte"
   )
-  setup = methods_lib.Setup(decoder, params, train_batches(cfg, 0)[0], cfg)
+  setup = methods_lib.Setup(
+    decoder,
+    params,
+    train_batches(cfg, 0)[0],
+    cfg,
+    scanned=methods_lib.Decoder(pretrain_lib.model_config(cfg)),
+  )
   if any(methods_lib.needs_costs(n) for n in names):
     setup = dataclasses.replace(setup, costs=methods_lib.measure_costs(setup))
   runs, search, unavailable = [], {}, {}

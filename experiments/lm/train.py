@@ -74,16 +74,19 @@ def run(
   for step in range(steps):
     batch = batches[step]
     variant = policy.variant(step, opt_state)
-    if not variants.has(variant, tree, opt_state, batch):
+    key, extra = variant, ()
+    if method.runtime is not None:  # One compiled step takes every set.
+      key, extra = methods_lib.RUNTIME, (method.flags(variant),)
+    if not variants.has(key, tree, opt_state, batch, *extra):
       jax.block_until_ready(tree)
       wall += time.perf_counter() - tic  # Compilation is reported, not timed.
-      variants.compiled(variant, tree, opt_state, batch)
+      variants.compiled(key, tree, opt_state, batch, *extra)
       compilations += 1
       tic = time.perf_counter()
     name = _variant_name(variant)
     counts[name] = counts.get(name, 0) + 1
     members[name] = variant
-    tree, opt_state, metrics = variants(variant, tree, opt_state, batch)
+    tree, opt_state, metrics = variants(key, tree, opt_state, batch, *extra)
     policy.spend(step, variant)
     if (step + 1) % log_every == 0 or step + 1 == steps:
       jax.block_until_ready(tree)
@@ -99,7 +102,12 @@ def run(
   wall += time.perf_counter() - tic
   flops, peak = {}, 0
   for name, variant in members.items():
-    f, p = variants.cost(variant, tree, opt_state, batches[0])
+    if method.runtime is not None:  # Charged full minus what it skipped.
+      extra = (method.flags(variant),)
+      _, p = variants.cost(methods_lib.RUNTIME, tree, opt_state, batches[0], *extra)
+      f = method.runtime.step(variant)
+    else:
+      f, p = variants.cost(variant, tree, opt_state, batches[0])
     flops[name], peak = f, max(peak, p)
   record = {
     "method": method.name,
