@@ -127,20 +127,24 @@ def run_case(label, case, args):
   sets = {f: frozenset(names[i] for i in order[: round(f * n)]) for f in FRACTIONS}
   flags = {f: jnp.asarray([m in sets[f] for m in names]) for f in FRACTIONS}
   configs = {}  # (mode, fraction) -> callable of no arguments.
+  peak = {}  # (mode, fraction) -> peak bytes of the compiled step.
   tic = time.perf_counter()
   plain = jax.jit(lambda *a: step(*a, detached=frozenset())).lower(*state, *data)
   plain = plain.compile()
   configs[("plain", 0.0)] = lambda: plain(*state, *data)
+  peak[("plain", 0.0)] = rgft_jax.peak_bytes(plain)
   for mode, recompute in (("runtime", False), ("recompute", True)):
     gated = make_step(recompute)
     fn = jax.jit(lambda *a, gated=gated: gated(*a[:-1], detached=a[-1]))
     compiled = fn.lower(*state, *data, flags[0.0]).compile()
     for f in FRACTIONS:
       configs[(mode, f)] = lambda c=compiled, f=f: c(*state, *data, flags[f])
+      peak[(mode, f)] = rgft_jax.peak_bytes(compiled)
   for f in FRACTIONS:
     fn = jax.jit(lambda *a, d=sets[f]: step(*a, detached=d))
     compiled = fn.lower(*state, *data).compile()
     configs[("compiled", f)] = lambda c=compiled: c(*state, *data)
+    peak[("compiled", f)] = rgft_jax.peak_bytes(compiled)
   compile_s = time.perf_counter() - tic
   times = {key: [] for key in configs}
   for fn in configs.values():  # Warm-up.
@@ -162,11 +166,14 @@ def run_case(label, case, args):
         "seconds": seconds,
         "time_vs_plain": seconds / base,
         "time_minus_flops": seconds / base - predicted,
+        "peak_bytes": peak[(mode, f)],
+        "peak_vs_plain": peak[(mode, f)] / peak[("plain", 0.0)],
       }
     )
     print(
       f"{label:10s} {mode:9s} {f:5.2f}  flops {predicted:5.3f}  "
-      f"{seconds * 1e3:8.1f} ms  time {seconds / base:5.3f}",
+      f"{seconds * 1e3:8.1f} ms  time {seconds / base:5.3f}  "
+      f"peak {peak[(mode, f)] / peak[('plain', 0.0)]:5.3f}",
       flush=True,
     )
   return {

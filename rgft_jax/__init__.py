@@ -5,6 +5,7 @@ from rgft_jax._budget import DetachCosts
 from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
 from rgft_jax._costs import flops_of
+from rgft_jax._costs import peak_bytes
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
@@ -28,6 +29,7 @@ __all__ = (
   "detach_costs",
   "flops_of",
   "linear_threshold",
+  "peak_bytes",
   "residual_error_state",
   "rgft",
   "scale_by_residual_error",

@@ -93,3 +93,15 @@ def flops_of(fn: Callable[..., Any], *args: Any, compiled: bool = False) -> floa
   """
   lowered = lowered_unrolled(fn, *args)
   return cost_flops((lowered.compile() if compiled else lowered).cost_analysis())
+
+
+def peak_bytes(compiled: Any) -> int:
+  """Peak memory of a compiled computation as XLA plans it: arguments +
+  outputs - aliased + temporaries (`jax.jit(f).lower(...).compile()`)."""
+  mem = compiled.memory_analysis()
+  return int(
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+  )

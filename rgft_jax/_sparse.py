@@ -27,7 +27,9 @@ from flax import nnx
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
 from rgft_jax._components import path_str
+from rgft_jax._costs import cost_flops
 from rgft_jax._costs import flops_of
+from rgft_jax._costs import peak_bytes
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
@@ -355,17 +357,7 @@ def compiled_cost(compiled: Any) -> tuple[float, int]:
   while loop's body once, so the FLOPs of a scan over layers are those of
   one layer: use `flops_of` on the function for those.
   """
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, list | tuple):
-    analysis = analysis[0]
-  mem = compiled.memory_analysis()
-  peak = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    - mem.alias_size_in_bytes
-    + mem.temp_size_in_bytes
-  )
-  return float(analysis.get("flops", 0.0)), int(peak)
+  return cost_flops(compiled.cost_analysis()), peak_bytes(compiled)
 
 
 MODES = ("runtime", "compiled")
