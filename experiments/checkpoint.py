@@ -148,6 +148,9 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
+_quiet_abandoned_reads()  # Here too: the echoes may come after a restore returns.
+
+
 def restore(ckpt_dir: str, abstract: Any, sig: dict[str, Any]):
   """`(state, log)` of the newest whole checkpoint in `ckpt_dir`, or None if none.
 
