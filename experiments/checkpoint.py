@@ -245,17 +245,22 @@ class _DropWriteFailures(logging.Filter):
     )
 
 
+_QUIET = _DropWriteFailures()
+
+
 @contextlib.contextmanager
 def writing(what: str, where: str, then: str = ""):
   """Turns a full disk while writing `what` to `where` into one clear OSError.
 
   Orbax writes from background threads, and each one logs its own traceback
-  of the failure; those are dropped (only while inside this block) and the
-  error is raised once, naming the file system's complaint and what to do.
+  of the failure; while inside this block those are dropped, and after a
+  failure for the rest of the process (the failed save's other writers go on
+  failing as it ends). The error is raised once, naming the file system's
+  complaint and what to do.
   """
   log = logging.getLogger("absl")
-  quiet = _DropWriteFailures()
-  log.addFilter(quiet)
+  held = _QUIET in log.filters
+  log.addFilter(_QUIET)
   try:
     yield
   except Exception as e:
@@ -266,11 +271,11 @@ def writing(what: str, where: str, then: str = ""):
       code = next((c for c in _NO_ROOM if os.strerror(c) in str(e)), errno.ENOSPC)
     raise OSError(
       code,
-      f"Cannot write {what} to {where}: {e}. Free disk "
-      f"space (or raise the file-size limit) and run again{then}.",
+      f"Cannot write {what} to {where}: {e}. Free disk space (or raise the "
+      f"file-size limit) and run again{then}.",
     ) from None
-  finally:
-    log.removeFilter(quiet)
+  if not held:
+    log.removeFilter(_QUIET)
 
 
 def save_cached(where: str, tree: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +350,8 @@ class Checkpoints:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     found = restore(self.dir, abstract, self.sig)
     self._saved = None if found is None else found[1]["step"]
+    # Writes fail in the background; `_finish` raises the one message for it.
+    logging.getLogger("absl").addFilter(_QUIET)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=2, save_interval_steps=self.every
     )
@@ -393,3 +400,4 @@ class Checkpoints:
   def close(self) -> None:
     self._finish()
     self._mngr.close()
+    logging.getLogger("absl").removeFilter(_QUIET)

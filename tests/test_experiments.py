@@ -548,10 +548,9 @@ def test_a_damaged_pretraining_cache_is_refused(tmp_path, monkeypatch):
   where, _ = finetune.pretrain_dir(cfg, "tiny")
   done_json = pathlib.Path(where, "done.json")
   done = json.loads(done_json.read_text())
-  assert done["checksum"] == train_lib.checksum(params)
   monkeypatch.setattr(train_lib, "run", lambda *a, **k: pytest.fail("trained"))
   again, _ = finetune.pretrain(cfg, "tiny", task, example)  # A whole cache is read.
-  assert train_lib.checksum(again) == done["checksum"]
+  assert train_lib.checksum(again) == train_lib.checksum(params)
   # 16 bytes flipped in the largest array file: restored by orbax, refused here.
   files = [p for p in (tmp_path / "pretrained").rglob("params/**/*") if p.is_file()]
   biggest = max(files, key=lambda p: p.stat().st_size)
@@ -563,6 +562,7 @@ def test_a_damaged_pretraining_cache_is_refused(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"cached pretraining in .* is damaged"):
     finetune.pretrain(cfg, "tiny", task, example)
   assert _listing(tmp_path) == before  # Left as it is.
+  assert done["checksum"] == train_lib.checksum(params)
   # A cache written before checksums were kept cannot be checked: refused too.
   del done["checksum"]
   done_json.write_text(json.dumps(done))
@@ -614,17 +614,21 @@ def test_a_checkpoint_of_another_seed_or_task_is_not_resumed(tmp_path):
   method = methods_lib.make(
     "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
   )
-  _run(model, method, data, test, 2, tmp_path / "seed0", seed=0, task="a")
+  _run(model, method, data, test, 2, tmp_path / "seed0", seed=0)
+  # Seed 0's checkpoint in seed 1's directory (swapped by hand): refused.
   shutil.copytree(tmp_path / "seed0" / "ckpt", tmp_path / "seed1" / "ckpt")
   before = _listing(tmp_path)
   with pytest.raises(
     ValueError, match=r"different setup.*seed: checkpoint 0, this run 1"
   ):
-    _run(model, method, data, test, 4, tmp_path / "seed1", seed=1, task="a")
+    _run(model, method, data, test, 4, tmp_path / "seed1", seed=1)
+  assert _listing(tmp_path) == before
+  _run(model, method, data, test, 2, tmp_path / "a", seed=0, task="a")
+  before = _listing(tmp_path)
   with pytest.raises(
     ValueError, match=r"different setup.*task: checkpoint a, this run b"
   ):
-    _run(model, method, data, test, 4, tmp_path / "seed0", seed=0, task="b")
+    _run(model, method, data, test, 4, tmp_path / "a", seed=0, task="b")
   assert _listing(tmp_path) == before
 
 
@@ -759,9 +763,11 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
     stdout=subprocess.PIPE,
     text=True,
   )
-  other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  other = None
   try:
     assert holder.stdout.readline() == "held\n"
+    # Started later than the holder (its start time differs), alive throughout.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     with pytest.raises(ValueError, match=f"Another study \\(pid {holder.pid}\\)"):
       with train_lib.lock(str(tmp_path)):
         pass
@@ -778,8 +784,9 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
       pass
   finally:
     for p in (holder, other):
-      p.kill()
-      p.wait()
+      if p is not None:
+        p.kill()
+        p.wait()
     holder.stdin.close()
     holder.stdout.close()
 
