@@ -342,7 +342,10 @@ def _flip(root):
   path.write_bytes(bytes(data))
 
 
-def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
+def test_a_damaged_checkpoint_is_never_trained_on(tmp_path, monkeypatch):
+  # Slow log writes, as on a loaded machine: the checkpoint at step 2 must not
+  # pick up the loss logged at step 4 while it waits to be written.
+  _slow_json_writes(monkeypatch, 0.3)
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6)
