@@ -805,6 +805,8 @@ def test_a_batch_larger_than_the_data_is_refused_before_compute(tmp_path, monkey
   with pytest.raises(ValueError, match=r"--pretrain_batch_size 100000 is larger"):
     finetune.main([f"--workdir={tmp_path}", "--pretrain_batch_size=100000"])
   # Memory: a batch whose activations cannot fit (here, in 64 MiB) is refused.
-  monkeypatch.setattr(cli, "available_memory", lambda: (2**26, "test memory"))
+  monkeypatch.setattr(
+    cli, "available_memory", lambda: (2**26, "test memory"), raising=False
+  )
   with pytest.raises(ValueError, match=r"--batch_size 512 needs at least .* GiB"):
     finetune.main([f"--workdir={tmp_path}", "--batch_size=512", "--size=S"])

@@ -263,7 +263,9 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_compute(
   tmp_path, monkeypatch
 ):
   monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("computed"))
-  monkeypatch.setattr(cli, "available_memory", lambda: (2**30, "test memory"))
+  monkeypatch.setattr(
+    cli, "available_memory", lambda: (2**30, "test memory"), raising=False
+  )
   # 1000 windows of 256 bytes, 4 layers of width 128: about 10 GiB of activations.
   argv = ["--workdir", str(tmp_path / "work"), "--batch_size", "1000"]
   with pytest.raises(ValueError, match=r"--batch_size 1000 needs at least \d+\.\d GiB"):
