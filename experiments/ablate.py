@@ -296,9 +296,12 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
   tic = time.perf_counter()
   where = os.path.join(cfg.workdir, "ablations")
   os.makedirs(where, exist_ok=True)
+  found = finetune._tasks(cfg)
+  for name in cfg.names():  # Every batch size a row trains with.
+    for row in rows(cfg, name):
+      finetune.check_sizes(dataclasses.replace(cfg, **row.overrides), found)
   tasks = [
-    finetune.prepare(cfg, n, source, target, costs=False)
-    for n, source, target in finetune._tasks(cfg)
+    finetune.prepare(cfg, n, source, target, costs=False) for n, source, target in found
   ]
   variants: dict = {}
   out = {}

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import io
 import math
+import os
 import textwrap
 import tokenize
 from typing import Any
@@ -99,3 +100,66 @@ def parse_budget(name: str, text: str) -> float:
   if not 0.0 < budget <= 1.0:
     raise ValueError(f"The budget of {name!r} must be in (0, 1], got {budget}.")
   return budget
+
+
+def check_batch(flag: str, batch: int, available: int, what: str) -> None:
+  """Raises naming `--flag` when a batch of `batch` is more than the `available`
+  examples of `what` (the training split it draws from)."""
+  if batch > available:
+    raise ValueError(
+      f"--{flag} {batch} is larger than {what} ({available} examples); use at "
+      f"most {available}."
+    )
+
+
+def activation_bytes(
+  batch: int,
+  tokens: int,
+  width: int,
+  hidden: int,
+  layers: int,
+  heads: int,
+  outputs: int = 0,
+  bytes_per: int = 4,
+) -> int:
+  """A low estimate of what a transformer's training step keeps for its backward.
+
+  Per layer and token a pre-norm block keeps at least its input and normed
+  input, q, k, v and the attention output (6 x `width`), the MLP's hidden
+  activations before and after the nonlinearity (2 x `hidden`) and a row of
+  attention weights per head (`heads` x `tokens`); the head keeps its
+  `outputs` logits and their gradient. Real steps keep more (XLA's temporaries),
+  so a step this estimate says does not fit surely does not.
+  """
+  per_token = layers * (6 * width + 2 * hidden + heads * tokens) + 2 * outputs
+  return bytes_per * batch * tokens * per_token
+
+
+def available_memory() -> tuple[int, str]:
+  """Bytes the default JAX device can still hold, and what memory that is."""
+  import jax
+
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free), f"{device.platform.upper()} memory"
+  try:
+    with open("/proc/meminfo") as f:
+      info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024, "available host memory"
+  except (OSError, KeyError, ValueError):
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages), "available host memory"
+
+
+def check_memory(flag: str, value: int, need: int, what: str) -> None:
+  """Raises naming `--flag` when `need` bytes (for `what`) exceed what the
+  device can hold, before anything is allocated."""
+  free, where = available_memory()
+  if need > free:
+    raise ValueError(
+      f"--{flag} {value} needs at least {need / 2**30:.1f} GiB for {what}, more "
+      f"than the {free / 2**30:.1f} GiB of {where}; lower --{flag} (or the "
+      "model's size)."
+    )

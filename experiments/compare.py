@@ -28,35 +28,82 @@ def interval(diffs: np.ndarray) -> tuple[float, float]:
 
 
 def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
-  """Test-accuracy differences `a - b` on the seeds both methods ran."""
+  """Test-accuracy differences `a - b` on the seeds both methods ran.
+
+  None when `a` or `b` did not run; ValueError when they share no seed, or a
+  seed of one method appears twice.
+  """
   acc: dict[str, dict[int, float]] = {}
   for r in runs:
-    acc.setdefault(r["method"], {})[r["seed"]] = r["test_accuracy"]
+    seeds = acc.setdefault(r["method"], {})
+    if r["seed"] in seeds:
+      raise ValueError(f"{r['method']} has two runs of seed {r['seed']}.")
+    seeds[r["seed"]] = r["test_accuracy"]
   if a not in acc or b not in acc:
     return None
   seeds = sorted(set(acc[a]) & set(acc[b]))
+  if not seeds:
+    raise ValueError(
+      f"{a} and {b} share no seed ({a}: seeds {sorted(acc[a])}, {b}: seeds "
+      f"{sorted(acc[b])}); a paired difference needs runs of the same seeds."
+    )
   diffs = np.array([acc[a][s] - acc[b][s] for s in seeds])
   mean, half = interval(diffs)
   return {"seeds": seeds, "diffs": diffs.tolist(), "mean": mean, "ci95": half}
 
 
+def _tasks(results: Any, path: str) -> dict[str, list[dict[str, Any]]]:
+  """The runs of each task in the study results `results` (read from `path`)."""
+  what = f"{path} is not a fine-tuning study's results.json"
+  if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
+    got = type(results).__name__
+    if isinstance(results, dict):
+      got = f"an object with keys {sorted(results)[:8]}"
+    raise ValueError(f"{what}: expected an object with 'tasks', got {got}.")
+  out = {}
+  for task, info in results["tasks"].items():
+    runs = info.get("runs") if isinstance(info, dict) else None
+    if not isinstance(runs, list) or not all(
+      isinstance(r, dict) and {"method", "seed", "test_accuracy"} <= r.keys()
+      for r in runs
+    ):
+      raise ValueError(
+        f"{what}: task {task!r} has no list of runs, each with method, seed "
+        "and test_accuracy."
+      )
+    out[task] = runs
+  return out
+
+
 def main(argv: list[str] | None = None) -> None:
+  """Prints every pair it can; exits non-zero naming each pair it could not."""
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) < 3 or len(argv) % 2 == 0:
     raise SystemExit(__doc__)
-  results = train_lib.load_json(argv[0])
+  try:
+    tasks = _tasks(train_lib.load_json(argv[0]), argv[0])
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"compare: {e}") from None
   pairs = list(zip(argv[1::2], argv[2::2], strict=True))
-  for task, info in results["tasks"].items():
+  problems = []
+  for task, runs in tasks.items():
     for a, b in pairs:
-      p = paired(info["runs"], a, b)
+      try:
+        p = paired(runs, a, b)
+      except ValueError as e:
+        problems.append(f"{task}: {e}")
+        continue
       if p is None:
-        print(f"{task}: {a} - {b}: not both in the results")
+        problems.append(f"{task}: {a} - {b}: not both in the results")
         continue
       per_seed = ", ".join(f"{d * 100:+.1f}" for d in p["diffs"])
+      half = "n/a (one seed)" if len(p["seeds"]) < 2 else f"{p['ci95'] * 100:.1f}"
       print(
-        f"{task}: {a} - {b}: {p['mean'] * 100:+.1f} pt ± {p['ci95'] * 100:.1f} "
+        f"{task}: {a} - {b}: {p['mean'] * 100:+.1f} pt ± {half} "
         f"(95% CI, seeds {p['seeds']}; per seed {per_seed})"
       )
+  if problems:
+    raise SystemExit("compare: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import accounting
+from experiments import checkpoint
 from experiments import cli
 from experiments import data as data_lib
 from experiments import methods as methods_lib
@@ -260,21 +261,16 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   """Full fine-tuning from scratch on the source task, cached in the workdir.
 
   The cache directory is named by every setting that changes the result, so
-  another setup gets its own and never reuses this one.
+  another setup gets its own and never reuses this one; a cache whose arrays
+  do not match the checksum saved with them is refused (`load_cached`).
   """
   where, settings = pretrain_dir(cfg, name)
   model, params = _init(cfg, task.num_classes, example)
-  done = os.path.join(where, "done.json")
-  if os.path.exists(done):
-    record = store.load_json(done)
-    if record.get("settings") != settings:
-      raise ValueError(f"{done} was written by another setup; it is left as it is.")
-    accuracy = record["test_accuracy"]
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
-    with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(
-        os.path.abspath(os.path.join(where, "params")), abstract
-      ), accuracy
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+  found = checkpoint.load_cached(where, abstract, settings, "pretraining")
+  if found is not None:
+    params, record = found
+    return params, record["test_accuracy"]
   hyper = dataclasses.replace(cfg.hyper(), learning_rate=cfg.pretrain_learning_rate)
   method = methods_lib.make("full", model, params, example, hyper, jax.random.key(0))
   record, params = train_lib.run(
@@ -289,11 +285,10 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
     ckpt_every=cfg.ckpt_every,
     progress=cfg.progress,
     config=settings,
+    task=f"{name} (source pretraining)",
   )
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(where, "params")), params, force=True)
-  store.save_json(
-    done, {"test_accuracy": record["test_accuracy"], "settings": settings}
+  checkpoint.save_cached(
+    where, params, {"test_accuracy": record["test_accuracy"], "settings": settings}
   )
   return params, record["test_accuracy"]
 
@@ -313,6 +308,42 @@ def _tasks(cfg: Config):
       raise ValueError(f"Unknown embedded task(s) {unknown}; have {sorted(available)}.")
     return [(n, *available[n]) for n in names]
   return [(cfg.dataset, None, data_lib.tfds_task(cfg.dataset, cfg.data_dir or None))]
+
+
+def check_sizes(cfg: Config, tasks) -> None:
+  """Checks the batch sizes against the data and the memory, before any compute.
+
+  A training batch larger than its split is refused, naming both numbers (the
+  exact split, validation held out, is checked again in `prepare`); so is a
+  batch whose activations (`cli.activation_bytes`, a low estimate) cannot fit.
+  """
+  s = SIZES[cfg.size]
+  for name, source, target in tasks:
+    cli.check_batch(
+      "batch_size", cfg.batch_size, len(target.train), f"the {name} training split"
+    )
+    batches = [("batch_size", cfg.batch_size, target)]
+    if source is not None:
+      cli.check_batch(
+        "pretrain_batch_size",
+        cfg.pretrain_batch_size,
+        len(source.train),
+        f"the {name} source task's training split",
+      )
+      batches.append(("pretrain_batch_size", cfg.pretrain_batch_size, source))
+    image = np.shape(target.train[0]["image"])
+    side = cfg.image_size or image[0]
+    tokens = (side // cfg.patch) ** 2 + 1
+    pixels = 4 * side * side * (image[2] if len(image) > 2 else 1)
+    for flag, batch, task in batches:
+      need = batch * pixels + cli.activation_bytes(
+        batch, tokens, s.width, s.mlp_dim, s.depth, s.heads, task.num_classes
+      )
+      cli.check_memory(flag, batch, need, "the activations of one training step")
+    need = cfg.eval_batch_size * pixels + cli.activation_bytes(
+      cfg.eval_batch_size, tokens, s.width, s.mlp_dim, 1, s.heads
+    )
+    cli.check_memory("eval_batch_size", cfg.eval_batch_size, need, "one layer's output")
 
 
 @dataclasses.dataclass
@@ -339,6 +370,12 @@ def prepare(cfg: Config, task_name, source, target, costs: bool) -> TaskSetup:
       "--init loads a checkpoint for a tfds dataset, not the embedded tasks."
     )
   train, val = data_lib.split_validation(target.train, cfg.val_fraction)
+  cli.check_batch(
+    "batch_size",
+    cfg.batch_size,
+    len(train),
+    f"the {task_name} training split without its validation examples",
+  )
   example = _batches(cfg, train, 0)[0]["image"][:2]
   model, fresh = _init(cfg, target.num_classes, example)
   info: dict[str, Any] = {"num_classes": target.num_classes}
@@ -415,6 +452,51 @@ def run_dir(cfg: Config, task: str, name: str, seed: int, tuning: bool) -> str:
   return os.path.join(cfg.workdir, "runs", task, name, f"lr{cfg.learning_rate:g}", leaf)
 
 
+def check_result(
+  record: Any,
+  done: str,
+  task: str,
+  name: str,
+  seed: int,
+  settings: dict,
+  tuning: bool,
+) -> None:
+  """Refuses a `result.json` that is not the record of this run: another task,
+  method, seed or role (tuning or reported) than its directory's, or other
+  settings (the learning rate among them). It is left as it is, never mixed
+  into the results."""
+  if not isinstance(record, dict):
+    raise ValueError(
+      f"{done} does not hold a run's record (a JSON object); it is left as it "
+      "is. Remove it to redo the run."
+    )
+  want = {"task": task, "method": name, "seed": seed}
+  wrong = [
+    f"{k} {record.get(k)!r} (this run: {v!r})"
+    for k, v in want.items()
+    if record.get(k) != v
+  ]
+  score = "val_accuracy" if tuning else "test_accuracy"
+  if not wrong and score not in record:
+    wrong.append(f"no {score} (this run is a {'tuning' if tuning else 'reported'} run)")
+  if wrong:
+    raise ValueError(
+      f"{done} records another run: {', '.join(wrong)}. It is left as it is and "
+      "not used; move it back where it belongs, or remove it to redo this run."
+    )
+  saved = record.get("settings") or {}
+  if saved != settings:
+    raise ValueError(
+      f"{done} holds a run with other settings; it is left as it is. Use another "
+      "--workdir or remove it. Differences: "
+      + ", ".join(
+        f"{k} {saved.get(k)!r} -> {settings.get(k)!r}"
+        for k in sorted(saved.keys() | settings.keys())
+        if saved.get(k) != settings.get(k)
+      )
+    )
+
+
 def one_run(
   cfg: Config,
   task: TaskSetup,
@@ -436,17 +518,8 @@ def one_run(
   settings = cfg.run_settings()
   if os.path.exists(done):
     record = store.load_json(done)
-    if record.get("settings") == settings:
-      return record
-    raise ValueError(
-      f"{done} holds a run with other settings; it is left as it is. Use another "
-      "--workdir or remove it. Differences: "
-      + ", ".join(
-        f"{k} {record.get('settings', {}).get(k)!r} -> {v!r}"
-        for k, v in settings.items()
-        if record.get("settings", {}).get(k) != v
-      )
-    )
+    check_result(record, done, task.name, name, seed, settings, tuning)
+    return record
   key = jax.random.fold_in(jax.random.key(seed), 1)
   method = methods_lib.make(
     name, task.model, task.params, task.example, cfg.hyper(), key, seed, task.costs
@@ -473,6 +546,7 @@ def one_run(
       val_batches=None if tuning else _eval(cfg, task.val),
       eval_every=cfg.eval_every,
       config=settings,
+      task=task.name,
     )
     writer.add_scalar(
       "val/accuracy" if tuning else "test/accuracy",
@@ -502,7 +576,9 @@ def study(cfg: Config) -> dict[str, Any]:
   names = cfg.method_names()
   budgeted = any(methods_lib.parse_name(n)[1] is not None for n in names)
   out = {"config": dataclasses.asdict(cfg), "tasks": {}}
-  for task_name, source, target in _tasks(cfg):
+  tasks = _tasks(cfg)
+  check_sizes(cfg, tasks)
+  for task_name, source, target in tasks:
     task = prepare(cfg, task_name, source, target, costs=budgeted)
     runs, infeasible, tuning = [], {}, {}
     for name in names:

@@ -133,6 +133,7 @@ def run(
   val_batches: Callable[[], Any] | None = None,
   eval_every: int = 0,
   config: dict[str, Any] | None = None,
+  task: str | None = None,
 ) -> tuple[dict[str, Any], Any]:
   """Fine-tunes for `steps` steps, resuming from `workdir`'s checkpoint if any.
 
@@ -142,7 +143,8 @@ def run(
   differ only in seed and parameter values can share it. With `val_batches`
   and `eval_every`, held-out accuracy is logged every `eval_every` steps next
   to the FLOPs spent so far. `config` (the settings that change the result)
-  is part of the checkpoint's signature. Returns the run's record (accuracy,
+  is part of the checkpoint's signature, with `task`, the method and `seed`:
+  a checkpoint of another run is never resumed. Returns the run's record (accuracy,
   counted FLOPs, peak bytes, wall time without compilation, update ratio, the
   logged trajectories) and the final parameters.
   """
@@ -151,9 +153,8 @@ def run(
   opt_state = method.tx.init(params)
   history, counts = _new_history(), StepCounts()
   start, wall, compilations = 0, 0.0, 0
-  ckpts = Checkpoints(
-    workdir, signature(method, (params, opt_state), config), ckpt_every
-  )
+  sig = signature(method, (params, opt_state), config, seed=seed, task=task)
+  ckpts = Checkpoints(workdir, sig, ckpt_every)
   found = ckpts.resume((params, opt_state))
   if found is not None:
     (params, opt_state), log = found

@@ -1,8 +1,16 @@
 """The fine-tuning study: smoke runs under mock data, accounting, resume."""
 
+import asyncio
 import dataclasses
+import errno
 import json
+import logging
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +18,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import checkpoint
+from experiments import cli
 from experiments import compare
+from experiments import data as data_lib
 from experiments import finetune
 from experiments import methods as methods_lib
 from experiments import train as train_lib
@@ -331,7 +342,10 @@ def _flip(root):
   path.write_bytes(bytes(data))
 
 
-def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
+def test_a_damaged_checkpoint_is_never_trained_on(tmp_path, monkeypatch):
+  # Slow log writes, as on a loaded machine: the checkpoint at step 2 must not
+  # pick up the loss logged at step 4 while it waits to be written.
+  _slow_json_writes(monkeypatch, 0.3)
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6)
@@ -502,3 +516,297 @@ def test_every_flag_has_help():
   ):
     flags = [a for a in parser._actions if a.dest != "help"]
     assert flags and all(a.help for a in flags), [a.dest for a in flags if not a.help]
+
+
+# Nothing silent: what the harness saved is checked before it is used.
+
+
+def _tiny_task(n=16, classes=3, side=16):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(n, side, side, 3), dtype=np.uint8)
+  source = data_lib.ArraySource(images, rng.integers(0, classes, size=n))
+  return data_lib.Task("tiny", classes, source, source)
+
+
+def _tiny_config(tmp_path, **changes):
+  return finetune.Config(
+    size="mu",
+    patch=4,
+    pretrain_steps=2,
+    pretrain_batch_size=4,
+    batch_size=4,
+    eval_batch_size=16,
+    log_every=1,
+    ckpt_every=2,
+    workdir=str(tmp_path),
+    progress=False,
+    **changes,
+  )
+
+
+def test_a_damaged_pretraining_cache_is_refused(tmp_path, monkeypatch):
+  cfg, task = _tiny_config(tmp_path), _tiny_task()
+  example = jnp.zeros((2, 16, 16, 3))
+  params, _ = finetune.pretrain(cfg, "tiny", task, example)
+  where, _ = finetune.pretrain_dir(cfg, "tiny")
+  done_json = pathlib.Path(where, "done.json")
+  done = json.loads(done_json.read_text())
+  monkeypatch.setattr(train_lib, "run", lambda *a, **k: pytest.fail("trained"))
+  again, _ = finetune.pretrain(cfg, "tiny", task, example)  # A whole cache is read.
+  assert train_lib.checksum(again) == train_lib.checksum(params)
+  # 16 bytes flipped in the largest array file: restored by orbax, refused here.
+  files = [p for p in (tmp_path / "pretrained").rglob("params/**/*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  raw = bytearray(biggest.read_bytes())
+  mid = len(raw) // 2
+  raw[mid : mid + 16] = bytes(255 - b for b in raw[mid : mid + 16])
+  biggest.write_bytes(bytes(raw))
+  before = _listing(tmp_path)
+  with pytest.raises(ValueError, match=r"cached pretraining in .* is damaged"):
+    finetune.pretrain(cfg, "tiny", task, example)
+  assert _listing(tmp_path) == before  # Left as it is.
+  assert done["checksum"] == train_lib.checksum(params)
+  # A cache written before checksums were kept cannot be checked: refused too.
+  del done["checksum"]
+  done_json.write_text(json.dumps(done))
+  with pytest.raises(ValueError, match="has no checksum"):
+    finetune.pretrain(cfg, "tiny", task, example)
+
+
+def test_a_result_of_another_run_is_refused(tmp_path):
+  cfg = _tiny_config(tmp_path)
+  task = finetune.TaskSetup("label_shift", *[None] * 7)
+  settings = cfg.run_settings()
+  record = {"task": "label_shift", "method": "rgft_blocks", "seed": 0}
+  record.update(test_accuracy=0.5, settings=settings)
+
+  def place(name, seed, rec, tuning=False):
+    where = finetune.run_dir(cfg, "label_shift", name, seed, tuning)
+    os.makedirs(where, exist_ok=True)
+    with open(os.path.join(where, "result.json"), "w") as f:
+      json.dump(rec, f)
+
+  place("rgft_blocks", 0, record)
+  assert finetune.one_run(cfg, task, "rgft_blocks", 0, {}) == record  # Its own.
+  place("rgft_budget@0.7", 0, record)  # Copied into another method's directory.
+  place("rgft_blocks", 1, record)  # ... another seed's.
+  place("rgft_blocks", finetune.TUNE_SEED, record, tuning=True)  # A tuning run's.
+  before = _listing(tmp_path)
+  for name, seed, tuning, wrong in (
+    (
+      "rgft_budget@0.7",
+      0,
+      False,
+      r"method 'rgft_blocks' \(this run: 'rgft_budget@0.7'\)",
+    ),
+    ("rgft_blocks", 1, False, r"seed 0 \(this run: 1\)"),
+    ("rgft_blocks", finetune.TUNE_SEED, True, r"seed 0 \(this run: 1000\)"),
+  ):
+    with pytest.raises(ValueError, match=r"records another run: " + wrong):
+      finetune.one_run(cfg, task, name, seed, {}, tuning=tuning)
+  other = finetune.TaskSetup("input_shift", *[None] * 7)
+  with pytest.raises(ValueError, match=r"task 'label_shift' \(this run: 'input_shift'"):
+    where = finetune.run_dir(cfg, "label_shift", "rgft_blocks", 0, False)
+    finetune.one_run(cfg, other, "rgft_blocks", 0, {}, where=where)
+  assert _listing(tmp_path) == before  # Nothing moved, nothing mixed in.
+
+
+def test_a_checkpoint_of_another_seed_or_task_is_not_resumed(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  method = methods_lib.make(
+    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
+  )
+  _run(model, method, data, test, 2, tmp_path / "seed0", seed=0)
+  # Seed 0's checkpoint in seed 1's directory (swapped by hand): refused.
+  shutil.copytree(tmp_path / "seed0" / "ckpt", tmp_path / "seed1" / "ckpt")
+  before = _listing(tmp_path)
+  with pytest.raises(
+    ValueError, match=r"different setup.*seed: checkpoint 0, this run 1"
+  ):
+    _run(model, method, data, test, 4, tmp_path / "seed1", seed=1)
+  assert _listing(tmp_path) == before
+  _run(model, method, data, test, 2, tmp_path / "a", seed=0, task="a")
+  before = _listing(tmp_path)
+  with pytest.raises(
+    ValueError, match=r"different setup.*task: checkpoint a, this run b"
+  ):
+    _run(model, method, data, test, 4, tmp_path / "a", seed=0, task="b")
+  assert _listing(tmp_path) == before
+
+
+def _slow_json_writes(monkeypatch, seconds=1.0, fail=None):
+  """Orbax's JSON writer made slow (or failing with `fail` at step 4)."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+
+  write = handler.JsonCheckpointHandler._save_fn
+
+  async def slow(self, item, directory):
+    if fail is not None and "/4." in str(directory):
+      raise fail
+    await asyncio.sleep(seconds)
+    await write(self, item, directory)
+
+  monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", slow)
+
+
+def test_a_checkpoint_holds_the_log_of_its_own_step(tmp_path, monkeypatch):
+  # The log is written in the background while the loop goes on appending to
+  # it: a slow writer (a loaded machine) must still write step 2's log.
+  _slow_json_writes(monkeypatch)
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  method = methods_lib.make(
+    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
+  )
+  _run(model, method, data, test, 4, tmp_path, log_every=1)
+  for step in (2, 4):
+    log = json.loads((tmp_path / "ckpt" / str(step) / "log" / "metadata").read_text())
+    assert log["step"] == step
+    assert log["history"]["step"] == list(range(1, step + 1))
+
+
+def test_an_edited_checkpoint_log_is_damaged(tmp_path):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  hyper = methods_lib.Hyper(steps=6)
+
+  def go(steps, where):
+    method = methods_lib.make("full", model, params, x, hyper, jax.random.key(0))
+    return _run(model, method, data, test, steps, where, seed=1, log_every=1)
+
+  straight, p_straight = go(6, tmp_path / "a")
+  go(4, tmp_path / "b")
+  path = tmp_path / "b" / "ckpt" / "4" / "log" / "metadata"
+  log = json.loads(path.read_text())
+  path.write_text(json.dumps({**log, "step": 5}))  # "Skip" a step by hand.
+  with pytest.warns(RuntimeWarning, match=r"step 4 .* damaged .*resuming from step 2"):
+    resumed, p_resumed = go(6, tmp_path / "b")
+  assert (tmp_path / "b" / "ckpt_corrupt" / "4").is_dir()
+  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["history"] == straight["history"]
+
+
+def test_a_log_edited_anywhere_fails_its_checksum():
+  log = {"step": 4, "history": {"loss": [1.0, 0.5]}, "policy": {"steps": 4}}
+  log["log_checksum"] = checkpoint.log_checksum(log)
+  assert checkpoint._log_problem(4, log) is None
+  edited = {**log, "history": {"loss": [1.0, 0.4]}}
+  assert "checksum" in checkpoint._log_problem(4, edited)
+  assert "step 4" in checkpoint._log_problem(5, log)  # A renamed directory.
+  old = {"step": 4, "policy": {"steps": 5}}  # Written before logs had checksums.
+  assert "5 steps" in checkpoint._log_problem(4, old)
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch, caplog):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  method = methods_lib.make(
+    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
+  )
+  _slow_json_writes(monkeypatch, 0.0, OSError(errno.EFBIG, "File too large"))
+  with pytest.raises(OSError, match="Cannot write the checkpoint of step 4") as e:
+    _run(model, method, data, test, 6, tmp_path)
+  assert e.value.errno == errno.EFBIG
+  assert "File too large" in str(e.value) and "resumes from" in str(e.value)
+  assert e.value.__suppress_context__  # One message, not a chain of tracebacks.
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert (tmp_path / "ckpt" / "2").is_dir()  # What was whole is still there.
+
+
+def test_no_whole_checkpoint_is_one_message(tmp_path, monkeypatch):
+  model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, test = _small_data()
+  method = methods_lib.make(
+    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
+  )
+  _run(model, method, data, test, 4, tmp_path)
+  for p in (tmp_path / "ckpt").rglob("*"):  # Every array file cut short.
+    if p.is_file() and "state" in p.parts and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[:10])
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  with pytest.raises(ValueError, match=r"No whole checkpoint.*do not restore"):
+    _run(model, method, data, test, 6, tmp_path)
+  time.sleep(0.5)  # Reads abandoned by the failed restore finish meanwhile.
+  assert not [u for u in seen if "Event loop is closed" in str(u.exc_value)]
+
+
+def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
+  listed = tmp_path / "list.json"
+  listed.write_text("[1, 2]")
+  with pytest.raises(SystemExit, match=r"not a fine-tuning study's results.*list"):
+    compare.main([str(listed), "a", "b"])
+  runs = [
+    {"method": "a", "seed": 0, "test_accuracy": 0.9},
+    {"method": "a", "seed": 1, "test_accuracy": 0.8},
+    {"method": "b", "seed": 0, "test_accuracy": 0.7},
+    {"method": "c", "seed": 2, "test_accuracy": 0.5},
+  ]
+  results = tmp_path / "results.json"
+  results.write_text(json.dumps({"tasks": {"t": {"runs": runs}}}))
+  with pytest.raises(SystemExit, match=r"a and c share no seed") as e:
+    compare.main([str(results), "a", "b", "a", "c"])
+  assert e.value.code != 0
+  out = capsys.readouterr().out
+  assert "t: a - b: +20.0 pt ± n/a (one seed)" in out and "nan" not in out
+
+
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  take = (
+    f"import os, sys; sys.path.insert(0, {root!r}); from experiments import store; "
+    f"held = store.lock({str(tmp_path)!r}); held.__enter__(); "
+  )
+  # A study that holds the lock is refused ...
+  holder = subprocess.Popen(
+    [sys.executable, "-c", take + "print('held', flush=True); sys.stdin.read()"],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  other = None
+  try:
+    assert holder.stdout.readline() == "held\n"
+    # Started later than the holder (its start time differs), alive throughout.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(ValueError, match=f"Another study \\(pid {holder.pid}\\)"):
+      with train_lib.lock(str(tmp_path)):
+        pass
+    # ... one that died without releasing it, its pid now another process's, is not.
+    holder.kill()
+    holder.wait()
+    lock = tmp_path / ".lock"
+    text = lock.read_text()
+    if text.strip().isdigit():  # A lock holding the pid alone.
+      lock.write_text(str(other.pid))
+    else:
+      lock.write_text(json.dumps({**json.loads(text), "pid": other.pid}))
+    with train_lib.lock(str(tmp_path)):
+      pass
+  finally:
+    for p in (holder, other):
+      if p is not None:
+        p.kill()
+        p.wait()
+    holder.stdin.close()
+    holder.stdout.close()
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_compute(tmp_path, monkeypatch):
+  monkeypatch.setattr(finetune, "pretrain", lambda *a: pytest.fail("computed"))
+  with pytest.raises(
+    ValueError,
+    match=r"--batch_size 100000 is larger than the label_shift training "
+    r"split \(\d+ examples\); use at most \d+",
+  ):
+    finetune.main([f"--workdir={tmp_path}", "--batch_size=100000"])
+  with pytest.raises(ValueError, match=r"--pretrain_batch_size 100000 is larger"):
+    finetune.main([f"--workdir={tmp_path}", "--pretrain_batch_size=100000"])
+  # Memory: a batch whose activations cannot fit (here, in 64 MiB) is refused.
+  monkeypatch.setattr(
+    cli, "available_memory", lambda: (2**26, "test memory"), raising=False
+  )
+  with pytest.raises(ValueError, match=r"--batch_size 512 needs at least .* GiB"):
+    finetune.main([f"--workdir={tmp_path}", "--batch_size=512", "--size=S"])

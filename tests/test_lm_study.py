@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+from experiments import cli
 from experiments import train as vision_train
 from experiments.lm import data
 from experiments.lm import methods
@@ -232,6 +233,11 @@ def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
     (["--budget_hysteresis", "-1"], "--budget_hysteresis"),
     (["--eval_windows", "0"], "--eval_windows"),
     (["--workdir", " "], "--workdir"),
+    (
+      ["--batch_size", "100000"],
+      r"--batch_size 100000 is larger than the pydoc train split's windows \(\d+ ",
+    ),
+    (["--pretrain_batch_size", "10000000"], r"--pretrain_batch_size 10000000 is"),
   ],
 )
 def test_flags_are_checked_before_any_compute(flags, match, tmp_path, monkeypatch):
@@ -251,3 +257,23 @@ def test_help_lists_every_flag_and_method(capsys):
     assert f"--{f.name}" in text
   for name in methods.METHODS:
     assert name in text
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_compute(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("computed"))
+  monkeypatch.setattr(
+    cli, "available_memory", lambda: (2**30, "test memory"), raising=False
+  )
+  # 1000 windows of 256 bytes, 4 layers of width 128: about 10 GiB of activations.
+  argv = ["--workdir", str(tmp_path / "work"), "--batch_size", "1000"]
+  with pytest.raises(ValueError, match=r"--batch_size 1000 needs at least \d+\.\d GiB"):
+    study.main([*argv, "--context", "256"])
+  assert not (tmp_path / "work").exists()
+  # By hand: 4 bytes x batch x tokens x (layers x (6 width + 2 d_ff + heads x
+  # tokens) + 2 x 256 logits).
+  per_token = 4 * (6 * 128 + 2 * 384 + 4 * 256) + 2 * 256
+  assert (
+    cli.activation_bytes(1000, 256, 128, 384, 4, 4, 256) == 4 * 1000 * 256 * per_token
+  )

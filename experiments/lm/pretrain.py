@@ -19,9 +19,8 @@ from typing import Any
 
 import jax
 import optax
-import orbax.checkpoint as ocp
 
-from experiments import train as vision_train
+from experiments import checkpoint
 from experiments.lm import data
 from experiments.lm import model as lm
 from experiments.lm.methods import Decoder
@@ -116,39 +115,15 @@ def pretrain(cfg, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
   Raises:
     ValueError: when the cached `done.json` names other settings, or the
       cached arrays do not restore or differ from their saved checksum (the
-      cache is left as it is, to be looked at or removed).
+      cache is left as it is, to be looked at or removed;
+      `checkpoint.load_cached`, which the ViT study's cache shares).
   """
   where, named = directory(cfg)
   decoder = Decoder(model_config(cfg))
-  done = os.path.join(where, "done.json")
-  path = os.path.abspath(os.path.join(where, "params"))
-  if os.path.exists(done):
-    record = vision_train.load_json(done)
-    if record.get("settings") != named:
-      raise ValueError(
-        f"{done} was written by another setup; it is left as it is. Use another "
-        "--workdir or remove it."
-      )
-    abstract = jax.eval_shape(lambda: decoder.init(0))
-    try:
-      with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path, abstract)
-    except Exception as e:  # Any failure to read it means a damaged cache.
-      raise ValueError(
-        f"The cached pretraining in {where} is damaged: its arrays do not restore "
-        f"({type(e).__name__}). It is left as it is; remove it to pretrain again."
-      ) from None
-    if vision_train.checksum(params) != record.get("checksum"):
-      raise ValueError(
-        f"The cached pretraining in {where} is damaged: its arrays differ from "
-        "the checksum saved with them. It is left as it is; remove it to "
-        "pretrain again."
-      )
+  abstract = jax.eval_shape(lambda: decoder.init(0))
+  found = checkpoint.load_cached(where, abstract, named, "pretraining")
+  if found is not None:
     log(f"pretrained decoder read from {where}")
-    return params, record
+    return found
   params, record = _train(cfg, decoder, log)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, params, force=True)
-  record = {**record, "settings": named, "checksum": vision_train.checksum(params)}
-  vision_train.save_json(done, record)
-  return params, record
+  return params, checkpoint.save_cached(where, params, {**record, "settings": named})

@@ -206,6 +206,20 @@ class Config:
           f"--context {self.context} is too long for the {corpus} {split} split "
           f"({size} bytes; it needs at least {least})."
         )
+    for flag, corpus in (("batch_size", "pydoc"), ("pretrain_batch_size", "stdlib")):
+      batch = getattr(self, flag)
+      windows = len(data.load(corpus).splits["train"]) // width - 1
+      cli.check_batch(flag, batch, windows, f"the {corpus} train split's windows")
+      need = cli.activation_bytes(
+        batch,
+        self.context,
+        self.d_model,
+        self.d_ff,
+        self.n_layers,
+        self.n_heads,
+        outputs=pretrain_lib.model_config(self).vocab_size,
+      )
+      cli.check_memory(flag, batch, need, "the activations of one training step")
 
 
 def eval_sets(cfg: Config) -> dict[str, np.ndarray]:
