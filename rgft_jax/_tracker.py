@@ -47,6 +47,9 @@ from rgft_jax._intercept import nnx_run
 from rgft_jax._passes import Runtime
 from rgft_jax._passes import ablation
 from rgft_jax._passes import cheap
+from rgft_jax._structure import Branch
+from rgft_jax._structure import Site
+from rgft_jax._structure import Structure
 from rgft_jax._structure import residual_branches
 from rgft_jax._structure import trace
 
@@ -161,8 +164,9 @@ class ErrorTracker:
     self.owns = owns
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
     self._layer_groups: tuple[tuple[str, ...], ...] = ()
-    # Residual branches by dataflow (select="branches"): path -> owned leaves.
-    self._branches: dict[Path, tuple[Path, ...]] | None = None
+    # Residual branches by dataflow (select="branches"): call site -> Branch.
+    self._branches: dict[Site, Branch] | None = None
+    self._structure: Structure | None = None
     # Attentions by dataflow (select="heads"): output projection path -> Heads.
     self._heads: dict[Path, Heads] | None = None
 
@@ -172,12 +176,12 @@ class ErrorTracker:
 
   # Interception.
 
-  def _wants_output(self, path: Path, module: Module) -> bool:
+  def _wants_output(self, path: Path, module: Module, call: int) -> bool:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
       if self._branches:
-        return path in self._branches
+        return (path, call) in self._branches
       return is_branch(path, module)
     return bool(self.select(path, module))
 
@@ -191,10 +195,8 @@ class ErrorTracker:
     if self.select == "heads":
       self._heads = find_heads(traced)
       return
-    self._branches = {
-      b.path: tuple(tuple(leaf.split("/")) for leaf in b.owns)
-      for b in residual_branches(traced)
-    }
+    self._structure = residual_branches(traced)
+    self._branches = {b.site: b for b in self._structure.branches}
 
   def _handler(self, visit, calls: list | None, is_head_projection, around=None):
     """`handle(call, next_fun, args, kwargs)` for one module call.
@@ -205,20 +207,35 @@ class ErrorTracker:
     `fn(*args)` makes the call (runtime gating of its backward pass).
     """
     last_done: dict[Path, tuple[Path, Module]] = {}
+    counts: dict[Path, int] = {}  # Calls of each module path so far.
 
-    def tap(call: Call, path: Path, heads: int | None, feeder: Path | None) -> Tap:
+    def tap(
+      call: Call, path: Path, heads: int | None, feeder: Path | None, k: int = 0
+    ) -> Tap:
       check_lifted(path, call.lifted)
       stacked = call.stacked()
       layers, root = stacked if stacked is not None else (None, ())
-      owns = None
+      owns, leaf = None, None
       if self.owns is not None and heads is None:
         owns = owned_paths(path, self.owns(path, call.module))
-      elif self.select == "branches" and self._branches:
-        owns = self._branches[path]
-      return Tap(path, heads, feeder, call.path, layers, root, owns)
+      elif self.select == "branches" and self._branches and heads is None:
+        branch = self._branches[(path, k)]
+        path, leaf = branch.name, branch.leaf
+        owns = tuple(tuple(p.split("/")) for p in branch.owns)
+      return Tap(path, heads, feeder, call.path, layers, root, owns, call=k, leaf=leaf)
+
+    def part(t: Tap, out, read):
+      """`visit` on the leaf of `out` that `t` measures (all of it by default)."""
+      if t.leaf is None:
+        return visit(t, out, read)
+      leaves, treedef = jax.tree.flatten(out)
+      leaves[t.leaf] = visit(t, leaves[t.leaf], read)
+      return jax.tree.unflatten(treedef, leaves)
 
     def handle(call: Call, next_fun, args, kwargs):
       path, module = call.path, call.module
+      k = counts.get(path, 0)
+      counts[path] = k + 1
       if calls is not None:
         calls.append((path, module))
       if self.select == "heads" and self._heads:
@@ -235,10 +252,10 @@ class ErrorTracker:
       feeder = None
       if before is not None and NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
-      wanted = self._wants_output(path, module)
+      wanted = self._wants_output(path, module, k)
       if wanted and around is not None:
         out = around(
-          tap(call, path, None, feeder),
+          tap(call, path, None, feeder, k),
           lambda *a: next_fun(*a, **kwargs),
           args,
           call.read,
@@ -249,7 +266,7 @@ class ErrorTracker:
         last_done[path[:-1]] = (path, module)
       if not wanted:
         return out
-      return visit(tap(call, path, None, feeder), out, call.read)
+      return part(tap(call, path, None, feeder, k), out, call.read)
 
     return handle
 
