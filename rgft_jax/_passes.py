@@ -145,8 +145,9 @@ def around(detached: Detached):
   return call
 
 
-def cheap(method, run, has_aux, recorded, measured, params, detached):
-  """Loss, gradients and the norm_product/taylor map in one backward pass."""
+def cheap(method, run, has_aux, recorded, measured, params, detached, batch=None):
+  """Loss, gradients and the norm_product/taylor map in one backward pass
+  (`batch`: the batch size, where some taps flatten other axes into it)."""
   measured = set(measured)
   plain = [(tap, v) for tap, v in recorded if tap in measured and tap.layers is None]
   stacked = list(dict.fromkeys(t for t, _ in recorded if t in measured and t.layers))
@@ -195,7 +196,7 @@ def cheap(method, run, has_aux, recorded, measured, params, detached):
   )(params, zeros)
   stats = [(tap, s) for (tap, _), s in zip(plain, d_plain, strict=True)]
   stats += list(zip(stacked, d_stacked, strict=True))
-  return (loss, aux), grads, cheap_map(method, stats), state
+  return (loss, aux), grads, cheap_map(method, stats, batch), state
 
 
 def ablation(run, has_aux, recorded, taps, params, detached):

@@ -463,8 +463,8 @@ def residual_branches(traced: Traced) -> Structure:
   shared_mask = beyond & ~taken
   shared = tuple(p for i, p in enumerate(traced.paths) if shared_mask >> i & 1)
 
-  # Adds that bring in parameters, with both operands computed from the same
-  # data, that no branch explains and whose new parameters none owns.
+  # Residual adds no branch explains (`x + f(x)` with `f` written inline)
+  # whose new parameters no branch owns.
   undecided: dict[str, list[str]] = {}
   for i, (a, b) in enumerate(graph.adds):
     if i in decided:
@@ -473,7 +473,7 @@ def residual_branches(traced: Traced) -> Structure:
       if graph._constant(h) or graph._constant(x):
         continue
       new = graph.params[h] & ~graph.params[x] & ~taken & ~shared_mask
-      if not new or not _share_data(graph, h, x):
+      if not new or not graph.reads([h], set(graph.chain(x))):
         continue
       leaves = [p for i, p in enumerate(traced.paths) if new >> i & 1]
       where = _common_module(leaves)
@@ -484,24 +484,6 @@ def residual_branches(traced: Traced) -> Structure:
     shared,
     tuple((w, tuple(ls)) for w, ls in undecided.items()),
   )
-
-
-def _data(graph: _Graph, n: int) -> set[int]:
-  """The data (model inputs, constants) `n` is computed from."""
-  seen, stack, out = set(), [n], set()
-  while stack:
-    m = stack.pop()
-    if m in seen:
-      continue
-    seen.add(m)
-    if graph.prim[m] in ("const", "input"):
-      out.add(m)
-    stack.extend(graph.deps[m])
-  return out
-
-
-def _share_data(graph: _Graph, h: int, x: int) -> bool:
-  return bool(_data(graph, h) & _data(graph, x))
 
 
 def _common_module(leaves: list[str]) -> str:
