@@ -464,7 +464,7 @@ def residual_branches(traced: Traced) -> Structure:
   shared = tuple(p for i, p in enumerate(traced.paths) if shared_mask >> i & 1)
 
   # Residual adds no branch explains (`x + f(x)` with `f` written inline)
-  # whose new parameters no branch owns.
+  # and the parameters only `f` computes with, where no branch owns them.
   undecided: dict[str, list[str]] = {}
   for i, (a, b) in enumerate(graph.adds):
     if i in decided:
@@ -474,6 +474,9 @@ def residual_branches(traced: Traced) -> Structure:
         continue
       new = graph.params[h] & ~graph.params[x] & ~taken & ~shared_mask
       if not new or not graph.reads([h], set(graph.chain(x))):
+        continue
+      new &= ~_escaping(graph, {h}, traced.outputs)  # What only `h` computes with.
+      if not new:
         continue
       leaves = [p for i, p in enumerate(traced.paths) if new >> i & 1]
       where = _common_module(leaves)
