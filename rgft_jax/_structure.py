@@ -1,16 +1,28 @@
 """Residual branches found from a model's dataflow, not its class names.
 
 The model is traced once to a jaxpr with every module call's inputs and
-outputs tagged (`checkpoint_name`, an identity). In that graph a residual
-branch is an `add` of two values where one, `h`, is a module's output and the
-module read the other, `x` (the stream): `x + h(..x..)`, whatever the classes
+outputs tagged (`checkpoint_name`, an identity), each call of a module apart
+(its path, call number and output leaf), so a parameterless module reused
+after several branches (a drop-path, a dropout) is several sites. In that
+graph a residual branch is an `add` of two values where one, `h`, is a module
+call's output (one leaf of it, where the module returns a tuple) and the
+call read the other, `x` (the stream): `x + h(..x..)`, whatever the classes
 are called and wherever the norms sit (pre-norm; post-norm with the add
-inside the module, as Hugging Face's BERT and ViT output layers do). Where the
-other operand is a module's output (a projection shortcut), the module that
-read the same value that one read directly is a branch too (Hugging Face's
-ResNet layer and its shortcut both are). A branch is measured at the
-module's output and owns the parameters `h` depends on beyond those `x`
-depends on: its own weights and its pre-norm, not what lies below.
+inside the module, as Hugging Face's BERT and ViT output layers do). Where
+the other operand is a module's output (a projection shortcut), the module
+that read the same value that one read directly is a branch too (Hugging
+Face's ResNet layer and its shortcut both are); where it is computed inline
+(`x @ w`, a strided slice), the values it was computed from stand for it.
+
+A branch is measured at the call's output (the leaf added) and owns the
+parameters whose every path to the model's outputs runs through `h`: its
+own weights, its pre-norm, a layer scale, not what lies below, and not a
+parameter that reaches the outputs around it (one several branches compute
+with: a position bias passed from layer to layer, an encoder's final norm
+that every cross-attention reads, a layer reused across depth). It is named
+after the module along `h` that holds the most of its parameters, through
+parameterless modules: the MLP branch of `x + drop_path(fc2(gelu(fc1(x))))`
+is `fc2`, of `x + drop_path(mlp(x))` is `mlp`.
 
 Sub-jaxprs (jit, remat, custom derivatives, a scan's body) are inlined with
 fresh names per call; inside a scan the body's parameter inputs are slices of

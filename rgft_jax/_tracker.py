@@ -69,8 +69,13 @@ class ErrorTracker:
     select: which submodules are components: `"branches"` (the residual
       branches, found from the model's dataflow: a module whose output is
       added back to the value it read, measured at that output and owning the
-      parameters it depends on beyond that value, e.g. its pre-norm; names
-      and classes do not matter, see `rgft_jax._structure`; a model with no
+      parameters only it computes with, e.g. its pre-norm (a parameter
+      several branches compute with belongs to none); each call of a module
+      is a site of its own, so a dropout or drop-path reused after several
+      branches carries one component per call, named after the module whose
+      output it carries (`block0/fc2`, `block0/mlp`); where a module returns
+      a tuple, only the entry added to the stream is measured and detached;
+      names and classes do not matter, see `rgft_jax._structure`; a model with no
       such add falls back to every `nn.MultiHeadDotProductAttention` /
       `nnx.MultiHeadAttention` and every module whose class name says
       MLP/FeedForward/FFN), `"heads"` (every head of every attention, found
@@ -97,7 +102,10 @@ class ErrorTracker:
       same path is an error. Not for `select="heads"`.
 
   The loss function must return the mean over the batch of per-example losses,
-  and tapped outputs must have the batch on their leading axis: then
+  and tapped outputs must have the batch on their leading axis (or the batch
+  with other axes flattened into it, batch-major, `[B * T, D]`: each
+  example's rows are summed; the batch size is the inputs' most common
+  leading axis): then
   `dL_b/dh[b] = B dL/dh[b]` gives every per-example gradient from one backward
   pass. Models that couple examples (batch norm in training mode) break that
   identity; their per-example attributions are then approximate.
@@ -532,6 +540,13 @@ class ErrorTracker:
     `(loss, aux)`, as with `jax.value_and_grad`. `error_map` maps each
     component name to a float32 scalar, ready for `rgft()`'s `error_map=`.
     Call it inside `jax.jit` (`nnx.jit` for NNX); it works on any batch size.
+
+    A model that draws random numbers (dropout on) gets its keys through the
+    loss function's own arguments: `value_and_grad(loss_fn)(params, x,
+    rngs={"dropout": key})` hands `rngs` to `loss_fn`, which passes them to
+    `model.apply`. A non-finite value in the map is warned about the first
+    time for each component (a `lax.cond` on one `isfinite` reduction calls
+    the host back only then); `rgft()` ignores such values and counts them.
 
     `measure` limits the attribution to those component names; the others
     get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
