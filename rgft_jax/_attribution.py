@@ -80,7 +80,7 @@ def stats_shape(tap: Tap, value: Any) -> tuple[int, ...]:
 
 
 def cheap_map(
-  method: str, stats: Sequence[tuple[Tap, jax.Array]]
+  method: str, stats: Sequence[tuple[Tap, jax.Array]], batch: int | None = None
 ) -> dict[str, jax.Array]:
   """The batch's error map from each measured call's statistics.
 
@@ -88,12 +88,17 @@ def cheap_map(
   for a tap inside a scan. With a batch-mean loss of B examples, the
   per-example gradient is `B g`: norm_product is `B ||g_b|| ||h_b||` and
   taylor `|B <g_b, h_b>|`, summed over a component's calls, then averaged
-  over the batch.
+  over the batch. With `batch` given, a tap whose leading axis is a multiple
+  of it has other axes flattened into the batch, batch-major (`[B * T, D]`):
+  each example's rows are summed first (`||g_b||^2` is the sum over its
+  rows), so it is measured per example too.
   """
   per_example: dict[str, jax.Array] = {}
-  batch = None
   for tap, s in stats:
     b = s.shape[-3]
+    if batch is not None and b != batch and b % batch == 0:
+      s = s.reshape((*s.shape[:-3], batch, b // batch, *s.shape[-2:])).sum(-3)
+      b = batch
     if batch is not None and b != batch:
       raise ValueError(
         f"Tapped outputs disagree on the batch size (leading axis): "

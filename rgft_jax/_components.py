@@ -126,6 +126,10 @@ class Components:
       puts the parameter entries it covers in component `i`, `-1` in no
       component. A leaf cut into heads holds, for example, an array of shape
       `(1, H, 1)` for a query kernel of shape `(D, H, Dh)`.
+    shared: paths of parameter leaves that several components compute with
+      (a shared position bias, a layer reused across depth), which therefore
+      belong to none of them and take the full update; informational (they
+      are among `unassigned()`), filled in by `ErrorTracker.components`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -141,6 +145,7 @@ class Components:
 
   names: tuple[str, ...]
   index: Any
+  shared: tuple[str, ...] = ()
 
   def __post_init__(self):
     if isinstance(self.names, (str, bytes)):
@@ -178,6 +183,7 @@ class Components:
         "error and scales every other one down: leave it out."
       )
     object.__setattr__(self, "names", names)
+    object.__setattr__(self, "shared", tuple(self.shared))
     object.__setattr__(self, "_by_path", by_path)
 
   def __len__(self) -> int:

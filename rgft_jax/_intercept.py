@@ -62,6 +62,10 @@ class Tap:
       apart from where it is measured (None: `path` and `feeder`).
     features: for a per-head tap, how many trailing axes of the value hold
       the heads and the head dimension (heads major).
+    call: which call of the module at `site` (0 for the first): each call is
+      a site of its own (a reused dropout carries several branches).
+    leaf: which leaf of the call's flattened output is measured (the one
+      added to the residual stream), None for the whole output.
   """
 
   path: Path
@@ -72,6 +76,15 @@ class Tap:
   root: Path = ()
   owns: tuple[Path, ...] | None = None
   features: int = 2
+  call: int = 0
+  leaf: int | None = None
+
+  def key(self, name: str) -> str:
+    """The key of this tap's `name` leaf embedded at its site (`probe`, say);
+    several calls of one module each have their own."""
+    if self.call == 0 and self.leaf is None:
+      return name
+    return f"{name}_{self.call}_{self.leaf}"
 
   def per_head(self, fn: Callable[[Any], Any], value: Any) -> Any:
     """`fn(value)` with the heads on axis -2 of each leaf (as `(heads, dim)`)."""

@@ -74,13 +74,13 @@ def _embed(taps, detached: Detached, **per_tap: dict[Tap, Any]) -> Embed:
   for tap in taps:
     if tap.layers is None:
       continue
-    leaves = {k: v[tap] for k, v in per_tap.items() if tap in v}
+    leaves = {tap.key(k): v[tap] for k, v in per_tap.items() if tap in v}
     if isinstance(detached, Runtime):
-      leaves["detach"] = _flag_table(tap, detached)
+      leaves[tap.key("detach")] = _flag_table(tap, detached)
     else:
       mask = _stacked_table(tap, lambda n: n in detached)
       if 0 < mask.sum() < mask.size:
-        leaves["detach"] = mask
+        leaves[tap.key("detach")] = mask
     if leaves:
       embed.setdefault(tap.site, {}).update(leaves)
   return embed
@@ -101,15 +101,16 @@ def _detach(tap: Tap, value: Any, read, detached: Detached) -> Any:
   """`value` with the outputs of `detached` components behind `stop_gradient`.
 
   With a `Runtime`, whole outputs were gated around their call (`around`);
-  heads are masked by their flags.
+  heads, and one part of a call's output (the rest may carry gradients
+  elsewhere), are masked by their flags.
   """
   if isinstance(detached, Runtime):
-    if tap.heads is None:
+    if tap.heads is None and tap.leaf is None:
       return value
     if tap.layers is None:
       mask = jnp.stack([detached.flag(name) for name, _, _ in columns(tap)])
     else:
-      mask = read("detach") > 0
+      mask = read(tap.key("detach")) > 0
     return _masked(tap, value, mask)
   cols = [(layer, col) for name, layer, col in columns(tap) if name in detached]
   if not cols:
@@ -120,7 +121,7 @@ def _detach(tap: Tap, value: Any, read, detached: Detached) -> Any:
     mask = np.zeros(tap.heads, bool)
     mask[[col for _, col in cols]] = True
   else:  # This layer's slice of the mask.
-    mask = read("detach") > 0
+    mask = read(tap.key("detach")) > 0
   return _masked(tap, value, mask)
 
 
@@ -131,19 +132,22 @@ def around(detached: Detached):
     return None
 
   def call(tap: Tap, fn, args, read):
+    if tap.leaf is not None:  # Part of the output: masked in `_detach`.
+      return fn(*args)
     if tap.layers is None:
       (name, _, _), *more = columns(tap)
       assert not more, tap
       flag = detached.flag(name)
     else:
-      flag = read("detach")[0] > 0
+      flag = read(tap.key("detach"))[0] > 0
     return gated(fn, flag, *args, recompute=detached.recompute)
 
   return call
 
 
-def cheap(method, run, has_aux, recorded, measured, params, detached):
-  """Loss, gradients and the norm_product/taylor map in one backward pass."""
+def cheap(method, run, has_aux, recorded, measured, params, detached, batch=None):
+  """Loss, gradients and the norm_product/taylor map in one backward pass
+  (`batch`: the batch size, where some taps flatten other axes into it)."""
   measured = set(measured)
   plain = [(tap, v) for tap, v in recorded if tap in measured and tap.layers is None]
   stacked = list(dict.fromkeys(t for t, _ in recorded if t in measured and t.layers))
@@ -173,7 +177,7 @@ def cheap(method, run, has_aux, recorded, measured, params, detached):
             "same way every time."
           )
       else:
-        s = read("probe")
+        s = read(tap.key("probe"))
       return tap.per_head(
         lambda v: probe(v, s, tap.heads, inner=method == "taylor"), value
       )
@@ -192,7 +196,7 @@ def cheap(method, run, has_aux, recorded, measured, params, detached):
   )(params, zeros)
   stats = [(tap, s) for (tap, _), s in zip(plain, d_plain, strict=True)]
   stats += list(zip(stacked, d_stacked, strict=True))
-  return (loss, aux), grads, cheap_map(method, stats), state
+  return (loss, aux), grads, cheap_map(method, stats, batch), state
 
 
 def ablation(run, has_aux, recorded, taps, params, detached):
@@ -209,7 +213,7 @@ def ablation(run, has_aux, recorded, taps, params, detached):
       if tap.layers is None:
         k = keep[np.array([position[name] for name, _, _ in columns(tap)])]
       else:
-        k = read("keep")
+        k = read(tap.key("keep"))
 
       def scale(v):
         if tap.heads is None:

@@ -10,11 +10,14 @@ come from the same calls (`rgft_jax._discovery`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Collection
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,9 @@ from rgft_jax._intercept import nnx_run
 from rgft_jax._passes import Runtime
 from rgft_jax._passes import ablation
 from rgft_jax._passes import cheap
+from rgft_jax._structure import Branch
+from rgft_jax._structure import Site
+from rgft_jax._structure import Structure
 from rgft_jax._structure import residual_branches
 from rgft_jax._structure import trace
 
@@ -63,8 +69,13 @@ class ErrorTracker:
     select: which submodules are components: `"branches"` (the residual
       branches, found from the model's dataflow: a module whose output is
       added back to the value it read, measured at that output and owning the
-      parameters it depends on beyond that value, e.g. its pre-norm; names
-      and classes do not matter, see `rgft_jax._structure`; a model with no
+      parameters only it computes with, e.g. its pre-norm (a parameter
+      several branches compute with belongs to none); each call of a module
+      is a site of its own, so a dropout or drop-path reused after several
+      branches carries one component per call, named after the module whose
+      output it carries (`block0/fc2`, `block0/mlp`); where a module returns
+      a tuple, only the entry added to the stream is measured and detached;
+      names and classes do not matter, see `rgft_jax._structure`; a model with no
       such add falls back to every `nn.MultiHeadDotProductAttention` /
       `nnx.MultiHeadAttention` and every module whose class name says
       MLP/FeedForward/FFN), `"heads"` (every head of every attention, found
@@ -91,7 +102,10 @@ class ErrorTracker:
       same path is an error. Not for `select="heads"`.
 
   The loss function must return the mean over the batch of per-example losses,
-  and tapped outputs must have the batch on their leading axis: then
+  and tapped outputs must have the batch on their leading axis (or the batch
+  with other axes flattened into it, batch-major, `[B * T, D]`: each
+  example's rows are summed; the batch size is the inputs' most common
+  leading axis): then
   `dL_b/dh[b] = B dL/dh[b]` gives every per-example gradient from one backward
   pass. Models that couple examples (batch norm in training mode) break that
   identity; their per-example attributions are then approximate.
@@ -161,8 +175,10 @@ class ErrorTracker:
     self.owns = owns
     self._owned: tuple[str, ...] | None = None  # Names from `components()`.
     self._layer_groups: tuple[tuple[str, ...], ...] = ()
-    # Residual branches by dataflow (select="branches"): path -> owned leaves.
-    self._branches: dict[Path, tuple[Path, ...]] | None = None
+    # Residual branches by dataflow (select="branches"): call site -> Branch.
+    self._branches: dict[Site, Branch] | None = None
+    self._structure: Structure | None = None
+    self._nonfinite: set[str] = set()  # Components warned about.
     # Attentions by dataflow (select="heads"): output projection path -> Heads.
     self._heads: dict[Path, Heads] | None = None
 
@@ -172,12 +188,12 @@ class ErrorTracker:
 
   # Interception.
 
-  def _wants_output(self, path: Path, module: Module) -> bool:
+  def _wants_output(self, path: Path, module: Module, call: int) -> bool:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
       if self._branches:
-        return path in self._branches
+        return (path, call) in self._branches
       return is_branch(path, module)
     return bool(self.select(path, module))
 
@@ -191,10 +207,8 @@ class ErrorTracker:
     if self.select == "heads":
       self._heads = find_heads(traced)
       return
-    self._branches = {
-      b.path: tuple(tuple(leaf.split("/")) for leaf in b.owns)
-      for b in residual_branches(traced)
-    }
+    self._structure = residual_branches(traced)
+    self._branches = {b.site: b for b in self._structure.branches}
 
   def _handler(self, visit, calls: list | None, is_head_projection, around=None):
     """`handle(call, next_fun, args, kwargs)` for one module call.
@@ -205,20 +219,35 @@ class ErrorTracker:
     `fn(*args)` makes the call (runtime gating of its backward pass).
     """
     last_done: dict[Path, tuple[Path, Module]] = {}
+    counts: dict[Path, int] = {}  # Calls of each module path so far.
 
-    def tap(call: Call, path: Path, heads: int | None, feeder: Path | None) -> Tap:
+    def tap(
+      call: Call, path: Path, heads: int | None, feeder: Path | None, k: int = 0
+    ) -> Tap:
       check_lifted(path, call.lifted)
       stacked = call.stacked()
       layers, root = stacked if stacked is not None else (None, ())
-      owns = None
+      owns, leaf = None, None
       if self.owns is not None and heads is None:
         owns = owned_paths(path, self.owns(path, call.module))
-      elif self.select == "branches" and self._branches:
-        owns = self._branches[path]
-      return Tap(path, heads, feeder, call.path, layers, root, owns)
+      elif self.select == "branches" and self._branches and heads is None:
+        branch = self._branches[(path, k)]
+        path, leaf = branch.name, branch.leaf
+        owns = tuple(tuple(p.split("/")) for p in branch.owns)
+      return Tap(path, heads, feeder, call.path, layers, root, owns, call=k, leaf=leaf)
+
+    def part(t: Tap, out, read):
+      """`visit` on the leaf of `out` that `t` measures (all of it by default)."""
+      if t.leaf is None:
+        return visit(t, out, read)
+      leaves, treedef = jax.tree.flatten(out)
+      leaves[t.leaf] = visit(t, leaves[t.leaf], read)
+      return jax.tree.unflatten(treedef, leaves)
 
     def handle(call: Call, next_fun, args, kwargs):
       path, module = call.path, call.module
+      k = counts.get(path, 0)
+      counts[path] = k + 1
       if calls is not None:
         calls.append((path, module))
       if self.select == "heads" and self._heads:
@@ -235,10 +264,10 @@ class ErrorTracker:
       feeder = None
       if before is not None and NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
-      wanted = self._wants_output(path, module)
+      wanted = self._wants_output(path, module, k)
       if wanted and around is not None:
         out = around(
-          tap(call, path, None, feeder),
+          tap(call, path, None, feeder, k),
           lambda *a: next_fun(*a, **kwargs),
           args,
           call.read,
@@ -249,7 +278,7 @@ class ErrorTracker:
         last_done[path[:-1]] = (path, module)
       if not wanted:
         return out
-      return visit(tap(call, path, None, feeder), out, call.read)
+      return part(tap(call, path, None, feeder, k), out, call.read)
 
     return handle
 
@@ -289,8 +318,9 @@ class ErrorTracker:
 
     return params, run, lambda state: nnx.update(model, state)
 
-  def _record(self, run, params) -> tuple[list[tuple[Tap, Any]], list]:
-    """Taps (with abstract values) and module calls of `run(params, ...)`."""
+  def _record(self, run, params, inputs) -> tuple[list[tuple[Tap, Any]], list]:
+    """Taps (with abstract values) and module calls of `run(params, ...)`;
+    `inputs` (the model's or the loss's arguments) tell the batch size."""
     taps, calls = [], []
 
     def visit(tap, value, read):
@@ -299,18 +329,22 @@ class ErrorTracker:
       taps.append((tap, jax.tree.map(Abstract.of, value)))
       return value
 
-    jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
+    with _rng_hint(self.model):
+      jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
     if not taps:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
         f"select={describe(self.select)} matched no submodule of "
         f"{type(self.model).__name__}; its submodules are: {modules}."
       )
+    _batch_of(taps, inputs)
     return taps, calls
 
   # Components.
 
-  def components(self, params: Any, *inputs: Any, **call_kwargs: Any) -> Components:
+  def components(
+    self, params: Any, *inputs: Any, rngs: Any = None, **call_kwargs: Any
+  ) -> Components:
     """The components the taps define, with the parameters each one owns.
 
     Calls the model on `inputs` abstractly (no FLOPs, no state change; inputs
@@ -326,6 +360,20 @@ class ErrorTracker:
     parameter (embeddings, a new head, shared biases) is in no component;
     `Components.unassigned(params)` lists them. Names come in the order the
     model calls the tapped modules (input side first).
+
+    A model that draws random numbers when called (dropout on, set at
+    construction) needs `rngs`: for Linen what `model.apply` takes
+    (`{"dropout": jax.random.key(0)}`), for NNX what the model's call takes,
+    if anything (an NNX model usually holds its own `nnx.Rngs`). Any key will
+    do: discovery does not depend on the values drawn.
+
+    With `select="branches"`, a parameter computed into several branches (a
+    shared position bias, a final norm every cross-attention reads, a layer
+    reused across depth) belongs to none and trains at the full rate; they
+    are listed in `Components.shared`. A residual add that brings in
+    parameters no branch explains is warned about, naming the module and the
+    parameters, which are then in no component (measure them with a
+    `select=` predicate, or give them to a component with `owns=`).
 
     Inside a scan over layers (`nn.scan` or `nnx.scan` of a module whose
     parameters are stacked on a leading layer axis, with or without remat),
@@ -347,6 +395,9 @@ class ErrorTracker:
         params = nnx.state(params, nnx.Param)
       model = self.model
 
+      if rngs is not None:
+        call_kwargs = {**call_kwargs, "rngs": rngs}
+
       def call(m):
         return m(*inputs, **call_kwargs)
 
@@ -356,13 +407,16 @@ class ErrorTracker:
       kwargs = dict(call_kwargs)
       # Other collections (batch statistics, say) are made on the fly.
       kwargs.setdefault("mutable", nn.DenyList("params"))
+      if rngs is not None:
+        kwargs["rngs"] = rngs
 
       def call(p):
         return self.model.apply({"params": p}, *inputs, **kwargs)
 
     bound, run, _ = self._bind(call, model, (), {})
-    self._find_structure(run, bound)
-    recorded, _ = self._record(run, bound)
+    with _rng_hint(self.model):
+      self._find_structure(run, bound)
+    recorded, _ = self._record(run, bound, (inputs, call_kwargs))
     taps = [tap for tap, _ in recorded]
     entries = {}
     if self._heads:
@@ -373,6 +427,8 @@ class ErrorTracker:
       )
       entries = _head_entries(taps, owners)
     comps = build_components(params, taps, ordered_names(taps), entries)
+    if self._structure is not None and self.select == "branches":
+      comps = self._place_structure(comps, params)
     # Taps that own no parameter (a dropout, a parent of tapped children) are
     # no component: `value_and_grad` leaves them out of the error map too.
     self._owned = comps.names
@@ -384,6 +440,66 @@ class ErrorTracker:
       if group
     )
     return comps
+
+  def _check_finite(self, error_map: dict[str, jax.Array]) -> None:
+    """A warning, the first time, naming each component whose measured value
+    is not finite (the transformation ignores such values and counts them).
+
+    Under `jit` the check is a `lax.cond` on one reduction: the host is
+    called back only on a step with a non-finite value, so a healthy run
+    pays one `isfinite` over the map.
+    """
+    names = list(error_map)
+    if not names:
+      return
+    values = jnp.stack([jnp.asarray(error_map[n], jnp.float32) for n in names])
+    bad = ~jnp.isfinite(values)
+
+    def report(bad):
+      fresh = [
+        n
+        for n, b in zip(names, np.asarray(bad), strict=True)
+        if b and n not in self._nonfinite
+      ]
+      if fresh:
+        self._nonfinite.update(fresh)
+        warnings.warn(
+          f"The error map holds non-finite values for {fresh} (the loss or "
+          "the component's output overflowed, or an output that is not added "
+          "to the residual stream was measured). rgft() ignores them (its "
+          "state counts them per component: ScaleByResidualErrorState."
+          "nonfinite); this warning is given once per component.",
+          RuntimeWarning,
+          stacklevel=2,
+        )
+
+    jax.lax.cond(
+      bad.any(),
+      lambda b: jax.debug.callback(report, b),
+      lambda b: None,
+      bad,
+    )
+
+  def _place_structure(self, comps: Components, params: Any) -> Components:
+    """`comps` listing the shared parameters; a warning for each residual
+    add that discovery could not place."""
+    unassigned = set(comps.unassigned(params))
+    shared = tuple(p for p in self._structure.shared if p in unassigned)
+    for where, leaves in self._structure.undecided:
+      missed = [p for p in leaves if p in unassigned and p not in shared]
+      if not missed:
+        continue
+      module = where or type(self.model).__name__
+      warnings.warn(
+        f"Discovery could not place a residual add in {module!r}: it adds a "
+        f"value computed with the parameters {missed} to what it was computed "
+        "from, but no module's output there is added back to what the module "
+        "read, so these parameters are in no component. Measure that branch "
+        "with a predicate, select=lambda path, module: ..., or give the "
+        "parameters to a component with owns=.",
+        stacklevel=3,
+      )
+    return Components(comps.names, comps.index, shared)
 
   @property
   def layer_groups(self) -> tuple[tuple[str, ...], ...]:
@@ -425,6 +541,13 @@ class ErrorTracker:
     component name to a float32 scalar, ready for `rgft()`'s `error_map=`.
     Call it inside `jax.jit` (`nnx.jit` for NNX); it works on any batch size.
 
+    A model that draws random numbers (dropout on) gets its keys through the
+    loss function's own arguments: `value_and_grad(loss_fn)(params, x,
+    rngs={"dropout": key})` hands `rngs` to `loss_fn`, which passes them to
+    `model.apply`. A non-finite value in the map is warned about the first
+    time for each component (a `lax.cond` on one `isfinite` reduction calls
+    the host back only then); `rgft()` ignores such values and counts them.
+
     `measure` limits the attribution to those component names; the others
     get NaN (which `rgft()` reads as "not measured": their EMA is kept) and
     their outputs are not probed.
@@ -461,8 +584,9 @@ class ErrorTracker:
 
     def wrapped(model_or_params, *args, **kwargs):
       params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
-      self._find_structure(run, params)
-      recorded, _ = self._record(run, params)
+      with _rng_hint(self.model):
+        self._find_structure(run, params)
+      recorded, _ = self._record(run, params, (args, kwargs))
       taps = list(dict.fromkeys(tap for tap, _ in recorded))
       names = ordered_names(taps)
       if self._owned is not None:
@@ -488,12 +612,20 @@ class ErrorTracker:
         )
       else:
         (loss, aux), grads, error_map, state = cheap(
-          self.method, run, has_aux, recorded, measured, params, detached
+          self.method,
+          run,
+          has_aux,
+          recorded,
+          measured,
+          params,
+          detached,
+          _batch_of(recorded, (args, kwargs)),
         )
       finish(state)
       error_map = complete(error_map)
       if axis_name is not None:
         loss, grads, error_map = across(axis_name, loss, grads, error_map)
+      self._check_finite({n: error_map[n] for n in names if n in wanted})
       return ((loss, aux) if has_aux else loss), grads, error_map
 
     return wrapped
@@ -555,3 +687,54 @@ def _check_tappable(tap: Tap, value: Any) -> None:
       f"Cannot tap the output of {'/'.join(tap.path)!r}: every leaf must be a "
       f"floating array with a leading batch axis; got {bad or 'no arrays'}."
     )
+
+
+@contextlib.contextmanager
+def _rng_hint(model: Any):
+  """Flax's missing-PRNG error, with how to pass the keys."""
+  try:
+    yield
+  except flax.errors.InvalidRngError as e:
+    raise ValueError(
+      f"{type(model).__name__} draws random numbers (dropout, say): "
+      f"{str(e).split(' (https')[0]}. Pass them: components(params, *inputs, "
+      "rngs={'dropout': jax.random.key(0)}) (any key: discovery does not "
+      "depend on the values), and apply the model with its rngs in the loss "
+      "function given to value_and_grad, e.g. model.apply({'params': p}, x, "
+      "rngs={'dropout': key}) with the key an argument of the loss."
+    ) from None
+
+
+def _batch_of(recorded: list[tuple[Tap, Any]], inputs: Any = ()) -> int:
+  """The batch size: the most common leading axis of the `inputs`' arrays
+  (the smallest leading axis of the tapped values where they have none).
+
+  A leading axis that is a multiple of it is the batch with other axes
+  flattened into it, batch-major (`[B, T, D] -> [B * T, D]`, as OPT does
+  before its MLP): measured per example by summing each example's rows. Any
+  other leading axis is refused, naming the tap.
+  """
+  leads = [(tap, jax.tree.leaves(v)[0].shape[0]) for tap, v in recorded]
+  given = [
+    a.shape[0]
+    for a in jax.tree.leaves(inputs)
+    if hasattr(a, "shape") and len(a.shape) >= 1
+  ]
+  if given:
+    batch = max(set(given), key=lambda b: (given.count(b), b))
+    if any(b % batch for _, b in leads) and all(b % min(given) == 0 for _, b in leads):
+      batch = min(given)
+  else:
+    batch = min(b for _, b in leads)
+  for tap, b in leads:
+    if b % batch:
+      raise ValueError(
+        f"Cannot measure {'/'.join(tap.path)!r} (the output of "
+        f"{'/'.join(tap.site)!r}) per example: its leading axis has {b} "
+        f"entries, neither the batch size {batch} (the inputs' leading axis) "
+        "nor the batch with other axes flattened into it "
+        "(a multiple). Leave it out of the components with select= (a "
+        "predicate on the module path), or measure a module whose output "
+        "keeps the batch on its leading axis."
+      )
+  return batch

@@ -166,14 +166,17 @@ def linen_reference(
   batch: Sequence[Any],
   paths,
   heads: dict[str, HeadsAt] | None = None,
+  parts: dict[str, int] | None = None,
 ) -> Reference:
   """The reference for the Linen modules at `paths` (`/`-joined module paths).
 
   `loss_one(params, *example)` applies the model (a Linen module) to one
   example (batch axis of size 1) and returns its loss. A path in `heads` is
-  an output projection, measured per head on its input.
+  an output projection, measured per head on its input. A path in `parts`
+  returns a tuple of which the entry `parts[path]` is what the model adds
+  to its residual stream: only that entry is measured.
   """
-  heads = heads or {}
+  heads, parts = heads or {}, parts or {}
   targets = {tuple(p.split("/")): p for p in [*paths, *heads]}
 
   def run(deltas, params, example):
@@ -190,6 +193,12 @@ def linen_reference(
           args = (args[0] + deltas[name], *args[1:])
         return next_fun(*args, **kwargs)
       out = next_fun(*args, **kwargs)
+      if name in parts:
+        i = parts[name]
+        outputs[name] = out[i]
+        if deltas is None:
+          return out
+        return (*out[:i], out[i] + deltas[name], *out[i + 1 :])
       outputs[name] = out
       if deltas is None:
         return out
@@ -200,6 +209,38 @@ def linen_reference(
     return loss, (loss, outputs)
 
   return _reference(run, params, batch, [*paths, *heads], heads)
+
+
+def linen_detached_grads(loss, names, parts=None):
+  """`grads(params, flags, *batch)`: `jax.grad` of `loss(params, *batch)` with
+  the output of the Linen module `names[i]` (the entry `parts[name]` of a
+  tuple output) behind `stop_gradient` where `flags[i]`, by an interceptor
+  of its own (one compiled program for every set)."""
+  parts = parts or {}
+  targets = {tuple(n.split("/")): i for i, n in enumerate(names)}
+
+  def grads(params, flags, *batch):
+    def interceptor(next_fun, args, kwargs, context):
+      i = targets.get(tuple(context.module.scope.path))
+      out = next_fun(*args, **kwargs)
+      if context.method_name != "__call__" or i is None:
+        return out
+
+      def cut(v):
+        return jnp.where(flags[i], jax.lax.stop_gradient(v), v)
+
+      if names[i] in parts:
+        k = parts[names[i]]
+        return (*out[:k], cut(out[k]), *out[k + 1 :])
+      return jax.tree.map(cut, out)
+
+    def detached(params):
+      with nn.intercept_methods(interceptor):
+        return loss(params, *batch)
+
+    return jax.grad(detached)(params)
+
+  return jit(grads)
 
 
 def _reference(run, params, batch, paths, heads) -> Reference:

@@ -1,4 +1,5 @@
-"""The tracker on Hugging Face Flax (Linen) models: ViT, BERT, GPT-2, ResNet.
+"""The tracker on Hugging Face Flax (Linen) models: ViT, BERT, GPT-2, ResNet,
+OPT, BART, T5.
 
 Tiny random-init configurations of `transformers` 4.x models (v5 dropped
 Flax), with `select="branches"`: the residual branches found from each
@@ -27,14 +28,21 @@ from _compat_reference import allow_rank_promotion  # noqa: F401 (autouse fixtur
 from _compat_reference import assert_matches
 from _compat_reference import assert_ownership
 from _compat_reference import jit
+from _compat_reference import linen_detached_grads
 from _compat_reference import linen_reference
+from transformers import BartConfig
 from transformers import BertConfig
+from transformers import FlaxBartForConditionalGeneration
 from transformers import FlaxBertForSequenceClassification
 from transformers import FlaxGPT2LMHeadModel
+from transformers import FlaxOPTForCausalLM
 from transformers import FlaxResNetForImageClassification
+from transformers import FlaxT5ForConditionalGeneration
 from transformers import FlaxViTForImageClassification
 from transformers import GPT2Config
+from transformers import OPTConfig
 from transformers import ResNetConfig
+from transformers import T5Config
 from transformers import ViTConfig
 
 import rgft_jax
@@ -67,6 +75,8 @@ class Case:
   rules: tuple[tuple[str, str], ...]
   unassigned: tuple[str, ...]
   reference_of: Case | None = None  # Measure against this model's reference.
+  # Components whose module returns a tuple: the entry added to the stream.
+  parts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _by_path(pattern: str):
@@ -296,12 +306,223 @@ def _resnet() -> Case:
   )
 
 
+def _t5_clip_patch():
+  """transformers' Flax T5 calls `jnp.clip(x, a_max=...)`, which this jax
+  removed: its module gets a `jnp` whose `clip` maps the old keywords. The
+  patch touches the T5 module's namespace only, in this test process."""
+  import transformers.models.t5.modeling_flax_t5 as t5
+
+  class _Jnp:
+    def __getattr__(self, name):
+      return getattr(jnp, name)
+
+    @staticmethod
+    def clip(a, a_min=None, a_max=None, **kwargs):
+      return jnp.clip(
+        a,
+        a_min if a_min is not None else kwargs.pop("min", None),
+        a_max if a_max is not None else kwargs.pop("max", None),
+      )
+
+  try:
+    jnp.clip(jnp.zeros(1), a_max=0)
+  except TypeError:
+    t5.jnp = _Jnp()
+
+
+def _seq2seq_loss(module, n_inputs):
+  def loss(params, *batch):
+    out = module.apply({"params": params}, *batch[:n_inputs])
+    dec = batch[2]
+    return _ce(out.logits[:, :-1], dec[:, 1:])
+
+  return loss
+
+
+def _opt() -> Case:
+  config = OPTConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    word_embed_proj_dim=32,
+  )
+  module = FlaxOPTForCausalLM(config, _do_init=False).module
+  rng = np.random.default_rng(4)
+  ids = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  inputs = (ids, jnp.ones_like(ids), positions)
+  params = _init(module, *inputs)["params"]
+
+  def loss(params, ids):
+    logits = module.apply(
+      {"params": params}, ids, jnp.ones_like(ids), positions[: len(ids)]
+    ).logits
+    return _ce(logits[:, :-1], ids[:, 1:])
+
+  # Pre-norm. The MLP runs on batch x time flattened; one dropout instance
+  # follows the attention and fc2: each call is a site, the MLP's is named
+  # after fc2 (fc1 and fc2 are the layer's own modules).
+  layer = r"model/decoder/layers/(\d+)"
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=inputs,
+    batch=(ids,),
+    loss=loss,
+    train_loss=_stateless(loss),
+    names=tuple(
+      f"model/decoder/layers/{i}/{m}" for i in range(2) for m in ("self_attn", "fc2")
+    ),
+    rules=(
+      (
+        layer + r"/(self_attn|self_attn_layer_norm)/.*",
+        r"model/decoder/layers/\1/self_attn",
+      ),
+      (layer + r"/(fc1|fc2|final_layer_norm)/.*", r"model/decoder/layers/\1/fc2"),
+    ),
+    unassigned=(
+      "model/decoder/embed_tokens/",
+      "model/decoder/embed_positions/",
+      "model/decoder/final_layer_norm/",
+    ),
+    parts={f"model/decoder/layers/{i}/self_attn": 0 for i in range(2)},
+  )
+
+
+def _bart() -> Case:
+  config = BartConfig(
+    vocab_size=VOCAB,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=16,
+  )
+  module = FlaxBartForConditionalGeneration(config, _do_init=False).module
+  rng = np.random.default_rng(5)
+  ids = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  dec = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  ones = jnp.ones_like(ids)
+  inputs = (ids, ones, dec, ones, pos, pos)
+  params = _init(module, *inputs)["params"]
+  # Post-norm; one dropout instance follows the self-attention, the
+  # cross-attention and fc2: each call is a site. The layer norms after the
+  # adds are on the stream; the encoder's parameters reach every
+  # cross-attention: in no decoder component.
+  enc = r"model/encoder/layers/(\d+)"
+  dec_l = r"model/decoder/layers/(\d+)"
+  names = tuple(
+    f"model/encoder/layers/{i}/{m}" for i in range(2) for m in ("self_attn", "fc2")
+  ) + tuple(
+    f"model/decoder/layers/{i}/{m}"
+    for i in range(2)
+    for m in ("self_attn", "encoder_attn", "fc2")
+  )
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=inputs,
+    batch=inputs,
+    loss=_seq2seq_loss(module, 6),
+    train_loss=_stateless(_seq2seq_loss(module, 6)),
+    names=names,
+    rules=(
+      (enc + r"/self_attn/.*", r"model/encoder/layers/\1/self_attn"),
+      (enc + r"/(fc1|fc2)/.*", r"model/encoder/layers/\1/fc2"),
+      (dec_l + r"/(self_attn|encoder_attn)/.*", r"model/decoder/layers/\1/\2"),
+      (dec_l + r"/(fc1|fc2)/.*", r"model/decoder/layers/\1/fc2"),
+    ),
+    unassigned=(
+      "model/shared/",
+      "model/encoder/embed_positions/",
+      "model/encoder/layers/0/self_attn_layer_norm/",
+      "model/decoder/layers/1/final_layer_norm/",
+      "final_logits_bias",
+    ),
+    parts={n: 0 for n in names if n.endswith("attn")},
+  )
+
+
+def _t5() -> Case:
+  _t5_clip_patch()
+  config = T5Config(
+    vocab_size=VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+  )
+  module = FlaxT5ForConditionalGeneration(config, _do_init=False).module
+  rng = np.random.default_rng(6)
+  ids = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  dec = jnp.asarray(rng.integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
+  ones = jnp.ones_like(ids).at[1, -2:].set(0)  # One padded example.
+  inputs = (ids, ones, dec, jnp.ones_like(dec))
+  params = _init(module, *inputs)["params"]
+  # Pre-norm. Each attention returns (output, position bias); the bias is
+  # computed in the first layer of each stack (masked at float32's minimum)
+  # and read by every later layer: its table is in no component, and only
+  # the output is measured. The encoder's final norm is read by every
+  # cross-attention: in none.
+  s = r"(encoder|decoder)/block/(\d+)/layer"
+  names = tuple(
+    f"encoder/block/{i}/layer/{m}"
+    for i in range(2)
+    for m in ("0/SelfAttention", "1/DenseReluDense")
+  ) + tuple(
+    f"decoder/block/{i}/layer/{m}"
+    for i in range(2)
+    for m in ("0/SelfAttention", "1/EncDecAttention", "2/DenseReluDense")
+  )
+  return Case(
+    module=module,
+    params=params,
+    state={},
+    inputs=inputs,
+    batch=inputs,
+    loss=_seq2seq_loss(module, 4),
+    train_loss=_stateless(_seq2seq_loss(module, 4)),
+    names=names,
+    rules=(
+      (
+        s + r"/0/(layer_norm|SelfAttention/(q|k|v|o))/.*",
+        r"\1/block/\2/layer/0/SelfAttention",
+      ),
+      (r"decoder/block/(\d+)/layer/1/.*", r"decoder/block/\1/layer/1/EncDecAttention"),
+      (r"encoder/block/(\d+)/layer/1/.*", r"encoder/block/\1/layer/1/DenseReluDense"),
+      (r"decoder/block/(\d+)/layer/2/.*", r"decoder/block/\1/layer/2/DenseReluDense"),
+    ),
+    unassigned=(
+      "shared/",
+      "encoder/block/0/layer/0/SelfAttention/relative_attention_bias/",
+      "decoder/block/0/layer/0/SelfAttention/relative_attention_bias/",
+      "encoder/final_layer_norm/",
+      "decoder/final_layer_norm/",
+    ),
+    parts={n: 0 for n in names if n.endswith("Attention")},
+  )
+
+
 _BUILDERS = {
   "vit": _vit,
   "bert": _bert,
   "bert_gradient_checkpointing": functools.partial(_bert, gradient_checkpointing=True),
   "gpt2": _gpt2,
   "resnet": _resnet,
+  "opt": _opt,
+  "bart": _bart,
+  "t5": _t5,
 }
 MODELS = list(_BUILDERS)
 
@@ -319,12 +540,18 @@ def _reference(case: Case) -> Reference:
   case = case.reference_of or case
   if id(case) not in _REFERENCES:
     _REFERENCES[id(case)] = linen_reference(
-      case.loss, case.params, case.batch, case.names
+      case.loss, case.params, case.batch, case.names, parts=case.parts
     )
   return _REFERENCES[id(case)]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+_SLOW = {"bart", "t5"}  # Encoder-decoders: two stacks to compile.
+
+
+@pytest.fixture(
+  scope="module",
+  params=[pytest.param(m, marks=pytest.mark.slow) if m in _SLOW else m for m in MODELS],
+)
 def case(request) -> Case:
   # Module-scoped and parametrized: pytest runs each model's tests together.
   return _case(request.param)
@@ -372,6 +599,25 @@ def test_norm_product_matches_per_example_reference(case):
     case.params, *case.batch
   )
   assert_matches(loss, grads, error_map, _reference(case))
+
+
+def test_detaching_each_component_equals_stop_gradient(case):
+  """Each component detached alone (a runtime set: one compiled program)
+  against `jax.grad` of the loss with that module's output (the added part
+  of a tuple) behind `stop_gradient`, by an interceptor of the test's own."""
+  tracker = _tracker(case)
+  comps = tracker.components(case.params, *case.inputs)
+  step = jit(
+    lambda p, flags: tracker.value_and_grad(case.loss, detach=flags)(p, *case.batch)[1]
+  )
+  reference = linen_detached_grads(case.loss, comps.names, case.parts)
+  for i in range(len(comps)):
+    flags = jnp.zeros(len(comps), bool).at[i].set(True)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      step(case.params, flags),
+      reference(case.params, flags, *case.batch),
+    )
 
 
 def test_wrapper_is_refused_with_a_pointer_to_its_module():
