@@ -297,11 +297,13 @@ class StepVariants:
     donate_argnums: tuple[int, ...] = (),
     warn_after: int | None = None,
   ):
-    in_range("max_variants", max_variants, 1, None)
+    in_range("max_variants", max_variants, 1, None, integer=True)
+    if warn_after is not None:
+      in_range("warn_after", warn_after, 0, None, integer=True)
     self.make = make
     self.max_variants = int(max_variants)
     self.donate_argnums = tuple(donate_argnums)
-    self.warn_after = 4 * self.max_variants if warn_after is None else warn_after
+    self.warn_after = 4 * self.max_variants if warn_after is None else int(warn_after)
     self.compilations = 0
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._costs: dict[Hashable, tuple[float, int]] = {}

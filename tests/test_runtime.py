@@ -284,3 +284,26 @@ def test_gated_call_equals_stop_gradient_on_a_dense():
     got = jax.grad(loss, argnums=(0, 1))(params, x, jnp.asarray(detached), True)
     want = jax.grad(loss, argnums=(0, 1))(params, x, detached, False)
     _close(got, want)
+
+
+def test_step_variants_and_sparse_steps_check_their_arguments():
+  make = lambda variant: lambda x: x  # noqa: E731
+  for bad in (2.5, 0, True):
+    with pytest.raises((TypeError, ValueError), match="max_variants"):
+      rgft_jax.StepVariants(make, max_variants=bad)
+  for bad in (-1, 1.5):
+    with pytest.raises((TypeError, ValueError), match="warn_after"):
+      rgft_jax.StepVariants(make, warn_after=bad)
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  comps = tracker.components(params, x)
+  tx = rgft_jax.rgft(1e-2, comps)
+  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps)
+  with pytest.raises(TypeError, match="got None"):
+    step(params, tx.init(params), x, y, detached=None)
+  costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
+  sparse = rgft_jax.SparseTrainStep(step, rgft_jax.Budget(costs, 0.9, total_steps=1))
+  state = tx.init(params)
+  _, params, state = sparse(0, params, state, x, y)
+  with pytest.raises(ValueError, match="outside the budget's run of 1 steps"):
+    sparse(1, params, state, x, y)
