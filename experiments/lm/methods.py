@@ -354,13 +354,18 @@ def _rgft_tx(setup: Setup, comps) -> Callable[[float], Any]:
   return tx_of
 
 
-def tracked_step(decoder: Decoder, tracker, tx, comps, detached) -> Step:
+def tracked_step(
+  decoder: Decoder, tracker, tx, comps, detached, recompute: bool = False
+) -> Step:
   """`rgft_jax.train_step` (NNX) as a pure step, with `detached` detached.
 
   With `detached=RUNTIME` the step takes the detached set as a fourth
-  argument, a boolean array over `comps.names` (runtime gating).
+  argument, a boolean array over `comps.names` (runtime gating; with
+  `recompute`, gated branches keep no residuals).
   """
-  sparse = rgft_jax.train_step(tracker, None, lm.loss, comps, has_aux=True)
+  sparse = rgft_jax.train_step(
+    tracker, None, lm.loss, comps, has_aux=True, recompute=recompute
+  )
 
   def step(params, opt_state, batch, flags=None):
     model = decoder(params)
@@ -385,10 +390,13 @@ def _tracked(
   """RGFT over `comps`, measured by `tracker`, detaching what `policy` says."""
   tx_of = _rgft_tx(setup, comps)
   decoder, params = setup.layout(scan=True)
+  recompute = runtime is not None and setup.cfg.gate_recompute
   return Method(
     name,
     lambda lr, seed: (params, tx_of(lr).init(params)),
-    lambda variant: tracked_step(decoder, tracker, tx_of(1.0), comps, variant),
+    lambda variant: tracked_step(
+      decoder, tracker, tx_of(1.0), comps, variant, recompute
+    ),
     setup.to_looped(scan=True),
     policy,
     family,

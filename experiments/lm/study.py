@@ -73,6 +73,7 @@ class Config:
   min_scale: float = 0.01  # RGFT: smallest multiplier.
   budget_every: int = 25  # Budgeted RGFT: steps between decisions.
   budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the branches trained now.
+  gate_recompute: bool = True  # Budgeted RGFT: gated branches keep no residuals.
   lora_rank: int = 8  # LoRA: rank of the factors.
   lisa_layers: int = 1  # LISA: layers trained at a time.
   lisa_period: int = 25  # LISA: steps between redraws.
