@@ -230,6 +230,11 @@ def best_within(
   search visits at most `max_nodes` nodes (far more than tens of components
   need); past that it returns the best set found, never worse than filling
   greedily by error per cost, which it tries first.
+
+  Examples:
+    >>> import rgft_jax
+    >>> sorted(rgft_jax.best_within([3.0, 2.0, 2.0], [2.0, 1.0, 1.0], 2.0))
+    [1, 2]
   """
   error = np.maximum(np.nan_to_num(np.asarray(error, np.float64)), 0.0)
   cost = np.asarray(cost, np.float64)
