@@ -125,6 +125,8 @@ def _flops(fn: Callable[..., Any], args: Sequence[Any], compiled: bool) -> float
   analysis = (lowered.compile() if compiled else lowered).cost_analysis()
   if isinstance(analysis, list | tuple):
     analysis = analysis[0]
+  if not analysis:
+    raise ValueError("XLA gave no cost analysis for this step, so no FLOPs.")
   return float(analysis["flops"])
 
 
@@ -207,7 +209,8 @@ def _units(
   if groups is None:
     tracker = getattr(step, "tracker", None)
     groups = tracker.layer_groups if tracker is not None else ()
-  units, seen = [], set()
+  units: list[tuple[str, ...]] = []
+  seen: set[str] = set()
   for group in groups:
     group = tuple(n for n in group if n in names)
     if seen & set(group):
@@ -243,7 +246,10 @@ def best_within(
   items.sort(key=lambda i: (-error[i] / cost[i], i))
   e = [error[i] for i in items]
   c = [cost[i] for i in items]
-  best_value, best_take = 0.0, ()
+  best_value = 0.0
+  best_take: tuple[int, ...] = ()
+  # Nodes: (next item, room left, value so far, items taken).
+  stack: list[tuple[int, float, float, tuple[int, ...]]]
 
   def bound(k, room, value):
     for j in range(k, len(items)):
