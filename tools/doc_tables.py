@@ -152,7 +152,10 @@ def vit_all(task: str) -> str:
     ]
     for name, s in summary
   ]
-  rows += [[name, f"not run: {why}", "", "", "", "", ""] for name, why in info["infeasible"].items()]
+  rows += [
+    [name, f"not run: {why}", "", "", "", "", ""]
+    for name, why in info["infeasible"].items()
+  ]
   head = [
     "method",
     "steps",
@@ -311,7 +314,9 @@ def _sparse_label(v: dict[str, Any]) -> str:
     return "every branch detached (the floor)"
   kinds = [name.rsplit("/", 1)[-1] for name in v["detached"]]
   parts = [
-    f"{kinds.count(k)} {word}" for k, word in (("attn", "attention"), ("mlp", "MLP")) if k in kinds
+    f"{kinds.count(k)} {word}"
+    for k, word in (("attn", "attention"), ("mlp", "MLP"))
+    if k in kinds
   ]
   s = "es" if len(v["detached"]) > 1 else ""
   return f"{v['variant']}: {' + '.join(parts)} branch{s} detached"
@@ -351,8 +356,17 @@ TABLES: dict[str, Callable[[], str]] = {
   **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
   **{f"vit_fair_{t}": functools.partial(vit_fair, t) for t in TASKS},
   **{
-    f"ablation_{n}": functools.partial(ablation, f"experiments/results/ablations/{n}.json")
-    for n in ("error_method", "threshold", "warmup", "batch_size", "learning_rate", "grouping")
+    f"ablation_{n}": functools.partial(
+      ablation, f"experiments/results/ablations/{n}.json"
+    )
+    for n in (
+      "error_method",
+      "threshold",
+      "warmup",
+      "batch_size",
+      "learning_rate",
+      "grouping",
+    )
   },
   "ablation_error_method_thresh_0.5_1.0": functools.partial(
     ablation,
@@ -412,7 +426,9 @@ def used(root: pathlib.Path = ROOT) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--check", action="store_true", help="change nothing; exit 1 on a difference")
+  parser.add_argument(
+    "--check", action="store_true", help="change nothing; exit 1 on a difference"
+  )
   args = parser.parse_args(argv)
   if args.check:
     diffs = differences()
