@@ -143,6 +143,7 @@ def test_state_dict_round_trip():
     other.load_state_dict({**budget.state_dict(), "detached": ["zz"]})
 
 
+@pytest.mark.slow
 def test_costs_add_up_and_accounting_equals_variant_flops_times_steps():
   model, params, x, y, tracker, comps, tx = _setup()
   step = rgft_jax.train_step(tracker, tx, _loss(model), comps)

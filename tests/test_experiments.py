@@ -41,6 +41,7 @@ def _tiny(classes=CLASSES, image=32, patch=8):
   return model, params, x
 
 
+@pytest.mark.slow
 def test_every_method_runs_under_mock_cifar(tmp_path):
   flags = [
     "--dataset=cifar10",
@@ -133,6 +134,7 @@ def _matmul_flops(batch, image, patch):
   return batch * (embed + s.depth * (qkvo + scores_and_mix + mlp) + head)
 
 
+@pytest.mark.slow
 def test_flop_accounting_against_hand_counts():
   model, params, x = _tiny()
   batch = {"image": jnp.zeros((8, 32, 32, 3)), "label": jnp.zeros(8, jnp.int32)}
@@ -192,6 +194,7 @@ def _run(model, method, data, test, steps, where, seed=0, ckpt_every=2, **kwargs
   )
 
 
+@pytest.mark.slow
 def test_run_resumes_bit_identically(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
@@ -331,6 +334,7 @@ def _flip(root):
   path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_never_trained_on(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
@@ -446,6 +450,7 @@ def test_the_chosen_rate_is_the_best_mean_validation_accuracy():
   assert finetune.choose(grid, [[0.5], [0.9], [0.9], [0.1]]) == 1e-3  # Tie: smaller.
 
 
+@pytest.mark.slow
 def test_learning_rates_are_tuned_on_validation_then_reported(tmp_path):
   flags = [
     "--dataset=cifar10",

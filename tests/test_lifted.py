@@ -94,6 +94,7 @@ def _unstack(tree):
   return tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "remat,granularity,method",
   [
@@ -286,6 +287,7 @@ class NnxScanned(nnx.Module):
     return self.head(x.mean(axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat,granularity", [(False, "branches"), (True, "heads")])
 def test_nnx_scan_matches_the_per_example_reference(remat, granularity):
   _, params, x, y = _setup()

@@ -169,6 +169,7 @@ def looped_grads_and_logits(looped):
   return grads_and_logits(looped, tokens((3, 17)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_model_matches_looped_model(looped, looped_grads_and_logits, remat):
   scanned = lm.with_layout(looped, scan_layers=True, remat=remat)

@@ -47,6 +47,7 @@ def reference_bpb(cfg, params, split: np.ndarray) -> float:
   return float(nats.mean() / math.log(2))
 
 
+@pytest.mark.slow
 def test_quick_study_writes_its_files(quick):
   cfg, results, _ = quick
   workdir = pathlib.Path(cfg.workdir)

@@ -23,6 +23,7 @@ def test_every_notebook_is_a_documented_percent_script():
     assert text.count("\n# %%") >= 2, path.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_quick(path, tmp_path_factory):
   shared = tmp_path_factory.getbasetemp() / "notebooks"  # Pretraining cached across.

@@ -172,6 +172,7 @@ def test_detaching_saves_the_hand_counted_backward_at_any_depth(block):
   np.testing.assert_allclose(saved, backward + optimizer, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_heads_save_only_when_the_whole_attention_is_detached():
   """Per-head detaching is correct but saves nothing: the heads share one einsum."""
 
