@@ -92,6 +92,7 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
       finetune.main([*flags, "--lora_rank=2", "--methods=full"])
 
 
+@pytest.mark.slow
 def test_trainable_parameter_counts_by_hand():
   model, params, x = _tiny()
   s, c, r = SIZES["mu"], CLASSES, 4
@@ -238,6 +239,7 @@ def _listing(root):
   )
 
 
+@pytest.mark.slow
 def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   batch = {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.zeros(4, jnp.int32)}
@@ -388,6 +390,7 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
     assert finetune.pretrain_dir(other, "label_shift")[0] == where, change
 
 
+@pytest.mark.slow
 def test_a_checkpoint_past_the_run_is_refused(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()

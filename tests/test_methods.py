@@ -62,6 +62,7 @@ def _in_blocks(params):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["random_sparse", "magnitude_sparse"])
 def test_masked_entries_and_their_adam_state_are_held_bit_for_bit(name):
   model, params, x, batch = _setup()
@@ -149,6 +150,7 @@ def _by_hand(params, ads, images):
   return x[:, 0] @ p["head"]["kernel"] + p["head"]["bias"][None]
 
 
+@pytest.mark.slow
 def test_adapters_are_residual_bottlenecks_after_each_branch():
   model, params, x, batch = _setup()
   method = methods_lib.make(
