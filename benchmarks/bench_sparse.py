@@ -31,8 +31,8 @@ import optax
 
 import rgft_jax
 from experiments.vit import VisionTransformer
-from rgft_jax._budget import best_within
-from rgft_jax._sparse import compiled_cost
+from rgft_jax import best_within
+from rgft_jax import compiled_cost
 
 
 def setup(args, size, select):

@@ -13,7 +13,7 @@ import rgft_jax
 from experiments import methods as methods_lib
 from experiments import steps as steps_lib
 from experiments.trees import count
-from rgft_jax._sparse import StepVariants
+from rgft_jax import StepVariants
 
 
 class StepCounts:

@@ -27,8 +27,8 @@ from experiments import masks
 from experiments.trees import flat
 from experiments.trees import identity
 from experiments.trees import unflat
-from rgft_jax._sparse import StepVariants
-from rgft_jax._sparse import hold_masked
+from rgft_jax import StepVariants
+from rgft_jax import hold_masked
 
 
 def _loss(logits, labels):

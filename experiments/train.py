@@ -30,7 +30,7 @@ from experiments.store import load_json
 from experiments.store import lock
 from experiments.store import save_json
 from experiments.trees import identity
-from rgft_jax._sparse import StepVariants
+from rgft_jax import StepVariants
 from rgft_jax.tensorboard import ErrorMapWriter
 
 __all__ = (  # Names other modules use from here.

@@ -38,7 +38,7 @@ import rgft_jax
 from experiments import data
 from experiments import finetune
 from experiments import train
-from rgft_jax._sparse import compiled_cost
+from rgft_jax import compiled_cost
 
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.

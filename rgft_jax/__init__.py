@@ -2,6 +2,7 @@
 
 from rgft_jax._budget import Budget
 from rgft_jax._budget import DetachCosts
+from rgft_jax._budget import best_within
 from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
 from rgft_jax._costs import flops_of
@@ -9,6 +10,8 @@ from rgft_jax._costs import peak_bytes
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
+from rgft_jax._sparse import compiled_cost
+from rgft_jax._sparse import hold_masked
 from rgft_jax._sparse import train_step
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
@@ -26,8 +29,11 @@ __all__ = (
   "ScaleByResidualErrorState",
   "SparseTrainStep",
   "StepVariants",
+  "best_within",
+  "compiled_cost",
   "detach_costs",
   "flops_of",
+  "hold_masked",
   "linear_threshold",
   "peak_bytes",
   "residual_error_state",

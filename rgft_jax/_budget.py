@@ -199,7 +199,8 @@ def _units(
   if groups is None:
     tracker = getattr(step, "tracker", None)
     groups = tracker.layer_groups if tracker is not None else ()
-  units, seen = [], set()
+  units: list[tuple[str, ...]] = []
+  seen: set[str] = set()
   for group in groups:
     group = tuple(n for n in group if n in names)
     if seen & set(group):
@@ -222,6 +223,11 @@ def best_within(
   search visits at most `max_nodes` nodes (far more than tens of components
   need); past that it returns the best set found, never worse than filling
   greedily by error per cost, which it tries first.
+
+  Examples:
+    >>> import rgft_jax
+    >>> sorted(rgft_jax.best_within([3.0, 2.0, 2.0], [2.0, 1.0, 1.0], 2.0))
+    [1, 2]
   """
   error = np.maximum(np.nan_to_num(np.asarray(error, np.float64)), 0.0)
   cost = np.asarray(cost, np.float64)
@@ -230,7 +236,10 @@ def best_within(
   items.sort(key=lambda i: (-error[i] / cost[i], i))
   e = [error[i] for i in items]
   c = [cost[i] for i in items]
-  best_value, best_take = 0.0, ()
+  best_value = 0.0
+  best_take: tuple[int, ...] = ()
+  # Nodes: (next item, room left, value so far, items taken).
+  stack: list[tuple[int, float, float, tuple[int, ...]]]
 
   def bound(k, room, value):
     for j in range(k, len(items)):

@@ -146,6 +146,9 @@ class Components:
   names: tuple[str, ...]
   index: Any
   shared: tuple[str, ...] = ()
+  _by_path: dict[str, np.ndarray] = dataclasses.field(
+    init=False, repr=False, compare=False
+  )  # Index leaves by parameter path, set in __post_init__.
 
   def __post_init__(self):
     if isinstance(self.names, (str, bytes)):

@@ -149,7 +149,9 @@ def _back_to_product(traced: Traced, n: int) -> tuple[int, list[int]] | None:
 def _contracted_axes(traced: Traced, n: int, shape: tuple[int, ...]) -> set[int] | None:
   """Axes of value `n` that the first matmul reading it (through moves) contracts."""
   g = traced.graph
-  frontier = [(n, [(("p", a, size),) for a, size in enumerate(shape)])]
+  frontier: list[tuple[int, Labels]] = [
+    (n, [(("p", a, size),) for a, size in enumerate(shape)])
+  ]
   while frontier:
     node, labels = frontier.pop(0)
     for user in g.users(node):
@@ -172,11 +174,12 @@ def _analyse(traced: Traced, n: int, shape: tuple[int, ...]) -> tuple[int, int] 
   if found is None:
     return None
   product, moves = found
-  labels, batch, _ = _product_labels(g.eqn[product][0])
+  # A product and the moves after it are equations: their g.eqn is set.
+  labels, batch, _ = _product_labels(g.eqn[product][0])  # type: ignore[index]
   if batch == 0:
     return None
   for m in moves:
-    labels = _carry(labels, g.eqn[m][0])
+    labels = _carry(labels, g.eqn[m][0])  # type: ignore[index]
   contracted = _contracted_axes(traced, n, shape)
   if not contracted:
     return None
@@ -211,7 +214,7 @@ def find_heads(traced: Traced) -> dict[Path, Heads]:
       found = _analyse(traced, n, shape)
       if found is None:
         continue
-      product = _back_to_product(traced, n)[0]
+      product = _back_to_product(traced, n)[0]  # type: ignore[index]  # Found above.
       above = [path[:k] for k in range(len(path) - 1, 0, -1)]
       attention = next(
         (p for p in above if g.reads([product], set(traced.inputs_of.get(p, ())))),
@@ -330,7 +333,7 @@ def head_owners(
     for i, p in enumerate(paths)
     if any(p.startswith("/".join(a) + "/") for a in attentions)
   }
-  used = {i: [] for i in mine}
+  used: dict[int, list[np.ndarray]] = {i: [] for i in mine}
   grads_of = jax.jit(grads)
   for h in range(max(x.heads for x in heads.values())):
     g = grads_of(values, jnp.asarray(h, jnp.int32))

@@ -54,6 +54,7 @@ Detached = frozenset[str] | Runtime
 
 def _stacked_table(tap: Tap, value) -> np.ndarray:
   """`[L, C]` of `value(name)` over the columns of a tap inside a scan."""
+  assert tap.layers is not None
   table = np.zeros((tap.layers, tap.heads or 1), np.float32)
   for name, layer, col in columns(tap):
     table[layer, col] = value(name)
@@ -62,9 +63,10 @@ def _stacked_table(tap: Tap, value) -> np.ndarray:
 
 def _flag_table(tap: Tap, runtime: Runtime) -> jax.Array:
   """`[L, C]` float32 of the tap's flags inside a scan (1: detached)."""
+  assert tap.layers is not None
   rows: list[list[Any]] = [[None] * (tap.heads or 1) for _ in range(tap.layers)]
   for name, layer, col in columns(tap):
-    rows[layer][col] = runtime.flag(name)
+    rows[layer][col] = runtime.flag(name)  # type: ignore[index]  # In a scan.
   return jnp.asarray(jnp.stack([jnp.stack(r) for r in rows]), jnp.float32)
 
 
@@ -117,12 +119,14 @@ def _detach(tap: Tap, value: Any, read, detached: Detached) -> Any:
     return value
   if len(cols) == len(columns(tap)):
     return jax.tree.map(jax.lax.stop_gradient, value)
-  if tap.layers is None:  # Some heads.
-    mask = np.zeros(tap.heads, bool)
-    mask[[col for _, col in cols]] = True
-  else:  # This layer's slice of the mask.
-    mask = read(tap.key("detach")) > 0
-  return _masked(tap, value, mask)
+  if tap.layers is None:  # Some heads (a whole output has one column).
+    assert tap.heads is not None
+    heads = np.zeros(tap.heads, np.bool_)
+    heads[[col for _, col in cols]] = True
+    return _masked(tap, value, heads)
+  return _masked(
+    tap, value, read(tap.key("detach")) > 0
+  )  # This layer's slice of the mask.
 
 
 def around(detached: Detached):

@@ -97,6 +97,21 @@ def hold_masked(
   True (hold the whole leaf) or a bool array broadcastable to the leaf (hold
   those entries). Every parameter-shaped part of `tx`'s state is held the same
   way; the rest of the state (counts, RGFT's error map) moves on.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import rgft_jax
+    >>> tx = optax.adam(0.1)
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    >>> grads = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    >>> old = tx.init(params)
+    >>> updates, new = tx.update(grads, old, params)
+    >>> masks = {"a": True, "b": jnp.array([False, True])}
+    >>> updates, state = rgft_jax.hold_masked(tx, masks, updates, new, old)
+    >>> print(updates["a"], updates["b"] != 0)
+    [0. 0.] [ True False]
+    >>> print(state[0].mu["a"], state[0].mu["b"])
+    [0. 0.] [0.1 0. ]
   """
 
   def zero(u, m):
@@ -358,6 +373,14 @@ def compiled_cost(compiled: Any) -> tuple[float, int]:
   Peak bytes are arguments + outputs - aliased + temporaries. XLA counts a
   while loop's body once, so the FLOPs of a scan over layers are those of
   one layer: use `flops_of` on the function for those.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import rgft_jax
+    >>> x = jnp.ones((8, 8))
+    >>> flops, peak = rgft_jax.compiled_cost(jax.jit(jnp.dot).lower(x, x).compile())
+    >>> print(flops, peak >= 3 * x.nbytes)  # At least two arguments and the output.
+    1024.0 True
   """
   return cost_flops(compiled.cost_analysis()), peak_bytes(compiled)
 

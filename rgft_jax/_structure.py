@@ -333,14 +333,16 @@ def _first_out(graph: _Graph, chain: list[int]) -> Tagged | None:
 def _frontier(graph: _Graph, n: int, limit: int = 4096) -> set[int]:
   """The tagged values (module inputs, outputs) an inline computation of `n`
   read, and the nodes on the way: what an inline shortcut was computed from."""
-  seen, stack, out = set(), [n], set()
+  seen: set[int] = set()
+  stack, out = [n], set()
   while stack and len(seen) < limit:
     m = stack.pop()
     if m in seen:
       continue
     seen.add(m)
     out.add(m)
-    if graph.tag[m] is not None and graph.tag[m].startswith(_TAG) and m != n:
+    tag = graph.tag[m]
+    if tag is not None and tag.startswith(_TAG) and m != n:
       continue
     if graph.prim[m] in ("param", "const"):
       continue

@@ -483,9 +483,12 @@ class ErrorTracker:
   def _place_structure(self, comps: Components, params: Any) -> Components:
     """`comps` listing the shared parameters; a warning for each residual
     add that discovery could not place."""
+    structure = self._structure
+    if structure is None:
+      return comps
     unassigned = set(comps.unassigned(params))
-    shared = tuple(p for p in self._structure.shared if p in unassigned)
-    for where, leaves in self._structure.undecided:
+    shared = tuple(p for p in structure.shared if p in unassigned)
+    for where, leaves in structure.undecided:
       missed = [p for p in leaves if p in unassigned and p not in shared]
       if not missed:
         continue

@@ -23,7 +23,7 @@ _MAX = float(np.finfo(np.float32).max)
 class ScaleByResidualErrorState(NamedTuple):
   """State of `scale_by_residual_error`; `residual_error_state` finds it."""
 
-  count: jax.Array  # shape=(), dtype=jnp.int32; updates applied.
+  count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=jnp.int32; updates applied.
   error_map: jax.Array  # shape=(n,), dtype=jnp.float32; EMA of the error map.
   alpha: jax.Array  # shape=(n,), dtype=jnp.float32; multipliers of the last update.
   observed: jax.Array  # shape=(n,), dtype=jnp.bool_; a finite value was seen.
@@ -82,14 +82,14 @@ def _as_float32(value: Any, name: str) -> jax.Array:
     array = jnp.asarray(value, jnp.float32)
   else:
     try:
-      array = np.asarray(value, np.float64)
+      host = np.asarray(value, np.float64)
     except (TypeError, ValueError) as e:
       raise TypeError(
         f"error_map[{name!r}] must be a real scalar, got {type(value).__name__}."
       ) from e
     # A finite value beyond float32's range is huge, not "not measured".
-    array = np.where(np.isfinite(array), np.clip(array, -_MAX, _MAX), array)
-    array = jnp.asarray(array.astype(np.float32))
+    host = np.where(np.isfinite(host), np.clip(host, -_MAX, _MAX), host)
+    array = jnp.asarray(host.astype(np.float32))
   if array.shape != ():
     raise ValueError(f"error_map[{name!r}] must be a scalar, got shape {array.shape}.")
   return array

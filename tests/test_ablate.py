@@ -8,6 +8,7 @@ import pytest
 from experiments import ablate
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_a_table_and_a_plot_per_ablation(tmp_path):
   results = ablate.main(["--quick", f"--workdir={tmp_path}"])
   where = tmp_path / "ablations"
@@ -68,6 +69,7 @@ def test_the_study_s_own_flags_are_not_taken_here():
       ablate.parse([flag])
 
 
+@pytest.mark.slow
 def test_two_tasks_share_no_compiled_step(tmp_path):
   """Compiled steps are cached per task: label_shift and input_shift have
   heads of different sizes, and the second task once got the first's step."""

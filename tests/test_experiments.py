@@ -52,6 +52,7 @@ def _tiny(classes=CLASSES, image=32, patch=8):
   return model, params, x
 
 
+@pytest.mark.slow
 def test_every_method_runs_under_mock_cifar(tmp_path):
   flags = [
     "--dataset=cifar10",
@@ -102,6 +103,7 @@ def test_every_method_runs_under_mock_cifar(tmp_path):
       finetune.main([*flags, "--lora_rank=2", "--methods=full"])
 
 
+@pytest.mark.slow
 def test_trainable_parameter_counts_by_hand():
   model, params, x = _tiny()
   s, c, r = SIZES["mu"], CLASSES, 4
@@ -144,6 +146,7 @@ def _matmul_flops(batch, image, patch):
   return batch * (embed + s.depth * (qkvo + scores_and_mix + mlp) + head)
 
 
+@pytest.mark.slow
 def test_flop_accounting_against_hand_counts():
   model, params, x = _tiny()
   batch = {"image": jnp.zeros((8, 32, 32, 3)), "label": jnp.zeros(8, jnp.int32)}
@@ -203,6 +206,7 @@ def _run(model, method, data, test, steps, where, seed=0, ckpt_every=2, **kwargs
   )
 
 
+@pytest.mark.slow
 def test_run_resumes_bit_identically(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
@@ -246,6 +250,7 @@ def _listing(root):
   )
 
 
+@pytest.mark.slow
 def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   batch = {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.zeros(4, jnp.int32)}
@@ -342,6 +347,7 @@ def _flip(root):
   path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_never_trained_on(tmp_path, monkeypatch):
   # Slow log writes, as on a loaded machine: the checkpoint at step 2 must not
   # pick up the loss logged at step 4 while it waits to be written.
@@ -398,6 +404,7 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
     assert finetune.pretrain_dir(other, "label_shift")[0] == where, change
 
 
+@pytest.mark.slow
 def test_a_checkpoint_past_the_run_is_refused(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
@@ -460,6 +467,7 @@ def test_the_chosen_rate_is_the_best_mean_validation_accuracy():
   assert finetune.choose(grid, [[0.5], [0.9], [0.9], [0.1]]) == 1e-3  # Tie: smaller.
 
 
+@pytest.mark.slow
 def test_learning_rates_are_tuned_on_validation_then_reported(tmp_path):
   flags = [
     "--dataset=cifar10",

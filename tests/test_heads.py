@@ -51,6 +51,7 @@ def _setup(head_dim_major=False):
   return model, model.init(jax.random.key(1), x)["params"], x
 
 
+@pytest.mark.slow
 def test_fused_qkv_heads_own_their_columns_and_rows():
   model, params, x = _setup()
   comps = rgft_jax.ErrorTracker(model, select="heads").components(params, x)
@@ -80,6 +81,7 @@ def test_head_dim_major_merge_is_not_taken_for_heads():
     rgft_jax.ErrorTracker(model, select="heads").components(params, x)
 
 
+@pytest.mark.slow
 def test_heads_attribution_is_per_head_slice_of_projection_input():
   """norm_product of head h: the batch mean of ||dL/do_h|| ||o_h||, o the proj input."""
   model, params, x = _setup()

@@ -94,6 +94,7 @@ def _unstack(tree):
   return tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "remat,granularity,method",
   [
@@ -146,6 +147,7 @@ def _owned_masks(comps, params):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["branches", "heads"])
 def test_scanned_components_own_each_layers_slice(granularity):
   model_u, params, x, _ = _setup()
@@ -162,6 +164,7 @@ def test_scanned_components_own_each_layers_slice(granularity):
     )
 
 
+@pytest.mark.slow
 def test_per_layer_remat_matches_the_per_example_reference():
   _, params, x, y = _setup()
   model = RematTransformer()
@@ -174,6 +177,7 @@ def test_per_layer_remat_matches_the_per_example_reference():
     np.testing.assert_allclose(value, expected[name], rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
 def test_scanned_ablation_matches_masked_forwards():
   _, params, x, y = _setup()
   model = ScannedTransformer()
@@ -193,6 +197,7 @@ def test_scanned_ablation_matches_masked_forwards():
     np.testing.assert_allclose(value, full - ablated, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "detach",
   [
@@ -232,6 +237,7 @@ def test_scanned_detach_gives_the_detached_models_gradients(detach):
   np.testing.assert_allclose(error_map[last], expected[_unroll_name(last)], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_rgft_steps_on_the_scanned_model_equal_the_unrolled_ones():
   model_u, params, x, y = _setup()
   model_s = ScannedTransformer()
@@ -286,6 +292,7 @@ class NnxScanned(nnx.Module):
     return self.head(x.mean(axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat,granularity", [(False, "branches"), (True, "heads")])
 def test_nnx_scan_matches_the_per_example_reference(remat, granularity):
   _, params, x, y = _setup()
@@ -316,6 +323,7 @@ def test_nnx_scan_matches_the_per_example_reference(remat, granularity):
   )
 
 
+@pytest.mark.slow
 def test_unsupported_lifts_are_refused_when_components_are_made():
   class VmapNet(nn.Module):
     @nn.compact

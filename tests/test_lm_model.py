@@ -128,6 +128,7 @@ def looped():
   return perturbed(dataclasses.replace(TINY, scan_layers=False))
 
 
+@pytest.mark.slow
 def test_parameter_layout_has_explicit_head_axes(initialized):
   scanned = params_of(initialized)["layers"]
   d, n, k, h, f = 32, 4, 2, 8, 48
@@ -169,6 +170,7 @@ def looped_grads_and_logits(looped):
   return grads_and_logits(looped, tokens((3, 17)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_model_matches_looped_model(looped, looped_grads_and_logits, remat):
   scanned = lm.with_layout(looped, scan_layers=True, remat=remat)
@@ -264,6 +266,7 @@ def test_uniform_predictions_cost_eight_bits_per_byte():
   np.testing.assert_allclose(aux["bits_per_byte"], 8.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_adam_steps_fit_a_batch(initialized):
   model = lm.with_layout(initialized, scan_layers=True, remat=True)
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)

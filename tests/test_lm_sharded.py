@@ -20,6 +20,8 @@ from experiments.lm import data
 from experiments.lm import model as lm
 from experiments.lm import sharding
 
+pytestmark = pytest.mark.slow  # Several devices or processes.
+
 STEPS, BATCH, CONTEXT, DEVICES = 10, 16, 16, 8
 CFG = lm.Config(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=16)
 

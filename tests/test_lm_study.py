@@ -26,7 +26,10 @@ ALL = (*study.DEFAULT_METHODS, "rgft_budget_sample@0.5")
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-  """The QUICK study over every method: (config, results, final parameters)."""
+  """The QUICK study over every method: (config, results, final parameters).
+
+  It takes over a minute, so every test that uses it is marked slow.
+  """
   cfg = study.Config.quick(
     workdir=str(tmp_path_factory.mktemp("lm")), methods=",".join(ALL)
   )
@@ -48,6 +51,7 @@ def reference_bpb(cfg, params, split: np.ndarray) -> float:
   return float(nats.mean() / math.log(2))
 
 
+@pytest.mark.slow
 def test_quick_study_writes_its_files(quick):
   cfg, results, _ = quick
   workdir = pathlib.Path(cfg.workdir)
@@ -64,6 +68,7 @@ def test_quick_study_writes_its_files(quick):
   assert not (workdir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_every_method_is_registered_and_trains(quick):
   cfg, results, _ = quick
   assert {methods.parse(n)[0] for n in ALL} == set(methods.METHODS)
@@ -83,6 +88,7 @@ def test_every_method_is_registered_and_trains(quick):
   assert results["summary"]["full@0.5"]["steps"] == cfg.steps // 2
 
 
+@pytest.mark.slow
 def test_forgetting_equals_bits_per_byte_computed_by_hand(quick):
   cfg, results, keep = quick
   source = data.load("stdlib").splits["test"]
@@ -98,6 +104,7 @@ def test_forgetting_equals_bits_per_byte_computed_by_hand(quick):
   assert checked == len(results["runs"]) > 0
 
 
+@pytest.mark.slow
 def test_learning_rate_is_the_validation_argmin(quick):
   cfg, results, keep = quick
   validation = data.load("pydoc").splits["validation"]
@@ -113,6 +120,7 @@ def test_learning_rate_is_the_validation_argmin(quick):
     assert min(scores) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_paired_difference_and_interval_by_hand(quick):
   _, results, _ = quick
   by = {}
@@ -135,6 +143,7 @@ def _copied_cache(quick, tmp_path):
   return here, pretrain.directory(here)[0]
 
 
+@pytest.mark.slow
 def test_pretraining_cache_is_reused_only_with_equal_settings(
   quick, tmp_path, monkeypatch
 ):
@@ -183,6 +192,7 @@ def test_pretraining_cache_is_reused_only_with_equal_settings(
   assert trained == [31] and os.path.isdir(where)
 
 
+@pytest.mark.slow
 def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
   quick, tmp_path, monkeypatch
 ):

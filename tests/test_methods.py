@@ -62,6 +62,7 @@ def _in_blocks(params):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["random_sparse", "magnitude_sparse"])
 def test_masked_entries_and_their_adam_state_are_held_bit_for_bit(name):
   model, params, x, batch = _setup()
@@ -149,6 +150,7 @@ def _by_hand(params, ads, images):
   return x[:, 0] @ p["head"]["kernel"] + p["head"]["bias"][None]
 
 
+@pytest.mark.slow
 def test_adapters_are_residual_bottlenecks_after_each_branch():
   model, params, x, batch = _setup()
   method = methods_lib.make(
@@ -187,6 +189,7 @@ def test_adapters_train_only_the_adapters_and_the_head():
   assert methods_lib.trainable_count(method) == 2 * d * (2 * w * 3 + 3 + w) + head
 
 
+@pytest.mark.slow
 def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
   model, params, x, batch = _setup()
   hyper = methods_lib.Hyper()
@@ -215,6 +218,7 @@ def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
   assert not np.array_equal(second, drawn) and np.all((second >= 0) & (second < 1))
 
 
+@pytest.mark.slow
 def test_the_shuffled_error_map_is_the_measured_map_permuted():
   model, params, x, batch = _setup()
   hyper = methods_lib.Hyper(error_method="shuffled")
@@ -240,6 +244,7 @@ def test_the_shuffled_error_map_is_the_measured_map_permuted():
   )
 
 
+@pytest.mark.slow
 def test_the_mix_measures_heads_in_attention_and_whole_mlps():
   model, params, x, batch = _setup()
   method = methods_lib.make(
@@ -326,6 +331,7 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
   assert changed == set(method.trainable)
 
 
+@pytest.mark.slow
 def test_masked_steps_compile_once_for_every_seed():
   """Per-seed masks and random seeds live in the optimizer state, not the step."""
   model, params, x, batch = _setup()

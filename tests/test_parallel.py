@@ -20,6 +20,8 @@ from test_tracker import _setup
 
 import rgft_jax
 
+pytestmark = pytest.mark.slow  # Several devices or processes.
+
 STEPS, BATCH = 20, 16
 
 

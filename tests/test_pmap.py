@@ -8,6 +8,8 @@ from test_parallel import _make
 from test_parallel import _rgft_step
 from test_parallel import _train
 
+pytestmark = pytest.mark.slow  # Several devices or processes.
+
 
 @pytest.mark.parametrize("devices", [2, 4])
 def test_pmap_with_axis_name(devices):

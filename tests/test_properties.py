@@ -43,6 +43,7 @@ def _step(params, tx, state, values):
   return tx.update(params, state, error_map=error_map)
 
 
+@pytest.mark.slow
 @_settings
 @given(_maps, _thresh, _min_scale)
 def test_alpha_is_within_min_scale_and_one(values, thresh, min_scale):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import rgft_jax
 
@@ -47,6 +48,7 @@ def _data(seed=0):
   )
 
 
+@pytest.mark.slow
 def test_bf16_model_attributions_are_float32_and_close():
   x, y = _data()
   f32 = Net(jnp.float32)

@@ -85,6 +85,7 @@ def _close(a, b):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "layout,granularity",
   [
@@ -177,6 +178,7 @@ def _train_steps(layout, sets, mode):
   return comps, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["scan", "nnx_scan_remat"])
 def test_runtime_updates_equal_the_static_ones_and_hold_moments(layout):
   n = 2 * 2  # Two blocks of two branches.

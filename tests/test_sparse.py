@@ -53,6 +53,7 @@ def _setup():
   return model, params, x, y, tracker, comps, tx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("detach", [(0,), (2,), (0, 2)])
 def test_detached_gradients_equal_a_hand_written_stop_gradient(detach):
   model, params, x, y, tracker, comps, _ = _setup()
@@ -148,6 +149,7 @@ def _flops(fn, *args):
   return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [0, 1, 2])
 def test_detaching_saves_the_hand_counted_backward_at_any_depth(block):
   model, params, x, y, tracker, comps, tx = _setup()
@@ -172,6 +174,7 @@ def test_detaching_saves_the_hand_counted_backward_at_any_depth(block):
   np.testing.assert_allclose(saved, backward + optimizer, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_heads_save_only_when_the_whole_attention_is_detached():
   """Per-head detaching is correct but saves nothing: the heads share one einsum."""
 

@@ -108,6 +108,7 @@ class TinyResNet(nn.Module):
     return nn.Dense(3, name="head")(x.mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_residual_units_and_projection_shortcuts():
   model = TinyResNet()
   x = jnp.ones((2, 8, 8, 3))

@@ -161,6 +161,7 @@ def _combine(g, h, method, axes):
   return jnp.mean(per)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["branches", "heads"])
 @pytest.mark.parametrize("method", ["norm_product", "taylor"])
 def test_cheap_methods_match_per_example_vmap(granularity, method):
@@ -250,6 +251,7 @@ def test_components_own_the_right_parameters():
   assert int(heads.index["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"]) == -1
 
 
+@pytest.mark.slow
 def test_any_batch_size_under_jit():
   model, params, _, _ = _setup()
   tracker = rgft_jax.ErrorTracker(model)
@@ -277,6 +279,7 @@ class ResCNN(nn.Module):
     return nn.Dense(CLASSES, name="head")(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["norm_product", "taylor"])
 def test_residual_cnn_with_predicate(method):
   model = ResCNN()
@@ -408,6 +411,7 @@ def test_tuple_outputs_are_tapped_leaf_by_leaf():
   np.testing.assert_allclose(error_map["pair"], jnp.mean(g_norm * h_norm), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["norm_product", "ablation"])
 def test_measure_limits_the_attribution(method):
   model, params, x, y = _setup()
@@ -554,6 +558,7 @@ class PostNormNet(nn.Module):
     return nn.Dense(CLASSES, name="head")(x.mean(axis=1))
 
 
+@pytest.mark.slow
 def test_owns_scales_what_select_does_not_measure():
   model = PostNormNet()
   x, y = _data(4)

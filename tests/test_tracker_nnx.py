@@ -76,6 +76,7 @@ def test_same_function_as_the_linen_reference():
   np.testing.assert_allclose(_loss_fn(model, x, y), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "granularity,method", [("branches", "norm_product"), ("heads", "taylor")]
 )

@@ -63,6 +63,7 @@ def test_tracker_branches_on_vit_own_block_parameters():
   assert sizes["Transformer/encoderblock_1/MlpBlock_3"] == mlp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_vit_is_the_looped_one_and_its_layers_are_components(remat):
   looped = VisionTransformer(num_classes=5, patch=4, size="mu")

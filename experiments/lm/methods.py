@@ -38,7 +38,7 @@ import rgft_jax
 from experiments import cli
 from experiments import methods as vision_methods
 from experiments.lm import model as lm
-from rgft_jax._sparse import hold_masked
+from rgft_jax import hold_masked
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
 

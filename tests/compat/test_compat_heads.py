@@ -27,6 +27,8 @@ from flax import nnx
 import rgft_jax
 from rgft_jax._components import leaves_by_path
 
+pytestmark = pytest.mark.slow  # Third-party models.
+
 HEADS, DIM, LAYERS = 4, 8, 2  # Every model below: 4 heads of 8, 2 layers.
 
 

@@ -47,6 +47,8 @@ from transformers import ViTConfig
 
 import rgft_jax
 
+pytestmark = pytest.mark.slow  # Third-party models.
+
 BATCH = 4
 CLASSES = 3
 VOCAB = 50

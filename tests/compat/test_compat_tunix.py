@@ -43,6 +43,7 @@ flax.config.update("flax_always_shard_variable", _shard_flag)
 logging.getLogger().handlers[:] = _root_handlers
 
 pytestmark = [
+  pytest.mark.slow,  # Third-party models.
   # tunix 0.1.7 against flax 0.12 / jax 0.10: `Einsum` reads `.value`, `shard`
   # reads `pxla.thread_resources` (attributed to tunix), and its `nnx.Param(...,
   # sharding=...)` is reported from flax's variablelib.

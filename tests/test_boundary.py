@@ -1,0 +1,137 @@
+"""The public-name boundary: the studies use what `rgft_jax` exports.
+
+The studies, benchmarks and notebooks import `rgft_jax` the way a user does:
+no private module (`rgft_jax._sparse`) and no private name (`rgft_jax._x`,
+`from rgft_jax.viz import _y`). Across the study packages the same holds for
+private names of another module (`finetune._batches` from a notebook), except
+for the uses listed in `HARNESS_PRIVATE`, which wait for the one research
+harness. Tests may import private modules; they are not walked.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WALKED = ("experiments", "benchmarks", "notebooks", "tools")
+# (file, module.name) pairs of study-private names used from another file: the
+# ablations and notebooks build the fine-tuning study's tasks, data and model
+# with its helpers, which the unified harness is to make public.
+HARNESS_PRIVATE = {
+  ("experiments/ablate.py", "experiments.finetune._tasks"),
+  ("notebooks/02_error_maps.py", "experiments.finetune._batches"),
+  ("notebooks/02_error_maps.py", "experiments.finetune._eval"),
+  ("notebooks/02_error_maps.py", "experiments.finetune._init"),
+  ("notebooks/03_compute_savings.py", "experiments.finetune._batches"),
+  ("notebooks/03_compute_savings.py", "experiments.finetune._init"),
+}
+
+
+def _private(part: str) -> bool:
+  return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def _absolute(node: ast.ImportFrom, module: tuple[str, ...]) -> str:
+  """The module an `ImportFrom` in `module` reads, relative imports resolved."""
+  if not node.level:
+    return node.module or ""
+  package = module[: -node.level]
+  return ".".join([*package, *([node.module] if node.module else [])])
+
+
+def violations(path: pathlib.Path, root: pathlib.Path = ROOT) -> list[tuple[int, str]]:
+  """(line, dotted name) of every private `rgft_jax`/`experiments` name that
+  `path` imports or reads as an attribute of an imported module."""
+  tree = ast.parse(path.read_text(), filename=str(path))
+  module = path.relative_to(root).with_suffix("").parts
+  own = ".".join(module)
+  modules: dict[str, str] = {}  # Local name -> module it is bound to.
+  found = []
+
+  def check(line: int, dotted: str) -> None:
+    parts = dotted.split(".")
+    if parts[0] not in ("rgft_jax", "experiments"):
+      return
+    if parts[0] == "experiments" and dotted.rsplit(".", 1)[0] == own:
+      return  # A module's own private names.
+    if any(_private(p) for p in parts[1:]):
+      found.append((line, dotted))
+
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        check(node.lineno, alias.name)
+        top = alias.name.split(".")[0]
+        modules[alias.asname or top] = alias.name if alias.asname else top
+    elif isinstance(node, ast.ImportFrom):
+      base = _absolute(node, module)
+      for alias in node.names:
+        check(node.lineno, f"{base}.{alias.name}")
+        modules[alias.asname or alias.name] = f"{base}.{alias.name}"
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and _private(node.attr):
+      chain, value = [node.attr], node.value
+      while isinstance(value, ast.Attribute):
+        chain.append(value.attr)
+        value = value.value
+      if isinstance(value, ast.Name) and value.id in modules:
+        check(node.lineno, ".".join([modules[value.id], *reversed(chain)]))
+  return sorted(found)
+
+
+def _files() -> list[pathlib.Path]:
+  return [p for d in WALKED for p in sorted((ROOT / d).rglob("*.py"))]
+
+
+def test_the_walk_sees_every_study_directory():
+  walked = {p.relative_to(ROOT).parts[0] for p in _files()}
+  assert walked == set(WALKED)
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_private_names_across_the_boundary(path):
+  rel = str(path.relative_to(ROOT))
+  bad = [
+    (line, name)
+    for line, name in violations(path)
+    if (rel, name) not in HARNESS_PRIVATE
+  ]
+  assert not bad, f"{rel} uses private names: {bad}; import public ones instead"
+
+
+def test_the_check_sees_private_names(tmp_path):
+  source = (
+    "import rgft_jax\n"
+    "import rgft_jax._budget\n"
+    "from rgft_jax._sparse import compiled_cost\n"
+    "from rgft_jax import _budget as b\n"
+    "from rgft_jax.viz import _style\n"
+    "from experiments import finetune\n"
+    "from experiments.data import _cut\n"
+    "rgft_jax._sparse.hold_masked\n"
+    "finetune._batches\n"
+    "rgft_jax.__version__, rgft_jax.compiled_cost, finetune.main\n"
+    "from .sibling import _own_package\n"
+  )
+  (tmp_path / "notebooks").mkdir()
+  path = tmp_path / "notebooks" / "n.py"
+  path.write_text(source)
+  assert [name for _, name in violations(path, tmp_path)] == [
+    "rgft_jax._budget",
+    "rgft_jax._sparse.compiled_cost",
+    "rgft_jax._budget",
+    "rgft_jax.viz._style",
+    "experiments.data._cut",
+    "rgft_jax._sparse",
+    "experiments.finetune._batches",
+  ]
+  (tmp_path / "experiments" / "lm").mkdir(parents=True)
+  path = tmp_path / "experiments" / "lm" / "study.py"
+  path.write_text("from .methods import _hold\nfrom . import _x\n_y = 1\n")
+  assert [name for _, name in violations(path, tmp_path)] == [
+    "experiments.lm.methods._hold",
+    "experiments.lm._x",
+  ]

@@ -1,0 +1,75 @@
+"""The README and docs/: tables equal the committed JSON, links resolve."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+from tools import doc_tables
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = doc_tables.documents(ROOT)
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_tables_equal_what_the_json_gives():
+  assert doc_tables.differences(ROOT) == [], "run `python -m tools.doc_tables`"
+  assert doc_tables.main(["--check"]) == 0
+
+
+def test_every_table_is_shown_and_the_readme_has_its_table():
+  shown = doc_tables.used(ROOT)
+  assert set(shown) == set(doc_tables.TABLES)
+  assert "README.md" in shown["vit_summary"]
+
+
+def test_a_changed_figure_is_found_and_put_back():
+  text = (ROOT / "docs" / "vit_study.md").read_text()
+  row = "| rgft_budget@0.5 | 200 | 0.855 ± 0.011 |"
+  assert row in text
+  changed = text.replace(row, "| rgft_budget@0.5 | 200 | 0.879 ± 0.011 |")
+  assert doc_tables.render(changed) == text
+  with pytest.raises(KeyError, match="no table 'nope'"):
+    doc_tables.render("<!-- table:nope -->\n| a |\n<!-- /table -->")
+
+
+def _slug(heading: str) -> str:
+  """The anchor GitHub gives a heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+  text = _FENCE.sub("", path.read_text())
+  return {_slug(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def _links(path: pathlib.Path) -> list[str]:
+  return _LINK.findall(_FENCE.sub("", path.read_text()))
+
+
+def test_the_slug_is_githubs():
+  assert _slug("What detaching saves at ViT-B/16 scale") == (
+    "what-detaching-saves-at-vit-b16-scale"
+  )
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+  links = [t for t in _links(doc) if not re.match(r"[a-z]+:", t)]
+  for target in links:
+    file, _, anchor = target.partition("#")
+    where = (doc.parent / file).resolve() if file else doc
+    assert where.is_file(), f"{doc.name}: {target} is no file"
+    assert ROOT in where.parents, f"{doc.name}: {target} leaves the repository"
+    if anchor:
+      assert where.suffix == ".md", f"{doc.name}: {target}"
+      assert anchor in _anchors(where), f"{doc.name}: no heading #{anchor} in {file}"
+
+
+def test_every_doc_is_linked_from_the_readme():
+  linked = {(ROOT / t).resolve() for t in _links(ROOT / "README.md")}
+  docs = set((ROOT / "docs").glob("*.md"))
+  assert docs and docs <= linked, sorted(str(d) for d in docs - linked)

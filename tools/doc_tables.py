@@ -1,0 +1,450 @@
+"""The results tables of README.md and docs/, generated from the committed JSON.
+
+A table in a Markdown file sits between two markers,
+
+    <!-- table:NAME -->
+    | ... |
+    <!-- /table -->
+
+and `TABLES[NAME]` makes its rows from `experiments/results/**.json` or
+`benchmarks/results/*.json`, so a table cannot say what its data does not.
+
+    python -m tools.doc_tables          # rewrite every table in place
+    python -m tools.doc_tables --check  # exit 1 naming each table that differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "docs/*.md")
+_BLOCK = re.compile(
+  r"(?P<open><!-- table:(?P<name>[\w.@-]+) -->\n)(?P<body>.*?)(?P<close><!-- /table -->)",
+  re.S,
+)
+TASKS = {"label_shift": "label shift", "input_shift": "input shift"}
+MIB = 2**20
+
+
+@functools.cache
+def load(path: str) -> Any:
+  """The JSON file at `path`, relative to the repository root."""
+  return json.loads((ROOT / path).read_text())
+
+
+def _row(cells: list[Any]) -> str:
+  return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+  lines = [_row(head), "|" + "---|" * len(head), *(_row(r) for r in rows)]
+  return "\n".join(lines)
+
+
+def _pt(s: dict[str, Any], diff: str = "diff_vs_full", ci: str = "diff_ci95") -> str:
+  """A paired accuracy difference in points with its 95% interval."""
+  return f"{s[diff] * 100:+.1f} pt (± {s[ci] * 100:.1f})"
+
+
+def _acc(mean: float, std: float) -> str:
+  return f"{mean:.3f} ± {std:.3f}"
+
+
+def _f(x: float | None, spec: str) -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
+# The fine-tuning study (experiments.finetune) ------------------------------
+
+
+def vit_summary() -> str:
+  """Both tasks of the default run side by side: the README's table."""
+  tasks = load("experiments/results/results.json")["tasks"]
+  label, inp = tasks["label_shift"]["summary"], tasks["input_shift"]["summary"]
+  rows = []
+  for name, a in label.items():
+    b = inp[name]
+    rows.append(
+      [
+        f"`{name}`",
+        f"{(a['flops_vs_full'] + b['flops_vs_full']) / 2:.3f}",
+        f"{max(a['peak_bytes'], b['peak_bytes']) / MIB:.1f}",
+        _acc(a["accuracy_mean"], a["accuracy_std"]),
+        "" if name == "full" else _pt(a),
+        _acc(b["accuracy_mean"], b["accuracy_std"]),
+        "" if name == "full" else _pt(b),
+      ]
+    )
+  head = [
+    "method",
+    "FLOPs vs full",
+    "peak MiB",
+    "label shift acc",
+    "vs full (95% CI)",
+    "input shift acc",
+    "vs full (95% CI)",
+  ]
+  return _table(head, rows)
+
+
+def vit_default(task: str) -> str:
+  """Every column of one task of the default run."""
+  summary = load("experiments/results/results.json")["tasks"][task]["summary"]
+  rows = []
+  for name, s in summary.items():
+    rows.append(
+      [
+        name,
+        s["steps"],
+        _acc(s["accuracy_mean"], s["accuracy_std"]),
+        "n/a" if name == "full" else _pt(s),
+        _acc(s["source_accuracy_mean"], s["source_accuracy_std"]),
+        f"{s['flops_vs_full']:.3f}",
+        _f(s.get("flops_to_reach_vs_full"), ".3f"),
+        f"{s['wall_s']:.1f}",
+        f"{s['time_vs_full']:.2f}",
+        f"{s['time_per_flop_vs_full']:.2f}",
+        f"{s['peak_bytes'] / MIB:.1f}",
+        f"{s['update_ratio']:.3f}",
+        f"{s['step_variants']} ({s['compilations']})",
+      ]
+    )
+  head = [
+    "method",
+    "steps",
+    "test acc (mean ± sd)",
+    "vs full, paired (95% CI)",
+    "source acc after (forgetting)",
+    "FLOPs vs full",
+    "FLOPs to reach full - 0.5 pt",
+    "wall s",
+    "time vs full",
+    "time / FLOPs vs full",
+    "peak MiB",
+    "update ratio",
+    "step variants (compiled)",
+  ]
+  return _table(head, rows)
+
+
+def vit_all(task: str) -> str:
+  """Every method at every budget, by FLOPs; budgets below the floor last."""
+  info = load("experiments/results/all/results.json")["tasks"][task]
+  summary = sorted(info["summary"].items(), key=lambda kv: -kv[1]["flops_vs_full"])
+  rows: list[list[Any]] = [
+    [
+      name,
+      s["steps"],
+      _acc(s["accuracy_mean"], s["accuracy_std"]),
+      "n/a" if name == "full" else _pt(s),
+      f"{s['source_accuracy_mean']:.3f}",
+      f"{s['flops_vs_full']:.3f}",
+      f"{s['peak_bytes'] / MIB:.1f}",
+    ]
+    for name, s in summary
+  ]
+  rows += [
+    [name, f"not run: {why}", "", "", "", "", ""]
+    for name, why in info["infeasible"].items()
+  ]
+  head = [
+    "method",
+    "steps",
+    "test acc (mean ± sd)",
+    "vs full, paired (95% CI)",
+    "source acc after",
+    "FLOPs vs full",
+    "peak MiB",
+  ]
+  return _table(head, rows)
+
+
+def vit_fair(task: str) -> str:
+  """The fair study: each method at its tuned learning rate."""
+  summary = load("experiments/results/fair/results.json")["tasks"][task]["summary"]
+  rows = [
+    [
+      name,
+      f"{s['learning_rate']:g}",
+      _acc(s["accuracy_mean"], s["accuracy_std"]),
+      "n/a" if name == "full" else _pt(s),
+      _acc(s["source_accuracy_mean"], s["source_accuracy_std"]),
+      f"{s['flops_vs_full']:.3f}",
+      f"{s['update_ratio']:.3f}",
+    ]
+    for name, s in summary.items()
+  ]
+  head = [
+    "method",
+    "LR",
+    "test acc (mean ± sd)",
+    "vs full, paired (95% CI)",
+    "source acc after",
+    "FLOPs vs full",
+    "update ratio",
+  ]
+  return _table(head, rows)
+
+
+def ablation(path: str, reference: str = "default", same: str = "default") -> str:
+  """One ablation, both tasks side by side; the update ratio and FLOPs are
+  the means over the tasks. `reference` heads the difference columns and
+  `same` fills them on the reference row."""
+  rows_of = load(path)["rows"]
+  labels = list(dict.fromkeys(r["label"] for r in rows_of))
+  by = {(r["task"], r["label"]): r for r in rows_of}
+  rows = []
+  for label in labels:
+    pair = [by[(t, label)] for t in TASKS]
+    cells: list[Any] = [label]
+    for r in pair:
+      cells.append(_acc(r["accuracy_mean"], r["accuracy_std"]))
+      ref = r["label"] == r["reference"]
+      cells.append(same if ref else _pt(r, "diff_vs_reference"))
+    cells.append(f"{sum(r['update_ratio'] for r in pair) / 2:.2f}")
+    cells.append(f"{sum(r['flops_vs_reference'] for r in pair) / 2:.2f}")
+    rows.append(cells)
+  head = ["setting"]
+  for t in TASKS.values():
+    head += [f"{t} acc", f"vs {reference}"]
+  head += ["update ratio", "FLOPs vs default"]
+  return _table(head, rows)
+
+
+# The language-model study (experiments.lm) ---------------------------------
+
+
+def lm(path: str = "experiments/results/lm/results.json") -> str:
+  """Bits per byte, forgetting and cost of every method."""
+  summary = load(path)["summary"]
+  rows = [
+    [
+      name,
+      f"{s['learning_rate']:g}",
+      f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f}",
+      "" if name == "full" else f"{s['diff_vs_full']:+.4f} (± {s['diff_ci95']:.4f})",
+      f"{s['source_bpb_mean']:.4f} ± {s['source_bpb_std']:.4f}",
+      f"{s['flops_vs_full']:.3f}",
+      f"{s['peak_bytes'] / MIB:.1f}",
+    ]
+    for name, s in summary.items()
+  ]
+  head = [
+    "method",
+    "lr",
+    "target test bpb",
+    "vs full, paired (95% CI)",
+    "source test bpb after",
+    "FLOPs vs full",
+    "peak MiB",
+  ]
+  return _table(head, rows)
+
+
+# Benchmarks (benchmarks/*.py) ------------------------------------------------
+
+
+def bench_update() -> str:
+  r = load("benchmarks/results/update.json")
+  rows = [
+    ["`optax.adam`", f"{r['median_s']['adam'] * 1e3:.1f}"],
+    ["`rgft_jax.rgft`", f"{r['median_s']['rgft'] * 1e3:.1f}"],
+    ["ratio", f"{r['ratio']:.3f}"],
+  ]
+  return _table(["update", "median ms"], rows)
+
+
+TRACKER_STEPS = {
+  "plain": "plain Adam",
+  "rgft_branches": "RGFT, block branches (24 components)",
+  "rgft_heads": "RGFT, heads (36 components)",
+}
+
+
+def bench_tracker_step() -> str:
+  r = load("benchmarks/results/tracker.json")
+  rows = [
+    [
+      label,
+      f"{r['flops'][k] / 1e9:.3f}",
+      f"{r['flops_ratio'][k]:.4f}",
+      f"{r['median_s'][k] * 1e3:.1f}",
+      f"{r['time_ratio'][k]:.3f}",
+    ]
+    for k, label in TRACKER_STEPS.items()
+  ]
+  return _table(["step", "GFLOPs", "FLOPs vs plain", "ms", "time vs plain"], rows)
+
+
+def bench_tracker_faithfulness() -> str:
+  r = load("benchmarks/results/tracker.json")["faithfulness"]
+  rows = [
+    [
+      label,
+      s["components"],
+      f"{s['spearman_norm_product_vs_abs_ablation']:.3f}",
+      f"{s['spearman_taylor_vs_abs_ablation']:.3f}",
+      f"{s['spearman_norm_product_vs_ablation']:.3f}",
+    ]
+    for label, s in (("block branches", r["branches"]), ("heads", r["heads"]))
+  ]
+  head = [
+    "components",
+    "n",
+    "norm_product vs \\|ablation\\|",
+    "taylor vs \\|ablation\\|",
+    "norm_product vs signed ablation",
+  ]
+  return _table(head, rows)
+
+
+def _sparse_label(v: dict[str, Any]) -> str:
+  if v["budget"] is None or not v["detached"]:
+    return v["variant"]
+  if v["trained_branches"] == 0:
+    return "every branch detached (the floor)"
+  kinds = [name.rsplit("/", 1)[-1] for name in v["detached"]]
+  parts = [
+    f"{kinds.count(k)} {word}"
+    for k, word in (("attn", "attention"), ("mlp", "MLP"))
+    if k in kinds
+  ]
+  s = "es" if len(v["detached"]) > 1 else ""
+  return f"{v['variant']}: {' + '.join(parts)} branch{s} detached"
+
+
+def bench_sparse() -> str:
+  r = load("benchmarks/results/sparse.json")["branches"]
+  plain = r["plain"]
+  rows = [
+    [
+      "plain Adam step (no tracking)",
+      r["components"],
+      f"{plain['compiled_flops'] / 1e9:.1f}",
+      "1.000",
+      f"{plain['peak_bytes'] / MIB:.0f}",
+      "1.000",
+    ]
+  ]
+  for v in r["variants"]:
+    rows.append(
+      [
+        _sparse_label(v),
+        v["trained_branches"],
+        f"{v['compiled_flops'] / 1e9:.1f}",
+        f"{v['vs_plain']:.3f}",
+        f"{v['peak_bytes'] / MIB:.0f}",
+        f"{v['peak_vs_plain']:.3f}",
+      ]
+    )
+  head = ["step", "branches trained", "GFLOPs", "vs plain", "peak MiB", "vs plain"]
+  return _table(head, rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+  "vit_summary": vit_summary,
+  **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
+  **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
+  **{f"vit_fair_{t}": functools.partial(vit_fair, t) for t in TASKS},
+  **{
+    f"ablation_{n}": functools.partial(
+      ablation, f"experiments/results/ablations/{n}.json"
+    )
+    for n in (
+      "error_method",
+      "threshold",
+      "warmup",
+      "batch_size",
+      "learning_rate",
+      "grouping",
+    )
+  },
+  "ablation_error_method_thresh_0.5_1.0": functools.partial(
+    ablation,
+    "experiments/results/ablations_thresh_0.5_1.0/error_method.json",
+    reference="norm_product",
+    same="reference",
+  ),
+  "lm": lm,
+  "lm_thresh": functools.partial(lm, "experiments/results/lm_thresh/results.json"),
+  "lm_b07": functools.partial(lm, "experiments/results/lm_b07/results.json"),
+  "bench_update": bench_update,
+  "bench_tracker_step": bench_tracker_step,
+  "bench_tracker_faithfulness": bench_tracker_faithfulness,
+  "bench_sparse": bench_sparse,
+}
+
+
+def documents(root: pathlib.Path = ROOT) -> list[pathlib.Path]:
+  return sorted({p for pattern in DOCUMENTS for p in root.glob(pattern)})
+
+
+def render(text: str, where: str = "") -> str:
+  """`text` with every marked table made anew; an unknown name is an error."""
+
+  def table(m: re.Match) -> str:
+    name = m["name"]
+    if name not in TABLES:
+      raise KeyError(f"{where}: no table {name!r}; known: {sorted(TABLES)}")
+    return f"{m['open']}{TABLES[name]()}\n{m['close']}"
+
+  return _BLOCK.sub(table, text)
+
+
+def differences(root: pathlib.Path = ROOT) -> list[str]:
+  """A unified diff per document whose tables differ from the data's."""
+  out = []
+  for path in documents(root):
+    text = path.read_text()
+    new = render(text, str(path.relative_to(root)))
+    if new != text:
+      rel = str(path.relative_to(root))
+      diff = difflib.unified_diff(
+        text.splitlines(), new.splitlines(), rel, f"{rel} (from the JSON)", lineterm=""
+      )
+      out.append("\n".join(diff))
+  return out
+
+
+def used(root: pathlib.Path = ROOT) -> dict[str, list[str]]:
+  """Table name -> the documents that show it."""
+  out: dict[str, list[str]] = {}
+  for path in documents(root):
+    for m in _BLOCK.finditer(path.read_text()):
+      out.setdefault(m["name"], []).append(str(path.relative_to(root)))
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument(
+    "--check", action="store_true", help="change nothing; exit 1 on a difference"
+  )
+  args = parser.parse_args(argv)
+  if args.check:
+    diffs = differences()
+    for d in diffs:
+      print(d)
+    if diffs:
+      print("\nTables differ from the JSON: run `python -m tools.doc_tables`.")
+    return 1 if diffs else 0
+  for path in documents():
+    text = path.read_text()
+    new = render(text, str(path.relative_to(ROOT)))
+    if new != text:
+      path.write_text(new)
+      print(f"rewrote {path.relative_to(ROOT)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
