@@ -234,6 +234,7 @@ def lm(path: str = "experiments/results/lm/results.json") -> str:
       "" if name == "full" else f"{s['diff_vs_full']:+.4f} (± {s['diff_ci95']:.4f})",
       f"{s['source_bpb_mean']:.4f} ± {s['source_bpb_std']:.4f}",
       f"{s['flops_vs_full']:.3f}",
+      f"{s['time_vs_full']:.2f}",
       f"{s['peak_bytes'] / MIB:.1f}",
     ]
     for name, s in summary.items()
@@ -245,6 +246,7 @@ def lm(path: str = "experiments/results/lm/results.json") -> str:
     "vs full, paired (95% CI)",
     "source test bpb after",
     "FLOPs vs full",
+    "time vs full",
     "peak MiB",
   ]
   return _table(head, rows)
@@ -350,6 +352,39 @@ def bench_sparse() -> str:
   return _table(head, rows)
 
 
+RUNTIME_MODES = ("runtime", "recompute", "compiled")
+
+
+def bench_runtime() -> str:
+  r = load("benchmarks/results/runtime.json")
+  rows = []
+  for case in r["cases"]:
+    by = {(x["mode"], x["fraction_detached"]): x for x in case["rows"]}
+    for f in sorted({f for _, f in by}):
+      cells = [by[(m, f)] for m in RUNTIME_MODES]
+      rows.append(
+        [
+          case["case"],
+          f"{f:g}",
+          f"{cells[0]['predicted_flops_vs_full']:.2f}",
+          *(f"{c['time_vs_plain']:.2f}" for c in cells),
+          *(f"{c['peak_vs_plain']:.2f}" for c in cells),
+        ]
+      )
+  head = [
+    "model",
+    "detached",
+    "FLOPs vs full",
+    "time: runtime",
+    "recompute",
+    "compiled",
+    "peak: runtime",
+    "recompute",
+    "compiled",
+  ]
+  return _table(head, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
@@ -381,6 +416,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "bench_tracker_step": bench_tracker_step,
   "bench_tracker_faithfulness": bench_tracker_faithfulness,
   "bench_sparse": bench_sparse,
+  "bench_runtime": bench_runtime,
 }
 
 
