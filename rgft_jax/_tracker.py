@@ -723,6 +723,11 @@ def _batch_of(recorded: list[tuple[Tap, Any]], inputs: Any = ()) -> int:
     for a in jax.tree.leaves(inputs)
     if hasattr(a, "shape") and len(a.shape) >= 1
   ]
+  if 0 in given or any(b == 0 for _, b in leads):
+    raise ValueError(
+      "The batch is empty (leading axis 0): per-example attributions need at "
+      "least one example. Skip empty batches before calling the tracker."
+    )
   if given:
     batch = max(set(given), key=lambda b: (given.count(b), b))
     if any(b % batch for _, b in leads) and all(b % min(given) == 0 for _, b in leads):

@@ -309,3 +309,35 @@ def test_step_variants_and_sparse_steps_check_their_arguments():
   _, params, state = sparse(0, params, state, x, y)
   with pytest.raises(ValueError, match="outside the budget's run of 1 steps"):
     sparse(1, params, state, x, y)
+
+
+def test_an_empty_batch_is_refused_naming_it():
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  with pytest.raises(ValueError, match="batch is empty"):
+    tracker.components(params, x[:0])
+  tracker.components(params, x)
+  with pytest.raises(ValueError, match="batch is empty"):
+    tracker.value_and_grad(_loss_fn(model))(params, x[:0], y[:0])
+
+
+def test_exact_runtime_measures_only_at_and_above_the_topmost_detached():
+  _, _, x, y = _setup()
+  model, params = _model("scan")
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  comps = tracker.components(params, x)
+  tx = rgft_jax.rgft(1e-2, comps)
+  names = comps.names
+  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps, exact=True)
+  detached = frozenset({names[1]})
+  _, _, s_static = jax.jit(step, static_argnames="detached")(
+    params, tx.init(params), x, y, detached=detached
+  )
+  _, _, s_runtime = jax.jit(step)(
+    params, tx.init(params), x, y, detached=jnp.asarray([n in detached for n in names])
+  )
+  ema_static = rgft_jax.residual_error_state(s_static).error_map
+  ema_runtime = rgft_jax.residual_error_state(s_runtime).error_map
+  # Below the detached one: not measured (the EMA keeps its initial value).
+  np.testing.assert_allclose(ema_runtime, ema_static, rtol=1e-5)
+  assert ema_runtime[0] == 0 and (np.asarray(ema_runtime[1:]) > 0).all()
