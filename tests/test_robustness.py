@@ -84,7 +84,10 @@ def test_a_nan_batch_leaves_the_state_unpoisoned():
   state = tx.init(params)
   params, state, _ = step(params, state, x, y)
   bad_x = x.at[3, 1].set(jnp.nan)  # One example's activations go NaN.
-  new_params, new_state, error_map = step(params, state, bad_x, y)
+  with pytest.warns(RuntimeWarning, match="non-finite values for"):
+    new_params, new_state, error_map = jax.block_until_ready(
+      step(params, state, bad_x, y)
+    )
   assert not any(np.isfinite(v) for v in error_map.values())
   for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)  # apply_if_finite rejected the update.
