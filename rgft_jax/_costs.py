@@ -45,6 +45,11 @@ def _unrolled(jaxpr: jex_core.Jaxpr) -> jex_core.Jaxpr:
   return jaxpr.replace(eqns=eqns)
 
 
+def has_scan(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether tracing `fn(*args)` gives a `lax.scan` (at any depth)."""
+  return _has_scan(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def lowered_unrolled(fn: Callable[..., Any], *args: Any) -> Any:
   """`jax.jit(fn).lower(*args)` with every scan fully unrolled (as it is
   when there is no scan)."""

@@ -29,6 +29,7 @@ from rgft_jax._components import leaves_by_path
 from rgft_jax._components import path_str
 from rgft_jax._costs import cost_flops
 from rgft_jax._costs import flops_of
+from rgft_jax._costs import has_scan
 from rgft_jax._costs import peak_bytes
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
@@ -342,10 +343,12 @@ class StepVariants:
         stacklevel=2,
       )
     self._cache[key] = compiled
-    self._costs[key] = (
-      flops_of(step, *args, compiled=True),
-      compiled_cost(compiled)[1],
-    )
+    # XLA counts a scan's body once: count a program with scans unrolled
+    # (one more compilation); any other from the program just compiled.
+    flops, peak = compiled_cost(compiled)
+    if has_scan(step, *args):
+      flops = flops_of(step, *args, compiled=True)
+    self._costs[key] = (flops, peak)
     if len(self._cache) > self.max_variants:
       self._cache.popitem(last=False)
     return compiled
