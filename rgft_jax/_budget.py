@@ -22,7 +22,15 @@ from rgft_jax._costs import flops_of
 from rgft_jax._validation import in_range
 from rgft_jax._validation import number
 
-RULES = ("top", "sample", "uniform")
+RULES = (
+  "top",
+  "sample",
+  "uniform",
+  "shuffled",
+  "static",
+  "surgical_first",
+  "surgical_last",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +316,20 @@ class Budget:
   * `"uniform"`: drawn uniformly, each taken while it fits (the control: same
     budget, no error map).
 
+  Controls, which show what the error map adds:
+
+  * `"shuffled"`: `"top"` on the EMA error map permuted across components,
+    one permutation per run (from `seed`): a stable choice whose content
+    does not follow the map;
+  * `"static"`: every component detached (measured only) for the first
+    measurement window, steps 0 to `every`; at step `1 + every` the `"top"`
+    set within what the budget has left, held for the rest of the run;
+  * `"surgical_first"` / `"surgical_last"`: the shallowest / deepest
+    components by `depth`, each taken while it fits (Lee et al., "Surgical
+    fine-tuning improves adaptation to distribution shifts", ICLR 2023: the
+    first blocks for input-level shift, the last for output-level shift),
+    re-filled at every decision as the budget left allows.
+
   What fits: a step may cost the budget left divided by the steps left, so
   steps that cost less than their share leave more for later and the run's
   total never exceeds `budget * total_steps * unit` (the costs being
@@ -324,11 +346,11 @@ class Budget:
       component detached.
     total_steps: steps in the run.
     every: steps between decisions.
-    rule: `"top"`, `"sample"` or `"uniform"`.
+    rule: one of `RULES` (above).
     ramp_steps: steps over which the allowance falls from a full step.
     hysteresis: bonus of the components trained now, >= 0 (`"top"` only).
-    seed: seed of `"sample"` and `"uniform"` (one draw per decision step),
-      an integer >= 0.
+    seed: seed of `"sample"` and `"uniform"` (one draw per decision step)
+      and of `"shuffled"`'s permutation, an integer >= 0.
     unit: the FLOPs `budget` is a fraction of, finite and > 0; default
       `costs.full` (the tracked step with nothing detached). Pass the FLOPs
       of a plain step without tracking to count the tracking against the
@@ -338,6 +360,9 @@ class Budget:
       exactly before each decision. (A component below a detached one is
       measured without the gradient paths through the detached branch;
       `train_step(..., exact=True)` keeps such measurements out of the EMA.)
+    depth: the surgical rules' order, one integer per component (its block
+      from the input, say); ties keep the order of `costs.names`. Default:
+      the position in `costs.names`.
 
   Examples:
     >>> import numpy as np
@@ -367,6 +392,7 @@ class Budget:
     seed: int = 0,
     unit: float | None = None,
     refresh: bool = False,
+    depth: Sequence[int] | None = None,
   ):
     if not isinstance(costs, DetachCosts):
       raise TypeError(f"costs must be DetachCosts, got {type(costs).__name__}.")
@@ -398,6 +424,18 @@ class Budget:
     self.seed = int(seed)
     self.unit = float(costs.full if unit is None else unit)
     self.refresh = bool(refresh)
+    self.depth = _depth(depth, costs.names)
+    if rule == "static" and self.ramp_steps:
+      raise ValueError(
+        "rule 'static' holds one set after its measurement window; it takes no "
+        f"ramp (got ramp_steps={self.ramp_steps})."
+      )
+    if rule == "static" and 1 + self.every >= self.total_steps:
+      raise ValueError(
+        f"rule 'static' decides at step 1 + every = {1 + self.every}, which a "
+        f"run of total_steps={self.total_steps} never reaches; use a smaller "
+        "every."
+      )
     refreshes = self._refreshes(0)
     least = (total_steps - refreshes) * costs.floor + refreshes * costs.full
     floor = least / (total_steps * self.unit)
@@ -503,21 +541,9 @@ class Budget:
     if ema.shape != (len(names),):
       raise ValueError(f"ema must have shape ({len(names)},), got {ema.shape}.")
     capacity = self.target(step) - self.costs.floor
-    saving = self.costs.saving
     if not (ema > 0).any():  # No error signal yet (a zero-initialised head, say).
       ema = np.ones_like(ema)
-    if self.rule == "top":
-      weight = np.where(
-        [n in self._detached for n in names], 1.0, 1.0 + self.hysteresis
-      )
-      trained = best_within(ema * weight, saving, capacity)
-    else:
-      rng = np.random.default_rng([self.seed, step])
-      if self.rule == "sample":
-        order = weighted_order(ema, rng)
-      else:
-        order = [int(i) for i in rng.permutation(len(names))]
-      trained = fill_in_order(order, saving, capacity)
+    trained = _RULE_OF[self.rule](self, step, ema, capacity)
     self._detached = frozenset(n for i, n in enumerate(names) if i not in trained)
     self.decisions.append((step, sorted(self.trained)))
 
@@ -553,7 +579,7 @@ class Budget:
       "seed": self.seed,
       "unit": self.unit,
       "refresh": self.refresh,
-    }
+    } | ({"depth": list(self.depth)} if self.rule.startswith("surgical") else {})
 
   def state_dict(self) -> dict[str, Any]:
     """The budget's progress, and what identifies the budget (`"budget_of"`)."""
@@ -604,6 +630,84 @@ class Budget:
     self.spent = spent
     self.steps = int(state["steps"])
     self.decisions = [(int(s), list(t)) for s, t in state["decisions"]]
+
+
+def _depth(depth: Sequence[int] | None, names: tuple[str, ...]) -> tuple[int, ...]:
+  """`depth` checked: one integer per component; default, the positions."""
+  if depth is None:
+    return tuple(range(len(names)))
+  if isinstance(depth, str | bytes) or not hasattr(depth, "__len__"):
+    raise TypeError(f"depth must be a sequence of integers, got {depth!r}.")
+  if len(depth) != len(names):
+    raise ValueError(
+      f"depth must have one entry per component ({len(names)}), got {len(depth)}."
+    )
+  bad = [d for d in depth if not isinstance(d, int | np.integer) or isinstance(d, bool)]
+  if bad:
+    raise TypeError(f"depth must hold integers, got {bad}.")
+  return tuple(int(d) for d in depth)
+
+
+def _top(budget: Budget, step: int, ema: np.ndarray, capacity: float) -> frozenset[int]:
+  """The most EMA error within `capacity` (trained components weigh 1 + h)."""
+  del step
+  names = budget.costs.names
+  weight = np.where([n in budget.detached for n in names], 1.0, 1.0 + budget.hysteresis)
+  return best_within(ema * weight, budget.costs.saving, capacity)
+
+
+def _drawn(
+  budget: Budget, step: int, ema: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """`"sample"` (in proportion to error) or `"uniform"`, one draw per step."""
+  rng = np.random.default_rng([budget.seed, step])
+  if budget.rule == "sample":
+    order = weighted_order(ema, rng)
+  else:
+    order = [int(i) for i in rng.permutation(len(ema))]
+  return fill_in_order(order, budget.costs.saving, capacity)
+
+
+def _shuffled(
+  budget: Budget, step: int, ema: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """`"top"` on the map permuted by the run's permutation."""
+  rng = np.random.default_rng(np.random.SeedSequence(budget.seed, spawn_key=(1,)))
+  perm = rng.permutation(len(ema))
+  return _top(budget, step, ema[perm], capacity)
+
+
+def _static(
+  budget: Budget, step: int, ema: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """Nothing trained until step `1 + every`; then `"top"`, held."""
+  names = budget.costs.names
+  if step < 1 + budget.every:
+    return frozenset(i for i, s in enumerate(budget.costs.saving) if s <= 0)
+  if step > 1 + budget.every:
+    return frozenset(i for i, n in enumerate(names) if n not in budget.detached)
+  return _top(budget, step, ema, capacity)
+
+
+def _surgical(
+  budget: Budget, step: int, ema: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """The shallowest (or deepest) components by `depth` while they fit."""
+  del step, ema
+  sign = 1 if budget.rule == "surgical_first" else -1
+  order = sorted(range(len(budget.depth)), key=lambda i: (sign * budget.depth[i], i))
+  return fill_in_order(order, budget.costs.saving, capacity)
+
+
+_RULE_OF: dict[str, Callable[[Budget, int, np.ndarray, float], frozenset[int]]] = {
+  "top": _top,
+  "sample": _drawn,
+  "uniform": _drawn,
+  "shuffled": _shuffled,
+  "static": _static,
+  "surgical_first": _surgical,
+  "surgical_last": _surgical,
+}
 
 
 def _json_like(value: Any) -> Any:
