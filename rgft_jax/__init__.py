@@ -7,6 +7,14 @@ from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
 from rgft_jax._costs import flops_of
 from rgft_jax._costs import peak_bytes
+from rgft_jax._peers import FreezeCosts
+from rgft_jax._peers import dropbp_rates
+from rgft_jax._peers import dropbp_sensitivity
+from rgft_jax._peers import freeze_costs
+from rgft_jax._peers import freeze_step
+from rgft_jax._peers import greentrainer_importance
+from rgft_jax._peers import greentrainer_select
+from rgft_jax._peers import tensor_order
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
@@ -26,18 +34,26 @@ __all__ = (
   "Components",
   "DetachCosts",
   "ErrorTracker",
+  "FreezeCosts",
   "ScaleByResidualErrorState",
   "SparseTrainStep",
   "StepVariants",
   "best_within",
   "compiled_cost",
   "detach_costs",
+  "dropbp_rates",
+  "dropbp_sensitivity",
   "flops_of",
+  "freeze_costs",
+  "freeze_step",
+  "greentrainer_importance",
+  "greentrainer_select",
   "hold_masked",
   "linear_threshold",
   "peak_bytes",
   "residual_error_state",
   "rgft",
   "scale_by_residual_error",
+  "tensor_order",
   "train_step",
 )

@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 from rgft_jax._costs import flops_of
+from rgft_jax._peers import FreezeCosts
+from rgft_jax._peers import dropbp_draw
+from rgft_jax._peers import dropbp_rates
+from rgft_jax._peers import greentrainer_select
 from rgft_jax._validation import in_range
 from rgft_jax._validation import number
 
@@ -30,6 +34,8 @@ RULES = (
   "static",
   "surgical_first",
   "surgical_last",
+  "dropbp",
+  "greentrainer",
 )
 
 
@@ -330,6 +336,22 @@ class Budget:
     first blocks for input-level shift, the last for output-level shift),
     re-filled at every decision as the budget left allows.
 
+  Peers (see `rgft_jax._peers` for what each computes and where it departs
+  from the original):
+
+  * `"dropbp"` (DropBP, NeurIPS 2024): each branch detached at random with its
+    own rate, re-drawn every step (`every=1`; runtime mode compiles once).
+    Until `allocation_step` (10% of the run) every rate is the one that
+    meets the budget in expectation; there the caller passes DropBP's
+    sensitivity to `allocate` (`dropbp_sensitivity`), which sets the rates
+    by DropBP's greedy 0.1 steps (`dropbp_rates`). A draw that would cost
+    more than the step may drops more branches, highest rate first.
+  * `"greentrainer"` (GreenTrainer, ICLR 2024): `costs` are `FreezeCosts`
+    (parameter tensors, frozen rather than detached) and `decide` takes
+    GreenTrainer's importance (`greentrainer_importance`) instead of the
+    error map; the set is its dynamic program's (`greentrainer_select`).
+    The original re-selects every 2 of 5 epochs: set `every` to match.
+
   What fits: a step may cost the budget left divided by the steps left, so
   steps that cost less than their share leave more for later and the run's
   total never exceeds `budget * total_steps * unit` (the costs being
@@ -340,7 +362,8 @@ class Budget:
   the compilations) change only for a clear gain.
 
   Args:
-    costs: the `DetachCosts` of the train step.
+    costs: the `DetachCosts` of the train step (`FreezeCosts` for
+      `"greentrainer"`, whose "detached" components are frozen tensors).
     budget: fraction of a full step's FLOPs to spend on average, in (0, 1];
       at least `costs.floor / unit`, the cost of a step with every
       component detached.
@@ -381,7 +404,7 @@ class Budget:
 
   def __init__(
     self,
-    costs: DetachCosts,
+    costs: DetachCosts | FreezeCosts,
     budget: float,
     total_steps: int,
     *,
@@ -394,10 +417,17 @@ class Budget:
     refresh: bool = False,
     depth: Sequence[int] | None = None,
   ):
-    if not isinstance(costs, DetachCosts):
-      raise TypeError(f"costs must be DetachCosts, got {type(costs).__name__}.")
     if rule not in RULES:
       raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    kind = FreezeCosts if rule == "greentrainer" else DetachCosts
+    if not isinstance(costs, kind):
+      raise TypeError(
+        f"rule {rule!r} takes {kind.__name__} costs, got {type(costs).__name__}."
+      )
+    if rule == "dropbp" and every != 1:
+      raise ValueError(
+        f"rule 'dropbp' draws a new set every step: every must be 1, got {every}."
+      )
     in_range("budget", budget, 0.0, 1.0, low_open=True)
     in_range("total_steps", total_steps, 1, None)
     in_range("every", every, 1, None)
@@ -478,6 +508,7 @@ class Budget:
   def reset(self) -> None:
     """Back to the start of the run."""
     self._detached = frozenset(self.costs.names)
+    self.rates: np.ndarray | None = None  # "dropbp", once allocated.
     self.spent = 0.0
     self.steps = 0
     self.decisions: list[tuple[int, list[str]]] = []
@@ -527,8 +558,41 @@ class Budget:
       return min(max(self._ramp_target(step), share), room)
     return share
 
+  @property
+  def allocation_step(self) -> int:
+    """`"dropbp"`: the step at which `allocate` must have been called (10% of
+    the run, as the original's `int(0.1 * max_iters)`, and at least 1)."""
+    return max(1, int(0.1 * self.total_steps))
+
+  def wants_sensitivity(self, step: int) -> bool:
+    """Whether `allocate` is due before `decide(step)` (`"dropbp"` only)."""
+    return self.rule == "dropbp" and self.rates is None and step >= self.allocation_step
+
+  def allocate(self, sensitivity: Any) -> None:
+    """`"dropbp"`: sets the drop rates from DropBP's sensitivity, once, at
+    `allocation_step`, to meet what the budget has left in expectation."""
+    if self.rule != "dropbp":
+      raise ValueError(f"allocate() is for rule 'dropbp', not {self.rule!r}.")
+    if self.rates is not None:
+      raise ValueError("The drop rates are allocated already (once per run).")
+    if self.steps != self.allocation_step:
+      raise ValueError(
+        f"allocate() belongs before step {self.allocation_step}; the budget is "
+        f"at step {self.steps}."
+      )
+    self.rates = dropbp_rates(
+      sensitivity, _saving(self).clip(min=0), self._keep(self.steps)
+    )
+
+  def _keep(self, step: int) -> float:
+    """The fraction of the branches' backward FLOPs that step may keep."""
+    saving = _saving(self).clip(min=0).sum()
+    room = self.target(step) - self.costs.floor
+    return float(np.clip(room / saving, 0.0, 1.0)) if saving > 0 else 1.0
+
   def decide(self, step: int, ema: Any) -> None:
-    """Chooses the components trained from `step` on, from the EMA error map."""
+    """Chooses the components trained from `step` on, from the EMA error map
+    (GreenTrainer's importance for `"greentrainer"`)."""
     if step != self.steps:
       raise ValueError(
         f"decide({step}) out of order: the budget has accounted for {self.steps} "
@@ -541,8 +605,13 @@ class Budget:
     if ema.shape != (len(names),):
       raise ValueError(f"ema must have shape ({len(names)},), got {ema.shape}.")
     capacity = self.target(step) - self.costs.floor
-    if not (ema > 0).any():  # No error signal yet (a zero-initialised head, say).
-      ema = np.ones_like(ema)
+    if self.wants_sensitivity(step):
+      raise ValueError(
+        f"Rule 'dropbp' allocates its rates at step {self.allocation_step}: call "
+        "allocate(dropbp_sensitivity(...)) before decide()."
+      )
+    if self.rule != "greentrainer" and not (ema > 0).any():
+      ema = np.ones_like(ema)  # No error signal yet (a zero-initialised head, say).
     trained = _RULE_OF[self.rule](self, step, ema, capacity)
     self._detached = frozenset(n for i, n in enumerate(names) if i not in trained)
     self.decisions.append((step, sorted(self.trained)))
@@ -566,10 +635,20 @@ class Budget:
 
   def _identity(self) -> dict[str, Any]:
     """What identifies this budget: its arguments and costs (JSON-able)."""
+    if isinstance(self.costs, FreezeCosts):
+      costs = {
+        "forward": self.costs.forward,
+        "alone": [float(s) for s in self.costs.alone],
+        "weight": [float(s) for s in self.costs.weight],
+      }
+    else:
+      costs = {
+        "full": self.costs.full,
+        "saving": [float(s) for s in _saving(self)],
+      }
     return {
       "names": list(self.costs.names),
-      "full": self.costs.full,
-      "saving": [float(s) for s in self.costs.saving],
+      **costs,
       "budget": self.budget,
       "total_steps": self.total_steps,
       "every": self.every,
@@ -589,7 +668,7 @@ class Budget:
       "steps": self.steps,
       "decisions": self.decisions,
       "budget_of": self._identity(),
-    }
+    } | ({"rates": _json_like(self.rates)} if self.rule == "dropbp" else {})
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
     """Restores `state_dict()`'s progress into a budget made the same way.
@@ -626,10 +705,28 @@ class Budget:
     if spent is None or spent < 0:
       raise ValueError(f"spent must be >= 0, got {state['spent']}.")
     in_range("steps", state["steps"], 0, self.total_steps, integer=True)
+    rates = None
+    if self.rule == "dropbp":
+      if "rates" not in state:
+        raise ValueError("This 'dropbp' budget state lacks its drop rates.")
+      if state["rates"] is not None:
+        rates = np.asarray(state["rates"], np.float64)
+        if (
+          rates.shape != (len(self.costs.names),)
+          or not ((rates >= 0) & (rates <= 1)).all()
+        ):
+          raise ValueError(f"rates must be {len(self.costs.names)} numbers in [0, 1].")
+    self.rates = rates
     self._detached = frozenset(state["detached"])
     self.spent = spent
     self.steps = int(state["steps"])
     self.decisions = [(int(s), list(t)) for s, t in state["decisions"]]
+
+
+def _saving(budget: Budget) -> np.ndarray:
+  """The `DetachCosts.saving` of a budget that detaches (not `"greentrainer"`)."""
+  assert isinstance(budget.costs, DetachCosts)  # Checked when made.
+  return budget.costs.saving
 
 
 def _depth(depth: Sequence[int] | None, names: tuple[str, ...]) -> tuple[int, ...]:
@@ -653,7 +750,7 @@ def _top(budget: Budget, step: int, ema: np.ndarray, capacity: float) -> frozens
   del step
   names = budget.costs.names
   weight = np.where([n in budget.detached for n in names], 1.0, 1.0 + budget.hysteresis)
-  return best_within(ema * weight, budget.costs.saving, capacity)
+  return best_within(ema * weight, _saving(budget), capacity)
 
 
 def _drawn(
@@ -665,7 +762,7 @@ def _drawn(
     order = weighted_order(ema, rng)
   else:
     order = [int(i) for i in rng.permutation(len(ema))]
-  return fill_in_order(order, budget.costs.saving, capacity)
+  return fill_in_order(order, _saving(budget), capacity)
 
 
 def _shuffled(
@@ -683,7 +780,7 @@ def _static(
   """Nothing trained until step `1 + every`; then `"top"`, held."""
   names = budget.costs.names
   if step < 1 + budget.every:
-    return frozenset(i for i, s in enumerate(budget.costs.saving) if s <= 0)
+    return frozenset(i for i, s in enumerate(_saving(budget)) if s <= 0)
   if step > 1 + budget.every:
     return frozenset(i for i, n in enumerate(names) if n not in budget.detached)
   return _top(budget, step, ema, capacity)
@@ -696,7 +793,29 @@ def _surgical(
   del step, ema
   sign = 1 if budget.rule == "surgical_first" else -1
   order = sorted(range(len(budget.depth)), key=lambda i: (sign * budget.depth[i], i))
-  return fill_in_order(order, budget.costs.saving, capacity)
+  return fill_in_order(order, _saving(budget), capacity)
+
+
+def _dropbp(
+  budget: Budget, step: int, ema: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """A fresh draw at the allocated rates (uniform ones before allocation)."""
+  del ema
+  rates = budget.rates
+  if rates is None:
+    rates = np.full(len(budget.costs.names), 1.0 - budget._keep(step))
+  rng = np.random.default_rng([budget.seed, step])
+  dropped = dropbp_draw(rates, rng, _saving(budget), capacity)
+  return frozenset(range(len(rates))) - dropped
+
+
+def _greentrainer(
+  budget: Budget, step: int, importance: np.ndarray, capacity: float
+) -> frozenset[int]:
+  """GreenTrainer's dynamic program on the tensors' importance."""
+  del step
+  assert isinstance(budget.costs, FreezeCosts)  # Checked when made.
+  return greentrainer_select(importance, budget.costs, capacity)
 
 
 _RULE_OF: dict[str, Callable[[Budget, int, np.ndarray, float], frozenset[int]]] = {
@@ -707,6 +826,8 @@ _RULE_OF: dict[str, Callable[[Budget, int, np.ndarray, float], frozenset[int]]] 
   "static": _static,
   "surgical_first": _surgical,
   "surgical_last": _surgical,
+  "dropbp": _dropbp,
+  "greentrainer": _greentrainer,
 }
 
 
@@ -714,4 +835,6 @@ def _json_like(value: Any) -> Any:
   """Tuples and arrays as lists, so a state that went through JSON compares."""
   if isinstance(value, tuple | list | np.ndarray):
     return [_json_like(v) for v in value]
+  if isinstance(value, np.floating):
+    return float(value)
   return value

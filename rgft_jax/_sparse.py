@@ -421,6 +421,9 @@ class SparseTrainStep:
     mode: `"runtime"`, `"compiled"`, or None: runtime when a component is a
       layer of a scan over layers (`ErrorTracker.scanned`), compiled
       otherwise.
+    sensitivity: for a `"dropbp"` budget, `sensitivity(params, opt_state,
+      *args)` returning DropBP's sensitivity per component (see
+      `dropbp_sensitivity`); called once, at the budget's `allocation_step`.
   """
 
   def __init__(
@@ -429,15 +432,27 @@ class SparseTrainStep:
     budget: Any,
     max_variants: int = 8,
     mode: str | None = None,
+    sensitivity: Callable[..., Any] | None = None,
   ):
     if mode is None:
       tracker = getattr(step, "tracker", None)
       mode = _RUNTIME if tracker is not None and tracker.scanned else "compiled"
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}.")
+    if budget.rule == "greentrainer":
+      raise ValueError(
+        "A 'greentrainer' budget freezes tensors and decides from their "
+        "importance: run it with rgft_jax.freeze_step, not SparseTrainStep."
+      )
+    if budget.rule == "dropbp" and sensitivity is None:
+      raise ValueError(
+        "A 'dropbp' budget allocates its rates from DropBP's sensitivity: pass "
+        "sensitivity= (see rgft_jax.dropbp_sensitivity)."
+      )
     self.budget = budget
     self.mode = mode
     self.names = tuple(budget.costs.names)
+    self.sensitivity = sensitivity
 
     def make(variant):
       if variant == _RUNTIME:
@@ -458,6 +473,9 @@ class SparseTrainStep:
     total = self.budget.total_steps
     if not 0 <= t < total:
       raise ValueError(f"step {t} is outside the budget's run of {total} steps.")
+    if self.budget.wants_sensitivity(t):
+      assert self.sensitivity is not None  # Checked when made.
+      self.budget.allocate(self.sensitivity(params, opt_state, *args))
     if self.budget.due(t):
       ema = jax.device_get(residual_error_state(opt_state).error_map)
       self.budget.decide(t, ema)

@@ -237,6 +237,36 @@ def test_twenty_detached_sets_compile_once():
   assert sparse.compilations == 1
 
 
+def test_dropbp_draws_every_step_from_one_compilation():
+  _, _, x, y = _setup()
+  model, params = _model("scan")
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  comps = tracker.components(params, x)
+  tx = rgft_jax.rgft(1e-2, comps)
+  loss = _loss_fn(model)
+  step = rgft_jax.train_step(tracker, tx, loss, comps)
+  costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
+  budget = rgft_jax.Budget(costs, 0.7, total_steps=30, every=1, rule="dropbp")
+  calls = []
+
+  def sensitivity(params, opt_state, x, y):
+    calls.append(budget.steps)
+    grads_of = lambda d: tracker.value_and_grad(loss, detach=d)(params, x, y)[1]  # noqa: E731
+    return rgft_jax.dropbp_sensitivity(grads_of, comps.names)
+
+  with pytest.raises(ValueError, match="sensitivity="):
+    rgft_jax.SparseTrainStep(step, budget)
+  sparse = rgft_jax.SparseTrainStep(step, budget, sensitivity=sensitivity)
+  opt_state, seen = tx.init(params), set()
+  for t in range(30):
+    _, params, opt_state = sparse(t, params, opt_state, x, y)
+    seen.add(budget.detached)
+  assert calls == [budget.allocation_step]
+  assert budget.rates is not None and len(seen) >= 5
+  assert sparse.compilations == 1
+  assert budget.spent <= 0.7 * 30 * 10.0 + 1e-9
+
+
 def test_a_looped_model_defaults_to_compiled_variants():
   model, params, x, _ = _setup()
   tracker = rgft_jax.ErrorTracker(model, select="branches")
