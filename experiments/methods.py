@@ -248,12 +248,15 @@ class Costs:
 
   `detach` is what detaching each block branch of the RGFT step saves;
   `full` the FLOPs of a full fine-tuning step, the unit of every budget;
-  `lisa` the FLOPs of a LISA step.
+  `lisa` the FLOPs of a LISA step; `freeze` the FLOPs of a step as a
+  function of the parameter tensors it trains (GreenTrainer's), when a
+  method needs them.
   """
 
   detach: rgft_jax.DetachCosts
   full: float
   lisa: float
+  freeze: rgft_jax.FreezeCosts | None = None
 
 
 def infeasible(name: str, costs: Costs | None) -> str | None:

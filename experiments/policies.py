@@ -18,6 +18,12 @@ _BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 class Policy:
   """Chooses each step's variant: what the compiled step leaves out (nothing here)."""
 
+  def prepare(self, step: int, tree: Any, opt_state: Any, batch: Any) -> None:
+    """Called before `variant(step, ...)` with what the step trains on; a
+    policy that measures the model itself (DropBP's sensitivity,
+    GreenTrainer's importance) does it here."""
+    del step, tree, opt_state, batch
+
   def variant(self, step: int, opt_state: Any) -> frozenset[str]:
     del step, opt_state
     return frozenset()
@@ -71,14 +77,42 @@ class LisaPolicy(Policy):
 
 @dataclasses.dataclass
 class BudgetPolicy(Policy):
-  """Budgeted RGFT: the variant is the set of detached components."""
+  """A `Budget`'s choice: the variant is the set of detached components.
+
+  The budget decides from RGFT's EMA error map in the optimizer state, or,
+  with `scores`, from `scores(tree, opt_state, batch)` at each decision
+  (GreenTrainer's importance). With `sensitivity`, a `"dropbp"` budget's
+  rates are allocated from `sensitivity(tree, opt_state, batch)`. Both
+  return `(values, flops)`; the FLOPs are charged to the budget
+  (`Budget.charge`), and `probe_flops` adds them up for the run's record.
+  """
 
   budget: rgft_jax.Budget
+  scores: Any = None
+  sensitivity: Any = None
+
+  def __post_init__(self):
+    self._scores = None
+    self.probe_flops = 0.0
+
+  def prepare(self, step, tree, opt_state, batch):
+    if self.budget.wants_sensitivity(step):
+      values, flops = self.sensitivity(tree, opt_state, batch)
+      self.budget.allocate(values)
+      self.budget.charge(flops)
+      self.probe_flops += flops
+    if self.scores is not None and self.budget.due(step):
+      self._scores, flops = self.scores(tree, opt_state, batch)
+      self.budget.charge(flops)
+      self.probe_flops += flops
 
   def variant(self, step, opt_state):
     if self.budget.due(step):  # The only host read of the error map.
-      ema = rgft_jax.residual_error_state(opt_state).error_map
-      self.budget.decide(step, jax.device_get(ema))
+      if self.scores is not None:
+        self.budget.decide(step, self._scores)
+      else:
+        ema = rgft_jax.residual_error_state(opt_state).error_map
+        self.budget.decide(step, jax.device_get(ema))
     return self.budget.variant(step)
 
   def spend(self, step, variant):
@@ -86,6 +120,8 @@ class BudgetPolicy(Policy):
 
   def reset(self):
     self.budget.reset()
+    self._scores = None
+    self.probe_flops = 0.0
 
   def state_dict(self):
     return self.budget.state_dict()

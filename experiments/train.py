@@ -179,6 +179,7 @@ def run(
   clock = _Clock(wall)
   for step in range(start, steps):
     batch = train_batches[step]
+    method.policy.prepare(step, params, opt_state, batch)
     variant = method.policy.variant(step, opt_state)
     if not variants.has(variant, params, opt_state, batch):
       clock.pause(params)  # Compilation is reported, not timed.

@@ -331,10 +331,10 @@ class Budget:
     measurement window, steps 0 to `every`; at step `1 + every` the `"top"`
     set within what the budget has left, held for the rest of the run;
   * `"surgical_first"` / `"surgical_last"`: the shallowest / deepest
-    components by `depth`, each taken while it fits (Lee et al., "Surgical
-    fine-tuning improves adaptation to distribution shifts", ICLR 2023: the
-    first blocks for input-level shift, the last for output-level shift),
-    re-filled at every decision as the budget left allows.
+    components by `depth`, up to the first that does not fit (Lee et al.,
+    "Surgical fine-tuning improves adaptation to distribution shifts", ICLR
+    2023: the first blocks for input-level shift, the last for output-level
+    shift), re-filled at every decision as the budget left allows.
 
   Peers (see `rgft_jax._peers` for what each computes and where it departs
   from the original):
@@ -510,6 +510,7 @@ class Budget:
     self._detached = frozenset(self.costs.names)
     self.rates: np.ndarray | None = None  # "dropbp", once allocated.
     self.spent = 0.0
+    self.charged = 0.0  # Of `spent`, what `charge` added.
     self.steps = 0
     self.decisions: list[tuple[int, list[str]]] = []
 
@@ -616,6 +617,25 @@ class Budget:
     self._detached = frozenset(n for i, n in enumerate(names) if i not in trained)
     self.decisions.append((step, sorted(self.trained)))
 
+  def charge(self, flops: float) -> None:
+    """Counts `flops` spent outside the steps (a rule's own measurements:
+    DropBP's sensitivity, GreenTrainer's trial step) against the budget;
+    the steps after spend that much less."""
+    value = number("flops", flops, finite=True)
+    if value is None or value < 0:
+      raise ValueError(f"flops must be a finite number >= 0, got {flops!r}.")
+    self.spent += value
+    self.charged += value
+    least = self.spent + (self.total_steps - self.steps) * self.costs.floor
+    if least > self._allowance * (1 + 1e-9):
+      warnings.warn(
+        f"The FLOPs charged so far ({self.charged:.4g}) leave the rest of the run "
+        f"less than a fully detached step: it will spend {least / self._allowance:.3f}"
+        " of its budget at least.",
+        RuntimeWarning,
+        stacklevel=2,
+      )
+
   def spend(self, step: int, detached: Any) -> None:
     """Accounts for step `step`, run with `detached` detached."""
     if not 0 <= step < self.total_steps:
@@ -665,6 +685,7 @@ class Budget:
     return {
       "detached": sorted(self._detached),
       "spent": self.spent,
+      "charged": self.charged,
       "steps": self.steps,
       "decisions": self.decisions,
       "budget_of": self._identity(),
@@ -718,7 +739,11 @@ class Budget:
           raise ValueError(f"rates must be {len(self.costs.names)} numbers in [0, 1].")
     self.rates = rates
     self._detached = frozenset(state["detached"])
+    charged = number("charged", state.get("charged", 0.0), finite=True)
+    if charged is None or not 0 <= charged <= spent:
+      raise ValueError(f"charged must be in [0, spent], got {state.get('charged')}.")
     self.spent = spent
+    self.charged = charged
     self.steps = int(state["steps"])
     self.decisions = [(int(s), list(t)) for s, t in state["decisions"]]
 
@@ -789,11 +814,18 @@ def _static(
 def _surgical(
   budget: Budget, step: int, ema: np.ndarray, capacity: float
 ) -> frozenset[int]:
-  """The shallowest (or deepest) components by `depth` while they fit."""
+  """The shallowest (or deepest) components by `depth`, up to the first that
+  does not fit: a contiguous run of blocks from the input (or the output)."""
   del step, ema
   sign = 1 if budget.rule == "surgical_first" else -1
   order = sorted(range(len(budget.depth)), key=lambda i: (sign * budget.depth[i], i))
-  return fill_in_order(order, _saving(budget), capacity)
+  saving, taken, room = _saving(budget), set(), capacity
+  for i in order:
+    if saving[i] > room:
+      break
+    taken.add(i)
+    room -= max(saving[i], 0.0)
+  return frozenset(taken)
 
 
 def _dropbp(

@@ -20,8 +20,21 @@ from experiments.lm import pretrain
 from experiments.lm import study
 from tests.test_lm_model import reference_logits
 
-# Every registered method, once.
-ALL = (*study.DEFAULT_METHODS, "rgft_budget_sample@0.5")
+# Every registered method, once. The peers measure the model besides their
+# steps, which in a QUICK run of 12 steps needs a larger budget.
+CONTROLS = (
+  "shuffled_budget@0.5",
+  "static_budget@0.5",
+  "surgical_first@0.5",
+  "surgical_last@0.5",
+)
+ALL = (
+  *study.DEFAULT_METHODS,
+  "rgft_budget_sample@0.5",
+  *CONTROLS,
+  "dropbp@0.7",
+  "greentrainer@0.9",
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +98,19 @@ def test_every_method_is_registered_and_trains(quick):
       assert r["budget"]["fraction"] <= 0.5 + 1e-9
       assert r["step_variants"] >= 2
     assert results["summary"][name]["flops_vs_full"] < 0.52
+  for name in CONTROLS:
+    for r in (r for r in results["runs"] if r["method"] == name):
+      assert r["budget"]["fraction"] <= 0.5 + 1e-9
+  for name in ("dropbp@0.7", "greentrainer@0.9"):
+    for r in (r for r in results["runs"] if r["method"] == name):
+      # Their own measurements are charged: the steps' FLOPs plus the probes'.
+      assert r["probe_flops"] > 0
+      steps = sum(r["step_flops"][v] * n for v, n in r["steps_per_variant"].items())
+      assert r["train_flops"] == pytest.approx(steps + r["probe_flops"])
+  # DropBP draws a set each step from one compiled (runtime) step.
+  assert any(
+    r["step_variants"] >= 3 for r in results["runs"] if r["method"] == "dropbp@0.7"
+  )
   assert results["summary"]["full@0.5"]["steps"] == cfg.steps // 2
 
 

@@ -115,22 +115,20 @@ def test_static_refuses_a_ramp_and_a_run_too_short():
 @pytest.mark.parametrize(
   ("rule", "depth", "expected"),
   [
-    # Savings 4, 1, 3, 2, 5 (floor 5, full 20) with 6 FLOPs to spend: by
-    # depth, c0 (4) fits, c1 (1) fits, c2 (3) does not, c3 (2) does not
-    # (room 1), c4 (5) does not.
+    # Savings 4, 1, 3, 2, 5 (floor 5, full 20) with 6 FLOPs to spend, taken
+    # by depth up to the first that does not fit: c0 (4), c1 (1), then c2
+    # (3) does not fit in the 1 left.
     ("surgical_first", None, ["c0", "c1"]),
-    # Deepest first: c4 (5) fits, c3 (2) does not, c2 (3) does not, c1 (1)
-    # fits, c0 does not.
-    ("surgical_last", None, ["c1", "c4"]),
-    # Depths as blocks: c3 (2) fits, c4 (5) does not (room 4), c1 (1) fits,
-    # c0 (4) does not (room 3), c2 (3) fits.
-    ("surgical_first", [2, 1, 2, 0, 0], ["c1", "c2", "c3"]),
-    # Deepest block first, names' order within it: c0 (4) fits, c2 (3) does
-    # not, c1 (1) fits, then nothing more.
-    ("surgical_last", [2, 1, 2, 0, 0], ["c0", "c1"]),
+    # Deepest first: c4 (5), then c3 (2) does not fit in 1.
+    ("surgical_last", None, ["c4"]),
+    # Depths as blocks [2, 1, 2, 0, 0]: c3 (2), then c4 (5) does not fit in 4.
+    ("surgical_first", [2, 1, 2, 0, 0], ["c3"]),
+    # Deepest block first, names' order within it: c0 (4), then c2 (3) does
+    # not fit in 2.
+    ("surgical_last", [2, 1, 2, 0, 0], ["c0"]),
   ],
 )
-def test_surgical_fills_by_depth(rule, depth, expected):
+def test_surgical_takes_a_run_of_blocks_by_depth(rule, depth, expected):
   costs = rgft_jax.DetachCosts(
     tuple(f"c{i}" for i in range(5)), 20.0, np.array([4.0, 1.0, 3.0, 2.0, 5.0])
   )
@@ -149,3 +147,20 @@ def test_surgical_depth_is_checked():
     rgft_jax.Budget(_equal_costs(3), 0.6, 10, rule="surgical_first", depth=[0, 1])
   with pytest.raises(TypeError, match="integers"):
     rgft_jax.Budget(_equal_costs(3), 0.6, 10, rule="surgical_last", depth=[0, 1.5, 2])
+
+
+def test_charge_counts_against_the_budget():
+  costs = _equal_costs(4, full=20.0, each=3.0)  # Floor 8.
+  budget = rgft_jax.Budget(costs, 0.6, 10, every=100)
+  budget.spend(0, budget.detached)  # 8.
+  budget.charge(12.0)  # A rule's own measurement, outside the steps.
+  # Left: 0.6 * 10 * 20 - 8 - 12 = 100 over 9 steps.
+  np.testing.assert_allclose(budget.target(1), 100 / 9)
+  assert budget.spent == 20.0 and budget.charged == 12.0
+  other = rgft_jax.Budget(costs, 0.6, 10, every=100)
+  other.load_state_dict(budget.state_dict())
+  assert other.charged == 12.0 and other.target(1) == budget.target(1)
+  with pytest.raises(ValueError, match="flops"):
+    budget.charge(-1.0)
+  with pytest.raises(ValueError, match="charged"):
+    other.load_state_dict({**budget.state_dict(), "charged": 30.0})

@@ -23,6 +23,7 @@ cost.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -167,7 +168,8 @@ def key_of(path) -> str:
 
 
 def _under(path: str, prefixes) -> bool:
-  return any(path.startswith(p + "/") for p in prefixes)
+  """Whether `path` is one of `prefixes` or lies under one."""
+  return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def _injected(make: Callable[[float], optax.GradientTransformation], lr: float):
@@ -334,8 +336,13 @@ def _components(setup: Setup, select) -> tuple[rgft_jax.ErrorTracker, Any]:
   return tracker, comps
 
 
-def _rgft_tx(setup: Setup, comps) -> Callable[[float], Any]:
+def _rgft_tx(
+  setup: Setup, comps, min_scale: float | None = None
+) -> Callable[[float], Any]:
+  """RGFT's transformation at a learning rate; `min_scale=1` is plain Adam
+  (every multiplier 1) that still measures the error map."""
   cfg = setup.cfg
+  min_scale = cfg.min_scale if min_scale is None else min_scale
 
   def tx_of(lr):
     return _injected(
@@ -346,7 +353,7 @@ def _rgft_tx(setup: Setup, comps) -> Callable[[float], Any]:
         thresh_init=cfg.thresh_init,
         thresh_final=cfg.thresh_final,
         warmup_steps=cfg.steps,
-        min_scale=cfg.min_scale,
+        min_scale=min_scale,
       ),
       lr,
     )
@@ -386,9 +393,10 @@ def _tracked(
   policy,
   family: str,
   runtime: rgft_jax.DetachCosts | None = None,
+  min_scale: float | None = None,
 ) -> Method:
   """RGFT over `comps`, measured by `tracker`, detaching what `policy` says."""
-  tx_of = _rgft_tx(setup, comps)
+  tx_of = _rgft_tx(setup, comps, min_scale)
   decoder, params = setup.layout(scan=True)
   recompute = runtime is not None and setup.cfg.gate_recompute
   return Method(
@@ -415,7 +423,39 @@ def _rgft(select):
   return build
 
 
+def _layer(name: str) -> int:
+  """The decoder layer of a component (`layers/3/mlp` -> 3)."""
+  return int(re.match(r"layers/(\d+)/", name).group(1))
+
+
+def _dropbp_sensitivity(setup: Setup, tracker, comps):
+  """DropBP's sensitivity on the first sequence of the step's batch, and its
+  FLOPs (an upper bound: XLA counts every gate's backward pass as run)."""
+  decoder, _ = setup.layout(scan=True)
+  names = comps.names
+
+  @jax.jit
+  def grads(params, batch, flags):
+    vg = tracker.value_and_grad(lm.loss, has_aux=True, detach=flags)
+    return vg(decoder(params), batch)[1]
+
+  def flags_of(detached):
+    return jnp.asarray([n in detached for n in names])
+
+  def sensitivity(tree, opt_state, batch):
+    del opt_state
+    one = batch[:1]
+    values = rgft_jax.dropbp_sensitivity(lambda d: grads(tree, one, flags_of(d)), names)
+    flops = rgft_jax.flops_of(grads, tree, one, flags_of(frozenset()))
+    return values, flops * (len(names) + 1)
+
+  return sensitivity
+
+
 def _budgeted(rule: str):
+  """A `Budget` with `rule` over the branches of the tracked step. DropBP
+  runs with every multiplier 1 (Adam, as published) and draws every step."""
+
   def build(setup: Setup, name: str, budget: float | None) -> Method:
     cfg, costs = setup.cfg, setup.costs
     if costs is None:
@@ -432,6 +472,14 @@ def _budgeted(rule: str):
         f"The step costs are for {costs.detach.names}, the components are "
         f"{comps.names}."
       )
+    if rule == "static" and 1 + cfg.budget_every >= cfg.steps:
+      raise Unavailable(
+        f"'static' decides after its window of --budget_every={cfg.budget_every} "
+        f"steps, which a run of --steps={cfg.steps} never ends"
+      )
+    dropbp = rule == "dropbp"
+    sensitivity = _dropbp_sensitivity(setup, tracker, comps) if dropbp else None
+    depth = [_layer(n) for n in comps.names]
 
     def policy(seed):
       return vision_methods.BudgetPolicy(
@@ -439,19 +487,88 @@ def _budgeted(rule: str):
           costs.detach,
           budget,
           total_steps=cfg.steps,
-          every=cfg.budget_every,
+          every=1 if dropbp else cfg.budget_every,
           rule=rule,
-          hysteresis=cfg.budget_hysteresis,
+          hysteresis=cfg.budget_hysteresis if rule == "top" else 0.0,
           seed=seed,
           unit=costs.full,  # A fraction of a plain full fine-tuning step.
-        )
+          depth=depth,
+        ),
+        sensitivity=sensitivity,
       )
 
     gated = costs.detach if setup.scanned is not None else None
     family = "rgft:branches:runtime" if gated is not None else "rgft:branches"
-    return _tracked(setup, name, tracker, comps, policy, family, gated)
+    if dropbp:
+      family += ":adam"
+    return _tracked(
+      setup, name, tracker, comps, policy, family, gated, 1.0 if dropbp else None
+    )
 
   return build
+
+
+def _freeze_step(decoder: Decoder):
+  """`_adam_step` as `rgft_jax.freeze_costs` calls it."""
+  adam = _adam(1.0)
+
+  def step(params, opt_state, batch, frozen):
+    return _adam_step(decoder, adam, frozen)(params, opt_state, batch)
+
+  return step
+
+
+def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
+  """GreenTrainer: Adam on the parameter tensors its dynamic program picks
+  within the budget, from their importance in an undone trial step,
+  re-picked at steps 1, 1 + 0.4 T and 1 + 0.8 T (the original re-selects
+  every 2 of 5 epochs). Looped layout: a tensor stacked over the layers of
+  a scan could only be frozen in every layer at once."""
+  cfg, costs = setup.cfg, setup.costs
+  if costs is None or costs.freeze is None:
+    raise ValueError(f"{name} needs the freeze costs (measure_costs(freeze=True)).")
+  freeze = costs.freeze
+  decoder, params = setup.decoder, setup.params
+  adam = _adam(1.0)
+
+  def loss(p, batch):
+    return lm.loss(decoder(p), batch)[0]
+
+  grad = jax.jit(jax.grad(loss))
+  probe = {}
+
+  def importance(tree, opt_state, batch):
+    values = rgft_jax.greentrainer_importance(
+      loss, adam, tree, opt_state, batch, names=freeze.names
+    )
+    if "flops" not in probe:  # Two gradients (before and after the trial).
+      probe["flops"] = 2 * rgft_jax.flops_of(grad, tree, batch)
+    return values, probe["flops"]
+
+  every = max(1, math.ceil(0.4 * cfg.steps))
+
+  def policy(seed):
+    return vision_methods.BudgetPolicy(
+      rgft_jax.Budget(
+        freeze,
+        budget,
+        cfg.steps,
+        every=every,
+        rule="greentrainer",
+        seed=seed,
+        unit=costs.full,
+      ),
+      scores=importance,
+    )
+
+  return Method(
+    name,
+    lambda lr, seed: (params, _adam(lr).init(params)),
+    lambda variant: _adam_step(decoder, adam, variant),
+    lambda tree: tree,
+    policy,
+    "adam",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,6 +603,37 @@ METHODS: dict[str, Entry] = {
   "uniform_budget": Entry(
     _budgeted("uniform"), "required", "the same budget spent uniformly at random"
   ),
+  "shuffled_budget": Entry(
+    _budgeted("shuffled"),
+    "required",
+    "control: budgeted RGFT on the error map permuted once per run",
+  ),
+  "static_budget": Entry(
+    _budgeted("static"),
+    "required",
+    "control: the error map's choice after one window (--budget_every), held",
+  ),
+  "surgical_first": Entry(
+    _budgeted("surgical_first"),
+    "required",
+    "control: the first layers' branches that fit the budget (surgical FT)",
+  ),
+  "surgical_last": Entry(
+    _budgeted("surgical_last"),
+    "required",
+    "control: the last layers' branches that fit the budget (surgical FT)",
+  ),
+  "dropbp": Entry(
+    _budgeted("dropbp"),
+    "required",
+    "DropBP: branches dropped at per-branch rates from a sensitivity, drawn "
+    "every step (Adam, no multipliers)",
+  ),
+  "greentrainer": Entry(
+    _greentrainer,
+    "required",
+    "GreenTrainer: the tensors a knapsack on trial-step importance picks",
+  ),
   "lora": Entry(_lora, "none", "LoRA on the attention and MLP kernels"),
   "lisa": Entry(_lisa, "none", "LISA: random layers trained, redrawn periodically"),
 }
@@ -514,13 +662,17 @@ def needs_costs(name: str) -> bool:
   return METHODS[parse(name)[0]].budget == "required"
 
 
+def needs_freeze_costs(name: str) -> bool:
+  return parse(name)[0] == "greentrainer"
+
+
 def build(name: str, setup: Setup) -> Method:
   """The method `name` on `setup`; raises `Unavailable` when it cannot run."""
   base, budget = parse(name)
   return METHODS[base].build(setup, name, budget)
 
 
-def measure_costs(setup: Setup) -> vision_methods.Costs:
+def measure_costs(setup: Setup, freeze: bool = False) -> vision_methods.Costs:
   """Step FLOPs that size budgets, from XLA's analysis of the lowered steps.
 
   `full` is a plain full fine-tuning step (the unit of every budget), `lisa`
@@ -528,7 +680,8 @@ def measure_costs(setup: Setup) -> vision_methods.Costs:
   tracked step saves (`rgft_jax.detach_costs`; in the scanned layout a
   layer's branch is charged its share of the branch detached in every
   layer, what a runtime-gated step skips). Each in the layout its method
-  trains.
+  trains. With `freeze`, also `freeze`: a looped Adam step's FLOPs by the
+  parameter tensors it trains (`rgft_jax.freeze_costs`, GreenTrainer's).
   """
   batch = setup.example
   adam = _adam(1.0)
@@ -552,8 +705,19 @@ def measure_costs(setup: Setup) -> vision_methods.Costs:
     batch,
     groups=tracker.layer_groups,
   )
+  freeze_costs = None
+  if freeze:
+    loss = lambda p, b: lm.loss(setup.decoder(p), b)[0]  # noqa: E731
+    freeze_costs = rgft_jax.freeze_costs(
+      _freeze_step(setup.decoder),
+      rgft_jax.tensor_order(loss, setup.params, batch),
+      setup.params,
+      adam.init(setup.params),
+      batch,
+    )
   return vision_methods.Costs(
     detach,
     flops(_adam_step(decoder, adam, frozenset()), params),
     flops(_adam_step(setup.decoder, adam, held), setup.params),
+    freeze_costs,
   )

@@ -98,7 +98,7 @@ class Config:
       n_heads=4,
       n_kv_heads=2,
       d_ff=256,
-      budget_every=12,
+      budget_every=4,
       lora_rank=2,
       lisa_period=12,
       eval_windows=24,
@@ -291,7 +291,19 @@ def _costs(costs) -> dict[str, Any]:
       zip(costs.detach.names, costs.detach.saving.tolist(), strict=True)
     ),
     "additivity_error": costs.detach.additivity_error,
-  }
+  } | (
+    {}
+    if costs.freeze is None
+    else {
+      "freeze": {
+        "tensors": list(costs.freeze.names),
+        "forward": costs.freeze.forward,
+        "alone": costs.freeze.alone.tolist(),
+        "weight": costs.freeze.weight.tolist(),
+        "additivity_error": costs.freeze.additivity_error,
+      }
+    }
+  )
 
 
 def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
@@ -329,7 +341,9 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
     scanned=methods_lib.Decoder(pretrain_lib.model_config(cfg)),
   )
   if any(methods_lib.needs_costs(n) for n in names):
-    setup = dataclasses.replace(setup, costs=methods_lib.measure_costs(setup))
+    freeze = any(methods_lib.needs_freeze_costs(n) for n in names)
+    costs = methods_lib.measure_costs(setup, freeze=freeze)
+    setup = dataclasses.replace(setup, costs=costs)
   runs, search, unavailable = [], {}, {}
   shared: dict[str, Any] = {}  # Compiled steps, by method family.
   for name in names:

@@ -73,6 +73,7 @@ def run(
   tic = time.perf_counter()
   for step in range(steps):
     batch = batches[step]
+    policy.prepare(step, tree, opt_state, batch)  # Timed: part of the method.
     variant = policy.variant(step, opt_state)
     key, extra = variant, ()
     if method.runtime is not None:  # One compiled step takes every set.
@@ -109,12 +110,16 @@ def run(
     else:
       f, p = variants.cost(variant, tree, opt_state, batches[0])
     flops[name], peak = f, max(peak, p)
+  probe = float(getattr(policy, "probe_flops", 0.0))
   record = {
     "method": method.name,
     "seed": seed,
     "learning_rate": learning_rate,
     "steps": steps,
-    "train_flops": float(sum(flops[v] * n for v, n in counts.items())),
+    # The steps, and what the policy spent measuring the model (DropBP's
+    # sensitivity, GreenTrainer's importance).
+    "train_flops": float(sum(flops[v] * n for v, n in counts.items())) + probe,
+    "probe_flops": probe,
     "step_flops": flops,
     "steps_per_variant": counts,
     "step_variants": len(flops),
