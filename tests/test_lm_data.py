@@ -99,6 +99,30 @@ def test_pydoc_corpus_matches_an_independent_build():
   )
 
 
+def test_cheaders_corpus_matches_an_independent_build(tmp_path):
+  # The interpreter's headers, by a walk written here.
+  root = pathlib.Path(sysconfig.get_paths()["include"])
+  docs = {
+    p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.h"))
+  }
+  assert "Python.h" in docs and len(docs) > 50
+  corpus = data.load("cheaders")
+  want = splits_by_hand(docs)
+  for split in data.SPLITS:
+    assert corpus.splits[split].tobytes() == want[split]
+  # Only UTF-8 `.h` files without NUL, by relative path, nested ones included.
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "a.h").write_bytes(b"int a;")
+  (tmp_path / "sub" / "b.h").write_bytes(b"int b;")
+  (tmp_path / "c.c").write_bytes(b"int c;")
+  (tmp_path / "d.h").write_bytes(b"\xff\xfe")
+  (tmp_path / "e.h").write_bytes(b"x\x00y")
+  assert data.cheaders_documents(str(tmp_path)) == {
+    "a.h": b"int a;",
+    "sub/b.h": b"int b;",
+  }
+
+
 @pytest.mark.parametrize("name", data.CORPORA)
 def test_documents_never_straddle_splits(name):
   corpus = data.load(name)

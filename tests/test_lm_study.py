@@ -268,6 +268,11 @@ def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
     (["--pretrain_learning_rate", "nan"], "--pretrain_learning_rate"),
     (["--budget_hysteresis", "-1"], "--budget_hysteresis"),
     (["--eval_windows", "0"], "--eval_windows"),
+    (["--eval_every", "-1"], "--eval_every"),
+    (["--tune_seeds", "5"], "--tune_seeds"),
+    (["--target", "wikipedia"], "--target"),
+    (["--target_margin", "-0.1"], "--target_margin"),
+    (["--greentrainer_period", "0"], "--greentrainer_period"),
     (["--workdir", " "], "--workdir"),
     (
       ["--batch_size", "100000"],
@@ -313,3 +318,65 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_compute(
   assert (
     cli.activation_bytes(1000, 256, 128, 384, 4, 4, 256) == 4 * 1000 * 256 * per_token
   )
+
+
+def test_rate_is_picked_on_the_mean_of_the_tuning_seeds(monkeypatch):
+  # Validation by hand per (rate, seed): rate 1e-3 wins on seed 0 alone, 1e-2
+  # on the mean of seeds 0 and 1.
+  score = {(1e-3, 0): 1.0, (1e-2, 0): 1.1, (1e-3, 1): 1.5, (1e-2, 1): 1.2}
+  calls = []
+
+  def fake_run(method, variants, batches, *, steps, learning_rate, seed, **kw):
+    calls.append((learning_rate, seed))
+    return {"seed": seed, "lr": learning_rate, "wall_s": 0.0}, (learning_rate, seed)
+
+  class Method:
+    name = "m"
+
+    def to_params(self, tree):
+      return tree
+
+  def bpb(params, split):
+    lr, seed = params
+    return score.get((lr, seed), 2.0) if split == "validation" else 0.0
+
+  monkeypatch.setattr(study.train_lib, "run", fake_run)
+  cfg = study.Config.quick(seeds=3, tune_seeds=2, learning_rates="1e-3,1e-2")
+  search, seeds = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
+  assert search["validation_bpb"] == pytest.approx([1.25, 1.15])
+  assert search["picked"] == 1e-2
+  # The tuning runs at the picked rate are reused; seed 2 runs once more.
+  assert calls == [(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1), (1e-2, 2)]
+  assert [r["seed"] for r, _ in seeds] == [0, 1, 2]
+  assert all(r["lr"] == 1e-2 for r, _ in seeds)
+
+
+def test_flops_to_target_by_hand():
+  def run(method, seed, validation, flops, values):
+    curve = {"step": list(range(len(flops))), "train_flops": flops, "value": values}
+    return {
+      "method": method,
+      "seed": seed,
+      "validation_bpb": validation,
+      "curve": curve,
+    }
+
+  runs = [
+    run("full", 0, 2.00, [10, 20, 30], [2.3, 2.005, 2.00]),
+    run("full", 1, 2.10, [10, 20, 30], [2.2, 2.15, 2.10]),
+    # Seed 0's target 2.01: reached at the second point (8); seed 1's 2.11:
+    # never.
+    run("x", 0, 2.02, [4, 8, 12], [2.5, 2.01, 2.02]),
+    run("x", 1, 2.30, [4, 8, 12], [2.5, 2.4, 2.3]),
+  ]
+  got = study.flops_to_target(runs, "x", 0.01)
+  assert got == {"seeds": [0, 1], "flops": [8, None]}
+  assert study.flops_to_target(runs, "full", 0.01)["flops"] == [20, 30]
+  for r in runs:
+    r.update(test_bpb=0.0, source_bpb=0.0, steps=3, learning_rate=1.0, wall_s=1.0)
+    r.update(peak_bytes=0, step_variants=1, compilations=0)
+    r["train_flops"] = r["curve"]["train_flops"][-1]
+  summary = study.summarize(runs, 0.01)
+  assert summary["x"]["target_reached"] == "1/2"
+  assert summary["x"]["flops_to_target"] == pytest.approx(8 / 30)
+  assert summary["full"]["flops_to_target"] == pytest.approx(25 / 30)

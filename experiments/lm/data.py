@@ -12,6 +12,9 @@ Both corpora ship with every CPython, so nothing is downloaded:
   generated), and files that are not UTF-8 or contain a NUL byte.
 * `"pydoc"` (target domain): the English help topics of
   `pydoc_data.topics.topics` (about 465 KB), in sorted topic order.
+* `"cheaders"` (second target domain): the C headers (`.h`) under the
+  interpreter's include directory (`sysconfig.get_paths()["include"]`; about
+  890 KB in 3.11), by relative path.
 
 Each document goes wholly to one split by a hash of its name (relative path
 or topic): bucket `int(sha256(name)[:8 bytes]) % 100`, `<80` train, `<90`
@@ -41,6 +44,7 @@ import numpy as np
 
 SPLITS = ("train", "validation", "test")
 CORPORA = ("stdlib", "pydoc")  # (Source, target) domain.
+TARGETS = ("pydoc", "cheaders")  # Target domains a study can fine-tune on.
 STDLIB_MAX_BYTES = 8 * 2**20
 EXCLUDED_DIRS = frozenset(
   {
@@ -169,30 +173,57 @@ def build(name: str, documents: Mapping[str, bytes]) -> Corpus:
   return Corpus(name, {s: tuple(n) for s, n in names.items()}, splits)
 
 
+def cheaders_documents(root: str | None = None) -> dict[str, bytes]:
+  """The `.h` files under `root` (this interpreter's include directory when
+  None) as `{relative path: bytes}`, sorted; files that are not UTF-8 or
+  hold a NUL byte are left out."""
+  root = root or sysconfig.get_paths()["include"]
+  documents = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for f in sorted(filenames):
+      if not f.endswith(".h"):
+        continue
+      path = os.path.join(dirpath, f)
+      relative = os.path.relpath(path, root).replace(os.sep, "/")
+      with open(path, "rb") as fh:
+        text = fh.read()
+      try:
+        text.decode("utf-8")
+      except UnicodeDecodeError:
+        continue
+      if DOC_START not in text:
+        documents[relative] = text
+  return dict(sorted(documents.items()))
+
+
 @functools.cache
 def load(name: str) -> Corpus:
-  """The corpus `"stdlib"` (source domain) or `"pydoc"` (target domain)."""
+  """The corpus `"stdlib"` (source domain), `"pydoc"` or `"cheaders"`
+  (target domains)."""
   if name == "stdlib":
     return build(name, stdlib_documents())
   if name == "pydoc":
     return build(name, pydoc_documents())
-  raise ValueError(f"Unknown corpus {name!r}; expected one of {CORPORA}.")
+  if name == "cheaders":
+    return build(name, cheaders_documents())
+  raise ValueError(f"Unknown corpus {name!r}; expected one of {CORPORA + TARGETS}.")
 
 
-def fingerprint() -> dict:
+def fingerprint(corpora: tuple[str, ...] = CORPORA) -> dict:
   """What the corpora are on this interpreter, for a study's run signature.
 
   Two runs used the same data if and only if their fingerprints are equal
   (the Python version is informative; the checksums decide).
 
   Returns:
-    `{"format": int, "python": str, "stdlib": Corpus.summary(), "pydoc": ...}`,
-    JSON-serialisable.
+    `{"format": int, "python": str, "stdlib": Corpus.summary(), "pydoc": ...}`
+    for each of `corpora`, JSON-serialisable.
   """
   return {
     "format": _FORMAT,
     "python": sys.version.split()[0],
-    **{name: load(name).summary() for name in CORPORA},
+    **{name: load(name).summary() for name in corpora},
   }
 
 

@@ -521,9 +521,10 @@ def _freeze_step(decoder: Decoder):
 def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
   """GreenTrainer: Adam on the parameter tensors its dynamic program picks
   within the budget, from their importance in an undone trial step,
-  re-picked at steps 1, 1 + 0.4 T and 1 + 0.8 T (the original re-selects
-  every 2 of 5 epochs). Looped layout: a tensor stacked over the layers of
-  a scan could only be frozen in every layer at once."""
+  re-picked every `--greentrainer_period` of the run (0.4: at steps 1,
+  1 + 0.4 T and 1 + 0.8 T, as the original re-selects every 2 of 5 epochs).
+  Looped layout: a tensor stacked over the layers of a scan could only be
+  frozen in every layer at once."""
   cfg, costs = setup.cfg, setup.costs
   if costs is None or costs.freeze is None:
     raise ValueError(f"{name} needs the freeze costs (measure_costs(freeze=True)).")
@@ -545,7 +546,7 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
       probe["flops"] = 2 * rgft_jax.flops_of(grad, tree, batch)
     return values, probe["flops"]
 
-  every = max(1, math.ceil(0.4 * cfg.steps))
+  every = max(1, math.ceil(cfg.greentrainer_period * cfg.steps))
 
   def policy(seed):
     return vision_methods.BudgetPolicy(

@@ -55,7 +55,9 @@ DEFAULT_METHODS = (
 class Config:
   methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated; name@b for budgets.
   seeds: int = 4  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
+  tune_seeds: int = 1  # Seeds 0..tune_seeds-1 pick the rate (mean validation).
   learning_rates: str = "3e-4,1e-3,3e-3"  # The grid every method picks from.
+  target: str = "pydoc"  # Target domain: pydoc (English prose) or cheaders (C).
   steps: int = 150  # Fine-tuning steps of every method (full@b: b x steps).
   batch_size: int = 8  # Fine-tuning windows per step.
   context: int = 64  # Bytes the decoder reads (a window holds one more).
@@ -77,8 +79,13 @@ class Config:
   lora_rank: int = 8  # LoRA: rank of the factors.
   lisa_layers: int = 1  # LISA: layers trained at a time.
   lisa_period: int = 25  # LISA: steps between redraws.
+  greentrainer_period: float = (
+    0.4  # GreenTrainer: re-selects every this much of the run.
+  )
   eval_windows: int = 256  # Most windows per evaluation split (evenly spaced).
   log_every: int = 10  # Loss and error map logged every this many steps.
+  eval_every: int = 25  # Validation bits/byte every this many steps (0: never).
+  target_margin: float = 0.01  # FLOPs to reach full's final validation + this.
   workdir: str = "workdir/lm"  # Results, plots and the pretraining cache.
   progress: bool = True  # Print progress.
 
@@ -101,7 +108,9 @@ class Config:
       budget_every=4,
       lora_rank=2,
       lisa_period=12,
+      greentrainer_period=1.0,
       eval_windows=24,
+      eval_every=4,
       log_every=2,
       progress=False,
     )
@@ -159,8 +168,22 @@ class Config:
       "lisa_period": 1,
       "eval_windows": 1,
       "log_every": 1,
+      "tune_seeds": 1,
     }
     cli.check_integers(self, at_least)
+    cli.check_integers(self, {"eval_every": 0})
+    if self.tune_seeds > self.seeds:
+      raise ValueError(
+        f"--tune_seeds must be in [1, --seeds={self.seeds}], got {self.tune_seeds}."
+      )
+    if self.target not in data.TARGETS:
+      raise ValueError(f"--target must be one of {data.TARGETS}, got {self.target!r}.")
+    g = self.greentrainer_period
+    if not (isinstance(g, int | float) and math.isfinite(g) and 0 < g <= 1):
+      raise ValueError(f"--greentrainer_period must be in (0, 1], got {g}.")
+    m = self.target_margin
+    if not (isinstance(m, int | float) and math.isfinite(m) and m >= 0):
+      raise ValueError(f"--target_margin must be finite and >= 0, got {m}.")
     cli.check_rate("pretrain_learning_rate", self.pretrain_learning_rate)
     h = self.budget_hysteresis
     if not (isinstance(h, int | float) and math.isfinite(h) and h >= 0):
@@ -195,9 +218,9 @@ class Config:
       raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
     width = self.context + 1
     for corpus, split, least in (
-      ("pydoc", "train", 2 * width),
-      ("pydoc", "validation", width),
-      ("pydoc", "test", width),
+      (self.target, "train", 2 * width),
+      (self.target, "validation", width),
+      (self.target, "test", width),
       ("stdlib", "train", 2 * width),
       ("stdlib", "test", width),
     ):
@@ -207,7 +230,10 @@ class Config:
           f"--context {self.context} is too long for the {corpus} {split} split "
           f"({size} bytes; it needs at least {least})."
         )
-    for flag, corpus in (("batch_size", "pydoc"), ("pretrain_batch_size", "stdlib")):
+    for flag, corpus in (
+      ("batch_size", self.target),
+      ("pretrain_batch_size", "stdlib"),
+    ):
       batch = getattr(self, flag)
       windows = len(data.load(corpus).splits["train"]) // width - 1
       cli.check_batch(flag, batch, windows, f"the {corpus} train split's windows")
@@ -225,7 +251,7 @@ class Config:
 
 def eval_sets(cfg: Config) -> dict[str, np.ndarray]:
   """The evaluation sets: target validation and test, source test."""
-  target, source = data.load("pydoc"), data.load("stdlib")
+  target, source = data.load(cfg.target), data.load("stdlib")
 
   def windows(split):
     return data.eval_windows(split, context=cfg.context, max_windows=cfg.eval_windows)
@@ -240,7 +266,7 @@ def eval_sets(cfg: Config) -> dict[str, np.ndarray]:
 def train_batches(cfg: Config, seed: int):
   """The target-domain training batches of `seed` (`batches[step]`)."""
   return data.train_batches(
-    data.load("pydoc").splits["train"],
+    data.load(cfg.target).splits["train"],
     context=cfg.context,
     batch_size=cfg.batch_size,
     seed=seed + 1,
@@ -248,8 +274,9 @@ def train_batches(cfg: Config, seed: int):
 
 
 def _method_runs(cfg: Config, method, variants, bpb, log):
-  """The learning-rate search of `method` on seed 0, then every seed at the
-  picked rate: `(search, [(record, final parameters) per seed])`."""
+  """The learning-rate search of `method` on seeds `0..tune_seeds-1` (their
+  mean validation bits/byte picks), then every seed at the picked rate:
+  `(search, [(record, final parameters) per seed])`."""
   grid = cfg.grid()
 
   def one(lr, seed):
@@ -261,6 +288,8 @@ def _method_runs(cfg: Config, method, variants, bpb, log):
       learning_rate=lr,
       seed=seed,
       log_every=cfg.log_every,
+      evaluate=lambda tree: bpb(method.to_params(tree), "validation"),
+      eval_every=cfg.eval_every,
     )
     final = method.to_params(tree)
     record["validation_bpb"] = bpb(final, "validation")
@@ -270,11 +299,23 @@ def _method_runs(cfg: Config, method, variants, bpb, log):
     )
     return record, final
 
-  tried = {lr: one(lr, 0) for lr in grid}
-  scores = [tried[lr][0]["validation_bpb"] for lr in grid]
+  tune = range(cfg.tune_seeds)
+  tried = {(lr, seed): one(lr, seed) for lr in grid for seed in tune}
+  scores = [
+    float(np.mean([tried[lr, seed][0]["validation_bpb"] for seed in tune]))
+    for lr in grid
+  ]
   picked = grid[int(np.argmin(scores))]  # The first of equal scores.
-  search = {"learning_rates": grid, "validation_bpb": scores, "picked": picked}
-  seeds = [tried[picked]] + [one(picked, seed) for seed in range(1, cfg.seeds)]
+  search = {
+    "learning_rates": grid,
+    "validation_bpb": scores,
+    "picked": picked,
+    "tune_seeds": cfg.tune_seeds,
+  }
+  seeds = [
+    tried[picked, seed] if seed in tune else one(picked, seed)
+    for seed in range(cfg.seeds)
+  ]
   for record, final in seeds:
     record["test_bpb"] = bpb(final, "test")
     record["source_bpb"] = bpb(final, "source_test")
@@ -368,7 +409,7 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
     "runs": runs,
     "lr_search": search,
     "unavailable": unavailable,
-    "summary": summarize(runs),
+    "summary": summarize(runs, cfg.target_margin),
   }
   if setup.costs is not None:
     out["costs"] = _costs(setup.costs)
@@ -410,9 +451,34 @@ def trained_fraction(record: dict) -> dict[str, float]:
   return out
 
 
-def summarize(runs: list[dict]) -> dict[str, dict[str, Any]]:
+def flops_to_target(runs: list[dict], name: str, margin: float) -> dict | None:
+  """FLOPs `name` spent before its validation bits/byte first came within
+  `margin` of full fine-tuning's final one, seed by seed (paired).
+
+  Returns None without learning curves or full fine-tuning runs; else
+  `{"seeds": [...], "flops": [FLOPs, or None where never reached]}`.
+  """
+  full = {r["seed"]: r for r in runs if r["method"] == "full"}
+  out: dict[str, list] = {"seeds": [], "flops": []}
+  for r in runs:
+    if r["method"] != name or r["seed"] not in full or "curve" not in r:
+      continue
+    target = full[r["seed"]]["validation_bpb"] + margin
+    curve = r["curve"]
+    hit = [
+      f
+      for f, v in zip(curve["train_flops"], curve["value"], strict=True)
+      if v <= target
+    ]
+    out["seeds"].append(r["seed"])
+    out["flops"].append(hit[0] if hit else None)
+  return out if out["seeds"] else None
+
+
+def summarize(runs: list[dict], margin: float = 0.01) -> dict[str, dict[str, Any]]:
   """Per method: bits per byte over seeds, the paired difference to full
-  fine-tuning with its 95% interval, forgetting, and costs relative to full."""
+  fine-tuning with its 95% interval, forgetting, costs relative to full, and
+  the FLOPs to come within `margin` of full's final validation bits/byte."""
   out = {}
   for name in dict.fromkeys(r["method"] for r in runs):
     rs = [r for r in runs if r["method"] == name]
@@ -444,9 +510,17 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, Any]]:
     out[name] = s
   if "full" in out:
     base = out["full"]
-    for s in out.values():
+    for name, s in out.items():
       s["flops_vs_full"] = s["train_flops"] / base["train_flops"]
       s["time_vs_full"] = s["wall_s"] / max(base["wall_s"], 1e-9)
+      reach = flops_to_target(runs, name, margin)
+      if reach is not None:
+        hit = [f for f in reach["flops"] if f is not None]
+        s["target_reached"] = f"{len(hit)}/{len(reach['flops'])}"
+        # Over the seeds that reached it, as a fraction of full's whole run.
+        s["flops_to_target"] = (
+          float(np.mean(hit)) / base["train_flops"] if hit else None
+        )
   return out
 
 
@@ -454,23 +528,37 @@ def _fmt(x, spec: str) -> str:
   return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
+_TARGET_TITLE = {"pydoc": "pydoc prose", "cheaders": "CPython's C headers"}
+
+
+def _reach(s: dict) -> str:
+  """`0.420 (4/4)`: FLOPs to target over full's, and the seeds that got there."""
+  if "target_reached" not in s:
+    return "n/a"
+  return f"{_fmt(s['flops_to_target'], '.3f')} ({s['target_reached']})"
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The results table, the learning-rate search and the RGFT error maps."""
   cfg, before = results["config"], results["pretrained_bpb"]
   summary = results["summary"]
   lines = [
-    "### Byte-level LM: stdlib source -> pydoc prose",
+    f"### Byte-level LM: stdlib source -> {_TARGET_TITLE[cfg.get('target', 'pydoc')]}",
     "",
     f"Decoder d{cfg['d_model']} x {cfg['n_layers']} layers, context "
     f"{cfg['context']}, batch {cfg['batch_size']}, {cfg['steps']} fine-tuning "
     f"steps, seeds 0-{cfg['seeds'] - 1}; pretrained for {cfg['pretrain_steps']} "
     f"steps: source test {before['source_test']:.3f} bits/byte, target test "
-    f"{before['test']:.3f} bits/byte before fine-tuning. Lower is better.",
+    f"{before['test']:.3f} bits/byte before fine-tuning. Lower is better. "
+    f"FLOPs to target: spent before the validation bits/byte first came within "
+    f"{cfg.get('target_margin', 0.01)} of full fine-tuning's final one, seed by "
+    "seed, over full's FLOPs (validation measured every "
+    f"{cfg.get('eval_every', 0)} steps).",
     "",
     "| method | lr | steps | target test bpb (mean ± sd) | vs full, paired (95% CI) "
-    "| source test bpb after (forgetting) | FLOPs vs full | train GFLOPs | peak MiB "
-    "| wall s | time vs full |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| source test bpb after (forgetting) | FLOPs vs full | FLOPs to target "
+    "(reached) | train GFLOPs | peak MiB | wall s | time vs full |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, s in summary.items():
     diff = s.get("diff_vs_full")
@@ -479,12 +567,13 @@ def markdown(results: dict[str, Any]) -> str:
       f"| {name} | {s['learning_rate']:g} | {s['steps']} | "
       f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f} | {vs} | "
       f"{s['source_bpb_mean']:.4f} ± {s['source_bpb_std']:.4f} | "
-      f"{_fmt(s.get('flops_vs_full'), '.3f')} | {s['train_flops'] / 1e9:.4g} | "
+      f"{_fmt(s.get('flops_vs_full'), '.3f')} | {_reach(s)} | "
+      f"{s['train_flops'] / 1e9:.4g} | "
       f"{s['peak_bytes'] / 2**20:.1f} | {s['wall_s']:.1f} | "
       f"{_fmt(s.get('time_vs_full'), '.2f')} |"
     )
   for name, why in results["unavailable"].items():
-    lines.append(f"| {name} | not run: {why} |" + " |" * 9)
+    lines.append(f"| {name} | not run: {why} |" + " |" * 10)
   search = results["lr_search"]
   if search:
     grid = next(iter(search.values()))["learning_rates"]
@@ -577,9 +666,10 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
   before = results["pretrained_bpb"]
   axes[1].axhline(before["source_test"], color="gray", ls=":", label="pretrained")
   axes[0].set_xlabel("training TFLOPs (XLA-counted)")
-  axes[0].set_ylabel("target (pydoc) test bits/byte")
+  target = results["config"].get("target", "pydoc")
+  axes[0].set_ylabel(f"target ({target}) test bits/byte")
   axes[0].set_title("target bits/byte against training FLOPs (mean ± sd)")
-  axes[1].set_xlabel("target (pydoc) test bits/byte")
+  axes[1].set_xlabel(f"target ({target}) test bits/byte")
   axes[1].set_ylabel("source (stdlib) test bits/byte after")
   axes[1].set_title("forgetting against fitting")
   for ax in axes:

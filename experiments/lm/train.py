@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -53,6 +54,8 @@ def run(
   learning_rate: float,
   seed: int,
   log_every: int = 10,
+  evaluate: Callable[[Any], float] | None = None,
+  eval_every: int = 0,
 ) -> tuple[dict[str, Any], Any]:
   """Trains `method` from its start for `steps` steps (`method.steps` if set).
 
@@ -60,7 +63,10 @@ def run(
   for RGFT, the EMA error map and multipliers every `log_every` steps; the
   final error map; FLOPs of each compiled variant times the steps it ran;
   the largest variant's peak memory; wall time of the loop without
-  compilation and logging) and the trained tree.
+  compilation and logging) and the trained tree. With `evaluate` and
+  `eval_every`, `evaluate(tree)` every `eval_every` steps and after the last
+  (not timed) gives the learning curve `record["curve"]`: steps, the FLOPs
+  spent by then (the policy's probes included) and the values.
   """
   steps = method.steps or steps
   tree, opt_state = method.init(learning_rate, seed)
@@ -70,6 +76,7 @@ def run(
   counts: dict[str, int] = {}
   members: dict[str, frozenset[str]] = {}
   wall, compilations = 0.0, 0
+  curve: list[tuple[int, dict[str, int], float, float]] = []
   tic = time.perf_counter()
   for step in range(steps):
     batch = batches[step]
@@ -98,6 +105,16 @@ def run(
         state = rgft_jax.residual_error_state(opt_state)
         history["error_map"].append(np.asarray(state.error_map).tolist())
         history["alpha"].append(np.asarray(state.alpha).tolist())
+      tic = time.perf_counter()
+    if (
+      evaluate is not None
+      and eval_every
+      and ((step + 1) % eval_every == 0 or step + 1 == steps)
+    ):
+      jax.block_until_ready(tree)
+      wall += time.perf_counter() - tic  # Evaluation is not timed.
+      probe = float(getattr(policy, "probe_flops", 0.0))
+      curve.append((step + 1, dict(counts), probe, float(evaluate(tree))))
       tic = time.perf_counter()
   jax.block_until_ready(tree)
   wall += time.perf_counter() - tic
@@ -128,6 +145,14 @@ def run(
     "wall_s": wall,
     "history": history,
   }
+  if curve:
+    record["curve"] = {
+      "step": [c[0] for c in curve],
+      "train_flops": [
+        float(sum(flops[v] * n for v, n in c[1].items())) + c[2] for c in curve
+      ],
+      "value": [c[3] for c in curve],
+    }
   if method.components is not None:
     ema = np.asarray(rgft_jax.residual_error_state(opt_state).error_map)
     record["components"] = list(method.components.names)
