@@ -28,21 +28,33 @@ class StepCounts:
     if name not in self.names:
       self.names[name] = sorted(variant)
 
-  def flops(self, variants: StepVariants, *args) -> float:
-    """FLOPs of the steps counted so far (`args`: a step's arguments)."""
-    return sum(
-      variants.cost(frozenset(self.names[v]), *args)[0] * n
-      for v, n in self.counts.items()
-    )
+  def flops(self, cost_of) -> float:
+    """FLOPs of the steps counted so far (`cost_of`: see `step_cost`)."""
+    return sum(cost_of(frozenset(self.names[v]))[0] * n for v, n in self.counts.items())
 
-  def costs(self, variants: StepVariants, *args) -> tuple[dict[str, float], int]:
+  def costs(self, cost_of) -> tuple[dict[str, float], int]:
     """FLOPs of each variant that ran, by name, and the largest peak bytes."""
     flops, peak = {}, 0
     for name, members in self.names.items():
-      f, p = variants.cost(frozenset(members), *args)
+      f, p = cost_of(frozenset(members))
       flops[name] = f
       peak = max(peak, p)
     return flops, peak
+
+
+def step_cost(method: methods_lib.Method, variants: StepVariants, *args):
+  """`variant -> (FLOPs, peak bytes)` of `method`'s step (`args`: a step's
+  arguments). A runtime-gated step is charged its full FLOPs minus what the
+  variant detaches (XLA counts both sides of each gate)."""
+
+  def cost_of(variant: frozenset[str]) -> tuple[float, int]:
+    key, extra = method.key(variant)
+    flops, peak = variants.cost(key, *args, *extra)
+    if method.runtime is not None:
+      flops = method.runtime.step(variant)
+    return flops, peak
+
+  return cost_of
 
 
 def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:
@@ -67,7 +79,9 @@ def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> f
 def measure_costs(
   model: nn.Module, params: Any, example: jax.Array, hyper, batch
 ) -> methods_lib.Costs:
-  """Per-step FLOPs that size the budgeted methods, from compiled steps."""
+  """Per-step FLOPs that size the budgeted methods, from compiled steps (a
+  scanned model's from lowered ones, its scans unrolled; LISA cannot run
+  on it, and its step costs NaN)."""
 
   def step_flops(name):
     method = methods_lib.make(name, model, params, example, hyper, jax.random.key(0))
@@ -89,12 +103,14 @@ def measure_costs(
     rgft.components,
     has_aux=True,
   )
+  scanned = rgft.tracker.scanned
   detach = rgft_jax.detach_costs(
     sparse,
     rgft.components.names,
     params,
     rgft.tx.init(params),
     batch,
-    compiled=True,
+    compiled=not scanned,
   )
-  return methods_lib.Costs(detach, step_flops("full"), step_flops("lisa"))
+  lisa = float("nan") if scanned else step_flops("lisa")
+  return methods_lib.Costs(detach, step_flops("full"), lisa)

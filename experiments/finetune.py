@@ -50,6 +50,7 @@ from experiments.report import summarize
 from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
+from experiments.vit import scan_params
 
 # What the default study runs; `--methods all` runs every method at every budget.
 DEFAULT_METHODS = (
@@ -94,6 +95,9 @@ class Config(methods_lib.Hyper):
   tune_seeds: int = 1  # Seeds per tuning run (1000, 1001, ...; never reported).
   size: str = "xs"  # ViT size: mu, xs, Ti, S, B or L.
   patch: int = 7  # Patch size in pixels.
+  # Blocks scanned over layers (big_vision's scan=True); budgeted RGFT then
+  # detaches at run time (one compiled step). LISA needs the looped layout.
+  scan: bool = False
   image_size: int = 0  # 0: the data's own size.
   batch_size: int = 64  # Fine-tuning batch size.
   pretrain_steps: int = 400  # Source-task pretraining steps (embedded tasks).
@@ -211,6 +215,8 @@ class Config(methods_lib.Hyper):
     for k in ("error_method", "adapter_width", "sparse_fraction"):
       if getattr(self, k) != defaults[k]:
         out[k] = getattr(self, k)
+    if self.scan:
+      out["scan"] = True
     return out
 
 
@@ -234,8 +240,12 @@ def _eval(cfg: Config, source):
   )
 
 
-def _init(cfg: Config, classes: int, example: jax.Array):
-  model = VisionTransformer(num_classes=classes, patch=cfg.patch, size=cfg.size)
+def _init(cfg: Config, classes: int, example: jax.Array, scan: bool | None = None):
+  """The model (scanned with `--scan`, or as `scan` says) and fresh parameters."""
+  scan = cfg.scan if scan is None else scan
+  model = VisionTransformer(
+    num_classes=classes, patch=cfg.patch, size=cfg.size, scan=scan
+  )
   return model, model.init(jax.random.key(0), example)["params"]
 
 
@@ -265,7 +275,8 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   do not match the checksum saved with them is refused (`load_cached`).
   """
   where, settings = pretrain_dir(cfg, name)
-  model, params = _init(cfg, task.num_classes, example)
+  # Pretrained in the looped layout (one cache for both); `prepare` converts.
+  model, params = _init(cfg, task.num_classes, example, scan=False)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
   found = checkpoint.load_cached(where, abstract, settings, "pretraining")
   if found is not None:
@@ -382,12 +393,14 @@ def prepare(cfg: Config, task_name, source, target, costs: bool) -> TaskSetup:
   forget = None
   if source is not None:
     pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
+    pre = scan_params(pre, cfg.scan)
     params = _new_head(pre, fresh)
     # Forgetting: the fine-tuned body with the source task's head, kept aside.
     source_model, _ = _init(cfg, source.num_classes, example)
     forget = (source_model, pre["head"], _eval(cfg, source.test))
   elif cfg.init:
-    params = load_npz(cfg.init, fresh)
+    looped = load_npz(cfg.init, scan_params(fresh, scan=False))
+    params = scan_params(looped, cfg.scan)
   else:
     params = fresh
     info["note"] = "no --init: fine-tuning starts from a random initialisation"

@@ -213,6 +213,21 @@ class Method:
   held: Any = None
   head: str = "head"
   build_step: Callable[..., Any] = steps_lib.dense_step
+  # With these step costs the detached set is decided at run time (a scanned
+  # model): variant `steps.RUNTIME` takes it as a boolean array, and a step
+  # is charged `runtime.step(variant)` FLOPs.
+  runtime: rgft_jax.DetachCosts | None = None
+
+  def flags(self, variant: frozenset[str]) -> np.ndarray:
+    """`variant` as a runtime step's boolean array over the components."""
+    assert self.components is not None
+    return np.array([n in variant for n in self.components.names], bool)
+
+  def key(self, variant: frozenset[str]) -> tuple[Any, tuple[Any, ...]]:
+    """`(compiled step's key, extra arguments)` of a step running `variant`."""
+    if self.runtime is None:
+      return variant, ()
+    return steps_lib.RUNTIME, (self.flags(variant),)
 
 
 def trainable_count(method: Method) -> int:
@@ -398,6 +413,7 @@ def _budgeted(s: Setup) -> Method:
     detaches=True,
     exact=h.budget_exact,
     build_step=steps_lib.detached_step,
+    runtime=s.costs.detach if tracker.scanned else None,
   )
 
 
@@ -460,6 +476,11 @@ def _masked(s: Setup, rule: str) -> Method:
 
 def _lisa(s: Setup) -> Method:
   h = s.hyper
+  if "encoderblock" in s.params.get("Transformer", {}):
+    raise ValueError(
+      "LISA holds whole blocks, which a model scanned over layers stacks in "
+      "one; run it without --scan."
+    )
   if not 1 <= h.lisa_layers <= depth(s.params):
     raise ValueError(
       f"lisa_layers must be in [1, {depth(s.params)}], got {h.lisa_layers}."

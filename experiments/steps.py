@@ -9,7 +9,10 @@
   state of the paths in `variant` (LISA's sampled-out blocks) and, bit for
   bit, the entries a `masks.hold_entries` in the optimizer marks.
 * `detached_step`: budgeted RGFT, `variant` names the components whose output
-  is detached (`rgft_jax.train_step`).
+  is detached (`rgft_jax.train_step`); with `variant == RUNTIME` the step
+  takes the detached set as a fourth argument, a boolean array over the
+  components (runtime gating: one program for every set, real savings
+  inside a scan over layers).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from experiments.trees import identity
 from experiments.trees import unflat
 from rgft_jax import StepVariants
 from rgft_jax import hold_masked
+
+RUNTIME = "runtime"  # The variant key of a runtime-gated step.
 
 
 def _loss(logits, labels):
@@ -114,8 +119,9 @@ def detached_step(model: nn.Module, method, variant: frozenset[str]):
     exact=method.exact,
   )
 
-  def step(params, opt_state, batch):
-    (loss, acc), params, new_state = sparse(params, opt_state, batch, detached=variant)
+  def step(params, opt_state, batch, flags=None):
+    detached = flags if variant == RUNTIME else variant
+    (loss, acc), params, new_state = sparse(params, opt_state, batch, detached=detached)
     return params, new_state, metrics(method, loss, acc, new_state)
 
   return step

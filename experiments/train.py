@@ -19,6 +19,7 @@ import numpy as np
 from experiments import methods as methods_lib
 from experiments.accounting import StepCounts
 from experiments.accounting import measure_costs
+from experiments.accounting import step_cost
 from experiments.accounting import update_ratio
 from experiments.checkpoint import Checkpoints
 from experiments.checkpoint import checksum
@@ -181,13 +182,14 @@ def run(
     batch = train_batches[step]
     method.policy.prepare(step, params, opt_state, batch)
     variant = method.policy.variant(step, opt_state)
-    if not variants.has(variant, params, opt_state, batch):
+    key, extra = method.key(variant)
+    if not variants.has(key, params, opt_state, batch, *extra):
       clock.pause(params)  # Compilation is reported, not timed.
-      variants.compiled(variant, params, opt_state, batch)
+      variants.compiled(key, params, opt_state, batch, *extra)
       compilations += 1
       clock.resume()
     counts.add(method.policy.variant_name(variant), variant)
-    params, opt_state, metrics = variants(variant, params, opt_state, batch)
+    params, opt_state, metrics = variants(key, params, opt_state, batch, *extra)
     method.policy.spend(step, variant)
     done = step + 1
     logging = done % log_every == 0 or done == steps
@@ -204,7 +206,7 @@ def run(
       history["val_step"].append(done)
       history["val_accuracy"].append(evaluate(model, method, params, val_batches()))
       history["val_flops"].append(
-        counts.flops(variants, params, opt_state, train_batches[0])
+        counts.flops(step_cost(method, variants, params, opt_state, train_batches[0]))
       )
     if logging or evaluating:
       clock.resume()
@@ -236,7 +238,9 @@ def run(
     steps=steps,
     history=history,
     counts=counts,
-    costs=counts.costs(variants, params, opt_state, train_batches[0]),
+    costs=counts.costs(
+      step_cost(method, variants, params, opt_state, train_batches[0])
+    ),
     wall=clock.elapsed,
     compilations=compilations,
   )

@@ -223,13 +223,22 @@ def linen_run(loss_fn, params, handle: Handle, embed: Embed | None, args, kwargs
   def lifts_of(path: Path) -> list[tuple[Path, tuple[str, ...]]]:
     return [(p, names) for p, names in lifted.items() if path[: len(p)] == p]
 
-  def stacked(module, path):
-    inner = {
+  def own_params(scope):
+    return {
       tuple(p.split("/")): v
-      for p, v in leaves_by_path(module.variables.get("params", {})).items()
+      for p, v in leaves_by_path(scope.variables().get("params", {})).items()
       if not p.split("/")[-1].startswith("__rgft_")
     }
-    mine = {k[len(path) :]: v for k, v in outer.items() if k[: len(path)] == path}
+
+  def stacked(module, path):
+    # A module without parameters (a dropout carrying a branch's output, say)
+    # is on the layer axis of the nearest enclosing scope that has some.
+    scope, at = module.scope, path
+    inner = own_params(scope)
+    while not inner and scope.parent is not None and at:
+      scope, at = scope.parent, at[:-1]
+      inner = own_params(scope)
+    mine = {k[len(at) :]: v for k, v in outer.items() if k[: len(at)] == at}
     layers = compare_stacked(path, inner, mine)
     if layers is None:
       return None
@@ -307,7 +316,14 @@ def nnx_run(
   calling: list[tuple[Path, nnx.Module]] = []  # The calls under way, outermost first.
 
   def stacked(module, path):
-    layers = compare_stacked(path, _module_params(module), outer[path])
+    at, inner = path, _module_params(module)
+    # A module without parameters is on the layer axis of the innermost call
+    # under way that has some (the block around a dropout, say).
+    for p, m in reversed(calling):
+      if inner:
+        break
+      at, inner = p, _module_params(m)
+    layers = compare_stacked(path, inner, outer[at])
     if layers is None:
       return None
     # The scanned module: the outermost call under way on a layer's slice.

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import rgft_jax
 from experiments import checkpoint
 from experiments import cli
 from experiments import compare
@@ -818,3 +820,62 @@ def test_a_batch_larger_than_the_data_is_refused_before_compute(tmp_path, monkey
   )
   with pytest.raises(ValueError, match=r"--batch_size 512 needs at least .* GiB"):
     finetune.main([f"--workdir={tmp_path}", "--batch_size=512", "--size=S"])
+
+
+@pytest.mark.slow
+def test_a_scanned_vit_gates_at_run_time_and_equals_the_loop(tmp_path):
+  """Budgeted RGFT on the scanned ViT: one compiled step for every detached
+  set, and the same training as the looped model's compiled variants."""
+  from experiments.vit import scan_params
+
+  looped, params, x = _tiny(classes=3, image=16, patch=4)
+  scanned = VisionTransformer(num_classes=3, patch=4, size="mu", scan=True)
+  data, test = _small_data(steps=8)
+  hyper = methods_lib.Hyper(steps=8, budget_every=2)
+  costs = train_lib.measure_costs(looped, params, x, hyper, data[0])
+  # The same costs under the scanned layout's names (layer l of the scan is
+  # named `encoderblock/l/...`), so that both budgets decide alike.
+  renamed = tuple(
+    re.sub(r"encoderblock_(\d+)", r"encoderblock/\1", n) for n in costs.detach.names
+  )
+  scan_costs = dataclasses.replace(
+    costs, detach=rgft_jax.DetachCosts(renamed, costs.detach.full, costs.detach.saving)
+  )
+  runs = {}
+  for name, model, p, c in (
+    ("loop", looped, params, costs),
+    ("scan", scanned, scan_params(params), scan_costs),
+  ):
+    method = methods_lib.make(
+      "rgft_budget@0.7", model, p, x, hyper, jax.random.key(0), seed=1, costs=c
+    )
+    runs[name] = _run(model, method, data, test, 8, tmp_path / name, log_every=1)
+    runs[name] += (method,)
+  (loop, p_loop, m_loop), (scan, p_scan, m_scan) = runs["loop"], runs["scan"]
+  assert m_loop.runtime is None and m_scan.runtime is scan_costs.detach
+
+  def scan_named(counts):
+    return {
+      re.sub(r"encoderblock_(\d+)", r"encoderblock/\1", k): v for k, v in counts.items()
+    }
+
+  assert scan["steps_per_variant"] == scan_named(loop["steps_per_variant"])
+  assert len(loop["steps_per_variant"]) >= 2  # Several detached sets ran...
+  assert scan["compilations"] == 1  # ...from one compiled scanned step.
+  assert loop["compilations"] == len(loop["steps_per_variant"])
+  np.testing.assert_allclose(
+    scan["history"]["loss"], loop["history"]["loss"], rtol=1e-5
+  )
+  got = scan_params(p_scan, scan=False)
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(p_loop)[0], jax.tree.leaves(got), strict=True
+  ):
+    # The key bias cannot change the attention (softmax is shift-invariant):
+    # its gradient is rounding noise, which Adam's normalisation amplifies.
+    if not jax.tree_util.keystr(path).endswith("['key']['bias']"):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  # A runtime step is charged what its set leaves, from the same costs.
+  assert scan["step_flops"] == pytest.approx(scan_named(loop["step_flops"]), rel=0.02)
+  for v, f in scan["step_flops"].items():
+    members = {c for c in renamed if c.replace("Transformer/", "") in v.split(",")}
+    assert f == pytest.approx(scan_costs.detach.step(members))
