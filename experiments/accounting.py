@@ -77,7 +77,7 @@ def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> f
 
 
 def measure_costs(
-  model: nn.Module, params: Any, example: jax.Array, hyper, batch
+  model: nn.Module, params: Any, example: jax.Array, hyper, batch, freeze: bool = False
 ) -> methods_lib.Costs:
   """Per-step FLOPs that size the budgeted methods, from compiled steps (a
   scanned model's from lowered ones, its scans unrolled; LISA cannot run
@@ -103,6 +103,18 @@ def measure_costs(
     rgft.components,
     has_aux=True,
   )
+  freeze_costs = None
+  if freeze:  # GreenTrainer's: a full fine-tuning step by the tensors it trains.
+    full = methods_lib.make("full", model, params, example, hyper, jax.random.key(0))
+    state = full.tx.init(params)
+    loss = lambda p, b: steps_lib.loss_and_accuracy(model, p, b)[0]  # noqa: E731
+
+    def frozen_step(params, opt_state, batch, frozen):
+      return steps_lib.dense_step(model, full, frozen)(params, opt_state, batch)
+
+    freeze_costs = rgft_jax.freeze_costs(
+      frozen_step, rgft_jax.tensor_order(loss, params, batch), params, state, batch
+    )
   scanned = rgft.tracker.scanned
   detach = rgft_jax.detach_costs(
     sparse,
@@ -113,4 +125,4 @@ def measure_costs(
     compiled=not scanned,
   )
   lisa = float("nan") if scanned else step_flops("lisa")
-  return methods_lib.Costs(detach, step_flops("full"), lisa)
+  return methods_lib.Costs(detach, step_flops("full"), lisa, freeze_costs)

@@ -212,7 +212,12 @@ class Config(methods_lib.Hyper):
         value = value or self.steps
       if value != did[k]:
         out[k] = value
-    for k in ("error_method", "adapter_width", "sparse_fraction"):
+    for k in (
+      "error_method",
+      "adapter_width",
+      "sparse_fraction",
+      "greentrainer_period",
+    ):
       if getattr(self, k) != defaults[k]:
         out[k] = getattr(self, k)
     if self.scan:
@@ -373,9 +378,12 @@ class TaskSetup:
   forget: tuple | None = None  # (source model, source head, source test batches).
 
 
-def prepare(cfg: Config, task_name, source, target, costs: bool) -> TaskSetup:
+def prepare(
+  cfg: Config, task_name, source, target, costs: bool, freeze: bool = False
+) -> TaskSetup:
   """Splits, the pretrained (or loaded) model with a new head, and with `costs`
-  the per-step FLOPs that size the budgeted methods."""
+  the per-step FLOPs that size the budgeted methods (with `freeze`, also
+  GreenTrainer's by tensor)."""
   if cfg.init and cfg.dataset == "embedded":
     raise ValueError(
       "--init loads a checkpoint for a tfds dataset, not the embedded tasks."
@@ -408,7 +416,7 @@ def prepare(cfg: Config, task_name, source, target, costs: bool) -> TaskSetup:
   task.forget = forget
   if costs:
     task.costs = accounting.measure_costs(
-      model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0]
+      model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0], freeze
     )
     c = task.costs
     info["costs"] = {
@@ -592,10 +600,11 @@ def study(cfg: Config) -> dict[str, Any]:
   tasks = _tasks(cfg)
   check_sizes(cfg, tasks)
   for task_name, source, target in tasks:
-    task = prepare(cfg, task_name, source, target, costs=budgeted)
+    freeze = any(methods_lib.parse_name(n)[0] == "greentrainer" for n in names)
+    task = prepare(cfg, task_name, source, target, costs=budgeted, freeze=freeze)
     runs, infeasible, tuning = [], {}, {}
     for name in names:
-      why = methods_lib.infeasible(name, task.costs)
+      why = methods_lib.infeasible(name, task.costs, cfg)
       if why:
         infeasible[name] = why
         continue

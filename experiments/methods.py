@@ -12,11 +12,15 @@ their weight-gradient work and the counted FLOPs show each method's real cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -80,7 +84,21 @@ BASE_METHODS = (
 # chooses which block branches get a backward pass; `top` or `sample`), the
 # same budget spent uniformly at random, and the equal-FLOPs baselines (full
 # fine-tuning and LISA trained for fewer steps, so their FLOPs match b).
-BUDGET_METHODS = ("rgft_budget", "rgft_budget_sample", "uniform_budget", "full", "lisa")
+BUDGET_METHODS = (
+  "rgft_budget",
+  "rgft_budget_sample",
+  "uniform_budget",
+  "full",
+  "lisa",
+  # Controls: what the error map adds (`rgft_jax.Budget`'s rules).
+  "shuffled_budget",
+  "static_budget",
+  "surgical_first",
+  "surgical_last",
+  # Peers (`rgft_jax._peers`).
+  "dropbp",
+  "greentrainer",
+)
 BUDGETS = (0.3, 0.5, 0.7)
 METHODS = BASE_METHODS + tuple(f"{m}@{b}" for b in BUDGETS for m in BUDGET_METHODS)
 # What `sum_i alpha_i size_i / sum_i size_i` over RGFT's block branches came to,
@@ -135,6 +153,9 @@ class Hyper:
   budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the trained ("top").
   budget_refresh: bool = False  # Budgeted RGFT: a full step before decisions.
   budget_exact: bool = False  # Budgeted RGFT: only exact measurements count.
+  greentrainer_period: float = (
+    0.4  # GreenTrainer: re-selects every this much of the run.
+  )
 
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range."""
@@ -156,6 +177,9 @@ class Hyper:
       raise ValueError(
         f"--learning_rate must be finite and > 0, got {self.learning_rate}."
       )
+    g = self.greentrainer_period
+    if not (isinstance(g, int | float) and np.isfinite(g) and 0 < g <= 1):
+      raise ValueError(f"--greentrainer_period must be in (0, 1], got {g}.")
     if not (np.isfinite(self.budget_hysteresis) and self.budget_hysteresis >= 0):
       raise ValueError(
         f"--budget_hysteresis must be finite and >= 0, got {self.budget_hysteresis}."
@@ -274,15 +298,24 @@ class Costs:
   freeze: rgft_jax.FreezeCosts | None = None
 
 
-def infeasible(name: str, costs: Costs | None) -> str | None:
+def infeasible(
+  name: str, costs: Costs | None, hyper: Hyper | None = None
+) -> str | None:
   """Why budgeted method `name` cannot run on a task with these costs, or None.
 
   Budgeted RGFT cannot spend less than a step with every branch detached
-  (the forward pass, the measurement and the gradients outside the blocks).
+  (the forward pass, the measurement and the gradients outside the blocks);
+  `static_budget` needs a run longer than its window (`hyper`'s).
   """
   base, budget = parse_name(name)
   if budget is None or base not in _BUDGET_RULES:
     return None
+  if base == "static_budget" and hyper is not None:
+    if 1 + hyper.budget_every >= hyper.steps:
+      return (
+        f"'static' decides after its window of --budget_every={hyper.budget_every} "
+        f"steps, which a run of --steps={hyper.steps} never ends"
+      )
   floor = costs.detach.floor / costs.full
   if budget < floor:
     return (
@@ -296,6 +329,11 @@ _BUDGET_RULES = {
   "rgft_budget": "top",
   "rgft_budget_sample": "sample",
   "uniform_budget": "uniform",
+  "shuffled_budget": "shuffled",
+  "static_budget": "static",
+  "surgical_first": "surgical_first",
+  "surgical_last": "surgical_last",
+  "dropbp": "dropbp",
 }
 BUDGETED_RGFT = tuple(_BUDGET_RULES)  # The methods a `Budget` drives.
 # Attributions a budgeted run can use: detached steps feed the tracker's map
@@ -370,7 +408,41 @@ def _full(s: Setup) -> Method:
   return Method(s.name, s.params, identity, s.paths, s.adam(), steps=steps)
 
 
+def _block(name: str) -> int:
+  """The encoder block of a component, looped or scanned (`encoderblock_3/...`
+  or `encoderblock/3/...`)."""
+  return int(re.search(r"encoderblock[_/](\d+)/", name).group(1))
+
+
+def _dropbp_sensitivity(model: nn.Module, tracker, comps):
+  """DropBP's sensitivity on the first example of the step's batch, and its
+  FLOPs (an upper bound: XLA counts every gate's backward pass as run)."""
+  names = comps.names
+  loss = functools.partial(steps_lib.loss_and_accuracy, model)
+
+  @jax.jit
+  def grads(params, batch, flags):
+    return tracker.value_and_grad(loss, has_aux=True, detach=flags)(params, batch)[1]
+
+  def flags_of(detached):
+    return jnp.asarray([n in detached for n in names])
+
+  def sensitivity(params, opt_state, batch):
+    del opt_state
+    one = jax.tree.map(lambda a: a[:1], batch)
+    values = rgft_jax.dropbp_sensitivity(
+      lambda d: grads(params, one, flags_of(d)), names
+    )
+    flops = rgft_jax.flops_of(grads, params, one, flags_of(frozenset()))
+    return values, flops * (len(names) + 1)
+
+  return sensitivity
+
+
 def _budgeted(s: Setup) -> Method:
+  """A `Budget` over the block branches: budgeted RGFT, its controls, or
+  DropBP (Adam with every multiplier 1, as published; runtime-gated, since
+  it draws a new set every step)."""
   if s.hyper.error_method not in BUDGET_ERROR_METHODS:
     raise ValueError(
       f"{s.name} needs --error_method in {BUDGET_ERROR_METHODS}, got "
@@ -386,35 +458,77 @@ def _budgeted(s: Setup) -> Method:
       f"are {comps.names}."
     )
   h = s.hyper
+  rule = _BUDGET_RULES[parse_name(s.name)[0]]
+  dropbp = rule == "dropbp"
   # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
   policy = BudgetPolicy(
     rgft_jax.Budget(
       s.costs.detach,
       s.budget,
       total_steps=h.steps,
-      every=h.budget_every,
-      rule=_BUDGET_RULES[parse_name(s.name)[0]],
+      every=1 if dropbp else h.budget_every,
+      rule=rule,
       ramp_steps=h.budget_ramp,
-      hysteresis=h.budget_hysteresis,
+      hysteresis=h.budget_hysteresis if rule == "top" else 0.0,
       seed=s.seed,
       unit=s.costs.full,
       refresh=h.budget_refresh,
-    )
+      depth=[_block(n) for n in comps.names],
+    ),
+    sensitivity=_dropbp_sensitivity(s.model, tracker, comps) if dropbp else None,
   )
+  tx = _rgft_tx(dataclasses.replace(h, min_scale=1.0) if dropbp else h, comps)
   return Method(
     s.name,
     s.params,
     identity,
     s.paths,
-    _rgft_tx(h, comps),
+    tx,
     tracker,
     comps,
     policy,
     detaches=True,
     exact=h.budget_exact,
     build_step=steps_lib.detached_step,
-    runtime=s.costs.detach if tracker.scanned else None,
+    runtime=s.costs.detach if tracker.scanned or dropbp else None,
   )
+
+
+def _greentrainer(s: Setup) -> Method:
+  """GreenTrainer: Adam on the parameter tensors its dynamic program picks
+  within the budget, from their importance in an undone trial step, re-picked
+  every `--greentrainer_period` of the run (0.4: at steps 1, 1 + 0.4 T and
+  1 + 0.8 T, every 2 of the original's 5 epochs). A variant is the set of
+  frozen tensors (`steps.dense_step` closes over it)."""
+  if s.costs is None or s.costs.freeze is None:
+    raise ValueError(f"{s.name} needs the task's freeze costs (measure_costs).")
+  freeze, h = s.costs.freeze, s.hyper
+  loss = functools.partial(steps_lib.loss_and_accuracy, s.model)
+  adam = s.adam()
+  grad = jax.jit(jax.grad(lambda p, b: loss(p, b)[0]))
+  probe: dict[str, float] = {}
+
+  def importance(params, opt_state, batch):
+    values = rgft_jax.greentrainer_importance(
+      lambda p, b: loss(p, b)[0], adam, params, opt_state, batch, names=freeze.names
+    )
+    if "flops" not in probe:  # Two gradients: before and after the trial.
+      probe["flops"] = 2 * rgft_jax.flops_of(grad, params, batch)
+    return values, probe["flops"]
+
+  policy = BudgetPolicy(
+    rgft_jax.Budget(
+      freeze,
+      s.budget,
+      h.steps,
+      every=max(1, math.ceil(h.greentrainer_period * h.steps)),
+      rule="greentrainer",
+      seed=s.seed,
+      unit=s.costs.full,
+    ),
+    scores=importance,
+  )
+  return Method(s.name, s.params, identity, s.paths, adam, policy=policy)
 
 
 def _head_only(s: Setup) -> Method:
@@ -511,6 +625,12 @@ ENTRIES: dict[str, Callable[[Setup], Method]] = {
   "rgft_budget": _budgeted,
   "rgft_budget_sample": _budgeted,
   "uniform_budget": _budgeted,
+  "shuffled_budget": _budgeted,
+  "static_budget": _budgeted,
+  "surgical_first": _budgeted,
+  "surgical_last": _budgeted,
+  "dropbp": _budgeted,
+  "greentrainer": _greentrainer,
 }
 assert set(ENTRIES) == set(BASE_METHODS) | set(BUDGET_METHODS)
 

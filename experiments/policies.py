@@ -84,7 +84,7 @@ class BudgetPolicy(Policy):
   (GreenTrainer's importance). With `sensitivity`, a `"dropbp"` budget's
   rates are allocated from `sensitivity(tree, opt_state, batch)`. Both
   return `(values, flops)`; the FLOPs are charged to the budget
-  (`Budget.charge`), and `probe_flops` adds them up for the run's record.
+  (`Budget.charge`; `probe_flops` reads them back, resumed runs included).
   """
 
   budget: rgft_jax.Budget
@@ -93,18 +93,20 @@ class BudgetPolicy(Policy):
 
   def __post_init__(self):
     self._scores = None
-    self.probe_flops = 0.0
+
+  @property
+  def probe_flops(self) -> float:
+    """FLOPs spent measuring the model outside the steps, so far."""
+    return self.budget.charged
 
   def prepare(self, step, tree, opt_state, batch):
     if self.budget.wants_sensitivity(step):
       values, flops = self.sensitivity(tree, opt_state, batch)
       self.budget.allocate(values)
       self.budget.charge(flops)
-      self.probe_flops += flops
     if self.scores is not None and self.budget.due(step):
       self._scores, flops = self.scores(tree, opt_state, batch)
       self.budget.charge(flops)
-      self.probe_flops += flops
 
   def variant(self, step, opt_state):
     if self.budget.due(step):  # The only host read of the error map.
@@ -121,7 +123,6 @@ class BudgetPolicy(Policy):
   def reset(self):
     self.budget.reset()
     self._scores = None
-    self.probe_flops = 0.0
 
   def state_dict(self):
     return self.budget.state_dict()

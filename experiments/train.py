@@ -207,6 +207,7 @@ def run(
       history["val_accuracy"].append(evaluate(model, method, params, val_batches()))
       history["val_flops"].append(
         counts.flops(step_cost(method, variants, params, opt_state, train_batches[0]))
+        + float(getattr(method.policy, "probe_flops", 0.0))
       )
     if logging or evaluating:
       clock.resume()
@@ -267,12 +268,16 @@ def report(
   (compiled again if this process resumed).
   """
   flops, peak = costs
+  # What the policy spent measuring the model (DropBP's sensitivity,
+  # GreenTrainer's importance) is paid besides the steps.
+  probe = float(getattr(method.policy, "probe_flops", 0.0))
   record = {
     "method": method.name,
     "seed": seed,
     "steps": steps,
     "test_accuracy": evaluate(model, method, params, eval_batches()),
-    "train_flops": float(sum(flops[v] * n for v, n in counts.counts.items())),
+    "train_flops": float(sum(flops[v] * n for v, n in counts.counts.items())) + probe,
+    "probe_flops": probe,
     "step_flops": flops,
     "steps_per_variant": counts.counts,
     "step_variants": len(flops),

@@ -208,12 +208,23 @@ def _run(model, method, data, test, steps, where, seed=0, ckpt_every=2, **kwargs
   )
 
 
-@pytest.mark.slow
-def test_run_resumes_bit_identically(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_costs():
+  """`_tiny(3, 16, 4)` and its step costs on `_small_data`'s first batch
+  (which every length of it shares), GreenTrainer's included."""
   model, params, x = _tiny(classes=3, image=16, patch=4)
+  data, _ = _small_data()
+  costs = train_lib.measure_costs(
+    model, params, x, methods_lib.Hyper(), data[0], freeze=True
+  )
+  return model, params, x, costs
+
+
+@pytest.mark.slow
+def test_run_resumes_bit_identically(tmp_path, tiny_costs):
+  model, params, x, costs = tiny_costs
   data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6, lisa_period=2, budget_every=2)
-  costs = train_lib.measure_costs(model, params, x, hyper, data[0])
   for name in ("rgft_heads", "lisa", "rgft_budget_sample@0.7"):
     method = methods_lib.make(
       name, model, params, x, hyper, jax.random.key(0), seed=1, costs=costs
@@ -823,16 +834,15 @@ def test_a_batch_larger_than_the_data_is_refused_before_compute(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_scanned_vit_gates_at_run_time_and_equals_the_loop(tmp_path):
+def test_a_scanned_vit_gates_at_run_time_and_equals_the_loop(tmp_path, tiny_costs):
   """Budgeted RGFT on the scanned ViT: one compiled step for every detached
   set, and the same training as the looped model's compiled variants."""
   from experiments.vit import scan_params
 
-  looped, params, x = _tiny(classes=3, image=16, patch=4)
+  looped, params, x, costs = tiny_costs
   scanned = VisionTransformer(num_classes=3, patch=4, size="mu", scan=True)
   data, test = _small_data(steps=8)
   hyper = methods_lib.Hyper(steps=8, budget_every=2)
-  costs = train_lib.measure_costs(looped, params, x, hyper, data[0])
   # The same costs under the scanned layout's names (layer l of the scan is
   # named `encoderblock/l/...`), so that both budgets decide alike.
   renamed = tuple(
@@ -879,3 +889,43 @@ def test_a_scanned_vit_gates_at_run_time_and_equals_the_loop(tmp_path):
   for v, f in scan["step_flops"].items():
     members = {c for c in renamed if c.replace("Transformer/", "") in v.split(",")}
     assert f == pytest.approx(scan_costs.detach.step(members))
+
+
+@pytest.mark.slow
+def test_controls_and_peers_run_within_their_budget(tmp_path, tiny_costs):
+  model, params, x, costs = tiny_costs
+  data, test = _small_data(steps=12)
+  # One GreenTrainer selection: its probes cost as much as steps in so short a run.
+  hyper = methods_lib.Hyper(steps=12, budget_every=3, greentrainer_period=1.0)
+  # GreenTrainer's tensors, input first: the patch embedding leads, the head ends.
+  assert costs.freeze.names[0].startswith("embedding/")
+  assert costs.freeze.names[-1].startswith("head/")
+  assert costs.freeze.additivity_error < 0.05
+  # (The rules themselves are checked against hand traces in test_rules.py.)
+  for name in (
+    "static_budget@0.7",
+    "surgical_last@0.7",
+    "dropbp@0.8",
+    "greentrainer@0.9",
+  ):
+    method = methods_lib.make(
+      name, model, params, x, hyper, jax.random.key(0), seed=1, costs=costs
+    )
+    record, _ = _run(model, method, data, test, 12, tmp_path / name, log_every=1)
+    budget = record["budget"]
+    steps = sum(
+      record["step_flops"][v] * n for v, n in record["steps_per_variant"].items()
+    )
+    assert record["train_flops"] == pytest.approx(steps + record["probe_flops"])
+    if name.startswith(("dropbp", "greentrainer")):
+      assert record["probe_flops"] > 0  # Charged to the budget as well.
+    else:
+      assert record["probe_flops"] == 0
+      assert budget["planned_fraction"] <= 0.7 + 1e-9
+    if name.startswith("dropbp"):  # A draw every step, one compiled step.
+      assert method.runtime is not None and record["compilations"] == 1
+    if name.startswith("greentrainer"):  # Variants are frozen tensors.
+      frozen = {p for v in record["steps_per_variant"] for p in v.split(",")}
+      assert frozen - {"all"} <= {
+        p.replace("Transformer/", "") for p in costs.freeze.names
+      }
