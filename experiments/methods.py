@@ -305,9 +305,12 @@ def infeasible(
 
   Budgeted RGFT cannot spend less than a step with every branch detached
   (the forward pass, the measurement and the gradients outside the blocks);
-  `static_budget` needs a run longer than its window (`hyper`'s).
+  `static_budget` needs a run longer than its window (`hyper`'s), and LISA
+  the looped layout.
   """
   base, budget = parse_name(name)
+  if base == "lisa" and getattr(hyper, "scan", False):
+    return "LISA holds whole blocks, which --scan stacks in one; run it looped"
   if budget is None or base not in _BUDGET_RULES:
     return None
   if base == "static_budget" and hyper is not None:
