@@ -11,6 +11,7 @@ import sysconfig
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -245,7 +246,7 @@ def test_updates_equal_an_optax_adamw_loop(tmp_path):
   tx = optax.chain(
     optax.clip_by_global_norm(cfg.clip),
     optax.adamw(
-      lambda t: cfg.learning_rate * np.minimum(1.0, (t + 1) / cfg.warmup_steps),
+      lambda t: cfg.learning_rate * jnp.minimum(1.0, (t + 1) / cfg.warmup_steps),
       b1=0.9,
       b2=cfg.b2,
       eps=1e-8,

@@ -84,7 +84,7 @@ class Config:
   window: int = 3  # Plateau: evaluations the improvement is measured over.
   threshold: float = 0.01  # Plateau: least improvement in bits/byte over them.
   cooldown: float = 0.2  # Linear decay to 0 over this fraction of the steps so far.
-  max_steps: int = 4800  # The run ends by about this step, plateau or not.
+  max_steps: int = 4000  # The run ends by about this step, plateau or not.
   seed: int = 0  # Initialisation and data order.
   workdir: str = "workdir/lm_plateau"  # Checkpoints and the log of the run.
   export: str = (
@@ -219,7 +219,7 @@ def learning_rate(cfg: Config, step: int, cooldown_start: int | None) -> float:
   >>> cfg = Config(learning_rate=1.0, warmup_steps=4, cooldown=0.5)
   >>> [learning_rate(cfg, t, None) for t in (0, 3, 9)]
   [0.25, 1.0, 1.0]
-  >>> [learning_rate(cfg, t, 10) for t in (10, 12, 14)]
+  >>> [round(learning_rate(cfg, t, 10), 6) for t in (10, 12, 14)]
   [1.0, 0.6, 0.2]
   """
   warm = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps)
