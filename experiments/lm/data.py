@@ -15,6 +15,21 @@ Both corpora ship with every CPython, so nothing is downloaded:
 * `"cheaders"` (second target domain): the C headers (`.h`) under the
   interpreter's include directory (`sysconfig.get_paths()["include"]`; about
   890 KB in 3.11), by relative path.
+* `"python_source"` (pretraining to a plateau, `experiments/lm/plateau.py`):
+  every stdlib file as `"stdlib"` takes them (same exclusions, same names,
+  no 8 MiB cap), then the `.py` files of this interpreter's site-packages
+  (`sysconfig`'s purelib and platlib, one namespace as for `import`), named
+  `site-packages/<path relative to it>`. Since `"site-packages"` is an
+  excluded directory, no stdlib name can start with that prefix. Files over
+  `FILE_MAX_BYTES` (512 KiB: generated MLIR and protobuf modules) and files
+  whose bytes equal an earlier file's (vendored copies, empty `__init__.py`)
+  are skipped. The site-packages files are taken in the order of a salted
+  SHA-256 of their names (a uniform sample of every package, not the
+  alphabetically first ones) while the whole corpus stays within
+  `PYTHON_SOURCE_MAX_BYTES` (64 MiB; reading it takes seconds). Installed
+  packages differ between machines, so this corpus above all is known by its
+  `fingerprint(("python_source",))`; a file's split depends on its name only,
+  so two machines never disagree on where a shared file belongs.
 
 Each document goes wholly to one split by a hash of its name (relative path
 or topic): bucket `int(sha256(name)[:8 bytes]) % 100`, `<80` train, `<90`
@@ -43,9 +58,13 @@ import grain
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
-CORPORA = ("stdlib", "pydoc")  # (Source, target) domain.
+CORPORA = ("stdlib", "pydoc")  # (Source, target) domain of the study.
 TARGETS = ("pydoc", "cheaders")  # Target domains a study can fine-tune on.
+PYTHON_SOURCE = "python_source"  # Pretraining to a plateau.
 STDLIB_MAX_BYTES = 8 * 2**20
+PYTHON_SOURCE_MAX_BYTES = 64 * 2**20
+FILE_MAX_BYTES = 512 * 2**10  # Larger files are generated code.
+SITE_PREFIX = "site-packages/"  # Names of site-packages files in "python_source".
 EXCLUDED_DIRS = frozenset(
   {
     "test",
@@ -83,6 +102,33 @@ def _excluded(relative_dir: str) -> bool:
   )
 
 
+def _python_files(root: str) -> list[str]:
+  """The `.py` files under `root` outside excluded directories, as sorted
+  relative paths (`/`-separated)."""
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    relative = os.path.relpath(dirpath, root).replace(os.sep, "/")
+    relative = "" if relative == "." else relative
+    dirnames[:] = [d for d in dirnames if not _excluded(f"{relative}/{d}".lstrip("/"))]
+    paths += [
+      f"{relative}/{f}".lstrip("/")
+      for f in filenames
+      if f.endswith(".py") and not f.startswith("_sysconfigdata")
+    ]
+  return sorted(paths)
+
+
+def _text(path: str) -> bytes | None:
+  """The bytes of file `path`, or None when they are not UTF-8 or hold a NUL."""
+  with open(path, "rb") as f:
+    text = f.read()
+  try:
+    text.decode("utf-8")
+  except UnicodeDecodeError:
+    return None
+  return None if DOC_START in text else text
+
+
 def stdlib_documents(
   root: str | None = None, max_bytes: int = STDLIB_MAX_BYTES
 ) -> dict[str, bytes]:
@@ -94,30 +140,84 @@ def stdlib_documents(
       within it.
   """
   root = root or sysconfig.get_paths()["stdlib"]
-  paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    relative = os.path.relpath(dirpath, root).replace(os.sep, "/")
-    relative = "" if relative == "." else relative
-    dirnames[:] = [d for d in dirnames if not _excluded(f"{relative}/{d}".lstrip("/"))]
-    paths += [
-      f"{relative}/{f}".lstrip("/")
-      for f in filenames
-      if f.endswith(".py") and not f.startswith("_sysconfigdata")
-    ]
   documents, total = {}, 0
-  for path in sorted(paths):
-    with open(os.path.join(root, path), "rb") as f:
-      text = f.read()
-    try:
-      text.decode("utf-8")
-    except UnicodeDecodeError:
-      continue
-    if DOC_START in text:
+  for path in _python_files(root):
+    text = _text(os.path.join(root, path))
+    if text is None:
       continue
     if total + len(text) > max_bytes:
       break
     documents[path], total = text, total + len(text)
   return documents
+
+
+def site_roots() -> list[str]:
+  """This interpreter's site-packages directories (purelib, then platlib if
+  it is another directory)."""
+  paths = sysconfig.get_paths()
+  roots = []
+  for key in ("purelib", "platlib"):
+    if os.path.isdir(paths[key]) and all(
+      not os.path.samefile(paths[key], r) for r in roots
+    ):
+      roots.append(paths[key])
+  return roots
+
+
+def selection_key(name: str) -> bytes:
+  """The order in which `python_documents` takes site-packages files: a
+  SHA-256 of the name salted apart from `split_of`'s."""
+  return hashlib.sha256(b"python_source order\x00" + name.encode("utf-8")).digest()
+
+
+def python_documents(
+  stdlib_root: str | None = None,
+  site: list[str] | None = None,
+  max_bytes: int = PYTHON_SOURCE_MAX_BYTES,
+  file_max_bytes: int = FILE_MAX_BYTES,
+) -> dict[str, bytes]:
+  """The `"python_source"` corpus as `{name: bytes}` (see the module docstring).
+
+  Args:
+    stdlib_root: The stdlib directory; this interpreter's when None.
+    site: The site-packages directories, as one namespace (a relative path
+      found in several is read from the first); `site_roots()` when None.
+    max_bytes: The most bytes of the whole corpus: the stdlib files in sorted
+      order, then the site-packages files in `selection_key` order, until the
+      next one would pass it.
+    file_max_bytes: Files larger than this are skipped.
+  """
+  stdlib_root = stdlib_root or sysconfig.get_paths()["stdlib"]
+  candidates = [(p, os.path.join(stdlib_root, p)) for p in _python_files(stdlib_root)]
+  found: dict[str, str] = {}
+  for root in site_roots() if site is None else site:
+    for p in _python_files(root):
+      found.setdefault(SITE_PREFIX + p, os.path.join(root, p))
+  candidates += sorted(found.items(), key=lambda item: selection_key(item[0]))
+  documents, seen, total = {}, set(), 0
+  for name, path in candidates:
+    if os.path.getsize(path) > file_max_bytes:
+      continue
+    text = _text(path)
+    if text is None:
+      continue
+    digest = hashlib.sha256(text).digest()
+    if digest in seen:
+      continue
+    if total + len(text) > max_bytes:
+      break
+    documents[name], total = text, total + len(text)
+    seen.add(digest)
+  return dict(sorted(documents.items()))
+
+
+def installed_packages(site: list[str] | None = None) -> list[str]:
+  """`name==version` of the distributions in the site-packages directories,
+  sorted: what tells two machines' `"python_source"` corpora apart."""
+  from importlib import metadata
+
+  found = metadata.distributions(path=site_roots() if site is None else site)
+  return sorted({f"{d.metadata['Name']}=={d.version}" for d in found})
 
 
 def pydoc_documents() -> dict[str, bytes]:
@@ -199,15 +299,20 @@ def cheaders_documents(root: str | None = None) -> dict[str, bytes]:
 
 @functools.cache
 def load(name: str) -> Corpus:
-  """The corpus `"stdlib"` (source domain), `"pydoc"` or `"cheaders"`
-  (target domains)."""
+  """The corpus `"stdlib"` (source domain), `"pydoc"` or `"cheaders"` (target
+  domains), or `"python_source"` (pretraining to a plateau), read once per
+  process."""
   if name == "stdlib":
     return build(name, stdlib_documents())
   if name == "pydoc":
     return build(name, pydoc_documents())
   if name == "cheaders":
     return build(name, cheaders_documents())
-  raise ValueError(f"Unknown corpus {name!r}; expected one of {CORPORA + TARGETS}.")
+  if name == PYTHON_SOURCE:
+    return build(name, python_documents())
+  raise ValueError(
+    f"Unknown corpus {name!r}; expected one of {(*CORPORA, 'cheaders', PYTHON_SOURCE)}."
+  )
 
 
 def fingerprint(corpora: tuple[str, ...] = CORPORA) -> dict:
@@ -216,15 +321,41 @@ def fingerprint(corpora: tuple[str, ...] = CORPORA) -> dict:
   Two runs used the same data if and only if their fingerprints are equal
   (the Python version is informative; the checksums decide).
 
+  Args:
+    corpora: The corpora described; the study's two by default.
+
   Returns:
     `{"format": int, "python": str, "stdlib": Corpus.summary(), "pydoc": ...}`
-    for each of `corpora`, JSON-serialisable.
+    (one entry per corpus), JSON-serialisable.
   """
   return {
     "format": _FORMAT,
     "python": sys.version.split()[0],
     **{name: load(name).summary() for name in corpora},
   }
+
+
+def fingerprint_differences(recorded: dict, local: dict) -> list[str]:
+  """How fingerprint `local` differs from `recorded`, one line per split or
+  field that differs (empty when they are equal)."""
+  lines = []
+  for key in sorted(recorded.keys() | local.keys()):
+    was, now = recorded.get(key), local.get(key)
+    if was == now:
+      continue
+    if isinstance(was, dict) and isinstance(now, dict) and set(was) <= set(SPLITS):
+      for split in SPLITS:
+        a, b = was.get(split) or {}, now.get(split) or {}
+        if a != b:
+          lines.append(
+            f"{key}/{split}: recorded {a.get('bytes')} bytes in "
+            f"{a.get('documents')} files (sha256 {str(a.get('sha256'))[:12]}), "
+            f"here {b.get('bytes')} bytes in {b.get('documents')} files (sha256 "
+            f"{str(b.get('sha256'))[:12]})"
+          )
+    else:
+      lines.append(f"{key}: recorded {was!r}, here {now!r}")
+  return lines
 
 
 def train_batches(
