@@ -345,7 +345,7 @@ class Budget:
     meets the budget in expectation; there the caller passes DropBP's
     sensitivity to `allocate` (`dropbp_sensitivity`), which sets the rates
     by DropBP's greedy 0.1 steps (`dropbp_rates`). A draw that would cost
-    more than the step may drops more branches, highest rate first.
+    more than the step may cost detaches more branches, highest rate first.
   * `"greentrainer"` (GreenTrainer, ICLR 2024): `costs` are `FreezeCosts`
     (parameter tensors, frozen rather than detached) and `decide` takes
     GreenTrainer's importance (`greentrainer_importance`) instead of the

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jex_core
 
 from rgft_jax._components import leaves_by_path
 from rgft_jax._components import path_str
@@ -176,7 +177,7 @@ def tensor_order(loss: Callable[..., Any], params: Any, *args: Any) -> tuple[str
   seen: dict[int, int] = {}
   for position, eqn in enumerate(closed.jaxpr.eqns):
     for var in eqn.invars:
-      k = first.get(var) if not isinstance(var, jax.extend.core.Literal) else None
+      k = first.get(var) if not isinstance(var, jex_core.Literal) else None
       if k is not None and k not in seen:
         seen[k] = position
   order = sorted(range(n), key=lambda k: (seen.get(k, math.inf), k))
