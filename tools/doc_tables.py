@@ -220,6 +220,58 @@ def ablation(path: str, reference: str = "default", same: str = "default") -> st
   return _table(head, rows)
 
 
+def vit_scan(task: str) -> str:
+  """The default run looped and with `--scan`, on one machine: accuracy,
+  the paired difference scan - loop over seeds, costs and compilations."""
+  import numpy as np
+
+  from experiments import compare
+
+  loop = load("experiments/results/scan/loop/results.json")["tasks"][task]
+  scan = load("experiments/results/scan/scan/results.json")["tasks"][task]
+  rows = []
+  for name, a in loop["summary"].items():
+    b = scan["summary"].get(name)
+    if b is None:
+      why = scan["infeasible"].get(name, "not run")
+      rows.append(
+        [name, _acc(a["accuracy_mean"], a["accuracy_std"]), f"not run: {why}"]
+      )
+      rows[-1] += [""] * 6
+      continue
+    by = {
+      (r["method"], r["seed"]): r["test_accuracy"]
+      for r in loop["runs"]
+      + [dict(r, method=r["method"] + "/scan") for r in scan["runs"]]
+    }
+    seeds = sorted(s for m, s in by if m == name and (name + "/scan", s) in by)
+    diffs = np.array([by[name + "/scan", s] - by[name, s] for s in seeds])
+    mean, half = compare.interval(diffs)
+    rows.append(
+      [
+        name,
+        _acc(a["accuracy_mean"], a["accuracy_std"]),
+        _acc(b["accuracy_mean"], b["accuracy_std"]),
+        f"{mean * 100:+.1f} pt (± {half * 100:.1f})",
+        f"{a['flops_vs_full']:.3f} / {b['flops_vs_full']:.3f}",
+        f"{a['time_vs_full']:.2f} / {b['time_vs_full']:.2f}",
+        f"{a['peak_bytes'] / MIB:.1f} / {b['peak_bytes'] / MIB:.1f}",
+        f"{a['compilations']} / {b['compilations']}",
+      ]
+    )
+  head = [
+    "method",
+    "test acc, loop",
+    "test acc, scan",
+    "scan - loop, paired (95% CI)",
+    "FLOPs vs full (loop / scan)",
+    "time vs full (loop / scan)",
+    "peak MiB (loop / scan)",
+    "compilations (loop / scan)",
+  ]
+  return _table(head, rows)
+
+
 # The language-model study (experiments.lm) ---------------------------------
 
 
@@ -409,6 +461,7 @@ TABLES: dict[str, Callable[[], str]] = {
     reference="norm_product",
     same="reference",
   ),
+  **{f"vit_scan_{t}": functools.partial(vit_scan, t) for t in TASKS},
   "lm": lm,
   "lm_thresh": functools.partial(lm, "experiments/results/lm_thresh/results.json"),
   "lm_b07": functools.partial(lm, "experiments/results/lm_b07/results.json"),
