@@ -192,10 +192,18 @@ class ErrorTracker:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
-      if self._branches:
+      if self._branches or self._all_shared:
         return (path, call) in self._branches
       return is_branch(path, module)
     return bool(self.select(path, module))
+
+  @property
+  def _all_shared(self) -> bool:
+    """Residual branches were found and every one of them computes only with
+    shared parameters (a layer reused across depth): no component, and no
+    fallback to class names either."""
+    s = self._structure
+    return s is not None and s.residual and not s.branches
 
   def _find_structure(self, run, params) -> None:
     """Residual branches or attention heads by dataflow, once."""
@@ -331,7 +339,7 @@ class ErrorTracker:
 
     with _rng_hint(self.model):
       jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
-    if not taps:
+    if not taps and not self._all_shared:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
         f"select={describe(self.select)} matched no submodule of "
@@ -488,6 +496,15 @@ class ErrorTracker:
       return comps
     unassigned = set(comps.unassigned(params))
     shared = tuple(p for p in structure.shared if p in unassigned)
+    if self._all_shared:
+      warnings.warn(
+        f"{type(self.model).__name__} has no component: each of its residual "
+        "branches computes only with parameters several branches share (a "
+        f"layer reused across depth), so they are in none and shared: {shared}. "
+        "They train at the full rate. Measure other modules with a predicate, "
+        "select=lambda path, module: ..., or select='heads'.",
+        stacklevel=3,
+      )
     for where, leaves in structure.undecided:
       missed = [p for p in leaves if p in unassigned and p not in shared]
       if not missed:
