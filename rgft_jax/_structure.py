@@ -495,11 +495,11 @@ def residual_branches(traced: Traced) -> Structure:
       new = graph.params[h] & ~graph.params[x] & ~taken & ~shared_mask
       if not new or not graph.reads([h], set(graph.chain(x))):
         continue
+      new &= ~_escaping(graph, {h}, traced.outputs)  # What only `h` computes with.
       # Branches summed before the add (GPT-J's `attn(ln(x)) + mlp(ln(x)) +
       # x`): what several of them compute with (`ln`) is shared.
       shared_mask |= new & several
       new &= ~several
-      new &= ~_escaping(graph, {h}, traced.outputs)  # What only `h` computes with.
       if not new:
         continue
       leaves = [p for i, p in enumerate(traced.paths) if new >> i & 1]
