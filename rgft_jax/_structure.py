@@ -417,8 +417,9 @@ def residual_branches(traced: Traced) -> Structure:
   through the value it adds (its weights, its pre-norm, a layer scale): a
   parameter computed into several branches (a shared position bias, an
   encoder's final norm read by every cross-attention, a layer reused across
-  depth) reaches the outputs around each of them and belongs to none. Where
-  branches nest, a parameter goes to the innermost. A branch is named after
+  depth, a norm read by parallel branches summed before their add) reaches
+  the outputs around each of them and belongs to none. Where branches nest,
+  a parameter goes to the innermost. A branch is named after
   the module along the added value that holds the most of its parameters
   (through parameterless modules such as a reused drop-path): `block0/mlp`,
   or `block0/fc2` where the MLP's layers are the block's own.

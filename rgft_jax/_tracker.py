@@ -378,10 +378,14 @@ class ErrorTracker:
     With `select="branches"`, a parameter computed into several branches (a
     shared position bias, a final norm every cross-attention reads, a layer
     reused across depth) belongs to none and trains at the full rate; they
-    are listed in `Components.shared`. A residual add that brings in
-    parameters no branch explains is warned about, naming the module and the
-    parameters, which are then in no component (measure them with a
-    `select=` predicate, or give them to a component with `owns=`).
+    are listed in `Components.shared`; so is a norm that parallel branches
+    summed before their residual add both read (GPT-J's `attn(ln(x)) +
+    mlp(ln(x)) + x`). A model whose every branch computes only with shared
+    parameters (ALBERT's one layer applied at every depth) has no component,
+    which is warned about (not a fall back to class names). A residual add
+    that brings in parameters no branch explains is warned about, naming the
+    module and the parameters, which are then in no component (measure them
+    with a `select=` predicate, or give them to a component with `owns=`).
 
     Inside a scan over layers (`nn.scan` or `nnx.scan` of a module whose
     parameters are stacked on a leading layer axis, with or without remat),

@@ -1,12 +1,18 @@
 """The tracker on Hugging Face Flax (Linen) models: ViT, BERT, GPT-2, ResNet,
-OPT, BART, T5.
+OPT, BART, T5, RoBERTa, ELECTRA, ALBERT, the CLIP vision and text towers,
+GPT-Neo, Llama, Mistral, Gemma, GPT-J and Bloom.
 
 Tiny random-init configurations of `transformers` 4.x models (v5 dropped
 Flax), with `select="branches"`: the residual branches found from each
-model's dataflow, whatever its classes are called. The expected components
-and owners below are written out by hand from the models' source. The
-tracker gets the wrapper's `.module` and the loss applies it with
-`{"params": params}`.
+model's dataflow, whatever its classes are called. The expected components,
+the owner of every parameter and the parameters listed as shared (several
+branches compute with them) are written out by hand from the models'
+source. The tracker gets the wrapper's `.module` and the loss applies it
+with `{"params": params}`. Each model: its components and owners; RGFT steps
+lower the loss (what no component owns takes Adam's update unscaled); loss,
+gradients and error map against the independent per-example reference; each
+component detached against `stop_gradient` put in by the test's own
+interceptor.
 """
 
 from __future__ import annotations
@@ -555,6 +561,12 @@ def _t5() -> Case:
   )
 
 
+# The sizes of the encoders below (BERT's names): 2 layers of width 32, 4 heads.
+_SIZES = dict(
+  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
+
+
 def _encoder(
   module, seed: int, head_mask: bool = True, first_position: int = 0, **case
 ) -> Case:
@@ -588,34 +600,32 @@ def _encoder(
   )
 
 
-def _bert_layout(layer: str) -> dict[str, Any]:
-  """Names and rules of BERT's post-LN layers under `layer`: the attention
-  branch owns `self` (q, k, v) and `attention/output/dense`, the MLP branch
-  `intermediate` and `output/dense`; the LayerNorms after the adds are on
-  the stream."""
+def _layers(layer: str, branches: dict[str, str]) -> dict[str, Any]:
+  """Names and rules of the 2 layers under `layer`: in each, component
+  `name` (a module path in the layer) owns the modules that
+  `branches[name]` (a regex over module paths in the layer) matches."""
   return dict(
-    names=tuple(
-      f"{layer}/{i}/{m}"
-      for i in range(2)
-      for m in ("attention/output/dense", "output/dense")
-    ),
-    rules=(
-      (
-        layer + r"/(\d+)/attention/(self|output/dense)/.*",
-        layer + r"/\1/attention/output/dense",
-      ),
-      (layer + r"/(\d+)/(intermediate|output/dense)/.*", layer + r"/\1/output/dense"),
+    names=tuple(f"{layer}/{i}/{name}" for i in range(2) for name in branches),
+    rules=tuple(
+      (rf"{layer}/(\d+)/({owned})/.*", rf"{layer}/\1/{name}")
+      for name, owned in branches.items()
     ),
   )
 
 
+# BERT's post-LN layers: the attention branch owns `self` (q, k, v) and
+# `attention/output/dense`, the MLP branch `intermediate` and `output/dense`;
+# the LayerNorms after the adds are on the stream.
+_BERT = {
+  "attention/output/dense": "attention/(self|output/dense)",
+  "output/dense": "intermediate|output/dense",
+}
+
+
 def _roberta() -> Case:
   config = RobertaConfig(
+    **_SIZES,
     vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
     max_position_embeddings=SEQ + 2,
     num_labels=CLASSES,
   )
@@ -625,19 +635,16 @@ def _roberta() -> Case:
     module,
     7,
     first_position=2,
-    **_bert_layout("roberta/encoder/layer"),
+    **_layers("roberta/encoder/layer", _BERT),
     unassigned=("roberta/embeddings/", "classifier/dense/", "classifier/out_proj/"),
   )
 
 
 def _electra() -> Case:
   config = ElectraConfig(
+    **_SIZES,
     vocab_size=VOCAB,
     embedding_size=16,  # Projected to the width by `embeddings_project`.
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
     max_position_embeddings=16,
     num_labels=CLASSES,
   )
@@ -645,7 +652,7 @@ def _electra() -> Case:
   return _encoder(
     module,
     8,
-    **_bert_layout("electra/encoder/layer"),
+    **_layers("electra/encoder/layer", _BERT),
     unassigned=(
       "electra/embeddings/",
       "electra/embeddings_project/",
@@ -663,13 +670,10 @@ def _albert(layers: int = 2, groups: int = 1) -> Case:
   and `components()` says so. With 3 layers in 2 groups, group 0 serves
   depths 0 and 1 (shared) and group 1 depth 2 (two components)."""
   config = AlbertConfig(
+    **dict(_SIZES, num_hidden_layers=layers),
     vocab_size=VOCAB,
     embedding_size=16,  # Projected by `embedding_hidden_mapping_in`.
-    hidden_size=32,
-    num_hidden_layers=layers,
     num_hidden_groups=groups,
-    num_attention_heads=4,
-    intermediate_size=64,
     max_position_embeddings=16,
     num_labels=CLASSES,
   )
@@ -711,21 +715,6 @@ def _albert(layers: int = 2, groups: int = 1) -> Case:
   )
 
 
-def _pre_ln_rules(
-  layer: str, attention: tuple[str, str], mlp: tuple[str, str]
-) -> dict[str, Any]:
-  """Names and rules of a pre-norm decoder or encoder: each branch, `(module,
-  its pre-norm)`, owns its module and the norm that feeds it."""
-  (attn, attn_norm), (ffn, ffn_norm) = attention, mlp
-  return dict(
-    names=tuple(f"{layer}/{i}/{m}" for i in range(2) for m in (attn, ffn)),
-    rules=(
-      (layer + rf"/(\d+)/({attn}|{attn_norm})/.*", rf"{layer}/\1/{attn}"),
-      (layer + rf"/(\d+)/({ffn}|{ffn_norm})/.*", rf"{layer}/\1/{ffn}"),
-    ),
-  )
-
-
 def _pooled_regression(module, inputs, targets, batch, inputs_of) -> dict[str, Any]:
   """Parameters and losses of a tower regressed on its pooled output:
   `loss(params, *batch)`, the mean over examples of the squared distance
@@ -748,12 +737,13 @@ def _pooled_regression(module, inputs, targets, batch, inputs_of) -> dict[str, A
   )
 
 
+# CLIP's pre-norm layers: each branch owns its module and its pre-norm.
+_CLIP = {"self_attn": "self_attn|layer_norm1", "mlp": "mlp|layer_norm2"}
+
+
 def _clip_vision() -> Case:
   config = CLIPVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    **_SIZES,
     image_size=8,
     patch_size=4,
   )
@@ -764,11 +754,7 @@ def _clip_vision() -> Case:
   # Pre-norm; the pooled output is the class token's, after `post_layernorm`.
   return Case(
     **_pooled_regression(module, (x,), targets, (x,), lambda x: (x,)),
-    **_pre_ln_rules(
-      "vision_model/encoder/layers",
-      ("self_attn", "layer_norm1"),
-      ("mlp", "layer_norm2"),
-    ),
+    **_layers("vision_model/encoder/layers", _CLIP),
     unassigned=(
       "vision_model/embeddings/",
       "vision_model/pre_layrnorm/",
@@ -780,11 +766,8 @@ def _clip_vision() -> Case:
 def _clip_text() -> Case:
   eos = VOCAB - 1  # The pooled output is the first end-of-text token's.
   config = CLIPTextConfig(
+    **_SIZES,
     vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
     max_position_embeddings=16,
     eos_token_id=eos,
   )
@@ -803,9 +786,7 @@ def _clip_text() -> Case:
 
   return Case(
     **_pooled_regression(module, inputs_of(ids, mask), targets, (ids, mask), inputs_of),
-    **_pre_ln_rules(
-      "text_model/encoder/layers", ("self_attn", "layer_norm1"), ("mlp", "layer_norm2")
-    ),
+    **_layers("text_model/encoder/layers", _CLIP),
     unassigned=("text_model/embeddings/", "text_model/final_layer_norm/"),
   )
 
@@ -854,7 +835,7 @@ def _gpt_neo() -> Case:
   return _causal_lm(
     module,
     12,
-    **_pre_ln_rules("transformer/h", ("attn", "ln_1"), ("mlp", "ln_2")),
+    **_layers("transformer/h", {"attn": "attn|ln_1", "mlp": "mlp|ln_2"}),
     unassigned=("transformer/wte/", "transformer/wpe/", "transformer/ln_f/"),
   )
 
@@ -869,8 +850,9 @@ _LLAMA_SIZES = dict(
   max_position_embeddings=16,
 )
 # RMSNorm pre-norms, a gated MLP.
-_LLAMA_RULES = _pre_ln_rules(
-  "model/layers", ("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm")
+_LLAMA_RULES = _layers(
+  "model/layers",
+  {"self_attn": "self_attn|input_layernorm", "mlp": "mlp|post_attention_layernorm"},
 )
 
 
@@ -913,12 +895,10 @@ def _gptj() -> Case:
   module = FlaxGPTJForCausalLM(config, _do_init=False).module
   # Attention and MLP in parallel, both reading `ln_1`: `attn + mlp + x`.
   # Each owns its own module; `ln_1`, which both compute with, is shared.
-  block = r"transformer/h/(\d+)"
   return _causal_lm(
     module,
     16,
-    names=tuple(f"transformer/h/{i}/{m}" for i in range(2) for m in ("attn", "mlp")),
-    rules=((block + r"/(attn|mlp)/.*", r"transformer/h/\1/\2"),),
+    **_layers("transformer/h", {"attn": "attn", "mlp": "mlp"}),
     unassigned=(
       "transformer/wte/",
       "transformer/h/0/ln_1/",
@@ -936,25 +916,16 @@ def _bloom() -> Case:
   # inside: the values added are `self_attention/dense`'s and
   # `mlp/dense_4h_to_h`'s; each branch owns its module and its pre-norm.
   # Tied embeddings: the LM head has no parameters of its own.
-  block = r"transformer/h/(\d+)"
   return _causal_lm(
     module,
     17,
     positions=False,
-    names=tuple(
-      f"transformer/h/{i}/{m}"
-      for i in range(2)
-      for m in ("self_attention/dense", "mlp/dense_4h_to_h")
-    ),
-    rules=(
-      (
-        block + r"/(input_layernorm|self_attention)/.*",
-        r"transformer/h/\1/self_attention/dense",
-      ),
-      (
-        block + r"/(post_attention_layernorm|mlp)/.*",
-        r"transformer/h/\1/mlp/dense_4h_to_h",
-      ),
+    **_layers(
+      "transformer/h",
+      {
+        "self_attention/dense": "input_layernorm|self_attention",
+        "mlp/dense_4h_to_h": "post_attention_layernorm|mlp",
+      },
     ),
     unassigned=(
       "transformer/word_embeddings/",

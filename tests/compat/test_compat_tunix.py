@@ -108,19 +108,20 @@ def _pre_norm(attn: tuple[str, ...], mlp: tuple[str, ...]) -> dict[str, Any]:
   )
 
 
+# Every model: 2 layers of width 32, 4 query heads of 8 sharing 2 key/value heads.
+_SIZES = dict(
+  num_layers=LAYERS,
+  embed_dim=32,
+  hidden_dim=64,
+  num_heads=4,
+  head_dim=8,
+  num_kv_heads=2,
+)
 CASES = {
   "llama3": Case(
     build=llama.Llama3,
     config=llama.ModelConfig(
-      num_layers=LAYERS,
-      vocab_size=VOCAB,
-      embed_dim=32,
-      hidden_dim=64,
-      num_heads=4,
-      head_dim=8,
-      num_kv_heads=2,
-      rope_theta=10_000,
-      norm_eps=1e-6,
+      **_SIZES, vocab_size=VOCAB, rope_theta=10_000, norm_eps=1e-6
     ),
     remat=llama.RematConfig,
     **_pre_norm(("attn", "input_layernorm"), ("mlp", "post_attention_layernorm")),
@@ -132,13 +133,8 @@ CASES = {
   "gemma2": Case(
     build=gemma.Gemma,
     config=gemma.ModelConfig(
-      num_layers=LAYERS,
+      **_SIZES,
       num_embed=VOCAB,
-      embed_dim=32,
-      hidden_dim=64,
-      num_heads=4,
-      head_dim=8,
-      num_kv_heads=2,
       final_logit_softcap=30.0,
       use_post_attn_norm=True,
       use_post_ffw_norm=True,
@@ -156,13 +152,8 @@ CASES = {
   "qwen3": Case(
     build=qwen3.Qwen3,
     config=qwen3.ModelConfig(
-      num_layers=LAYERS,
+      **_SIZES,
       vocab_size=VOCAB,
-      embed_dim=32,
-      hidden_dim=64,
-      num_heads=4,
-      head_dim=8,
-      num_kv_heads=2,
       rope_theta=10_000,
       norm_eps=1e-6,
       use_tied_embedding=True,
