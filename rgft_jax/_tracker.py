@@ -382,7 +382,7 @@ class ErrorTracker:
     summed before their residual add both read (GPT-J's `attn(ln(x)) +
     mlp(ln(x)) + x`). A model whose every branch computes only with shared
     parameters (ALBERT's one layer applied at every depth) has no component,
-    which is warned about (not a fall back to class names). A residual add
+    which is warned about (it does not fall back to class names). A residual add
     that brings in parameters no branch explains is warned about, naming the
     module and the parameters, which are then in no component (measure them
     with a `select=` predicate, or give them to a component with `owns=`).
