@@ -98,11 +98,15 @@ class Structure:
     undecided: `(where, leaves)` for each residual-looking add that no branch
       explains: `where` the modules holding `leaves`, parameter leaves that
       add brings in and that no branch owns.
+    residual: whether some module output is added back to what the module
+      read, even where no such branch owns a parameter (every one of them
+      computes only with shared parameters: a layer reused across depth).
   """
 
   branches: tuple[Branch, ...]
   shared: tuple[str, ...] = ()
   undecided: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  residual: bool = False
 
 
 def _tag(kind: str, path: Path, call: int, tree: Any) -> Any:
@@ -413,8 +417,9 @@ def residual_branches(traced: Traced) -> Structure:
   through the value it adds (its weights, its pre-norm, a layer scale): a
   parameter computed into several branches (a shared position bias, an
   encoder's final norm read by every cross-attention, a layer reused across
-  depth) reaches the outputs around each of them and belongs to none. Where
-  branches nest, a parameter goes to the innermost. A branch is named after
+  depth, a norm read by parallel branches summed before their add) reaches
+  the outputs around each of them and belongs to none. Where branches nest,
+  a parameter goes to the innermost. A branch is named after
   the module along the added value that holds the most of its parameters
   (through parameterless modules such as a reused drop-path): `block0/mlp`,
   or `block0/fc2` where the MLP's layers are the block's own.
@@ -447,11 +452,14 @@ def residual_branches(traced: Traced) -> Structure:
   rank = {s: i for i, s in enumerate(traced.sites)}
   keys = sorted(found, key=lambda k: (rank.get(k[0], 0), k[1]))
   owned: dict[tuple[Site, int], int] = {}
+  once = several = 0  # Parameters computed into one branch, into several.
   for key in keys:
     cut = set(found[key])
     reached = 0
     for h in cut:
       reached |= graph.params[h]
+    several |= once & reached
+    once |= reached
     owned[key] = reached & ~_escaping(graph, cut, traced.outputs)
   # Nested branches: a parameter goes to the innermost (its added value first).
   taken = 0
@@ -475,7 +483,6 @@ def residual_branches(traced: Traced) -> Structure:
   # Parameters computed into a branch beyond its stream that none owns are
   # read by several branches (or by a branch and the outputs): shared.
   shared_mask = beyond & ~taken
-  shared = tuple(p for i, p in enumerate(traced.paths) if shared_mask >> i & 1)
 
   # Residual adds no branch explains (`x + f(x)` with `f` written inline)
   # and the parameters only `f` computes with, where no branch owns them.
@@ -490,16 +497,22 @@ def residual_branches(traced: Traced) -> Structure:
       if not new or not graph.reads([h], set(graph.chain(x))):
         continue
       new &= ~_escaping(graph, {h}, traced.outputs)  # What only `h` computes with.
+      # Branches summed before the add (GPT-J's `attn(ln(x)) + mlp(ln(x)) +
+      # x`): what several of them compute with (`ln`) is shared.
+      shared_mask |= new & several
+      new &= ~several
       if not new:
         continue
       leaves = [p for i, p in enumerate(traced.paths) if new >> i & 1]
       where = _common_module(leaves)
       undecided.setdefault(where, [])
       undecided[where] += [p for p in leaves if p not in undecided[where]]
+  shared = tuple(p for i, p in enumerate(traced.paths) if shared_mask >> i & 1)
   return Structure(
     tuple(branches),
     shared,
     tuple((w, tuple(ls)) for w, ls in undecided.items()),
+    residual=bool(found),
   )
 
 

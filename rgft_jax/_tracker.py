@@ -192,10 +192,18 @@ class ErrorTracker:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
-      if self._branches:
+      if self._branches or self._all_shared:
         return (path, call) in self._branches
       return is_branch(path, module)
     return bool(self.select(path, module))
+
+  @property
+  def _all_shared(self) -> bool:
+    """Residual branches were found and every one of them computes only with
+    shared parameters (a layer reused across depth): no component, and no
+    fallback to class names either."""
+    s = self._structure
+    return s is not None and s.residual and not s.branches
 
   def _find_structure(self, run, params) -> None:
     """Residual branches or attention heads by dataflow, once."""
@@ -331,7 +339,7 @@ class ErrorTracker:
 
     with _rng_hint(self.model):
       jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
-    if not taps:
+    if not taps and not self._all_shared:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
         f"select={describe(self.select)} matched no submodule of "
@@ -370,10 +378,14 @@ class ErrorTracker:
     With `select="branches"`, a parameter computed into several branches (a
     shared position bias, a final norm every cross-attention reads, a layer
     reused across depth) belongs to none and trains at the full rate; they
-    are listed in `Components.shared`. A residual add that brings in
-    parameters no branch explains is warned about, naming the module and the
-    parameters, which are then in no component (measure them with a
-    `select=` predicate, or give them to a component with `owns=`).
+    are listed in `Components.shared`; so is a norm that parallel branches
+    summed before their residual add both read (GPT-J's `attn(ln(x)) +
+    mlp(ln(x)) + x`). A model whose every branch computes only with shared
+    parameters (ALBERT's one layer applied at every depth) has no component,
+    which is warned about (it does not fall back to class names). A residual add
+    that brings in parameters no branch explains is warned about, naming the
+    module and the parameters, which are then in no component (measure them
+    with a `select=` predicate, or give them to a component with `owns=`).
 
     Inside a scan over layers (`nn.scan` or `nnx.scan` of a module whose
     parameters are stacked on a leading layer axis, with or without remat),
@@ -488,6 +500,15 @@ class ErrorTracker:
       return comps
     unassigned = set(comps.unassigned(params))
     shared = tuple(p for p in structure.shared if p in unassigned)
+    if self._all_shared:
+      warnings.warn(
+        f"{type(self.model).__name__} has no component: each of its residual "
+        "branches computes only with parameters several branches share (a "
+        f"layer reused across depth), so they are in none and shared: {shared}. "
+        "They train at the full rate. Measure other modules with a predicate, "
+        "select=lambda path, module: ..., or select='heads'.",
+        stacklevel=3,
+      )
     for where, leaves in structure.undecided:
       missed = [p for p in leaves if p in unassigned and p not in shared]
       if not missed:

@@ -588,3 +588,192 @@ def test_dropout_models_take_rngs():
   )
   _allclose(grads, jax.grad(loss)(params, x, {"dropout": key}))
   assert all(float(v) > 0 for v in error_map.values())
+
+
+# 7. A layer reused across depth (ALBERT), and parallel branches reading one
+# norm (GPT-J): what several branches compute with belongs to none of them.
+
+
+class Mlp(nn.Module):  # A class name the fallback by class names knows.
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(W, name="fc2")(nn.gelu(nn.Dense(2 * W, name="fc1")(x)))
+
+
+class ReusedNet(nn.Module):
+  """One pre-norm MLP layer applied at both depths; with `own`, a layer of
+  its own on top."""
+
+  own: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(W, name="embed")(x)
+    ln, mlp = nn.LayerNorm(name="ln"), Mlp(name="mlp")
+    for _ in range(2):
+      x = x + mlp(ln(x))
+    if self.own:
+      x = x + Mlp(name="top")(nn.LayerNorm(name="top_ln")(x))
+    return nn.Dense(1, name="head")(x)[:, 0]
+
+
+def _mlp_fn(p, x):
+  return _dense(p["fc2"], nn.gelu(_dense(p["fc1"], x)))
+
+
+def _reused_forward(p, x, deltas=None, stop=()):
+  x, hs = _dense(p["embed"], x), {}
+  for _ in range(2):
+    x = x + _mlp_fn(p["mlp"], _ln(p["ln"], x))
+  if "top" in p:
+    h = hs["top"] = _mlp_fn(p["top"], _ln(p["top_ln"], x))
+    h = jax.lax.stop_gradient(h) if "top" in stop else h
+    x = x + h + (0 if deltas is None else deltas["top"])
+  return _dense(p["head"], x)[:, 0], hs
+
+
+def _mlp_leaves(prefix):
+  return _leaves(f"{prefix}/fc1") + _leaves(f"{prefix}/fc2")
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["and_own_layer", "only"])
+def test_a_layer_reused_across_depth_is_shared(own):
+  """The reused layer's parameters (its norm too) are in no component and are
+  listed as shared; with no layer of its own the model has no component
+  (said in a warning) and the tracker still gives the loss's gradients."""
+  model = ReusedNet(own)
+  x = jax.random.normal(jax.random.key(1), (B, W))
+  y = jax.random.normal(jax.random.key(2), (B,))
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(model)
+  shared = _mlp_leaves("mlp") + _leaves("ln", ("bias", "scale"))
+  if own:
+    comps = tracker.components(params, x)
+    assert comps.names == ("top",)
+    assert _owned(comps)["top"] == sorted(
+      _mlp_leaves("top") + _leaves("top_ln", ("bias", "scale"))
+    )
+  else:
+    with pytest.warns(UserWarning, match=r"no component.*shared.*'mlp/fc1/kernel'"):
+      comps = tracker.components(params, x)
+    assert comps.names == ()
+  assert sorted(comps.shared) == sorted(shared)
+  assert sorted(comps.unassigned(params)) == sorted(
+    shared + _leaves("embed") + _leaves("head")
+  )
+
+  def loss(p, x, y):
+    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+  for detach in [()] + [(n,) for n in comps.names]:
+    _, grads, error_map = jax.jit(tracker.value_and_grad(loss, detach=detach))(
+      params, x, y
+    )
+    want = jax.grad(
+      lambda p, detach=detach: jnp.mean(
+        (_reused_forward(p, x, stop=detach)[0] - y) ** 2
+      )
+    )(params)
+    _allclose(grads, want)
+
+  def loss_one(p, d, x, y):
+    out, hs = _reused_forward(p, x, d)
+    return jnp.mean((out - y) ** 2), hs
+
+  zeros = {n: jnp.zeros((W,)) for n in comps.names}
+  want_map = _per_example(loss_one, params, (x, y), zeros) if own else {}
+  _, _, error_map = jax.jit(tracker.value_and_grad(loss))(params, x, y)
+  assert sorted(error_map) == sorted(want_map)
+  for n in want_map:
+    np.testing.assert_allclose(float(error_map[n]), want_map[n], rtol=1e-4)
+
+
+class Parallel(nn.Module):
+  """Attention and MLP read one norm; `summed`: their sum is added to the
+  stream (GPT-J's `attn + mlp + x`), else each in turn (`x + attn + mlp`)."""
+
+  summed: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name="ln")(x)
+    attn, mlp = nn.Dense(W, name="attn")(h), Mlp(name="mlp")(h)
+    return attn + mlp + x if self.summed else x + attn + mlp
+
+
+class ParallelNet(nn.Module):
+  summed: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(W, name="embed")(x)
+    for i in range(2):
+      x = Parallel(self.summed, name=f"block{i}")(x)
+    return nn.Dense(1, name="head")(x)[:, 0]
+
+
+PARALLEL_NAMES = tuple(f"block{i}/{m}" for i in range(2) for m in ("attn", "mlp"))
+
+
+def _parallel_forward(p, x, deltas=None, stop=()):
+  x, hs = _dense(p["embed"], x), {}
+  for i in range(2):
+    q = p[f"block{i}"]
+    h = _ln(q["ln"], x)
+    new = x
+    for name, f in (("attn", _dense), ("mlp", _mlp_fn)):
+      key = f"block{i}/{name}"
+      out = hs[key] = f(q[name], h)
+      out = jax.lax.stop_gradient(out) if key in stop else out
+      new = new + out + (0 if deltas is None else deltas[key])
+    x = new
+  return _dense(p["head"], x)[:, 0], hs
+
+
+@pytest.mark.parametrize("summed", [True, False], ids=["summed", "in_turn"])
+@pytest.mark.parametrize("detach", [(), ("block0/attn",), ("block1/mlp",)])
+def test_parallel_branches_reading_one_norm_share_it(detach, summed):
+  model = ParallelNet(summed)
+  x = jax.random.normal(jax.random.key(1), (B, W))
+  y = jax.random.normal(jax.random.key(2), (B,))
+  params = model.init(jax.random.key(0), x)["params"]
+  tracker = rgft_jax.ErrorTracker(model)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Nothing is left unplaced.
+    comps = tracker.components(params, x)
+  assert comps.names == PARALLEL_NAMES
+  owned = _owned(comps)
+  for i in range(2):
+    assert owned[f"block{i}/attn"] == _leaves(f"block{i}/attn")
+    assert owned[f"block{i}/mlp"] == sorted(_mlp_leaves(f"block{i}/mlp"))
+  shared = [
+    leaf for i in range(2) for leaf in _leaves(f"block{i}/ln", ("bias", "scale"))
+  ]
+  assert sorted(comps.shared) == sorted(shared)
+  assert sorted(comps.unassigned(params)) == sorted(
+    shared + _leaves("embed") + _leaves("head")
+  )
+
+  def loss(p, x, y):
+    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+  _, grads, error_map = jax.jit(tracker.value_and_grad(loss, detach=detach))(
+    params, x, y
+  )
+  want = jax.grad(
+    lambda p: jnp.mean((_parallel_forward(p, x, stop=detach)[0] - y) ** 2)
+  )(params)
+  _allclose(grads, want)
+  if not detach:
+
+    def loss_one(p, d, x, y):
+      out, hs = _parallel_forward(p, x, d)
+      return jnp.mean((out - y) ** 2), hs
+
+    zeros = {n: jnp.zeros((W,)) for n in PARALLEL_NAMES}
+    want_map = _per_example(loss_one, params, (x, y), zeros)
+    np.testing.assert_allclose(
+      [float(error_map[n]) for n in PARALLEL_NAMES],
+      [want_map[n] for n in PARALLEL_NAMES],
+      rtol=1e-4,
+    )

@@ -320,6 +320,46 @@ def nnx_reference(
   return _reference(run, params, batch, [*paths, *heads], heads)
 
 
+class _Cut:
+  """Stands in for an NNX submodule: its output behind `stop_gradient` where
+  `flag` is set."""
+
+  def __init__(self, inner, flag):
+    self.inner, self.flag = inner, flag
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def __call__(self, *args, **kwargs):
+    out = self.inner(*args, **kwargs)
+    return jax.tree.map(
+      lambda v: jnp.where(self.flag, jax.lax.stop_gradient(v), v), out
+    )
+
+
+def nnx_detached_grads(loss, model: nnx.Module, names):
+  """`grads(params, flags, *batch)`: `jax.grad` over the `nnx.Param`s of
+  `loss(model, *batch)` with the output of the NNX submodule `names[i]`
+  behind `stop_gradient` where `flags[i]`, by a `_Cut` wrapper swapped in for
+  it in a fresh copy of `model` (one compiled program for every set)."""
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+  def grads(params, flags, *batch):
+    def detached(params):
+      live = nnx.merge(graphdef, params, rest)
+      for i, p in enumerate(names):
+        *parent_keys, last = p.split("/")
+        parent = live
+        for k in parent_keys:
+          parent = _child(parent, k)
+        setattr(parent, last, _Cut(_child(parent, last), flags[i]))
+      return loss(live, *batch)
+
+    return jax.grad(detached)(params)
+
+  return jit(grads)
+
+
 def assert_matches(loss, grads, error_map, reference: Reference, rtol=1e-4) -> None:
   """The tracker's loss, gradients and error map against the reference."""
   np.testing.assert_allclose(float(loss), reference.loss, rtol=1e-5)
