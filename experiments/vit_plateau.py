@@ -84,7 +84,7 @@ class PlateauConfig:
   shift: int = 2  # Random translation by up to this many pixels (0: none).
   val_fraction: float = 0.1  # Of the source training split, held out.
   eval_every: int = 250  # Validation accuracy every this many steps.
-  window: int = 2500  # Stop when the last `window` steps did not improve...
+  window: int = 5000  # Stop when the last `window` steps did not improve...
   min_delta: float = 0.006  # ...the best validation accuracy by more than this.
   max_steps: int = 20000  # Stop here at the latest.
   seed: int = 0  # Initialisation, data order and shifts.
