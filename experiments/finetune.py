@@ -15,7 +15,9 @@ and bottleneck adapters:
   python -m experiments.finetune --methods fair --lr_grid=3e-4,1e-3,3e-3,1e-2
 
 and writes `results.json`, `results.md`, plots and TensorBoard logs under
-`--workdir`. The source-task pretraining is cached there, and every run
+`--workdir`. The source-task pretraining (400 steps) is cached there
+(`--pretrained shipped` loads instead the source models pretrained to a
+plateau that `experiments.vit_plateau` ships in `checkpoints/`), and every run
 (tuning runs too) keeps an orbax checkpoint and its result, so an interrupted
 study resumes where it stopped. The real study, on a machine with the data
 prepared (see README):

@@ -84,8 +84,10 @@ class PlateauConfig:
   shift: int = 2  # Random translation by up to this many pixels (0: none).
   val_fraction: float = 0.1  # Of the source training split, held out.
   eval_every: int = 250  # Validation accuracy every this many steps.
-  window: int = 5000  # Stop when the last `window` steps did not improve...
-  min_delta: float = 0.006  # ...the best validation accuracy by more than this.
+  # Stop when the best validation accuracy of the last `window` steps is at
+  # most `min_delta` above the best before them (`plateaued`).
+  window: int = 5000  # Steps the plateau must last.
+  min_delta: float = 0.006  # Smallest gain of validation accuracy that counts.
   max_steps: int = 20000  # Stop here at the latest.
   seed: int = 0  # Initialisation, data order and shifts.
   eval_batch_size: int = 500  # Batch size of evaluation.

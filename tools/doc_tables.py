@@ -227,15 +227,13 @@ def vit_plateau() -> str:
 
 
 def vit_plateau_curve(every: int = 1000) -> str:
-  """Validation accuracy every `every` steps, and at each run's last step."""
-  curves = {
-    t: dict(map(tuple, load(f"checkpoints/vit_{t}_plateau.json")["val_curve"]))
-    for t in TASKS
+  """Validation accuracy every `every` steps, at each run's best and last step."""
+  records = {t: load(f"checkpoints/vit_{t}_plateau.json") for t in TASKS}
+  curves = {t: dict(map(tuple, r["val_curve"])) for t, r in records.items()}
+  marked = {r["best_step"] for r in records.values()} | {
+    r["steps"] for r in records.values()
   }
-  last = {t: max(c) for t, c in curves.items()}
-  steps = sorted(
-    {s for c in curves.values() for s in c if s % every == 0} | set(last.values())
-  )
+  steps = sorted({s for c in curves.values() for s in c if s % every == 0} | marked)
   rows = [
     [f"{s:,}", *(f"{curves[t][s]:.3f}" if s in curves[t] else "" for t in TASKS)]
     for s in steps
