@@ -239,6 +239,18 @@ def _augment(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]
   return {**record, "image": image}
 
 
+def _shift(record: dict[str, Any], rng: np.random.Generator, pad: int) -> dict:
+  """The image moved by up to `pad` pixels along each axis, the border zero-filled
+  (the background of the digits), never flipped."""
+  image = np.asarray(record["image"])
+  if image.ndim == 2:
+    image = image[..., None]
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+  return {**record, "image": padded[dy : dy + h, dx : dx + w]}
+
+
 def train_batches(
   source,
   batch_size: int,
@@ -246,6 +258,7 @@ def train_batches(
   *,
   image_size: int | None = None,
   augment: bool = False,
+  shift: int = 0,
 ) -> grain.MapDataset:
   """Infinite training batches, random access by step.
 
@@ -260,6 +273,8 @@ def train_batches(
     image_size: Bilinear resize to `image_size` x `image_size` when given.
     augment: CIFAR-style random crop after 4-pixel reflect padding and random
       horizontal flip, applied at the source resolution before resizing.
+    shift: Random translation by up to `shift` pixels along each axis, the
+      border zero-filled, no flip (digits); at the source resolution.
 
   Returns:
     A `grain.MapDataset` whose element `step` is `{"image": float32
@@ -268,6 +283,8 @@ def train_batches(
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if augment:
     ds = ds.random_map(_augment)
+  if shift:
+    ds = ds.random_map(functools.partial(_shift, pad=shift))
   ds = ds.map(functools.partial(preprocess, image_size=image_size))
   return ds.batch(batch_size, drop_remainder=True)
 

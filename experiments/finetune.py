@@ -15,7 +15,9 @@ and bottleneck adapters:
   python -m experiments.finetune --methods fair --lr_grid=3e-4,1e-3,3e-3,1e-2
 
 and writes `results.json`, `results.md`, plots and TensorBoard logs under
-`--workdir`. The source-task pretraining is cached there, and every run
+`--workdir`. The source-task pretraining (400 steps) is cached there
+(`--pretrained shipped` loads instead the source models pretrained to a
+plateau that `experiments.vit_plateau` ships in `checkpoints/`), and every run
 (tuning runs too) keeps an orbax checkpoint and its result, so an interrupted
 study resumes where it stopped. The real study, on a machine with the data
 prepared (see README):
@@ -44,6 +46,7 @@ from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import store
 from experiments import train as train_lib
+from experiments import vit_plateau
 from experiments.report import markdown
 from experiments.report import plots
 from experiments.report import summarize
@@ -100,6 +103,11 @@ class Config(methods_lib.Hyper):
   scan: bool = False
   image_size: int = 0  # 0: the data's own size.
   batch_size: int = 64  # Fine-tuning batch size.
+  # Source model of the embedded tasks: "train" pretrains it here for
+  # --pretrain_steps steps (cached in the workdir); "shipped" loads the one
+  # pretrained to a plateau, checkpoints/vit_<task>_plateau.npz
+  # (experiments.vit_plateau), checked against its sidecar's SHA-256.
+  pretrained: str = "train"
   pretrain_steps: int = 400  # Source-task pretraining steps (embedded tasks).
   pretrain_learning_rate: float = 1e-3  # Source-task pretraining: Adam's rate.
   pretrain_batch_size: int = 64  # Source-task pretraining: batch size.
@@ -181,6 +189,17 @@ class Config(methods_lib.Hyper):
       )
     if not self.workdir.strip():
       raise ValueError("--workdir must name a directory, got an empty string.")
+    if self.pretrained not in ("train", "shipped"):
+      raise ValueError(
+        f"--pretrained must be train or shipped, got {self.pretrained!r}."
+      )
+    if self.pretrained == "shipped":
+      if self.dataset != "embedded":
+        raise ValueError(
+          "--pretrained shipped is for the embedded tasks (their source "
+          f"tasks), not --dataset {self.dataset}."
+        )
+      self.run_settings()  # Raises naming a missing checkpoint.
     self.learning_rates()
     budgeted = [
       n
@@ -222,6 +241,10 @@ class Config(methods_lib.Hyper):
         out[k] = getattr(self, k)
     if self.scan:
       out["scan"] = True
+    if self.pretrained == "shipped":  # Which checkpoints, by their hashes.
+      out["pretrained"] = {
+        t: vit_plateau.recorded_sha256(t) for t in self.tasks.split(",") if t
+      }
     return out
 
 
@@ -307,6 +330,22 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
     where, params, {"test_accuracy": record["test_accuracy"], "settings": settings}
   )
   return params, record["test_accuracy"]
+
+
+def shipped(cfg: Config, name: str, task: data_lib.Task, example):
+  """The shipped source model of task `name` (`vit_plateau.load_shipped`), and
+  what to record of it: its path, SHA-256 and source test accuracy."""
+  model = vit_plateau.model_config(cfg, task.num_classes, example)
+  params, record = vit_plateau.load_shipped(name, model)
+  npz = vit_plateau.paths(name)[0]
+  info = {
+    "path": str(npz.relative_to(vit_plateau.ROOT)),
+    "sha256": record["sha256"],
+    "source_test_accuracy": record["source_test_accuracy"],
+    "best_val_accuracy": record["best_val_accuracy"],
+    "steps": record["steps"],
+  }
+  return params, info
 
 
 def _new_head(params, fresh):
@@ -400,7 +439,11 @@ def prepare(
   info: dict[str, Any] = {"num_classes": target.num_classes}
   forget = None
   if source is not None:
-    pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
+    if cfg.pretrained == "shipped":
+      pre, info["pretrained"] = shipped(cfg, task_name, source, example)
+      info["pretrain_accuracy"] = info["pretrained"]["source_test_accuracy"]
+    else:
+      pre, info["pretrain_accuracy"] = pretrain(cfg, task_name, source, example)
     pre = scan_params(pre, cfg.scan)
     params = _new_head(pre, fresh)
     # Forgetting: the fine-tuned body with the source task's head, kept aside.

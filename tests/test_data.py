@@ -210,6 +210,35 @@ def test_augment_is_a_padded_crop_and_flip(source):
     assert any(np.array_equal(c, y) for c in crops)
 
 
+def _translated(x, dy, dx):
+  """`x` [H, W, C] moved down `dy` and right `dx` pixels, zeros let in."""
+  out = np.zeros_like(x)
+  h, w = x.shape[:2]
+  out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+    max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+  ]
+  return out
+
+
+def test_shift_is_a_zero_filled_translation_and_never_a_flip(source):
+  plain = data.train_batches(source, 16, seed=1)[2]
+  shifted = data.train_batches(source, 16, seed=1, shift=2)[2]
+  again = data.train_batches(source, 16, seed=1, shift=2)[2]
+  np.testing.assert_array_equal(shifted["image"], again["image"])
+  np.testing.assert_array_equal(plain["label"], shifted["label"])
+  moves = []
+  for x, y in zip(to_uint8(plain["image"]), to_uint8(shifted["image"]), strict=True):
+    found = [
+      (dy, dx)
+      for dy in range(-2, 3)
+      for dx in range(-2, 3)
+      if np.array_equal(_translated(x, dy, dx), y)
+    ]
+    assert found, "not a translation by at most 2 pixels"
+    moves.append(found[0])
+  assert len(set(moves)) > 3  # Drawn per example.
+
+
 def test_image_size_resizes_bilinearly(source):
   plain = data.train_batches(source, 8, seed=0)[0]
   big = data.train_batches(source, 8, seed=0, image_size=40)[0]

@@ -6,8 +6,8 @@ A table in a Markdown file sits between two markers,
     | ... |
     <!-- /table -->
 
-and `TABLES[NAME]` makes its rows from `experiments/results/**.json` or
-`benchmarks/results/*.json`, so a table cannot say what its data does not.
+and `TABLES[NAME]` makes its rows from `experiments/results/**.json`,
+`benchmarks/results/*.json` or the shipped checkpoints' `checkpoints/*.json`, so a table cannot say what its data does not.
 
     python -m tools.doc_tables          # rewrite every table in place
     python -m tools.doc_tables --check  # exit 1 naming each table that differs
@@ -193,6 +193,52 @@ def vit_fair(task: str) -> str:
     "update ratio",
   ]
   return _table(head, rows)
+
+
+def vit_plateau() -> str:
+  """The shipped source models (experiments.vit_plateau), next to the default's
+  400-step pretraining."""
+  default = load("experiments/results/results.json")["tasks"]
+  rows = []
+  for task, label in TASKS.items():
+    r = load(f"checkpoints/vit_{task}_plateau.json")
+    minutes, seconds = divmod(round(r["wall_time_s"]), 60)
+    rows.append(
+      [
+        label,
+        f"{r['steps']:,} ({r['stopped'].replace('_', ' ')})",
+        f"{r['best_val_accuracy']:.3f} (step {r['best_step']:,})",
+        f"{r['source_test_accuracy']:.3f}",
+        f"{default[task]['pretrain_accuracy']:.3f}",
+        f"{minutes} min {seconds:02d} s",
+        f"`{r['sha256'][:12]}`",
+      ]
+    )
+  head = [
+    "task",
+    "steps (why it stopped)",
+    "best validation accuracy",
+    "source test accuracy",
+    "source test, 400-step default",
+    "wall time",
+    "SHA-256",
+  ]
+  return _table(head, rows)
+
+
+def vit_plateau_curve(every: int = 1000) -> str:
+  """Validation accuracy every `every` steps, at each run's best and last step."""
+  records = {t: load(f"checkpoints/vit_{t}_plateau.json") for t in TASKS}
+  curves = {t: dict(map(tuple, r["val_curve"])) for t, r in records.items()}
+  marked = {r["best_step"] for r in records.values()} | {
+    r["steps"] for r in records.values()
+  }
+  steps = sorted({s for c in curves.values() for s in c if s % every == 0} | marked)
+  rows = [
+    [f"{s:,}", *(f"{curves[t][s]:.3f}" if s in curves[t] else "" for t in TASKS)]
+    for s in steps
+  ]
+  return _table(["step", *(f"{label} validation" for label in TASKS.values())], rows)
 
 
 def ablation(path: str, reference: str = "default", same: str = "default") -> str:
@@ -461,6 +507,8 @@ TABLES: dict[str, Callable[[], str]] = {
     same="reference",
   ),
   **{f"vit_scan_{t}": functools.partial(vit_scan, t) for t in TASKS},
+  "vit_plateau": vit_plateau,
+  "vit_plateau_curve": vit_plateau_curve,
   "lm": lm,
   "lm_thresh": functools.partial(lm, "experiments/results/lm_thresh/results.json"),
   "lm_b07": functools.partial(lm, "experiments/results/lm_b07/results.json"),
