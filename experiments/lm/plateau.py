@@ -54,6 +54,7 @@ from experiments import checkpoint
 from experiments import cli
 from experiments.lm import data
 from experiments.lm import model as lm
+from experiments.lm import pretrain as pretrain_lib
 from experiments.lm import shipped
 from experiments.lm import train as train_lib
 from experiments.lm.methods import Decoder
@@ -159,15 +160,9 @@ class Config:
 
 
 def model_config(cfg: Config) -> lm.Config:
-  """The decoder trained (scanned layers, float32)."""
-  return lm.Config(
-    d_model=cfg.d_model,
-    n_layers=cfg.n_layers,
-    n_heads=cfg.n_heads,
-    n_kv_heads=cfg.n_kv_heads,
-    d_ff=cfg.d_ff,
-    max_len=cfg.context,
-  )
+  """The decoder trained (scanned layers, float32): the study's own reading
+  of the same flags."""
+  return pretrain_lib.model_config(cfg)
 
 
 def settings(cfg: Config) -> dict[str, Any]:
