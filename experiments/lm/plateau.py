@@ -1,6 +1,6 @@
 """Pretraining a decoder until its validation loss stops improving, resumably.
 
-  python -m experiments.lm.plateau --workdir /work/lm_plateau  # train, export
+  python -m experiments.lm.plateau   # train (into workdir/lm_plateau), resume, export
   python -m experiments.lm.plateau --help                      # every flag
 
 Trains on the train split of `--corpus` (`"python_source"`: the stdlib and
