@@ -241,6 +241,8 @@ class Config(methods_lib.Hyper):
         out[k] = getattr(self, k)
     if self.scan:
       out["scan"] = True
+    if not self.gate_recompute:  # Same results; recorded all the same.
+      out["gate_recompute"] = False
     if self.pretrained == "shipped":  # Which checkpoints, by their hashes.
       out["pretrained"] = {
         t: vit_plateau.recorded_sha256(t) for t in self.tasks.split(",") if t

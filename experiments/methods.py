@@ -153,9 +153,8 @@ class Hyper:
   budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the trained ("top").
   budget_refresh: bool = False  # Budgeted RGFT: a full step before decisions.
   budget_exact: bool = False  # Budgeted RGFT: only exact measurements count.
-  greentrainer_period: float = (
-    0.4  # GreenTrainer: re-selects every this much of the run.
-  )
+  greentrainer_period: float = 0.4  # GreenTrainer: re-selects every this part of a run.
+  gate_recompute: bool = True  # Run-time gating: gated branches keep no residuals.
 
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range."""
@@ -241,6 +240,7 @@ class Method:
   # model): variant `steps.RUNTIME` takes it as a boolean array, and a step
   # is charged `runtime.step(variant)` FLOPs.
   runtime: rgft_jax.DetachCosts | None = None
+  recompute: bool = False  # Runtime-gated branches keep no residuals.
 
   def flags(self, variant: frozenset[str]) -> np.ndarray:
     """`variant` as a runtime step's boolean array over the components."""
@@ -494,6 +494,7 @@ def _budgeted(s: Setup) -> Method:
     exact=h.budget_exact,
     build_step=steps_lib.detached_step,
     runtime=s.costs.detach if tracker.scanned or dropbp else None,
+    recompute=h.gate_recompute and (tracker.scanned or dropbp),
   )
 
 

@@ -117,6 +117,7 @@ def detached_step(model: nn.Module, method, variant: frozenset[str]):
     method.components,
     has_aux=True,
     exact=method.exact,
+    recompute=method.recompute,
   )
 
   def step(params, opt_state, batch, flags=None):
