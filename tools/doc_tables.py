@@ -267,9 +267,9 @@ def ablation(path: str, reference: str = "default", same: str = "default") -> st
 
 
 def vit_scan(task: str) -> str:
-  """The default run looped and with `--scan`, on one machine: accuracy,
-  the paired difference scan - loop over seeds, costs and compilations (not
-  wall time: other jobs loaded the machine during both runs)."""
+  """The default run looped and with `--scan`, one after the other on one
+  machine: accuracy, the paired difference scan - loop over seeds, costs and
+  compilations."""
   import numpy as np
 
   from experiments import compare
@@ -284,7 +284,7 @@ def vit_scan(task: str) -> str:
       rows.append(
         [name, _acc(a["accuracy_mean"], a["accuracy_std"]), f"not run: {why}"]
       )
-      rows[-1] += [""] * 5
+      rows[-1] += [""] * 7
       continue
     by = {
       (r["method"], r["seed"]): r["test_accuracy"]
@@ -301,6 +301,8 @@ def vit_scan(task: str) -> str:
         _acc(b["accuracy_mean"], b["accuracy_std"]),
         f"{mean * 100:+.1f} pt (± {half * 100:.1f})",
         f"{a['flops_vs_full']:.3f} / {b['flops_vs_full']:.3f}",
+        f"{a['time_vs_full']:.2f} / {b['time_vs_full']:.2f}",
+        f"{a['time_per_flop_vs_full']:.2f} / {b['time_per_flop_vs_full']:.2f}",
         f"{a['peak_bytes'] / MIB:.1f} / {b['peak_bytes'] / MIB:.1f}",
         f"{a['compilations']} / {b['compilations']}",
       ]
@@ -311,6 +313,8 @@ def vit_scan(task: str) -> str:
     "test acc, scan",
     "scan - loop, paired (95% CI)",
     "FLOPs vs full (loop / scan)",
+    "time vs full (loop / scan)",
+    "time / FLOPs vs full (loop / scan)",
     "peak MiB (loop / scan)",
     "compilations (loop / scan)",
   ]
