@@ -197,6 +197,7 @@ def expected_run(cfg, values: dict[int, float]) -> tuple[int, str, int, list[int
       return start, by, t, steps
 
 
+@pytest.mark.slow
 def test_the_run_stops_where_the_rule_says(tmp_path):
   cfg = plateau.Config.tiny(workdir=str(tmp_path), max_steps=400)
   # Falls fast, then by less than the threshold (0.05) over two evaluations
@@ -232,6 +233,7 @@ def test_without_a_plateau_the_cooldown_starts_in_time_for_max_steps(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_updates_equal_an_optax_adamw_loop(tmp_path):
   cfg = plateau.Config.tiny(workdir=str(tmp_path), max_steps=1000, eval_every=10)
   falling = {t: 10.0 - 0.01 * t for t in range(1, 100)}
@@ -271,6 +273,7 @@ def test_updates_equal_an_optax_adamw_loop(tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
   cfg = plateau.Config.tiny(workdir=str(tmp_path / "whole"))
   whole, whole_progress = plateau.train(cfg)
@@ -292,6 +295,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
   assert jax.tree.all(jax.tree.map(np.array_equal, again, whole))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
   cfg = plateau.Config.tiny(workdir=str(tmp_path))
   plateau.train(cfg, should_stop=lambda t: t == 3)

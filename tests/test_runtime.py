@@ -237,6 +237,7 @@ def test_twenty_detached_sets_compile_once():
   assert sparse.compilations == 1
 
 
+@pytest.mark.slow
 def test_dropbp_draws_every_step_from_one_compilation():
   _, _, x, y = _setup()
   model, params = _model("scan")

@@ -89,6 +89,7 @@ def test_scanned_components_are_per_layer(setup):
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.slow
 def test_runtime_detaching_one_layer_equals_stop_gradient(setup, seed):
   params, x, y = setup
   tracker = rgft_jax.ErrorTracker(Scanned(), select="branches")

@@ -339,6 +339,7 @@ def test_shared_parameters_belong_to_no_component():
 @pytest.mark.parametrize(
   "detach", [(), ("block0/attn",), ("block0/cross", "block1/cross")]
 )
+@pytest.mark.slow
 def test_shared_parameters_keep_their_gradients_and_the_map_is_finite(detach):
   model, params, src, tgt, y = _shared_setup()
   tracker = rgft_jax.ErrorTracker(model)

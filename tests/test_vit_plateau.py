@@ -106,6 +106,7 @@ def test_the_rule_agrees_with_the_hand_written_one_on_random_curves():
     assert code == _first_stop_by_hand(curve, window, delta)
 
 
+@pytest.mark.slow
 def test_training_stops_where_the_rule_says_and_keeps_the_best(tmp_path, monkeypatch):
   def fake(values):
     it = iter(values)
@@ -139,6 +140,7 @@ def test_training_stops_where_the_rule_says_and_keeps_the_best(tmp_path, monkeyp
 # Resume ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
   task = _noise_task()
   straight, log = vit_plateau.train(_tiny(tmp_path / "a"), "noise", task, say=_quiet)
@@ -256,6 +258,7 @@ def test_the_shipped_checkpoints_load_for_the_study():
     assert record["best_val_accuracy"] == max(a for _, a in record["val_curve"])
 
 
+@pytest.mark.slow
 def test_prepare_starts_from_the_shipped_checkpoint():
   cfg = finetune.Config(pretrained="shipped", scan=True, tasks="label_shift")
   cfg.validate()
