@@ -472,7 +472,7 @@ def _budgeted(s: Setup) -> Method:
       every=1 if dropbp else h.budget_every,
       rule=rule,
       ramp_steps=h.budget_ramp,
-      hysteresis=h.budget_hysteresis if rule == "top" else 0.0,
+      hysteresis=h.budget_hysteresis,
       seed=s.seed,
       unit=s.costs.full,
       refresh=h.budget_refresh,

@@ -371,7 +371,8 @@ class Budget:
     every: steps between decisions.
     rule: one of `RULES` (above).
     ramp_steps: steps over which the allowance falls from a full step.
-    hysteresis: bonus of the components trained now, >= 0 (`"top"` only).
+    hysteresis: bonus of the components trained now, >= 0 (`"top"` and
+      `"shuffled"`).
     seed: seed of `"sample"` and `"uniform"` (one draw per decision step)
       and of `"shuffled"`'s permutation, an integer >= 0.
     unit: the FLOPs `budget` is a fraction of, finite and > 0; default

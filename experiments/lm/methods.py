@@ -489,7 +489,7 @@ def _budgeted(rule: str):
           total_steps=cfg.steps,
           every=1 if dropbp else cfg.budget_every,
           rule=rule,
-          hysteresis=cfg.budget_hysteresis if rule == "top" else 0.0,
+          hysteresis=cfg.budget_hysteresis,
           seed=seed,
           unit=costs.full,  # A fraction of a plain full fine-tuning step.
           depth=depth,
