@@ -53,10 +53,13 @@ def describe(select: Select) -> str:
       "finding none, for the `out` projection of flax.linen."
       "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
     )
-  try:
-    source = inspect.getsource(select).strip()
-  except (OSError, TypeError):
-    source = getattr(select, "__qualname__", repr(select))
+  if isinstance(select, str):
+    source = repr(select)  # Not a predicate: a string has no source.
+  else:
+    try:
+      source = inspect.getsource(select).strip()
+    except (OSError, TypeError):
+      source = getattr(select, "__qualname__", repr(select))
   return f"the predicate {source!r}"
 
 
@@ -94,7 +97,8 @@ def ordered_names(taps: Sequence[Tap]) -> list[str]:
       while j < len(taps) and (taps[j].root, taps[j].layers) == key:
         j += 1
       group = [c for t in taps[i:j] for c in columns(t)]
-      group.sort(key=lambda c: c[1])  # Stable: call order within a layer.
+      # Stable: call order within a layer (a scan's taps all have one).
+      group.sort(key=lambda c: -1 if c[1] is None else c[1])
       names += [n for n, _, _ in group]
     else:
       names += [n for n, _, _ in columns(taps[i])]
@@ -135,7 +139,8 @@ def _owner(taps: Sequence[Tap], path: str) -> tuple[Tap, str] | None:
   pre-norm with the branch it feeds, a head's slices of the query/key/value
   kernels and biases and of the output kernel, or what `owns` gave.
   """
-  best, found = -1, []
+  best = -1
+  found: list[tuple[Tap, str]] = []
   for tap in taps:
     for prefix, how in _claims(tap):
       joined = "/".join(prefix) + "/"
@@ -170,15 +175,17 @@ def _squeeze_constant(index: np.ndarray) -> np.ndarray:
 
 def _entry_index(tap: Tap, heads: np.ndarray, number: dict[str, int]) -> np.ndarray:
   """Component numbers of a leaf whose entries each belong to a head (or -1)."""
+  if tap.heads is None:
+    raise ValueError(f"{'/'.join(tap.path)!r} is not tapped per head.")
   table = np.full([tap.layers or 1, tap.heads], -1, np.int32)
   for name, layer, col in columns(tap):
     table[layer or 0, col] = number.get(name, -1)
-  layer = np.zeros(heads.shape, np.int32)
+  layer_of: np.ndarray = np.zeros(heads.shape, np.int32)  # Of each entry.
   if tap.layers is not None:
-    layer = np.broadcast_to(
+    layer_of = np.broadcast_to(
       np.arange(heads.shape[0]).reshape((-1,) + (1,) * (heads.ndim - 1)), heads.shape
     )
-  index = np.where(heads >= 0, table[layer, np.maximum(heads, 0)], -1)
+  index = np.where(heads >= 0, table[layer_of, np.maximum(heads, 0)], -1)
   return _squeeze_constant(index.astype(np.int32))
 
 

@@ -88,10 +88,11 @@ class Tap:
 
   def per_head(self, fn: Callable[[Any], Any], value: Any) -> Any:
     """`fn(value)` with the heads on axis -2 of each leaf (as `(heads, dim)`)."""
-    if self.heads is None:
+    heads = self.heads
+    if heads is None:
       return fn(value)
     shapes = [v.shape for v in jax.tree.leaves(value)]
-    out = fn(jax.tree.map(lambda v: per_head_view(v, self.heads, self.features), value))
+    out = fn(jax.tree.map(lambda v: per_head_view(v, heads, self.features), value))
     leaves, treedef = jax.tree.flatten(out)
     return jax.tree.unflatten(
       treedef, [v.reshape(s) for v, s in zip(leaves, shapes, strict=True)]
@@ -156,7 +157,7 @@ def compare_stacked(path: Path, inner: dict[str, Any], outer: dict[str, Any]):
   common = [k for k in inner if k in outer]
   if not common:
     return None
-  layers = set()
+  layers: set[int | str | None] = set()  # "?": shapes that do not relate.
   for k in common:
     s_in, s_out = tuple(np.shape(inner[k])), tuple(np.shape(outer[k]))
     if s_in == s_out:
@@ -369,7 +370,8 @@ def nnx_run(
   originals = {cls: vars(cls)["__call__"] for cls in classes}
   with contextlib.ExitStack() as stack:
     for cls, original in originals.items():
-      cls.__call__ = wrap(original)
+      # Patched on the (user's) class for this call only; restored below.
+      cls.__call__ = wrap(original)  # type: ignore[method-assign]
       stack.callback(setattr, cls, "__call__", original)
     return loss_fn(live, *args, **kwargs)
 

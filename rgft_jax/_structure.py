@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -172,7 +173,7 @@ class _Graph:
           self._users[d].append(m)
     return self._users[n]
 
-  def walk(self, jaxpr, inputs: list[int | None]) -> list[int | None]:
+  def walk(self, jaxpr, inputs: Sequence[int | None]) -> list[int | None]:
     """Adds `jaxpr`'s equations, its inputs bound to `inputs`; returns its outputs."""
     env: dict[Any, int] = {}
     for v in jaxpr.constvars:

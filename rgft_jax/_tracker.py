@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from collections.abc import Collection
 from typing import Any
+from typing import cast
 
 import flax.errors
 import flax.linen as nn
@@ -192,10 +193,13 @@ class ErrorTracker:
     if not path or self.select == "heads":
       return False
     if self.select == "branches":
-      if self._branches or self._all_shared:
-        return (path, call) in self._branches
+      branches = self._branches  # Set with `_structure`, so `_all_shared` implies it.
+      if branches is not None and (branches or self._all_shared):
+        return (path, call) in branches
       return is_branch(path, module)
-    return bool(self.select(path, module))
+    # Neither string: a predicate (`__init__` accepts no other).
+    predicate = cast(Callable[[Path, Module], bool], self.select)
+    return bool(predicate(path, module))
 
   @property
   def _all_shared(self) -> bool:
@@ -302,12 +306,12 @@ class ErrorTracker:
     """
     if not self._is_nnx:
 
-      def run(params, visit, embed=None, calls=None, handle=None, around=None):
+      def run_linen(params, visit, embed=None, calls=None, handle=None, around=None):
         if handle is None:
           handle = self._handler(visit, calls, linen_head_projection, around)
         return linen_run(loss_fn, params, handle, embed, args, kwargs), None
 
-      return model_or_params, run, lambda state: None
+      return model_or_params, run_linen, lambda state: None
 
     model = model_or_params
     if not isinstance(model, nnx.Module):
@@ -315,21 +319,23 @@ class ErrorTracker:
         "With a Flax NNX model, the loss function's first argument is the model "
         f"(an nnx.Module), got {type(model).__name__}."
       )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others  # Two filters, two states.
 
-    def run(params, visit, embed=None, calls=None, handle=None, around=None):
+    def run_nnx(params, visit, embed=None, calls=None, handle=None, around=None):
       live = nnx.merge(graphdef, params, rest, copy=True)
       if handle is None:
         handle = self._handler(visit, calls, nnx_head_projections(live), around)
       out = nnx_run(loss_fn, live, handle, embed, args, kwargs)
       return out, nnx.split(live, nnx.Param, ...)[2]
 
-    return params, run, lambda state: nnx.update(model, state)
+    return params, run_nnx, lambda state: nnx.update(model, state)
 
   def _record(self, run, params, inputs) -> tuple[list[tuple[Tap, Any]], list]:
     """Taps (with abstract values) and module calls of `run(params, ...)`;
     `inputs` (the model's or the loss's arguments) tell the batch size."""
-    taps, calls = [], []
+    taps: list[tuple[Tap, Any]] = []
+    calls: list[tuple[Path, Module]] = []
 
     def visit(tap, value, read):
       del read
