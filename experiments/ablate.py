@@ -43,6 +43,7 @@ QUICK = {
   "tasks": "label_shift",
   "seeds": 1,
   "size": "mu",
+  "pretrained": "train",  # The shipped source models are ViT-xs.
   "steps": 6,
   "pretrain_steps": 6,
   "batch_size": 16,
@@ -55,7 +56,7 @@ QUICK = {
   "progress": False,
 }
 # Flags of the fine-tuning study that mean nothing here.
-_NOT_HERE = ("methods", "lr_grid", "tune_seeds")
+_NOT_HERE = ("methods", "lr_grid", "tune_seeds", "tune_budget")
 
 
 @dataclasses.dataclass(frozen=True)

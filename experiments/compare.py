@@ -10,6 +10,7 @@ with its 95% t-interval and the per-seed differences.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,29 +28,120 @@ def interval(diffs: np.ndarray) -> tuple[float, float]:
   return float(diffs.mean()), float(half)
 
 
-def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
-  """Test-accuracy differences `a - b` on the seeds both methods ran.
+def paired(
+  runs: list[dict[str, Any]], a: str, b: str, key: str = "test_accuracy"
+) -> dict[str, Any] | None:
+  """Differences `a - b` of `key` (a run record's metric) on the seeds both
+  methods ran, with the 95% t-interval's half-width (`interval`).
 
   None when `a` or `b` did not run; ValueError when they share no seed, or a
   seed of one method appears twice.
   """
-  acc: dict[str, dict[int, float]] = {}
+  by: dict[str, dict[int, float]] = {}
   for r in runs:
-    seeds = acc.setdefault(r["method"], {})
+    seeds = by.setdefault(r["method"], {})
     if r["seed"] in seeds:
       raise ValueError(f"{r['method']} has two runs of seed {r['seed']}.")
-    seeds[r["seed"]] = r["test_accuracy"]
-  if a not in acc or b not in acc:
+    seeds[r["seed"]] = r[key]
+  if a not in by or b not in by:
     return None
-  seeds = sorted(set(acc[a]) & set(acc[b]))
+  seeds = sorted(set(by[a]) & set(by[b]))
   if not seeds:
     raise ValueError(
-      f"{a} and {b} share no seed ({a}: seeds {sorted(acc[a])}, {b}: seeds "
-      f"{sorted(acc[b])}); a paired difference needs runs of the same seeds."
+      f"{a} and {b} share no seed ({a}: seeds {sorted(by[a])}, {b}: seeds "
+      f"{sorted(by[b])}); a paired difference needs runs of the same seeds."
     )
-  diffs = np.array([acc[a][s] - acc[b][s] for s in seeds])
+  diffs = np.array([by[a][s] - by[b][s] for s in seeds])
   mean, half = interval(diffs)
   return {"seeds": seeds, "diffs": diffs.tolist(), "mean": mean, "ci95": half}
+
+
+# The peers of budgeted RGFT (`rgft_jax.Budget` rules of the same name).
+PEERS = ("dropbp", "greentrainer")
+# `--methods peers` of either study: budgeted RGFT, its peers and the
+# controls at each of these budgets, with the study's own baselines added.
+PEER_BUDGETS = (0.4, 0.5, 0.7)
+PEER_STUDY = (
+  "rgft_budget",
+  *PEERS,
+  "shuffled_budget",
+  "static_budget",
+  "surgical_first",
+  "surgical_last",
+  "uniform_budget",
+)
+
+
+def peer_methods(extra: tuple[str, ...]) -> tuple[str, ...]:
+  """Full fine-tuning, then at each of PEER_BUDGETS every method of
+  PEER_STUDY and of `extra` (budgeted baselines such as "full")."""
+  return ("full", *(f"{m}@{b:g}" for b in PEER_BUDGETS for m in (*PEER_STUDY, *extra)))
+
+
+def tuned_as(name: str, parse, budget: float) -> str:
+  """The method whose learning-rate search `name` reuses when budgeted
+  methods are tuned at `budget` only (0: each on its own): the same method
+  at that budget, or `name` itself."""
+  base, b = parse(name)
+  if b is None or not budget or b == budget:
+    return name
+  return f"{base}@{budget:g}"
+
+
+def versus_peers(
+  runs: list[dict[str, Any]],
+  summary: dict[str, dict[str, Any]],
+  parse: Callable[[str], tuple[str, float | None]],
+  *,
+  key: str,
+  mean: str,
+  higher_is_better: bool,
+) -> None:
+  """Adds to `summary[name]` of each budgeted method (`parse(name)` gives
+  `(base, budget)`) the paired difference in `key` to the best peer at its
+  budget: `best_peer` (the peer whose `summary[...][mean]` is best; a peer is
+  not compared with itself), `diff_vs_best_peer` and `diff_vs_best_peer_ci95`.
+  """
+  budgets = {n: parse(n) for n in summary}
+  for name, s in summary.items():
+    budget = budgets[name][1]
+    if budget is None:
+      continue
+    peers = [
+      n
+      for n, (base, b) in budgets.items()
+      if b == budget and base in PEERS and n != name
+    ]
+    if not peers:
+      continue
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(peers, key=lambda n: sign * summary[n][mean])
+    p = paired(runs, name, best, key)
+    if p is not None:
+      s["best_peer"] = best
+      s["diff_vs_best_peer"], s["diff_vs_best_peer_ci95"] = p["mean"], p["ci95"]
+
+
+def head_to_head(
+  runs: list[dict[str, Any]],
+  names: list[str],
+  parse: Callable[[str], tuple[str, float | None]],
+  method: str,
+  key: str,
+) -> dict[str, dict[float, dict[str, Any]]]:
+  """`method` (a base name such as "rgft_budget") against every other method
+  at each budget it ran: `{other base: {budget: paired(method@b - other@b)}}`
+  (full fine-tuning given the same FLOPs is the base "full")."""
+  parsed = {n: parse(n) for n in names}
+  mine = {b: n for n, (base, b) in parsed.items() if base == method and b is not None}
+  out: dict[str, dict[float, dict[str, Any]]] = {}
+  for budget, name in sorted(mine.items()):
+    others = [n for n, (base, b) in parsed.items() if b == budget and base != method]
+    for other in others:
+      p = paired(runs, name, other, key)
+      if p is not None:
+        out.setdefault(parsed[other][0], {})[budget] = p
+  return out
 
 
 def _tasks(results: Any, path: str) -> dict[str, list[dict[str, Any]]]:

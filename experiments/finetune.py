@@ -1,7 +1,8 @@
 """ViT fine-tuning study: RGFT against the usual methods, side by side.
 
 The default runs the two embedded transfer tasks (data shipped in pip
-packages, no download) on a small ViT, with 5 seeds: full fine-tuning, soft
+packages, no download) on a small ViT pretrained on each task's source to a
+plateau (the checkpoints shipped in `checkpoints/`), with 5 seeds: full fine-tuning, soft
 RGFT, budgeted RGFT at budget 0.5, the same budget spent uniformly at random,
 and full fine-tuning and LISA given the same FLOPs, every method at one
 learning rate. `--lr_grid` picks each method's rate from one shared grid on a
@@ -13,11 +14,13 @@ and bottleneck adapters:
   python -m experiments.finetune                 # the default
   python -m experiments.finetune --methods all   # every method at every budget
   python -m experiments.finetune --methods fair --lr_grid=3e-4,1e-3,3e-3,1e-2
+  python -m experiments.finetune --methods peers --lr_grid=3e-4,1e-3,3e-3 \
+      --tune_seeds 2 --tune_budget 0.5   # against DropBP, GreenTrainer, controls
 
 and writes `results.json`, `results.md`, plots and TensorBoard logs under
-`--workdir`. The source-task pretraining (400 steps) is cached there
-(`--pretrained shipped` loads instead the source models pretrained to a
-plateau that `experiments.vit_plateau` ships in `checkpoints/`), and every run
+`--workdir`. `experiments.vit_plateau` rebuilds the shipped source models;
+`--pretrained train` pretrains them here instead for 400 steps, as the
+committed results before the peers study did (cached in the workdir). Every run
 (tuning runs too) keeps an orbax checkpoint and its result, so an interrupted
 study resumes where it stopped. The real study, on a machine with the data
 prepared (see README):
@@ -42,6 +45,7 @@ import orbax.checkpoint as ocp
 from experiments import accounting
 from experiments import checkpoint
 from experiments import cli
+from experiments import compare
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import store
@@ -73,6 +77,9 @@ FAIR_METHODS = (
   "adapters",
   *DEFAULT_METHODS[2:],
 )
+# `--methods peers`: budgeted RGFT beside its peers (DropBP, GreenTrainer),
+# the controls and the equal-FLOPs baselines at each budget.
+PEER_METHODS = compare.peer_methods(("lisa", "full"))
 # Tuning runs use seeds TUNE_SEED, TUNE_SEED + 1, ...: never a reported seed.
 TUNE_SEED = 1000
 # The settings that changed a run's result when the committed study ran.
@@ -91,11 +98,14 @@ class Config(methods_lib.Hyper):
 
   dataset: str = "embedded"  # "embedded", or a tfds name such as "cifar10".
   tasks: str = "label_shift,input_shift"  # Embedded tasks to run.
-  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, "fair" or "all".
+  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, fair, peers or all.
   seeds: int = 5  # Seeds 0..seeds-1 reported (data order, inits, random draws).
   # Rates each method is tuned over on validation ("": --learning_rate only).
   lr_grid: str = ""  # e.g. "3e-4,1e-3,3e-3,1e-2"; empty: --learning_rate for all.
   tune_seeds: int = 1  # Seeds per tuning run (1000, 1001, ...; never reported).
+  # Budgeted methods tuned at this budget only, their rate reused at the
+  # others (0: every name@b tuned on its own).
+  tune_budget: float = 0.0
   size: str = "xs"  # ViT size: mu, xs, Ti, S, B or L.
   patch: int = 7  # Patch size in pixels.
   # Blocks scanned over layers (big_vision's scan=True); budgeted RGFT then
@@ -103,11 +113,11 @@ class Config(methods_lib.Hyper):
   scan: bool = False
   image_size: int = 0  # 0: the data's own size.
   batch_size: int = 64  # Fine-tuning batch size.
-  # Source model of the embedded tasks: "train" pretrains it here for
-  # --pretrain_steps steps (cached in the workdir); "shipped" loads the one
-  # pretrained to a plateau, checkpoints/vit_<task>_plateau.npz
-  # (experiments.vit_plateau), checked against its sidecar's SHA-256.
-  pretrained: str = "train"
+  # Source model of the embedded tasks: "shipped" loads the one pretrained to
+  # a plateau, checkpoints/vit_<task>_plateau.npz (experiments.vit_plateau
+  # rebuilds it), checked against its sidecar's SHA-256; "train" pretrains it
+  # here for --pretrain_steps steps (cached in the workdir).
+  pretrained: str = "shipped"
   pretrain_steps: int = 400  # Source-task pretraining steps (embedded tasks).
   pretrain_learning_rate: float = 1e-3  # Source-task pretraining: Adam's rate.
   pretrain_batch_size: int = 64  # Source-task pretraining: batch size.
@@ -133,6 +143,8 @@ class Config(methods_lib.Hyper):
       names = list(methods_lib.METHODS)
     elif self.methods == "fair":
       names = list(FAIR_METHODS)
+    elif self.methods == "peers":
+      names = list(PEER_METHODS)
     else:
       names = [m for m in self.methods.split(",") if m]
     if not names:
@@ -193,14 +205,13 @@ class Config(methods_lib.Hyper):
       raise ValueError(
         f"--pretrained must be train or shipped, got {self.pretrained!r}."
       )
-    if self.pretrained == "shipped":
-      if self.dataset != "embedded":
-        raise ValueError(
-          "--pretrained shipped is for the embedded tasks (their source "
-          f"tasks), not --dataset {self.dataset}."
-        )
-      self.run_settings()  # Raises naming a missing checkpoint.
+    if self.pretrained == "shipped" and self.dataset == "embedded":
+      for task in self.tasks.split(","):
+        if task:  # Raises naming a missing checkpoint or another model.
+          vit_plateau.check_model(task, self)
     self.learning_rates()
+    if self.tune_budget:
+      cli.parse_budget("--tune_budget", str(self.tune_budget))
     budgeted = [
       n
       for n in self.method_names()
@@ -243,7 +254,7 @@ class Config(methods_lib.Hyper):
       out["scan"] = True
     if not self.gate_recompute:  # Same results; recorded all the same.
       out["gate_recompute"] = False
-    if self.pretrained == "shipped":  # Which checkpoints, by their hashes.
+    if self.pretrained == "shipped" and self.dataset == "embedded":  # By hash.
       out["pretrained"] = {
         t: vit_plateau.recorded_sha256(t) for t in self.tasks.split(",") if t
       }
@@ -380,7 +391,7 @@ def check_sizes(cfg: Config, tasks) -> None:
       "batch_size", cfg.batch_size, len(target.train), f"the {name} training split"
     )
     batches = [("batch_size", cfg.batch_size, target)]
-    if source is not None:
+    if source is not None and cfg.pretrained == "train":
       cli.check_batch(
         "pretrain_batch_size",
         cfg.pretrain_batch_size,
@@ -510,6 +521,13 @@ def tune(cfg: Config, task: TaskSetup, name: str, variants: dict) -> dict[str, A
     "val_accuracy_mean": [float(np.mean(s)) for s in scores],
     "chosen": choose(grid, scores),
   }
+
+
+def tuned_as(cfg: Config, name: str, costs) -> str:
+  """The method whose tuning picks `name`'s rate: `name` itself, or with
+  `--tune_budget` the same method at that budget (where it can run there)."""
+  other = compare.tuned_as(name, methods_lib.parse_name, cfg.tune_budget)
+  return name if methods_lib.infeasible(other, costs, cfg) else other
 
 
 def run_dir(cfg: Config, task: str, name: str, seed: int, tuning: bool) -> str:
@@ -654,9 +672,18 @@ def study(cfg: Config) -> dict[str, Any]:
         infeasible[name] = why
         continue
       variants: dict = {}  # Compiled steps, shared by the seeds.
-      tuning[name] = tune(cfg, task, name, variants)
+      tuned = tuned_as(cfg, name, task.costs)
+      if name in tuning:  # Tuned already, for a method at another budget.
+        pass
+      elif tuned == name:
+        tuning[name] = tune(cfg, task, name, variants)
+      else:
+        if tuned not in tuning:  # Its tuning runs, even if it is not reported.
+          tuning[tuned] = tune(cfg, task, tuned, {})
+        tuning[name] = {**tuning[tuned], "tuned_as": tuned}
       at = dataclasses.replace(cfg, learning_rate=tuning[name]["chosen"])
       runs += [one_run(at, task, name, seed, variants) for seed in range(cfg.seeds)]
+    tuning = {**{n: tuning[n] for n in names if n in tuning}, **tuning}  # In order.
     task.info.update(
       runs=runs, infeasible=infeasible, tuning=tuning, summary=summarize(runs)
     )

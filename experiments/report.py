@@ -72,6 +72,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         s["flops_to_reach_vs_full"] = (
           None if reach is None else reach / base["train_flops"]
         )
+  compare.versus_peers(
+    runs,
+    out,
+    methods_lib.parse_name,
+    key="test_accuracy",
+    mean="accuracy_mean",
+    higher_is_better=True,
+  )
   return out
 
 
@@ -93,12 +101,13 @@ def markdown(results: dict[str, Any]) -> str:
       head += f" (source-task test accuracy after pretraining: {info['pretrain_accuracy']:.3f})"
     lines += [head, ""]
     lines.append(
-      "| method | steps | LR | test acc (mean ± sd) | vs full, paired (95% CI) | source "
+      "| method | steps | LR | test acc (mean ± sd) | vs full, paired (95% CI) | "
+      "vs best peer at its budget, paired (95% CI) | source "
       "acc after (forgetting) | FLOPs vs full | FLOPs to reach full - 0.5 pt | wall s "
       "| time vs full | time / FLOPs vs full | peak MiB | update ratio | step "
       "variants (compiled) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in info["summary"].items():
       diff = s.get("diff_vs_full")
       paired = (
@@ -109,7 +118,8 @@ def markdown(results: dict[str, Any]) -> str:
       lines.append(
         f"| {name} | {s['steps']} | {_rate(s.get('learning_rate'))} | "
         f"{s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | "
-        f"{paired} | {_source(s)} | {_fmt(s.get('flops_vs_full'), '.3f')} | "
+        f"{paired} | {_peer(s)} | {_source(s)} | "
+        f"{_fmt(s.get('flops_vs_full'), '.3f')} | "
         f"{_fmt(s.get('flops_to_reach_vs_full'), '.3f')} | "
         f"{s['wall_s']:.1f} | {_fmt(s.get('time_vs_full'), '.2f')} | "
         f"{_fmt(s.get('time_per_flop_vs_full'), '.2f')} | "
@@ -117,10 +127,52 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['step_variants']} ({s['compilations']}) |"
       )
     for name, why in info.get("infeasible", {}).items():
-      lines.append(f"| {name} | not run: {why} |" + " |" * 12)
+      lines.append(f"| {name} | not run: {why} |" + " |" * 13)
     lines.append("")
+    lines += head_to_head_markdown(info["runs"])
     lines += tuning_markdown(task, info.get("tuning", {}))
   return "\n".join(lines)
+
+
+def _peer(s: dict[str, Any]) -> str:
+  """`-1.2 pt (± 0.8) vs dropbp@0.5`, or n/a."""
+  if "best_peer" not in s:
+    return "n/a"
+  half = _fmt(s["diff_vs_best_peer_ci95"] * 100, ".1f")
+  return f"{s['diff_vs_best_peer'] * 100:+.1f} pt (± {half}) vs {s['best_peer']}"
+
+
+def _points(p: dict[str, Any]) -> str:
+  return f"{p['mean'] * 100:+.1f} pt (± {_fmt(p['ci95'] * 100, '.1f')})"
+
+
+def head_to_head_markdown(
+  runs: list[dict[str, Any]],
+  parse=methods_lib.parse_name,
+  key: str = "test_accuracy",
+  cell=_points,
+  what: str = "test accuracy",
+  method: str = "rgft_budget",
+) -> list[str]:
+  """Lines of a table: `method` minus each other method at the same budget in
+  `key` (`cell` formats a `compare.paired` result), paired over seeds (95%
+  CI), one column per budget; none without budgets."""
+  names = list(dict.fromkeys(r["method"] for r in runs))
+  table = compare.head_to_head(runs, names, parse, method, key)
+  if not table:
+    return []
+  budgets = sorted({b for cells in table.values() for b in cells})
+  lines = [
+    f"{method} minus each method at the same budget, {what}, paired over "
+    'seeds (95% CI); "full" is full fine-tuning given the same FLOPs:',
+    "",
+    "| against | " + " | ".join(f"@{b:g}" for b in budgets) + " |",
+    "|---|" + "---|" * len(budgets),
+  ]
+  for other, cells in table.items():
+    row = ["n/a" if b not in cells else cell(cells[b]) for b in budgets]
+    lines.append(f"| {other} | " + " | ".join(row) + " |")
+  return [*lines, ""]
 
 
 def _rate(x: float | None) -> str:
@@ -129,9 +181,12 @@ def _rate(x: float | None) -> str:
 
 def tuning_markdown(task: str, tuning: dict[str, Any]) -> list[str]:
   """Validation accuracy at each rate of the grid, per method; the chosen in bold."""
-  tuned = {n: t for n, t in tuning.items() if t.get("val_accuracy")}
+  tuned = {
+    n: t for n, t in tuning.items() if t.get("val_accuracy") and "tuned_as" not in t
+  }
   if not tuned:
     return []
+  reused = sorted({t["tuned_as"] for t in tuning.values() if "tuned_as" in t})
   grid = sorted({r for t in tuned.values() for r in t["grid"]})
   lines = [
     f"#### {task}: learning-rate tuning (validation accuracy, mean over "
@@ -149,6 +204,12 @@ def tuning_markdown(task: str, tuning: dict[str, Any]) -> list[str]:
       v = f"{t['val_accuracy_mean'][t['grid'].index(r)]:.3f}"
       cells.append(f"**{v}**" if r == t["chosen"] else v)
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {_rate(t['chosen'])} |")
+  if reused:
+    lines += [
+      "",
+      f"The same methods at the other budgets run at the rate chosen for "
+      f"{', '.join(reused)} (--tune_budget).",
+    ]
   return [*lines, ""]
 
 

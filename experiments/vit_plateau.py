@@ -374,6 +374,27 @@ def recorded_sha256(task: str, directory=SHIPPED_DIR) -> str:
   return store.load_json(str(sidecar))["sha256"]
 
 
+def check_model(task: str, cfg, directory=SHIPPED_DIR) -> None:
+  """Raises ValueError, before any compute, when `cfg`'s ViT (`--size`,
+  `--patch`, `--image_size`) is not the one `task`'s shipped checkpoint holds,
+  or there is none."""
+  recorded_sha256(task, directory)  # Raises when there is none.
+  saved = store.load_json(str(paths(task, directory)[1])).get("model") or {}
+  asked = {"size": cfg.size, "patch": cfg.patch}
+  if cfg.image_size:
+    asked["image_size"] = cfg.image_size
+  diff = [
+    f"--{k} {v!r} (it has {saved.get(k)!r})"
+    for k, v in asked.items()
+    if saved.get(k) != v
+  ]
+  if diff:
+    raise ValueError(
+      f"The shipped {task} checkpoint is for another ViT: {', '.join(diff)}. "
+      "Use its settings, or --pretrained train to pretrain this one."
+    )
+
+
 def load_shipped(task: str, model: dict[str, Any], directory=SHIPPED_DIR):
   """`(params, sidecar)` of `task`'s shipped checkpoint, for the model `model`
   (a `model_config`), after checking the file against its sidecar.

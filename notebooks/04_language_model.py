@@ -11,8 +11,10 @@
 # # RGFT on a byte-level language model
 #
 # A small decoder (`experiments/lm/model.py`: RMSNorm, rotary embeddings,
-# grouped-query attention, gated-SiLU MLP) is pretrained on the standard
-# library's Python source and fine-tuned on pydoc's English help topics. Both
+# grouped-query attention, gated-SiLU MLP) is pretrained here on the standard
+# library's Python source (the study's `--pretrained train`; by default the
+# study loads the larger decoder shipped in `checkpoints/`) and fine-tuned on
+# pydoc's English help topics. Both
 # corpora ship with CPython, so nothing is downloaded. This notebook looks at
 # the pieces of `python -m experiments.lm` one at a time: the two domains, the
 # pretrained decoder, where its error sits on the new domain, why budgeted
@@ -47,7 +49,7 @@ WORKDIR = str(pathlib.Path(os.environ.get("WORKDIR", ROOT / "workdir")) / "lm")
 cfg = (
   study.Config.quick(workdir=WORKDIR)
   if QUICK
-  else study.Config(workdir=WORKDIR, progress=False)
+  else study.Config(workdir=WORKDIR, progress=False, pretrained="train").resolved()
 )
 BATCHES = 2 if QUICK else 8  # Target batches the error maps are averaged over.
 

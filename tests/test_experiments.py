@@ -830,14 +830,21 @@ def test_a_batch_larger_than_the_data_is_refused_before_compute(tmp_path, monkey
     r"split \(\d+ examples\); use at most \d+",
   ):
     finetune.main([f"--workdir={tmp_path}", "--batch_size=100000"])
+  train = [f"--workdir={tmp_path}", "--pretrained=train"]
   with pytest.raises(ValueError, match=r"--pretrain_batch_size 100000 is larger"):
+    finetune.main([*train, "--pretrain_batch_size=100000"])
+  # The shipped source models are not pretrained here: no pretraining batch.
+  monkeypatch.setattr(finetune, "prepare", lambda *a, **k: pytest.fail("computed"))
+  with pytest.raises(pytest.fail.Exception, match="computed"):
     finetune.main([f"--workdir={tmp_path}", "--pretrain_batch_size=100000"])
   # Memory: a batch whose activations cannot fit (here, in 64 MiB) is refused.
   monkeypatch.setattr(
     cli, "available_memory", lambda: (2**26, "test memory"), raising=False
   )
   with pytest.raises(ValueError, match=r"--batch_size 512 needs at least .* GiB"):
-    finetune.main([f"--workdir={tmp_path}", "--batch_size=512", "--size=S"])
+    finetune.main([*train, "--batch_size=512", "--size=S"])
+  with pytest.raises(ValueError, match=r"checkpoint is for another ViT: --size 'S'"):
+    finetune.main([f"--workdir={tmp_path}", "--size=S"])
 
 
 @pytest.mark.slow

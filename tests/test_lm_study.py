@@ -17,6 +17,7 @@ from experiments.lm import data
 from experiments.lm import methods
 from experiments.lm import model as lm
 from experiments.lm import pretrain
+from experiments.lm import shipped
 from experiments.lm import study
 from tests.test_lm_model import reference_logits
 
@@ -278,11 +279,18 @@ def test_pretraining_cache_from_another_setup_or_damaged_is_refused(
       ["--batch_size", "100000"],
       r"--batch_size 100000 is larger than the pydoc train split's windows \(\d+ ",
     ),
-    (["--pretrain_batch_size", "10000000"], r"--pretrain_batch_size 10000000 is"),
+    (
+      ["--pretrained", "train", "--pretrain_batch_size", "10000000"],
+      r"--pretrain_batch_size 10000000 is",
+    ),
+    (["--pretrained", "cached"], "--pretrained must be shipped or train"),
+    (["--d_model", "64"], r"another model: --d_model 64 \(it has 192\)"),
+    (["--tune_budget", "1.5"], "--tune_budget"),
   ],
 )
 def test_flags_are_checked_before_any_compute(flags, match, tmp_path, monkeypatch):
   monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("computed"))
+  monkeypatch.setattr(shipped, "load_shipped", lambda *a, **k: pytest.fail("computed"))
   argv = ["--workdir", str(tmp_path / "work"), *flags]
   with pytest.raises(ValueError, match=match):
     study.main(argv)
@@ -309,6 +317,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_compute(
   )
   # 1000 windows of 256 bytes, 4 layers of width 128: about 10 GiB of activations.
   argv = ["--workdir", str(tmp_path / "work"), "--batch_size", "1000"]
+  argv += ["--pretrained", "train"]
   with pytest.raises(ValueError, match=r"--batch_size 1000 needs at least \d+\.\d GiB"):
     study.main([*argv, "--context", "256"])
   assert not (tmp_path / "work").exists()

@@ -1,9 +1,13 @@
 """Language-model study: RGFT against the usual methods on a domain shift.
 
-A byte-level decoder (`experiments/lm/model.py`, its default size) is
-pretrained on the standard library's Python source and fine-tuned on pydoc's
-English help topics (both ship with CPython, `experiments/lm/data.py`), with
-each method given the same steps and seeds:
+A byte-level decoder pretrained to a plateau on Python source (the
+checkpoint shipped in `checkpoints/lm_plateau.npz`, which
+`python -m experiments.lm.plateau` rebuilds) is fine-tuned on pydoc's English
+help topics, or with `--target cheaders` on CPython's C headers (both ship
+with CPython, `experiments/lm/data.py`), with each method given the same
+steps and seeds. `--pretrained train` pretrains a smaller decoder here
+instead, on the standard library's source (cached in `--workdir`), as the
+study's results before the peers study did:
 
   python -m experiments.lm            # the default study
   python -m experiments.lm --help     # every flag
@@ -32,11 +36,13 @@ import rgft_jax
 from experiments import cli
 from experiments import compare
 from experiments import report
+from experiments import store
 from experiments import train as vision_train
 from experiments.lm import data
 from experiments.lm import methods as methods_lib
 from experiments.lm import model as lm
 from experiments.lm import pretrain as pretrain_lib
+from experiments.lm import shipped
 from experiments.lm import train as train_lib
 
 DEFAULT_METHODS = (
@@ -50,25 +56,70 @@ DEFAULT_METHODS = (
   "full@0.5",
 )
 
+PEER_METHODS = compare.peer_methods(("full",))
+
+# The model flags' values with --pretrained train (the study's earlier model).
+TRAIN_MODEL = {
+  "context": 64,
+  "d_model": 128,
+  "n_layers": 4,
+  "n_heads": 4,
+  "n_kv_heads": 2,
+  "d_ff": 384,
+}
+
+
+def shipped_record() -> dict[str, Any]:
+  """The shipped decoder's sidecar, with `corpus_name`: the corpus it was
+  pretrained on. Raises ValueError when there is none (naming the command
+  that builds it)."""
+  side = shipped.sidecar_path(shipped.DEFAULT_PATH)
+  if not os.path.exists(side):
+    raise ValueError(
+      f"No shipped decoder: {side} is missing. Build it with `python -m "
+      "experiments.lm.plateau`, or use --pretrained train."
+    )
+  record = store.load_json(side)
+  return {**record, "corpus_name": record["settings"]["corpus"]}
+
+
+def shipped_model() -> dict[str, int]:
+  """The model flags of the shipped decoder, from its sidecar."""
+  model = shipped_record()["model"]
+  return {
+    "context": model["max_len"],
+    **{k: model[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")},
+  }
+
 
 @dataclasses.dataclass
 class Config:
-  methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated; name@b for budgets.
+  # Comma-separated, name@b for budgets; "peers": budgeted RGFT, DropBP,
+  # GreenTrainer, the controls and full@b at budgets 0.4, 0.5 and 0.7.
+  methods: str = ",".join(DEFAULT_METHODS)
   seeds: int = 4  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
   tune_seeds: int = 1  # Seeds 0..tune_seeds-1 pick the rate (mean validation).
+  # Budgeted methods tuned at this budget only, their rate reused at the
+  # others (0: every name@b searched on its own).
+  tune_budget: float = 0.0
   learning_rates: str = "3e-4,1e-3,3e-3"  # The grid every method picks from.
   target: str = "pydoc"  # Target domain: pydoc (English prose) or cheaders (C).
   steps: int = 150  # Fine-tuning steps of every method (full@b: b x steps).
   batch_size: int = 8  # Fine-tuning windows per step.
-  context: int = 64  # Bytes the decoder reads (a window holds one more).
-  pretrain_steps: int = 600  # Source-domain pretraining steps (cached).
-  pretrain_batch_size: int = 16  # Pretraining windows per step.
-  pretrain_learning_rate: float = 3e-3  # Peak of the warmup-cosine schedule.
-  d_model: int = 128  # Decoder width.
-  n_layers: int = 4  # Decoder layers.
-  n_heads: int = 4  # Query heads.
-  n_kv_heads: int = 2  # Key/value heads (grouped-query attention).
-  d_ff: int = 384  # MLP hidden width.
+  # Source model: "shipped" loads checkpoints/lm_plateau.npz (SHA-256 checked),
+  # "train" pretrains one here on the stdlib for --pretrain_steps (cached).
+  pretrained: str = "shipped"
+  # Model flags: 0 takes the shipped model's, or with --pretrained train
+  # the value in brackets; with "shipped", any other must equal the model's.
+  context: int = 0  # Bytes the decoder reads, a window holds one more [64].
+  d_model: int = 0  # Decoder width [128].
+  n_layers: int = 0  # Decoder layers [4].
+  n_heads: int = 0  # Query heads [4].
+  n_kv_heads: int = 0  # Key/value heads, grouped-query attention [2].
+  d_ff: int = 0  # MLP hidden width [384].
+  pretrain_steps: int = 600  # --pretrained train: pretraining steps (cached).
+  pretrain_batch_size: int = 16  # --pretrained train: windows per step.
+  pretrain_learning_rate: float = 3e-3  # --pretrained train: peak rate.
   beta: float = 0.9  # RGFT: EMA decay of the error map.
   thresh_init: float = 0.1  # RGFT: threshold at the first step.
   thresh_final: float = 0.3  # RGFT: threshold at the last step.
@@ -94,6 +145,7 @@ class Config:
     """A tiny study for tests and notebooks (a few seconds per method)."""
     tiny = dict(
       seeds=2,
+      pretrained="train",
       learning_rates="1e-3,1e-2",
       steps=12,
       batch_size=4,
@@ -117,6 +169,8 @@ class Config:
     return cls(**{**tiny, **changes})
 
   def method_names(self) -> list[str]:
+    if self.methods == "peers":
+      return list(PEER_METHODS)
     names = [m.strip() for m in self.methods.split(",") if m.strip()]
     if not names:
       raise ValueError("--methods names no method.")
@@ -148,8 +202,42 @@ class Config:
       raise ValueError(f"--learning_rates repeats a value: {grid}.")
     return grid
 
+  def resolved(self) -> Config:
+    """This config with every model flag left at 0 filled in: from the shipped
+    model's sidecar, or with `--pretrained train` from `TRAIN_MODEL`.
+
+    Raises:
+      ValueError: naming `--pretrained` when it is neither, or each model
+        flag given that differs from the shipped model's.
+    """
+    if self.pretrained not in ("shipped", "train"):
+      raise ValueError(
+        f"--pretrained must be shipped or train, got {self.pretrained!r}."
+      )
+    model = TRAIN_MODEL if self.pretrained == "train" else shipped_model()
+    given = {k: getattr(self, k) for k in model if getattr(self, k)}
+    if self.pretrained == "shipped":
+      wrong = [
+        f"--{k} {v} (it has {model[k]})" for k, v in given.items() if v != model[k]
+      ]
+      if wrong:
+        raise ValueError(
+          f"The shipped decoder ({shipped.DEFAULT_PATH}) is another model: "
+          f"{', '.join(wrong)}. Leave the model flags at 0, or use --pretrained "
+          "train to pretrain this one."
+        )
+    return dataclasses.replace(self, **{**model, **given})
+
+  def source(self) -> str:
+    """The source domain's corpus (`data.load`): the shipped model's, or the
+    stdlib's."""
+    return shipped_record()["corpus_name"] if self.pretrained == "shipped" else "stdlib"
+
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range, before any compute."""
+    self.resolved()._validate()
+
+  def _validate(self) -> None:
     at_least = {
       "seeds": 1,
       "steps": 1,
@@ -196,6 +284,8 @@ class Config:
     if not self.workdir.strip():
       raise ValueError("--workdir must name a directory, got an empty string.")
     self.method_names()
+    if self.tune_budget:
+      cli.parse_budget("--tune_budget", str(self.tune_budget))
     grid = self.grid()
     try:
       pretrain_lib.model_config(self)
@@ -221,8 +311,7 @@ class Config:
       (self.target, "train", 2 * width),
       (self.target, "validation", width),
       (self.target, "test", width),
-      ("stdlib", "train", 2 * width),
-      ("stdlib", "test", width),
+      (self.source(), "test", width),
     ):
       size = len(data.load(corpus).splits[split])
       if size < least:
@@ -230,10 +319,10 @@ class Config:
           f"--context {self.context} is too long for the {corpus} {split} split "
           f"({size} bytes; it needs at least {least})."
         )
-    for flag, corpus in (
-      ("batch_size", self.target),
-      ("pretrain_batch_size", "stdlib"),
-    ):
+    batches = [("batch_size", self.target)]
+    if self.pretrained == "train":
+      batches.append(("pretrain_batch_size", "stdlib"))
+    for flag, corpus in batches:
       batch = getattr(self, flag)
       windows = len(data.load(corpus).splits["train"]) // width - 1
       cli.check_batch(flag, batch, windows, f"the {corpus} train split's windows")
@@ -251,7 +340,7 @@ class Config:
 
 def eval_sets(cfg: Config) -> dict[str, np.ndarray]:
   """The evaluation sets: target validation and test, source test."""
-  target, source = data.load(cfg.target), data.load("stdlib")
+  target, source = data.load(cfg.target), data.load(cfg.source())
 
   def windows(split):
     return data.eval_windows(split, context=cfg.context, max_windows=cfg.eval_windows)
@@ -273,11 +362,11 @@ def train_batches(cfg: Config, seed: int):
   )
 
 
-def _method_runs(cfg: Config, method, variants, bpb, log):
+def _method_runs(cfg: Config, method, variants, bpb, log, rate=None):
   """The learning-rate search of `method` on seeds `0..tune_seeds-1` (their
-  mean validation bits/byte picks), then every seed at the picked rate:
-  `(search, [(record, final parameters) per seed])`."""
-  grid = cfg.grid()
+  mean validation bits/byte picks; with `rate`, that rate alone), then every
+  seed at the picked rate: `(search, [(record, final parameters) per seed])`."""
+  grid = cfg.grid() if rate is None else [rate]
 
   def one(lr, seed):
     record, tree = train_lib.run(
@@ -359,8 +448,31 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
     the learning-rate search, the methods that could not run and why, and
     the summary per method.
   """
+  cfg = cfg.resolved()
   names = cfg.method_names()
-  scanned, pre_record = pretrain_lib.pretrain(cfg, log)
+  if cfg.pretrained == "shipped":
+    scanned, side = shipped.load_shipped(model=pretrain_lib.model_config(cfg))
+    pre_record = {
+      "path": os.path.relpath(shipped.DEFAULT_PATH, os.getcwd()),
+      "corpus_name": side["corpus_name"] if "corpus_name" in side else cfg.source(),
+      **{
+        k: side[k]
+        for k in (
+          "sha256",
+          "command",
+          "wall_s",
+          "best",
+          "stopped",
+          "test_bits_per_byte",
+        )
+      },
+    }
+    if "corpus_matches" in side:
+      pre_record["corpus_matches"] = side["corpus_matches"]
+    directory = shipped.DEFAULT_PATH
+  else:
+    scanned, pre_record = pretrain_lib.pretrain(cfg, log)
+    directory = pretrain_lib.directory(cfg)[0]
   looped = dataclasses.replace(pretrain_lib.model_config(cfg), scan_layers=False)
   decoder = methods_lib.Decoder(looped)
   params = lm.unstack_layers(scanned)
@@ -385,25 +497,43 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
     freeze = any(methods_lib.needs_freeze_costs(n) for n in names)
     costs = methods_lib.measure_costs(setup, freeze=freeze)
     setup = dataclasses.replace(setup, costs=costs)
-  runs, search, unavailable = [], {}, {}
+  search, unavailable = {}, {}
+  done: dict[str, list] = {}
   shared: dict[str, Any] = {}  # Compiled steps, by method family.
-  for name in names:
+
+  def go(name: str) -> None:
+    """Runs `name` (after the method whose rate it reuses, `--tune_budget`)."""
+    tuned = compare.tuned_as(name, methods_lib.parse, cfg.tune_budget)
+    if tuned != name and tuned not in search and tuned not in unavailable:
+      go(tuned)
+    rate = None if tuned == name or tuned not in search else search[tuned]["picked"]
     try:
       method = methods_lib.build(name, setup)
     except methods_lib.Unavailable as e:
       unavailable[name] = str(e)
       log(f"{name}: not run: {e}")
-      continue
+      return
     if method.family not in shared:
       shared[method.family] = train_lib.variants_of(method)
-    search[name], done = _method_runs(cfg, method, shared[method.family], bpb, log)
-    for record, final in done:
+    search[name], done[name] = _method_runs(
+      cfg, method, shared[method.family], bpb, log, rate
+    )
+    if rate is not None:
+      search[name]["tuned_as"] = tuned
+
+  for name in names:
+    if name not in search and name not in unavailable:
+      go(name)
+  runs = []
+  for name in names:
+    for record, final in done.get(name, []):
       runs.append(record)
       if keep is not None:
         keep[(name, record["seed"])] = final
+  search = {n: search[n] for n in names if n in search}
   out = {
     "config": dataclasses.asdict(cfg),
-    "pretrain": {**pre_record, "directory": pretrain_lib.directory(cfg)[0]},
+    "pretrain": {**pre_record, "directory": directory},
     "pretrained_bpb": before,
     "windows": {split: len(w) for split, w in windows.items()},
     "runs": runs,
@@ -414,22 +544,6 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
   if setup.costs is not None:
     out["costs"] = _costs(setup.costs)
   return out
-
-
-def paired(runs: list[dict], a: str, b: str, key: str = "test_bpb") -> dict | None:
-  """Differences `a - b` of `key` on the seeds both methods ran, with the 95%
-  t-interval's half-width (`compare.interval`)."""
-  by: dict[str, dict[int, float]] = {}
-  for r in runs:
-    by.setdefault(r["method"], {})[r["seed"]] = r[key]
-  if a not in by or b not in by:
-    return None
-  seeds = sorted(set(by[a]) & set(by[b]))
-  if not seeds:
-    return None
-  diffs = np.array([by[a][s] - by[b][s] for s in seeds])
-  mean, half = compare.interval(diffs)
-  return {"seeds": seeds, "diffs": diffs.tolist(), "mean": mean, "ci95": half}
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -504,7 +618,7 @@ def summarize(runs: list[dict], margin: float = 0.01) -> dict[str, dict[str, Any
       s["trained_fraction"] = {
         c: float(np.mean([f[c] for f in fractions])) for c in fractions[0]
       }
-    vs_full = paired(runs, name, "full") if name != "full" else None
+    vs_full = compare.paired(runs, name, "full", "test_bpb") if name != "full" else None
     if vs_full is not None:
       s["diff_vs_full"], s["diff_ci95"] = vs_full["mean"], vs_full["ci95"]
     out[name] = s
@@ -521,6 +635,14 @@ def summarize(runs: list[dict], margin: float = 0.01) -> dict[str, dict[str, Any
         s["flops_to_target"] = (
           float(np.mean(hit)) / base["train_flops"] if hit else None
         )
+  compare.versus_peers(
+    runs,
+    out,
+    methods_lib.parse,
+    key="test_bpb",
+    mean="test_bpb_mean",
+    higher_is_better=False,
+  )
   return out
 
 
@@ -529,6 +651,33 @@ def _fmt(x, spec: str) -> str:
 
 
 _TARGET_TITLE = {"pydoc": "pydoc prose", "cheaders": "CPython's C headers"}
+
+
+def _source_title(results: dict[str, Any]) -> str:
+  name = results["pretrain"].get("corpus_name", "stdlib")
+  return {"stdlib": "stdlib source", "python_source": "Python source"}.get(name, name)
+
+
+def _pretraining(results: dict[str, Any]) -> str:
+  """How the decoder was pretrained, for the table's caption."""
+  pre = results["pretrain"]
+  if "stopped" in pre:  # The shipped checkpoint.
+    return (
+      f"pretrained to a plateau ({pre['path']}, {pre['stopped']['step']} steps, "
+      f"best at step {pre['best']['step']})"
+    )
+  return f"pretrained for {results['config']['pretrain_steps']} steps"
+
+
+def _bits(p: dict[str, Any]) -> str:
+  return f"{p['mean']:+.4f} (± {_fmt(p['ci95'], '.4f')})"
+
+
+def _peer(s: dict[str, Any]) -> str:
+  """`+0.0123 (± 0.0040) vs dropbp@0.5`, or n/a."""
+  if "best_peer" not in s:
+    return "n/a"
+  return f"{_bits({'mean': s['diff_vs_best_peer'], 'ci95': s['diff_vs_best_peer_ci95']})} vs {s['best_peer']}"
 
 
 def _reach(s: dict) -> str:
@@ -543,12 +692,13 @@ def markdown(results: dict[str, Any]) -> str:
   cfg, before = results["config"], results["pretrained_bpb"]
   summary = results["summary"]
   lines = [
-    f"### Byte-level LM: stdlib source -> {_TARGET_TITLE[cfg.get('target', 'pydoc')]}",
+    f"### Byte-level LM: {_source_title(results)} -> "
+    f"{_TARGET_TITLE[cfg.get('target', 'pydoc')]}",
     "",
     f"Decoder d{cfg['d_model']} x {cfg['n_layers']} layers, context "
     f"{cfg['context']}, batch {cfg['batch_size']}, {cfg['steps']} fine-tuning "
-    f"steps, seeds 0-{cfg['seeds'] - 1}; pretrained for {cfg['pretrain_steps']} "
-    f"steps: source test {before['source_test']:.3f} bits/byte, target test "
+    f"steps, seeds 0-{cfg['seeds'] - 1}; {_pretraining(results)}: source test "
+    f"{before['source_test']:.3f} bits/byte, target test "
     f"{before['test']:.3f} bits/byte before fine-tuning. Lower is better. "
     f"FLOPs to target: spent before the validation bits/byte first came within "
     f"{cfg.get('target_margin', 0.01)} of full fine-tuning's final one, seed by "
@@ -556,16 +706,17 @@ def markdown(results: dict[str, Any]) -> str:
     f"{cfg.get('eval_every', 0)} steps).",
     "",
     "| method | lr | steps | target test bpb (mean ± sd) | vs full, paired (95% CI) "
+    "| vs best peer at its budget, paired (95% CI) "
     "| source test bpb after (forgetting) | FLOPs vs full | FLOPs to target "
     "(reached) | train GFLOPs | peak MiB | wall s | time vs full |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, s in summary.items():
     diff = s.get("diff_vs_full")
     vs = "n/a" if diff is None else f"{diff:+.4f} (± {_fmt(s['diff_ci95'], '.4f')})"
     lines.append(
       f"| {name} | {s['learning_rate']:g} | {s['steps']} | "
-      f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f} | {vs} | "
+      f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f} | {vs} | {_peer(s)} | "
       f"{s['source_bpb_mean']:.4f} ± {s['source_bpb_std']:.4f} | "
       f"{_fmt(s.get('flops_vs_full'), '.3f')} | {_reach(s)} | "
       f"{s['train_flops'] / 1e9:.4g} | "
@@ -573,7 +724,13 @@ def markdown(results: dict[str, Any]) -> str:
       f"{_fmt(s.get('time_vs_full'), '.2f')} |"
     )
   for name, why in results["unavailable"].items():
-    lines.append(f"| {name} | not run: {why} |" + " |" * 10)
+    lines.append(f"| {name} | not run: {why} |" + " |" * 11)
+  lines += [
+    "",
+    *report.head_to_head_markdown(
+      results["runs"], methods_lib.parse, "test_bpb", _bits, "target test bits/byte"
+    ),
+  ]
   search = results["lr_search"]
   if search:
     grid = next(iter(search.values()))["learning_rates"]
