@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import train as train_lib
+from experiments import store
 
 
 def interval(diffs: np.ndarray) -> tuple[float, float]:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
   if len(argv) < 3 or len(argv) % 2 == 0:
     raise SystemExit(__doc__)
   try:
-    tasks = _tasks(train_lib.load_json(argv[0]), argv[0])
+    tasks = _tasks(store.load_json(argv[0]), argv[0])
   except (OSError, ValueError) as e:
     raise SystemExit(f"compare: {e}") from None
   pairs = list(zip(argv[1::2], argv[2::2], strict=True))

@@ -329,7 +329,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_compute(
   )
 
 
-def test_rate_is_picked_on_the_mean_of_the_tuning_seeds(monkeypatch):
+def test_rate_is_picked_on_the_mean_of_the_tuning_seeds(monkeypatch, tmp_path):
   # Validation by hand per (rate, seed): rate 1e-3 wins on seed 0 alone, 1e-2
   # on the mean of seeds 0 and 1.
   score = {(1e-3, 0): 1.0, (1e-2, 0): 1.1, (1e-3, 1): 1.5, (1e-2, 1): 1.2}
@@ -350,7 +350,9 @@ def test_rate_is_picked_on_the_mean_of_the_tuning_seeds(monkeypatch):
     return score.get((lr, seed), 2.0) if split == "validation" else 0.0
 
   monkeypatch.setattr(study.train_lib, "run", fake_run)
-  cfg = study.Config.quick(seeds=3, tune_seeds=2, learning_rates="1e-3,1e-2")
+  cfg = study.Config.quick(
+    seeds=3, tune_seeds=2, learning_rates="1e-3,1e-2", workdir=str(tmp_path)
+  )
   search, seeds = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
   assert search["validation_bpb"] == pytest.approx([1.25, 1.15])
   assert search["picked"] == 1e-2
@@ -389,3 +391,53 @@ def test_flops_to_target_by_hand():
   assert summary["x"]["target_reached"] == "1/2"
   assert summary["x"]["flops_to_target"] == pytest.approx(8 / 30)
   assert summary["full"]["flops_to_target"] == pytest.approx(25 / 30)
+
+
+def test_runs_are_saved_and_read_back_never_from_other_settings(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(method, variants, batches, *, steps, learning_rate, seed, **kw):
+    calls.append((learning_rate, seed, steps))
+    record = {"method": method.name, "seed": seed, "learning_rate": learning_rate}
+    return {**record, "wall_s": 0.0}, (learning_rate, seed)
+
+  class Method:
+    name = "m@0.5"
+
+    def to_params(self, tree):
+      return tree
+
+  def bpb(params, split):  # By hand: the lower rate wins on validation.
+    lr, seed = params
+    return {"validation": lr, "test": 10 * lr + seed, "source_test": 1.0}[split]
+
+  monkeypatch.setattr(study.train_lib, "run", fake_run)
+  cfg = study.Config.quick(
+    seeds=3, tune_seeds=1, learning_rates="1e-3,1e-2", workdir=str(tmp_path)
+  )
+  first = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
+  assert calls == [(1e-3, 0, 12), (1e-2, 0, 12), (1e-3, 1, 12), (1e-3, 2, 12)]
+  saved = tmp_path / "runs" / study.signature(cfg)[:12] / "m@0.5" / "lr0.001"
+  assert sorted(p.name for p in saved.iterdir()) == [
+    "seed0.json",
+    "seed1.json",
+    "seed2.json",
+  ]
+  # Again: every run is read back, none trains; the records are the same.
+  calls.clear()
+  again = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
+  assert calls == []
+  assert again[0] == first[0]
+  assert [r for r, _ in again[1]] == [r for r, _ in first[1]]
+  assert [f for _, f in again[1]] == [None, None, None]
+  assert [r["test_bpb"] for r, _ in again[1]] == pytest.approx([0.01, 1.01, 2.01])
+  # Other settings: other runs, the saved ones untouched.
+  other = dataclasses.replace(cfg, steps=13)
+  study._method_runs(other, Method(), None, bpb, lambda *a: None)
+  assert {s for _, _, s in calls} == {13} and len(calls) == 4
+  # A record edited to another seed is refused, naming its file.
+  path = saved / "seed2.json"
+  record = json.loads(path.read_text())
+  path.write_text(json.dumps({**record, "seed": 1}))
+  with pytest.raises(ValueError, match=r"seed2\.json is not this run's record: seed 1"):
+    study._method_runs(cfg, Method(), None, bpb, lambda *a: None)

@@ -66,9 +66,9 @@ def _f(x: float | None, spec: str) -> str:
 # The fine-tuning study (experiments.finetune) ------------------------------
 
 
-def vit_summary() -> str:
-  """Both tasks of the default run side by side: the README's table."""
-  tasks = load("experiments/results/results.json")["tasks"]
+def vit_summary(path: str = "experiments/results/results.json") -> str:
+  """Both tasks of a default run side by side: the README's table."""
+  tasks = load(path)["tasks"]
   label, inp = tasks["label_shift"]["summary"], tasks["input_shift"]["summary"]
   rows = []
   for name, a in label.items():
@@ -96,9 +96,9 @@ def vit_summary() -> str:
   return _table(head, rows)
 
 
-def vit_default(task: str) -> str:
-  """Every column of one task of the default run."""
-  summary = load("experiments/results/results.json")["tasks"][task]["summary"]
+def vit_default(task: str, path: str = "experiments/results/results.json") -> str:
+  """Every column of one task of a default run."""
+  summary = load(path)["tasks"][task]["summary"]
   rows = []
   for name, s in summary.items():
     rows.append(
@@ -484,6 +484,121 @@ def bench_runtime() -> str:
     "compiled",
   ]
   return _table(head, rows)
+
+
+# The peers study (--methods peers) --------------------------------------
+
+
+def _budgeted(name: str) -> tuple[str, float | None]:
+  """`"dropbp@0.5"` -> `("dropbp", 0.5)`; `"full"` -> `("full", None)`."""
+  base, at, budget = name.partition("@")
+  return base, float(budget) if at else None
+
+
+def _vs_peer(s: dict[str, Any], points: bool) -> str:
+  if "best_peer" not in s:
+    return "n/a"
+  d, ci = s["diff_vs_best_peer"], s["diff_vs_best_peer_ci95"]
+  text = f"{d * 100:+.1f} pt (± {ci * 100:.1f})" if points else f"{d:+.4f} (± {ci:.4f})"
+  return f"{text} vs {s['best_peer']}"
+
+
+def vit_peers(task: str, path: str) -> str:
+  """One task of a ViT peers study: every method with its tuned rate,
+  accuracy, differences to full and to the best peer at its budget, costs."""
+  summary = load(path)["tasks"][task]["summary"]
+  rows = [
+    [
+      name,
+      f"{s['learning_rate']:g}",
+      _acc(s["accuracy_mean"], s["accuracy_std"]),
+      "n/a" if name == "full" else _pt(s),
+      _vs_peer(s, points=True),
+      _acc(s["source_accuracy_mean"], s["source_accuracy_std"]),
+      f"{s['flops_vs_full']:.3f}",
+      _f(s.get("flops_to_reach_vs_full"), ".3f"),
+      f"{s['time_vs_full']:.2f}",
+      f"{s['peak_bytes'] / MIB:.1f}",
+    ]
+    for name, s in summary.items()
+  ]
+  head = [
+    "method",
+    "LR",
+    "test acc (mean ± sd)",
+    "vs full, paired (95% CI)",
+    "vs best peer at its budget",
+    "source acc after",
+    "FLOPs vs full",
+    "FLOPs to reach full - 0.5 pt",
+    "time vs full",
+    "peak MiB",
+  ]
+  return _table(head, rows)
+
+
+def head_to_head(runs: list[dict[str, Any]], key: str, points: bool) -> str:
+  """Budgeted RGFT minus each method at the same budget, paired over seeds."""
+  from experiments import compare  # NumPy and SciPy only.
+
+  names = list(dict.fromkeys(r["method"] for r in runs))
+  table = compare.head_to_head(runs, names, _budgeted, "rgft_budget", key)
+  budgets = sorted({b for cells in table.values() for b in cells})
+
+  def cell(p: dict[str, Any] | None) -> str:
+    if p is None:
+      return "n/a"
+    if points:
+      return f"{p['mean'] * 100:+.1f} pt (± {p['ci95'] * 100:.1f})"
+    return f"{p['mean']:+.4f} (± {p['ci95']:.4f})"
+
+  rows = [
+    [f"`{other}`", *(cell(cells.get(b)) for b in budgets)]
+    for other, cells in table.items()
+  ]
+  return _table(["rgft_budget minus", *(f"@{b:g}" for b in budgets)], rows)
+
+
+def vit_peers_h2h(task: str, path: str) -> str:
+  return head_to_head(load(path)["tasks"][task]["runs"], "test_accuracy", True)
+
+
+def lm_peers(path: str) -> str:
+  """An LM peers study: every method with its picked rate, bits per byte,
+  differences to full and to the best peer at its budget, costs."""
+  summary = load(path)["summary"]
+  rows = [
+    [
+      name,
+      f"{s['learning_rate']:g}",
+      f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f}",
+      "n/a" if name == "full" else f"{s['diff_vs_full']:+.4f} (± {s['diff_ci95']:.4f})",
+      _vs_peer(s, points=False),
+      f"{s['source_bpb_mean']:.4f}",
+      f"{s['flops_vs_full']:.3f}",
+      f"{_f(s.get('flops_to_target'), '.3f')} ({s.get('target_reached', 'n/a')})",
+      f"{s['time_vs_full']:.2f}",
+      f"{s['peak_bytes'] / MIB:.1f}",
+    ]
+    for name, s in summary.items()
+  ]
+  head = [
+    "method",
+    "LR",
+    "target test bpb (mean ± sd)",
+    "vs full, paired (95% CI)",
+    "vs best peer at its budget",
+    "source test bpb after",
+    "FLOPs vs full",
+    "FLOPs to full + 0.01 (reached)",
+    "time vs full",
+    "peak MiB",
+  ]
+  return _table(head, rows)
+
+
+def lm_peers_h2h(path: str) -> str:
+  return head_to_head(load(path)["runs"], "test_bpb", False)
 
 
 TABLES: dict[str, Callable[[], str]] = {

@@ -23,6 +23,8 @@ the steps run), peak memory and wall time. Writes `results.json`,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -362,13 +364,84 @@ def train_batches(cfg: Config, seed: int):
   )
 
 
+# Bumped whenever the same settings would give another run record.
+_RUN_FORMAT = 1
+# Settings that choose which runs a study makes, not what one run gives.
+_NOT_IN_SIGNATURE = (
+  "methods",
+  "seeds",
+  "tune_seeds",
+  "tune_budget",
+  "learning_rates",
+  "workdir",
+  "progress",
+)
+
+
+def signature(cfg: Config) -> str:
+  """A hash of every setting that changes a run's record (the shipped
+  decoder's SHA-256 among them): runs are kept under it and reused by it."""
+  named = {
+    k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_SIGNATURE
+  }
+  named["format"] = _RUN_FORMAT
+  if cfg.pretrained == "shipped":
+    named["shipped_sha256"] = shipped_record()["sha256"]
+  text = json.dumps(named, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_path(cfg: Config, name: str, lr: float, seed: int) -> str:
+  """`<workdir>/runs/<signature[:12]>/<method>/lr<rate>/seed<k>.json`."""
+  return os.path.join(
+    cfg.workdir, "runs", signature(cfg)[:12], name, f"lr{lr:g}", f"seed{seed}.json"
+  )
+
+
+def load_run(path: str, cfg: Config, name: str, lr: float, seed: int) -> dict:
+  """The record at `path`, refused (ValueError naming it) unless it is the
+  finished run of `name` at `lr` and `seed` under `cfg`'s signature."""
+  record = store.load_json(path)
+  want = {
+    "method": name,
+    "learning_rate": lr,
+    "seed": seed,
+    "signature": signature(cfg),
+  }
+  wrong = [
+    f"{k} {record.get(k)!r} (this run: {v!r})"
+    for k, v in want.items()
+    if not isinstance(record, dict) or record.get(k) != v
+  ]
+  if not wrong and not all(
+    k in record for k in ("test_bpb", "source_bpb", "validation_bpb")
+  ):
+    wrong.append("no final bits/byte")
+  if wrong:
+    raise ValueError(
+      f"{path} is not this run's record: {', '.join(wrong)}. It is left as it "
+      "is and not used; remove it to redo the run."
+    )
+  return record
+
+
 def _method_runs(cfg: Config, method, variants, bpb, log, rate=None):
   """The learning-rate search of `method` on seeds `0..tune_seeds-1` (their
   mean validation bits/byte picks; with `rate`, that rate alone), then every
-  seed at the picked rate: `(search, [(record, final parameters) per seed])`."""
+  seed at the picked rate: `(search, [(record, final parameters) per seed])`.
+
+  Each run's record is saved when it ends (`run_path`) and read back instead
+  of training again, so an interrupted study resumes; the final parameters
+  of a run read back are None.
+  """
   grid = cfg.grid() if rate is None else [rate]
 
   def one(lr, seed):
+    where = run_path(cfg, method.name, lr, seed)
+    if os.path.exists(where):
+      record = load_run(where, cfg, method.name, lr, seed)
+      log(f"{method.name} lr {lr:g} seed {seed}: read from {where}")
+      return record, None
     record, tree = train_lib.run(
       method,
       variants,
@@ -382,6 +455,10 @@ def _method_runs(cfg: Config, method, variants, bpb, log, rate=None):
     )
     final = method.to_params(tree)
     record["validation_bpb"] = bpb(final, "validation")
+    record["test_bpb"] = bpb(final, "test")
+    record["source_bpb"] = bpb(final, "source_test")
+    record["signature"] = signature(cfg)
+    store.save_json(where, record)
     log(
       f"{method.name} lr {lr:g} seed {seed}: validation "
       f"{record['validation_bpb']:.4f} bits/byte, {record['wall_s']:.1f} s"
@@ -405,9 +482,6 @@ def _method_runs(cfg: Config, method, variants, bpb, log, rate=None):
     tried[picked, seed] if seed in tune else one(picked, seed)
     for seed in range(cfg.seeds)
   ]
-  for record, final in seeds:
-    record["test_bpb"] = bpb(final, "test")
-    record["source_bpb"] = bpb(final, "source_test")
   return search, seeds
 
 
@@ -439,8 +513,9 @@ def _costs(costs) -> dict[str, Any]:
 def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
   """Pretrains (or reads the cache), then runs every method and seed.
 
-  With `keep` (a dict), each reported run's final decoder parameters are
-  stored in it under `(method, seed)`.
+  With `keep` (a dict), the final decoder parameters of each reported run
+  trained in this call (not read back from the work directory) are stored in
+  it under `(method, seed)`.
 
   Returns:
     JSON-serialisable results: the config, the pretraining record, the
@@ -528,7 +603,7 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
   for name in names:
     for record, final in done.get(name, []):
       runs.append(record)
-      if keep is not None:
+      if keep is not None and final is not None:
         keep[(name, record["seed"])] = final
   search = {n: search[n] for n in names if n in search}
   out = {
