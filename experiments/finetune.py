@@ -50,6 +50,7 @@ from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import store
 from experiments import train as train_lib
+from experiments import vit as vit_lib
 from experiments import vit_plateau
 from experiments.report import markdown
 from experiments.report import plots
@@ -192,13 +193,7 @@ class Config(methods_lib.Hyper):
     cli.check_rate("pretrain_learning_rate", self.pretrain_learning_rate)
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
-    if self.size not in SIZES:
-      raise ValueError(f"--size must be one of {sorted(SIZES)}, got {self.size!r}.")
-    if self.image_size and self.image_size % self.patch:
-      raise ValueError(
-        f"--image_size ({self.image_size}) must be a multiple of --patch "
-        f"({self.patch})."
-      )
+    vit_lib.check_flags(self.size, self.patch, self.image_size)
     if not self.workdir.strip():
       raise ValueError("--workdir must name a directory, got an empty string.")
     if self.pretrained not in ("train", "shipped"):

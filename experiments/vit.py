@@ -39,6 +39,17 @@ SIZES = {
 }
 
 
+def check_flags(size: str, patch: int, image_size: int) -> None:
+  """Raises ValueError naming `--size` or `--image_size` when they do not
+  make a ViT (`image_size` 0: the data's own)."""
+  if size not in SIZES:
+    raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}.")
+  if image_size and image_size % patch:
+    raise ValueError(
+      f"--image_size ({image_size}) must be a multiple of --patch ({patch})."
+    )
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0

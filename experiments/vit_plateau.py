@@ -56,8 +56,8 @@ from experiments import checkpoint
 from experiments import cli
 from experiments import data as data_lib
 from experiments import store
+from experiments import vit as vit_lib
 from experiments.train import accuracy
-from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,13 +128,7 @@ class PlateauConfig:
       raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
     if not 0.0 <= self.min_delta < 1.0:
       raise ValueError(f"--min_delta must be in [0, 1), got {self.min_delta}.")
-    if self.size not in SIZES:
-      raise ValueError(f"--size must be one of {sorted(SIZES)}, got {self.size!r}.")
-    if self.image_size and self.image_size % self.patch:
-      raise ValueError(
-        f"--image_size ({self.image_size}) must be a multiple of --patch "
-        f"({self.patch})."
-      )
+    vit_lib.check_flags(self.size, self.patch, self.image_size)
     unknown = sorted(set(self.task_names()) - {"label_shift", "input_shift"})
     if unknown or not self.task_names():
       raise ValueError(

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import pathlib
 import shutil
 
 import jax
@@ -291,6 +292,18 @@ def test_prepare_starts_from_the_shipped_checkpoint():
 def test_the_flag_is_checked(tmp_path):
   with pytest.raises(ValueError, match="--pretrained must be train or shipped"):
     finetune.Config(pretrained="plateau").validate()
-  with pytest.raises(ValueError, match="--pretrained shipped is for the embedded"):
-    finetune.Config(pretrained="shipped", dataset="cifar10").validate()
-  assert "pretrained" not in finetune.Config().run_settings()  # Default unchanged.
+  # A tfds dataset has no shipped source model: the flag means nothing there.
+  cifar = finetune.Config(pretrained="shipped", dataset="cifar10")
+  cifar.validate()
+  assert "pretrained" not in cifar.run_settings()
+  # Pretrained here: the signatures of the committed runs are unchanged.
+  assert "pretrained" not in finetune.Config(pretrained="train").run_settings()
+  # The default loads the shipped models, named in each run by their hashes.
+  root = pathlib.Path(__file__).resolve().parents[1] / "checkpoints"
+  want = {
+    t: json.loads((root / f"vit_{t}_plateau.json").read_text())["sha256"]
+    for t in ("label_shift", "input_shift")
+  }
+  assert finetune.Config().run_settings()["pretrained"] == want
+  with pytest.raises(ValueError, match=r"another ViT: --patch 4 \(it has 7\)"):
+    finetune.Config(patch=4).validate()
