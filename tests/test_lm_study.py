@@ -441,3 +441,47 @@ def test_runs_are_saved_and_read_back_never_from_other_settings(tmp_path, monkey
   path.write_text(json.dumps({**record, "seed": 1}))
   with pytest.raises(ValueError, match=r"seed2\.json is not this run's record: seed 1"):
     study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
+
+
+@pytest.mark.slow
+def test_the_study_starts_from_the_shipped_decoder_by_default(tmp_path):
+  """The default source model is checkpoints/lm_plateau.npz, read here with
+  NumPy alone: its bits/byte on the test split of its own corpus
+  (python_source), in float64, is the study's "source_test" before
+  fine-tuning, and the study's model flags are the sidecar's."""
+  side = json.loads(
+    pathlib.Path(shipped.sidecar_path(shipped.DEFAULT_PATH)).read_text()
+  )
+  cfg = study.Config(
+    methods="full",
+    seeds=1,
+    steps=2,
+    learning_rates="1e-3",
+    eval_windows=6,
+    eval_every=0,
+    workdir=str(tmp_path),
+    progress=False,
+  )
+  results = study.run(cfg)
+  used = study.Config(**results["config"])
+  model = side["model"]
+  assert (used.context, used.d_model, used.d_ff) == (
+    model["max_len"],
+    model["d_model"],
+    model["d_ff"],
+  )
+  assert results["pretrain"]["sha256"] == side["sha256"]
+  assert side["settings"]["corpus"] == data.PYTHON_SOURCE
+  with np.load(shipped.DEFAULT_PATH) as f:
+    flat = {k.removesuffix(".npy"): f[k] for k in f.files}
+  nested: dict = {}
+  for key, value in flat.items():
+    *parents, last = key.split("/")
+    node = nested
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = value
+  params = lm.unstack_layers(nested)
+  source = data.load(data.PYTHON_SOURCE).splits["test"]
+  want = reference_bpb(used, params, source)
+  assert results["pretrained_bpb"]["source_test"] == pytest.approx(want, rel=1e-4)
