@@ -10,4 +10,4 @@ import jax
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # A script run as its own process by test_parallel; importing it would start it.
-collect_ignore = ["_multihost_worker.py"]
+collect_ignore = ["rgft_jax/_multihost_worker.py"]

@@ -2,7 +2,7 @@
 
 The owner of each entry is written out from the layout; a head-dim-major
 merge (which cannot be cut into heads by a reshape) must not be taken for
-heads. Third-party models are in tests/compat/test_compat_heads.py.
+heads. Third-party models are in tests/rgft_jax/compat/test_compat_heads.py.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def test_fingerprint_checksums_the_splits_and_is_stable_across_processes():
     text=True,
     check=True,
     env=env,
-    cwd=pathlib.Path(__file__).parents[1],
+    cwd=pathlib.Path(__file__).parents[3],
   )
   assert json.loads(out.stdout) == json.loads(json.dumps(fp))
 

@@ -782,7 +782,7 @@ def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
 
 
 def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   take = (
     f"import os, sys; sys.path.insert(0, {root!r}); from experiments import store; "
     f"held = store.lock({str(tmp_path)!r}); held.__enter__(); "

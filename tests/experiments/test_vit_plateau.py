@@ -299,7 +299,7 @@ def test_the_flag_is_checked(tmp_path):
   # Pretrained here: the signatures of the committed runs are unchanged.
   assert "pretrained" not in finetune.Config(pretrained="train").run_settings()
   # The default loads the shipped models, named in each run by their hashes.
-  root = pathlib.Path(__file__).resolve().parents[1] / "checkpoints"
+  root = pathlib.Path(__file__).resolve().parents[2] / "checkpoints"
   want = {
     t: json.loads((root / f"vit_{t}_plateau.json").read_text())["sha256"]
     for t in ("label_shift", "input_shift")

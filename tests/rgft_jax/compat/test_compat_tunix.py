@@ -11,8 +11,8 @@ under tunix's own remat settings (`nnx.remat` around each attention/MLP
 block, or around each decoder layer), which the other two apply the same
 way. tunix 0.1.7's models loop over a list of layers: none of them stacks
 its layers with `nnx.scan` (nor `jax.lax.scan`), so there is no scanned
-layout to test here (tests/test_lifted.py and the LM decoder in
-tests/compat/test_compat_heads.py cover scans).
+layout to test here (tests/rgft_jax/test_lifted.py and the LM decoder in
+tests/rgft_jax/compat/test_compat_heads.py cover scans).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ CASES = {
   ),
 }
 MODELS = list(CASES)
-# The tests/compat/test_compat_heads.py names, for Llama 3.
+# The tests/rgft_jax/compat/test_compat_heads.py names, for Llama 3.
 CONFIG = CASES["llama3"].config
 NAMES = CASES["llama3"].names
 select = "branches"

@@ -1,6 +1,6 @@
 """ErrorTracker on Flax NNX models, against the same hand-written references.
 
-The NNX model here computes exactly what `test_tracker.TinyTransformer` does and
+The NNX model here computes exactly what `_tiny_linen.TinyTransformer` does and
 gets the same parameters, so the per-example `vmap` references written for the
 Linen model apply unchanged.
 """
@@ -10,64 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiny_linen import CLASSES
+from _tiny_linen import WIDTH
+from _tiny_linen import _data
+from _tiny_linen import _reference_cheap_map
+from _tiny_linen import _reference_forward
+from _tiny_linen import _setup
+from _tiny_nnx import MlpBlock
+from _tiny_nnx import _loss_fn
+from _tiny_nnx import _nnx_setup
 from flax import nnx
-from test_tracker import CLASSES
-from test_tracker import HEADS
-from test_tracker import WIDTH
-from test_tracker import _data
-from test_tracker import _reference_cheap_map
-from test_tracker import _reference_forward
-from test_tracker import _setup
 
 import rgft_jax
-
-
-class MlpBlock(nnx.Module):
-  # Linen's compact `nn.Dense(W)(gelu(nn.Dense(2W)(x)))` names the outer Dense first.
-  def __init__(self, rngs):
-    self.Dense_0 = nnx.Linear(2 * WIDTH, WIDTH, rngs=rngs)
-    self.Dense_1 = nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs)
-
-  def __call__(self, x):
-    return self.Dense_0(nnx.gelu(self.Dense_1(x)))
-
-
-class Block(nnx.Module):
-  def __init__(self, rngs):
-    self.LayerNorm_0 = nnx.LayerNorm(WIDTH, rngs=rngs)
-    self.MultiHeadDotProductAttention_1 = nnx.MultiHeadAttention(
-      HEADS, WIDTH, decode=False, rngs=rngs
-    )
-    self.LayerNorm_2 = nnx.LayerNorm(WIDTH, rngs=rngs)
-    self.MlpBlock_3 = MlpBlock(rngs)
-
-  def __call__(self, x):
-    x = x + self.MultiHeadDotProductAttention_1(self.LayerNorm_0(x))
-    return x + self.MlpBlock_3(self.LayerNorm_2(x))
-
-
-class TinyTransformer(nnx.Module):
-  def __init__(self, rngs):
-    self.embedding = nnx.Linear(4, WIDTH, rngs=rngs)
-    self.encoderblock_0 = Block(rngs)
-    self.encoderblock_1 = Block(rngs)
-    self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
-
-  def __call__(self, x):
-    x = self.embedding(x)
-    x = self.encoderblock_1(self.encoderblock_0(x))
-    return self.head(x.mean(axis=1))
-
-
-def _nnx_setup():
-  _, params, x, y = _setup()
-  model = TinyTransformer(nnx.Rngs(0))
-  nnx.update(model, nnx.State(params))
-  return model, params, x, y
-
-
-def _loss_fn(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
 def test_same_function_as_the_linen_reference():

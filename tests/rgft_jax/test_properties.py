@@ -336,7 +336,7 @@ def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, ma
   maybe_clipped = np.zeros(_N, int)  # Within float32 rounding of the bound.
   for values in maps:
     values = np.float32(values)
-    # The reference's rule (tests/_reference.py), independent of the library.
+    # The reference's rule (tests/rgft_jax/_reference.py), independent of the library.
     admitted, nonfinite, negative, clipped, bound = admit(values, ema, seen, ratio)
     for i, m in enumerate(admitted):
       if m is not None:

@@ -1,97 +1,35 @@
 """Taps inside scans over layers and remat, against the same model unrolled.
 
-The scanned models here compute exactly what `test_tracker.TinyTransformer`
+The scanned models here compute exactly what `_tiny_linen.TinyTransformer`
 does, with its two blocks' parameters stacked on a leading layer axis, so the
 per-example `vmap` references written for the unrolled model apply: layer `i`
 of the scanned module `encoderblock` is the unrolled `encoderblock_i`.
 """
 
+import _tiny_nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import test_tracker_nnx
+from _tiny_linen import HEADS
+from _tiny_linen import WIDTH
+from _tiny_linen import _loss_fn
+from _tiny_linen import _reference_cheap_map
+from _tiny_linen import _reference_forward
+from _tiny_linen import _setup
+from _tiny_scanned import LAYERS
+from _tiny_scanned import CarryBlock
+from _tiny_scanned import NnxScanned
+from _tiny_scanned import RematTransformer
+from _tiny_scanned import ScannedTransformer
+from _tiny_scanned import _stack
+from _tiny_scanned import _unroll_name
+from _tiny_scanned import _unstack
 from flax import nnx
-from test_tracker import CLASSES
-from test_tracker import HEADS
-from test_tracker import WIDTH
-from test_tracker import MlpBlock
-from test_tracker import _loss_fn
-from test_tracker import _reference_cheap_map
-from test_tracker import _reference_forward
-from test_tracker import _setup
 
 import rgft_jax
-
-LAYERS = 2
-
-
-class CarryBlock(nn.Module):
-  """`test_tracker.Block` with the `(carry, x) -> (carry, y)` call of a scan body."""
-
-  @nn.compact
-  def __call__(self, x, _):
-    y = nn.LayerNorm(name="LayerNorm_0")(x)
-    y = nn.MultiHeadDotProductAttention(
-      num_heads=HEADS, name="MultiHeadDotProductAttention_1"
-    )(y, y)
-    x = x + y
-    y = nn.LayerNorm(name="LayerNorm_2")(x)
-    return x + MlpBlock(name="MlpBlock_3")(y), None
-
-
-class ScannedTransformer(nn.Module):
-  """big_vision's `scan=True` layout: one scanned block, optionally remat."""
-
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(WIDTH, name="embedding")(x)
-    block = nn.remat(CarryBlock) if self.remat else CarryBlock
-    x, _ = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      length=LAYERS,
-    )(name="encoderblock")(x, None)
-    return nn.Dense(CLASSES, name="head")(x.mean(axis=1))
-
-
-class RematTransformer(nn.Module):
-  """Hugging Face's `gradient_checkpointing=True` layout: each layer remat."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(WIDTH, name="embedding")(x)
-    for i in range(LAYERS):
-      x, _ = nn.remat(CarryBlock)(name=f"encoderblock_{i}")(x, None)
-    return nn.Dense(CLASSES, name="head")(x.mean(axis=1))
-
-
-def _stack(params):
-  """The unrolled parameters with the blocks stacked under `encoderblock`."""
-  params = dict(params)
-  blocks = [params.pop(f"encoderblock_{i}") for i in range(LAYERS)]
-  params["encoderblock"] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
-  return params
-
-
-def _unroll_name(name):
-  parts = name.split("/")
-  if parts[0] == "encoderblock" and parts[1].isdigit():
-    return "/".join([f"encoderblock_{parts[1]}", *parts[2:]])
-  return name
-
-
-def _unstack(tree):
-  tree = dict(tree)
-  stacked = tree.pop("encoderblock")
-  for i in range(LAYERS):
-    tree[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-  return tree
 
 
 @pytest.mark.slow
@@ -268,30 +206,6 @@ def test_rgft_steps_on_the_scanned_model_equal_the_unrolled_ones():
 # NNX: nnx.scan over a stacked block, against the unrolled list of blocks.
 
 
-class NnxScanned(nnx.Module):
-  def __init__(self, rngs, remat=False):
-    @nnx.split_rngs(splits=LAYERS)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-      return test_tracker_nnx.Block(rngs)
-
-    self.embedding = nnx.Linear(4, WIDTH, rngs=rngs)
-    self.encoderblock = make(rngs)
-    self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
-    self.remat = remat
-
-  def __call__(self, x):
-    def body(x, block):
-      return block(x), None
-
-    if self.remat:
-      body = nnx.remat(body)
-    x, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
-      self.embedding(x), self.encoderblock
-    )
-    return self.head(x.mean(axis=1))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("remat,granularity", [(False, "branches"), (True, "heads")])
 def test_nnx_scan_matches_the_per_example_reference(remat, granularity):
@@ -306,7 +220,7 @@ def test_nnx_scan_matches_the_per_example_reference(remat, granularity):
 
   @nnx.jit
   def step(model):
-    return tracker.value_and_grad(test_tracker_nnx._loss_fn)(model, x, y)
+    return tracker.value_and_grad(_tiny_nnx._loss_fn)(model, x, y)
 
   loss, grads, error_map = step(model)
   for name, value in error_map.items():

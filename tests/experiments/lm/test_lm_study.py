@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _lm_reference import reference_logits
 
 from experiments import cli
 from experiments import train as vision_train
@@ -19,7 +20,6 @@ from experiments.lm import model as lm
 from experiments.lm import pretrain
 from experiments.lm import shipped
 from experiments.lm import study
-from tests.test_lm_model import reference_logits
 
 # Every registered method, once. The peers measure the model besides their
 # steps, which in a QUICK run of 12 steps needs a larger budget.

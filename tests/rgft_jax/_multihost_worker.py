@@ -1,6 +1,6 @@
 """One of two processes of a data-parallel RGFT run over `jax.distributed` (CPU).
 
-  python tests/_multihost_worker.py PROCESS_ID PORT OUT.npz
+  python tests/rgft_jax/_multihost_worker.py PROCESS_ID PORT OUT.npz
 
 Each process has 4 CPU devices; the mesh spans all 8. Process 0 writes the
 final parameters, error map and multipliers to OUT.npz.
@@ -24,11 +24,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_parallel import BATCH  # noqa: E402
-from test_parallel import STEPS  # noqa: E402
-from test_parallel import _make  # noqa: E402
-from test_parallel import _rgft_step  # noqa: E402
-from test_tracker import _data  # noqa: E402
+from _parallel_steps import BATCH  # noqa: E402
+from _parallel_steps import STEPS  # noqa: E402
+from _parallel_steps import _make  # noqa: E402
+from _parallel_steps import _rgft_step  # noqa: E402
+from _tiny_linen import _data  # noqa: E402
 
 
 def global_array(value, sharding):

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from test_parallel import _assert_same
-from test_parallel import _make
-from test_parallel import _rgft_step
-from test_parallel import _train
+from _parallel_steps import _assert_same
+from _parallel_steps import _make
+from _parallel_steps import _rgft_step
+from _parallel_steps import _train
 
 pytestmark = pytest.mark.slow  # Several devices or processes.
 

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_lifted import ScannedTransformer
-from test_lifted import _stack
-from test_lifted import _unroll_name
-from test_tracker import _loss_fn
-from test_tracker import _setup
+from _tiny_linen import _loss_fn
+from _tiny_linen import _setup
+from _tiny_scanned import ScannedTransformer
+from _tiny_scanned import _stack
+from _tiny_scanned import _unroll_name
 
 import rgft_jax
 

@@ -6,13 +6,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from _sparse_net import _loss
+from _sparse_net import _setup
 
 import rgft_jax
 from rgft_jax._budget import best_within
 from rgft_jax._budget import fill_in_order
 from rgft_jax._budget import weighted_order
-from tests.test_sparse import _loss
-from tests.test_sparse import _setup
 
 
 def _brute_force(error, cost, capacity):
@@ -91,14 +91,14 @@ def test_hysteresis_keeps_the_trained_set():
 
 
 @pytest.mark.parametrize(
-  # The peers' own runs: tests/test_peers.py.
+  # The peers' own runs: tests/rgft_jax/test_peers.py.
   "rule",
   [r for r in rgft_jax._budget.RULES if r not in ("dropbp", "greentrainer")],
 )
 @pytest.mark.parametrize("ramp", [0, 6])
 def test_every_rule_stays_within_the_budget(rule, ramp):
   if rule == "static" and ramp:
-    pytest.skip("'static' takes no ramp (refused: tests/test_rules.py)")
+    pytest.skip("'static' takes no ramp (refused: tests/rgft_jax/test_rules.py)")
   costs = rgft_jax.DetachCosts(
     tuple("abcdef"), 20.0, np.array([2.0, 2.5, 3.0, 1.0, 4.0, 2.0])
   )

@@ -6,15 +6,15 @@ import numpy as np
 import optax
 import pytest
 from _reference import ReferenceRGFT
-from test_transform import OWNERS
-from test_transform import RULES
-from test_transform import SHAPES
-from test_transform import as_dict
-from test_transform import error_maps
-from test_transform import grads_at
-from test_transform import make_components
-from test_transform import make_params
-from test_transform import run_and_compare
+from _transform_problem import OWNERS
+from _transform_problem import RULES
+from _transform_problem import SHAPES
+from _transform_problem import as_dict
+from _transform_problem import error_maps
+from _transform_problem import grads_at
+from _transform_problem import make_components
+from _transform_problem import make_params
+from _transform_problem import run_and_compare
 
 import rgft_jax
 from rgft_jax._transform import residual_error_state as rgft_jax_state

@@ -2,11 +2,11 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from test_transform import as_dict
-from test_transform import error_maps
-from test_transform import grads_at
-from test_transform import make_components
-from test_transform import make_params
+from _transform_problem import as_dict
+from _transform_problem import error_maps
+from _transform_problem import grads_at
+from _transform_problem import make_components
+from _transform_problem import make_params
 
 import rgft_jax
 

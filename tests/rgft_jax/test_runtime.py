@@ -8,21 +8,21 @@ in loops and scans (Linen and NNX, with and without remat), branches and
 heads; and one compiled program must serve every set.
 """
 
+import _tiny_nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_tracker_nnx
+from _tiny_linen import _loss_fn
+from _tiny_linen import _reference_forward
+from _tiny_linen import _setup
+from _tiny_scanned import NnxScanned
+from _tiny_scanned import ScannedTransformer
+from _tiny_scanned import _stack
+from _tiny_scanned import _unroll_name
+from _tiny_scanned import _unstack
 from flax import nnx
-from test_lifted import NnxScanned
-from test_lifted import ScannedTransformer
-from test_lifted import _stack
-from test_lifted import _unroll_name
-from test_lifted import _unstack
-from test_tracker import _loss_fn
-from test_tracker import _reference_forward
-from test_tracker import _setup
 
 import rgft_jax
 from rgft_jax._gate import gated
@@ -49,7 +49,7 @@ def _grads_fn(layout, model, tracker):
     @nnx.jit
     def run(m, x, y, detach):
       loss, grads, error_map = tracker.value_and_grad(
-        test_tracker_nnx._loss_fn, detach=detach
+        _tiny_nnx._loss_fn, detach=detach
       )(m, x, y)
       return loss, nnx.to_pure_dict(grads), error_map
 
@@ -116,9 +116,7 @@ def test_runtime_gradients_equal_a_hand_written_stop_gradient(layout, granularit
   static = [n for n, f in zip(names, sets[0], strict=True) if f]
   if layout.startswith("nnx"):
     static_fn = nnx.jit(
-      lambda m: tracker.value_and_grad(test_tracker_nnx._loss_fn, detach=static)(
-        m, x, y
-      )
+      lambda m: tracker.value_and_grad(_tiny_nnx._loss_fn, detach=static)(m, x, y)
     )
     _, s_grads, s_map = static_fn(bound)
     s_grads = nnx.to_pure_dict(s_grads)
@@ -150,7 +148,7 @@ def _train_steps(layout, sets, mode):
   tx = rgft_jax.rgft(1e-2, comps, warmup_steps=2, thresh_final=0.9)
   if layout.startswith("nnx"):
     optimizer = nnx.Optimizer(bound, tx, wrt=nnx.Param)
-    step = rgft_jax.train_step(tracker, None, test_tracker_nnx._loss_fn, comps)
+    step = rgft_jax.train_step(tracker, None, _tiny_nnx._loss_fn, comps)
     jitted = nnx.jit(step, static_argnames=() if mode == "runtime" else "detached")
     history = []
     for flags in sets:
