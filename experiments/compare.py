@@ -10,7 +10,6 @@ with its 95% t-interval and the per-seed differences.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,31 +77,40 @@ def peer_methods(extra: tuple[str, ...]) -> tuple[str, ...]:
   return ("full", *(f"{m}@{b:g}" for b in PEER_BUDGETS for m in (*PEER_STUDY, *extra)))
 
 
-def tuned_as(name: str, parse, budget: float) -> str:
+def tuned_as(name: str, budget: float) -> str:
   """The method whose learning-rate search `name` reuses when budgeted
   methods are tuned at `budget` only (0: each on its own): the same method
   at that budget, or `name` itself."""
-  base, b = parse(name)
+  base, b = budget_of(name)
   if b is None or not budget or b == budget:
     return name
   return f"{base}@{budget:g}"
 
 
+def budget_of(name: str) -> tuple[str, float | None]:
+  """`"dropbp@0.5"` -> `("dropbp", 0.5)`; `"full"` -> `("full", None)` (the
+  names were checked by the study's registry before they ran).
+
+  >>> budget_of("dropbp@0.5"), budget_of("full")
+  (('dropbp', 0.5), ('full', None))
+  """
+  base, at, budget = name.partition("@")
+  return base, float(budget) if at else None
+
+
 def versus_peers(
   runs: list[dict[str, Any]],
   summary: dict[str, dict[str, Any]],
-  parse: Callable[[str], tuple[str, float | None]],
   *,
   key: str,
   mean: str,
   higher_is_better: bool,
 ) -> None:
-  """Adds to `summary[name]` of each budgeted method (`parse(name)` gives
-  `(base, budget)`) the paired difference in `key` to the best peer at its
+  """Adds to `summary[name]` of each budgeted method (`name@budget`) the paired difference in `key` to the best peer at its
   budget: `best_peer` (the peer whose `summary[...][mean]` is best; a peer is
   not compared with itself), `diff_vs_best_peer` and `diff_vs_best_peer_ci95`.
   """
-  budgets = {n: parse(n) for n in summary}
+  budgets = {n: budget_of(n) for n in summary}
   for name, s in summary.items():
     budget = budgets[name][1]
     if budget is None:
@@ -123,16 +131,12 @@ def versus_peers(
 
 
 def head_to_head(
-  runs: list[dict[str, Any]],
-  names: list[str],
-  parse: Callable[[str], tuple[str, float | None]],
-  method: str,
-  key: str,
+  runs: list[dict[str, Any]], names: list[str], method: str, key: str
 ) -> dict[str, dict[float, dict[str, Any]]]:
   """`method` (a base name such as "rgft_budget") against every other method
   at each budget it ran: `{other base: {budget: paired(method@b - other@b)}}`
   (full fine-tuning given the same FLOPs is the base "full")."""
-  parsed = {n: parse(n) for n in names}
+  parsed = {n: budget_of(n) for n in names}
   mine = {b: n for n, (base, b) in parsed.items() if base == method and b is not None}
   out: dict[str, dict[float, dict[str, Any]]] = {}
   for budget, name in sorted(mine.items()):

@@ -521,7 +521,7 @@ def tune(cfg: Config, task: TaskSetup, name: str, variants: dict) -> dict[str, A
 def tuned_as(cfg: Config, name: str, costs) -> str:
   """The method whose tuning picks `name`'s rate: `name` itself, or with
   `--tune_budget` the same method at that budget (where it can run there)."""
-  other = compare.tuned_as(name, methods_lib.parse_name, cfg.tune_budget)
+  other = compare.tuned_as(name, cfg.tune_budget)
   return name if methods_lib.infeasible(other, costs, cfg) else other
 
 

@@ -75,7 +75,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   compare.versus_peers(
     runs,
     out,
-    methods_lib.parse_name,
     key="test_accuracy",
     mean="accuracy_mean",
     higher_is_better=True,
@@ -148,7 +147,6 @@ def _points(p: dict[str, Any]) -> str:
 
 def head_to_head_markdown(
   runs: list[dict[str, Any]],
-  parse=methods_lib.parse_name,
   key: str = "test_accuracy",
   cell=_points,
   what: str = "test accuracy",
@@ -158,7 +156,7 @@ def head_to_head_markdown(
   `key` (`cell` formats a `compare.paired` result), paired over seeds (95%
   CI), one column per budget; none without budgets."""
   names = list(dict.fromkeys(r["method"] for r in runs))
-  table = compare.head_to_head(runs, names, parse, method, key)
+  table = compare.head_to_head(runs, names, method, key)
   if not table:
     return []
   budgets = sorted({b for cells in table.values() for b in cells})

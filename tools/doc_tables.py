@@ -489,12 +489,6 @@ def bench_runtime() -> str:
 # The peers study (--methods peers) --------------------------------------
 
 
-def _budgeted(name: str) -> tuple[str, float | None]:
-  """`"dropbp@0.5"` -> `("dropbp", 0.5)`; `"full"` -> `("full", None)`."""
-  base, at, budget = name.partition("@")
-  return base, float(budget) if at else None
-
-
 def _vs_peer(s: dict[str, Any], points: bool) -> str:
   if "best_peer" not in s:
     return "n/a"
@@ -542,7 +536,7 @@ def head_to_head(runs: list[dict[str, Any]], key: str, points: bool) -> str:
   from experiments import compare  # NumPy and SciPy only.
 
   names = list(dict.fromkeys(r["method"] for r in runs))
-  table = compare.head_to_head(runs, names, _budgeted, "rgft_budget", key)
+  table = compare.head_to_head(runs, names, "rgft_budget", key)
   budgets = sorted({b for cells in table.values() for b in cells})
 
   def cell(p: dict[str, Any] | None) -> str:
@@ -601,9 +595,14 @@ def lm_peers_h2h(path: str) -> str:
   return head_to_head(load(path)["runs"], "test_bpb", False)
 
 
+# The default run from the shipped plateau checkpoints.
+SHIPPED = "experiments/results/shipped/results.json"
+
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
+  "vit_summary_shipped": functools.partial(vit_summary, SHIPPED),
+  **{f"vit_shipped_{t}": functools.partial(vit_default, t, SHIPPED) for t in TASKS},
   **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
   **{f"vit_fair_{t}": functools.partial(vit_fair, t) for t in TASKS},
   **{

@@ -578,7 +578,7 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
 
   def go(name: str) -> None:
     """Runs `name` (after the method whose rate it reuses, `--tune_budget`)."""
-    tuned = compare.tuned_as(name, methods_lib.parse, cfg.tune_budget)
+    tuned = compare.tuned_as(name, cfg.tune_budget)
     if tuned != name and tuned not in search and tuned not in unavailable:
       go(tuned)
     rate = None if tuned == name or tuned not in search else search[tuned]["picked"]
@@ -713,7 +713,6 @@ def summarize(runs: list[dict], margin: float = 0.01) -> dict[str, dict[str, Any
   compare.versus_peers(
     runs,
     out,
-    methods_lib.parse,
     key="test_bpb",
     mean="test_bpb_mean",
     higher_is_better=False,
@@ -803,7 +802,7 @@ def markdown(results: dict[str, Any]) -> str:
   lines += [
     "",
     *report.head_to_head_markdown(
-      results["runs"], methods_lib.parse, "test_bpb", _bits, "target test bits/byte"
+      results["runs"], "test_bpb", _bits, "target test bits/byte"
     ),
   ]
   search = results["lr_search"]

@@ -42,7 +42,6 @@ def test_the_best_peer_is_the_best_mean_at_the_same_budget():
   compare.versus_peers(
     runs,
     summary,
-    vit_methods.parse_name,
     key="test_accuracy",
     mean="accuracy_mean",
     higher_is_better=True,
@@ -71,7 +70,6 @@ def test_for_bits_per_byte_the_best_peer_is_the_lowest():
   compare.versus_peers(
     runs,
     summary,
-    lm_methods.parse,
     key="test_bpb",
     mean="test_bpb_mean",
     higher_is_better=False,
@@ -83,9 +81,7 @@ def test_for_bits_per_byte_the_best_peer_is_the_lowest():
 
 def test_head_to_head_pairs_each_method_at_each_budget():
   runs = _runs(TABLE)
-  table = compare.head_to_head(
-    runs, list(TABLE), vit_methods.parse_name, "rgft_budget", "test_accuracy"
-  )
+  table = compare.head_to_head(runs, list(TABLE), "rgft_budget", "test_accuracy")
   assert set(table) == {"dropbp", "greentrainer", "full"}
   assert set(table["dropbp"]) == {0.5, 0.7} and set(table["greentrainer"]) == {0.5}
   for other, budget in (("dropbp", 0.7), ("full", 0.5)):
@@ -119,11 +115,10 @@ def test_the_peer_lists_hold_every_peer_and_control_at_every_budget():
 
 
 def test_a_tuning_budget_reuses_the_same_methods_search():
-  parse = vit_methods.parse_name
-  assert compare.tuned_as("dropbp@0.4", parse, 0.5) == "dropbp@0.5"
-  assert compare.tuned_as("dropbp@0.5", parse, 0.5) == "dropbp@0.5"
-  assert compare.tuned_as("full", parse, 0.5) == "full"
-  assert compare.tuned_as("dropbp@0.4", parse, 0.0) == "dropbp@0.4"
+  assert compare.tuned_as("dropbp@0.4", 0.5) == "dropbp@0.5"
+  assert compare.tuned_as("dropbp@0.5", 0.5) == "dropbp@0.5"
+  assert compare.tuned_as("full", 0.5) == "full"
+  assert compare.tuned_as("dropbp@0.4", 0.0) == "dropbp@0.4"
 
 
 def test_vit_study_tunes_each_budgeted_method_once(monkeypatch, tmp_path):
