@@ -328,6 +328,9 @@ def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
     ("--error_method=random", "cannot drive budgeted RGFT"),
     ("--warmup_steps=-1", "--warmup_steps must be"),
     ("--warmup_steps=500", "--warmup_steps must be in"),
+    ("--tune_budget=1.5", r"budget of '--tune_budget' must be in \(0, 1\]"),
+    ("--pretrained=cached", "--pretrained must be train or shipped"),
+    ("--patch=4", r"shipped label_shift checkpoint is for another ViT: --patch 4"),
   ],
 )
 def test_flags_are_checked_before_any_compute(tmp_path, flag, message):
