@@ -241,6 +241,48 @@ def vit_plateau_curve(every: int = 1000) -> str:
   return _table(["step", *(f"{label} validation" for label in TASKS.values())], rows)
 
 
+LM_PLATEAU = "checkpoints/lm_plateau.json"
+
+
+def lm_plateau() -> str:
+  """The shipped decoder (experiments.lm.plateau): how long, where it stopped,
+  its best validation and its test bits per byte."""
+  r = load(LM_PLATEAU)
+  hours, rest = divmod(round(r["wall_s"]), 3600)
+  stopped = r["stopped"]
+  row = [
+    f"{r['parameters'] / 1e6:.2f}M",
+    f"{stopped['step']:,} ({stopped['by'].replace('_', ' ')}; cooldown from "
+    f"{stopped['cooldown_start']:,})",
+    f"{r['best']['bits_per_byte']:.4f} (step {r['best']['step']:,})",
+    f"{r['test_bits_per_byte']['bits_per_byte']:.4f}",
+    f"{hours} h {rest // 60:02d} min",
+    f"`{r['sha256'][:12]}`",
+  ]
+  head = [
+    "parameters",
+    "steps (why it stopped)",
+    "best validation bits/byte",
+    "test bits/byte",
+    "wall time",
+    "SHA-256",
+  ]
+  return _table(head, [row])
+
+
+def lm_plateau_curve(every: int = 600) -> str:
+  """Validation bits per byte every `every` steps and at the best and last
+  evaluation, as one row."""
+  r = load(LM_PLATEAU)
+  curve = dict(map(tuple, r["curve"]))
+  last = max(curve)
+  steps = sorted({t for t in curve if t % every == 0} | {r["best"]["step"], last})
+  return _table(
+    ["step", *(f"{t:,}" for t in steps)],
+    [["validation bits/byte", *(f"{curve[t]:.3f}" for t in steps)]],
+  )
+
+
 def ablation(path: str, reference: str = "default", same: str = "default") -> str:
   """One ablation, both tasks side by side; the update ratio and FLOPs are
   the means over the tasks. `reference` heads the difference columns and
@@ -626,6 +668,8 @@ TABLES: dict[str, Callable[[], str]] = {
   ),
   **{f"vit_scan_{t}": functools.partial(vit_scan, t) for t in TASKS},
   "vit_plateau": vit_plateau,
+  "lm_plateau": lm_plateau,
+  "lm_plateau_curve": lm_plateau_curve,
   "vit_plateau_curve": vit_plateau_curve,
   "lm": lm,
   "lm_thresh": functools.partial(lm, "experiments/results/lm_thresh/results.json"),
