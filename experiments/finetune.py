@@ -2,8 +2,8 @@
 
 The default runs the two embedded transfer tasks (data shipped in pip
 packages, no download) on a small ViT pretrained on each task's source to a
-plateau (the checkpoints shipped in `checkpoints/`), with 5 seeds: full fine-tuning, soft
-RGFT, budgeted RGFT at budget 0.5, the same budget spent uniformly at random,
+plateau (the checkpoints shipped in `checkpoints/`), with 5 seeds: full
+fine-tuning, soft RGFT, budgeted RGFT at budget 0.5, the same budget spent uniformly at random,
 and full fine-tuning and LISA given the same FLOPs, every method at one
 learning rate. `--lr_grid` picks each method's rate from one shared grid on a
 validation split instead (on `--tune_seeds` seeds of its own), then the seeds
@@ -14,7 +14,7 @@ and bottleneck adapters:
   python -m experiments.finetune                 # the default
   python -m experiments.finetune --methods all   # every method at every budget
   python -m experiments.finetune --methods fair --lr_grid=3e-4,1e-3,3e-3,1e-2
-  python -m experiments.finetune --methods peers --lr_grid=3e-4,1e-3,3e-3 \
+  python -m experiments.finetune --methods peers --lr_grid=1e-3,3e-3,1e-2 \
       --tune_seeds 2 --tune_budget 0.5   # against DropBP, GreenTrainer, controls
 
 and writes `results.json`, `results.md`, plots and TensorBoard logs under

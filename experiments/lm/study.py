@@ -379,12 +379,14 @@ _NOT_IN_SIGNATURE = (
 
 
 def signature(cfg: Config) -> str:
-  """A hash of every setting that changes a run's record (the shipped
-  decoder's SHA-256 among them): runs are kept under it and reused by it."""
+  """A hash of every setting that changes a run's record, the corpora's
+  fingerprint and the shipped decoder's SHA-256: runs are kept under it and
+  reused by it."""
   named = {
     k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_SIGNATURE
   }
   named["format"] = _RUN_FORMAT
+  named["data"] = data.fingerprint((cfg.target, cfg.source()))  # This machine's.
   if cfg.pretrained == "shipped":
     named["shipped_sha256"] = shipped_record()["sha256"]
   text = json.dumps(named, sort_keys=True)

@@ -485,3 +485,15 @@ def test_the_study_starts_from_the_shipped_decoder_by_default(tmp_path):
   source = data.load(data.PYTHON_SOURCE).splits["test"]
   want = reference_bpb(used, params, source)
   assert results["pretrained_bpb"]["source_test"] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_run_signature_follows_the_data_and_the_settings(monkeypatch):
+  cfg = study.Config.quick()
+  base = study.signature(cfg)
+  assert study.signature(dataclasses.replace(cfg, seeds=9, workdir="x")) == base
+  assert study.signature(dataclasses.replace(cfg, steps=13)) != base
+  real = data.fingerprint
+  monkeypatch.setattr(
+    data, "fingerprint", lambda names: {**real(names), "python": "another"}
+  )
+  assert study.signature(cfg) != base  # Another interpreter's corpora.
