@@ -106,10 +106,10 @@ def versus_peers(
   mean: str,
   higher_is_better: bool,
 ) -> None:
-  """Adds to `summary[name]` of each budgeted method (`name@budget`) the paired difference in `key` to the best peer at its
-  budget: `best_peer` (the peer whose `summary[...][mean]` is best; a peer is
-  not compared with itself), `diff_vs_best_peer` and `diff_vs_best_peer_ci95`.
-  """
+  """Adds to `summary[name]` of each budgeted method (`name@budget`) the
+  paired difference in `key` to the best peer at its budget: `best_peer` (the
+  peer whose `summary[...][mean]` is best; a peer is not compared with
+  itself), `diff_vs_best_peer` and `diff_vs_best_peer_ci95`."""
   budgets = {n: budget_of(n) for n in summary}
   for name, s in summary.items():
     budget = budgets[name][1]
