@@ -297,7 +297,8 @@ def scale_by_residual_error(
     components: which parameters belong to which component.
     beta: EMA decay, a real number in [0, 1).
     thresh: threshold, a real number in (0, 1] or an `optax.Schedule`.
-    min_scale: smallest multiplier, a real number in (0, 1].
+    min_scale: smallest multiplier, a real number in [tiny, 1] (`tiny`:
+      float32's smallest normal number, about 1.18e-38).
     lagged: compute the multipliers from the EMA *before* this step's map is
       folded in, so they do not depend on the current batch (what the
       stochastic convergence argument in docs/theory.md assumes); the map is
@@ -328,7 +329,9 @@ def scale_by_residual_error(
       f"components must be rgft_jax.Components, got {type(components).__name__}."
     )
   _validation.in_range("beta", beta, 0.0, 1.0, high_open=True)
-  _validation.in_range("min_scale", min_scale, 0.0, 1.0, low_open=True)
+  # Not below float32's smallest normal number: XLA may flush a subnormal
+  # bound to 0, and the multipliers would then go below it.
+  _validation.in_range("min_scale", min_scale, _TINY, 1.0)
   _validation.in_range("outlier_ratio", outlier_ratio, 1.0, None, low_open=True)
   if callable(thresh):
     _validation.schedule("thresh", thresh, (0,), 0.0, 1.0)
@@ -445,7 +448,8 @@ def rgft(
     thresh_final: threshold after warmup, in [thresh_init, 1] (default 0.3).
     warmup_steps: updates over which the threshold grows, an integer >= 0
       (default 1000).
-    min_scale: smallest multiplier, in (0, 1].
+    min_scale: smallest multiplier, in [tiny, 1] (float32's smallest normal
+      number, about 1.18e-38, and up).
     b1: Adam's first-moment decay, in [0, 1).
     b2: Adam's second-moment decay, in [0, 1).
     eps: Adam's epsilon, finite and >= 0.

@@ -187,7 +187,9 @@ def _invalid(kwargs):
   for name in ("beta", "b1", "b2"):
     if not _in(kwargs.get(name, 0.5), 0.0, 1.0):
       bad.add(name)
-  if not _in(kwargs.get("min_scale", 0.5), 0.0, 1.0, low_open=True, high_open=False):
+  # (0, 1], less float32's subnormals (XLA may flush a subnormal bound to 0).
+  tiny = float(np.finfo(np.float32).tiny)
+  if not _in(kwargs.get("min_scale", 0.5), tiny, 1.0, high_open=False):
     bad.add("min_scale")
   for name in ("eps", "weight_decay"):
     if not _in(kwargs.get(name, 0.0), 0.0, np.inf, high_open=False):
@@ -391,3 +393,15 @@ def test_one_outlier_raises_the_largest_ema_at_most_by_beta_plus_one_minus_beta_
     _, state = _step(params, tx, state, steady)
   excess = float(state.error_map[i]) - steady[i]
   assert excess <= beta**20 * top * (beta + (1 - beta) * ratio) * (1 + 1e-5) + 1e-6
+
+
+def test_a_subnormal_min_scale_is_refused_and_the_smallest_normal_holds():
+  """Found by the hypothesis test above: min_scale 1e-38 (subnormal in
+  float32) was flushed to 0 by XLA, and the multipliers went below it."""
+  tiny = float(np.finfo(np.float32).tiny)  # 2**-126.
+  with pytest.raises(ValueError, match=r"min_scale must be in \[1\.17\d*e-38, 1"):
+    _setup(3, 0.5, 1e-38)
+  params, tx = _setup(3, 0.5, tiny)
+  _, state = _step(params, tx, tx.init(params), [0.0, 0.0, 1.0])
+  alpha = np.asarray(residual_error_state(state).alpha)
+  assert alpha.tolist() == [np.float32(tiny), np.float32(tiny), 1.0]
