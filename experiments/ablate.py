@@ -6,7 +6,9 @@
 Each ablation changes one thing of `rgft_blocks` (or of `full` fine-tuning, for
 the sensitivity ones) and compares it with the default on the same seeds:
 the error-map method, the threshold pair, the warmup length, the batch size,
-the learning rate, and the grouping of parameters into components. Every
+the learning rate, and the grouping of parameters into components. The
+`levers` ablation changes one thing of budgeted RGFT (`rgft_budget@b`) instead
+and sets full fine-tuning, with all its steps and with b of them, beside it. Every
 other setting is `experiments.finetune`'s, settable with the same flags; runs
 are cached under `--workdir` by their settings, so a row shared by two
 ablations (the default) runs once, and an interrupted command resumes.
@@ -27,6 +29,7 @@ import numpy as np
 from experiments import cli
 from experiments import compare
 from experiments import finetune
+from experiments import methods as methods_lib
 from experiments import store
 
 ABLATIONS = (
@@ -36,7 +39,28 @@ ABLATIONS = (
   "batch_size",
   "learning_rate",
   "grouping",
+  "levers",
 )
+# The levers ablation: budgeted RGFT with one thing changed (method, settings).
+LEVERS = {
+  "default": ("rgft_budget", {}),
+  # The trained components' updates are not scaled down (multipliers of 1).
+  "hard": ("rgft_budget", {"min_scale": 1.0}),
+  "taylor": ("rgft_budget", {"error_method": "taylor"}),
+  # A full step before each decision: every component measured afresh.
+  "refresh": ("rgft_budget", {"budget_refresh": True}),
+  # Only measurements with nothing detached below a component count.
+  "exact": ("rgft_budget", {"budget_exact": True}),
+  "every5": ("rgft_budget", {"budget_every": 5}),
+  "no_hysteresis": ("rgft_budget", {"budget_hysteresis": 0.0}),
+  # More of the budget spent early: full steps falling to below b over 50 steps.
+  "ramp50": ("rgft_budget", {"budget_ramp": 50}),
+  # Drawn in proportion to the error at each decision, not the top set.
+  "sample": ("rgft_budget_sample", {}),
+  "hard_sample": ("rgft_budget_sample", {"min_scale": 1.0}),
+  "full": ("full", {}),  # All the steps: b / budget more FLOPs.
+  "full@b": ("full", {}),  # Fewer steps, the same FLOPs.
+}
 GROUPINGS = {"blocks": "rgft_blocks", "heads": "rgft_heads", "mix": "rgft_mix"}
 # What --quick sets: a tiny model, few steps, one seed, two values per grid.
 QUICK = {
@@ -53,6 +77,8 @@ QUICK = {
   "warmups": "3,6",
   "batch_sizes": "8,16",
   "lr_values": "1e-3,3e-3",
+  "levers": "default,hard,full,full@b",
+  "lever_budget": 0.7,  # 0.5 is below the floor of the quick model.
   "progress": False,
 }
 # Flags of the fine-tuning study that mean nothing here.
@@ -77,6 +103,8 @@ class AblateConfig(finetune.Config):
   batch_sizes: str = "32,64,128"  # batch_size ablation (full and rgft_blocks).
   lr_values: str = "3e-4,1e-3,3e-3,1e-2"  # learning_rate ablation (same two).
   groupings: str = "blocks,heads,mix"  # grouping ablation (mix: heads + MLPs).
+  levers: str = ",".join(LEVERS)  # levers ablation: which rows (see LEVERS).
+  lever_budget: float = 0.5  # levers ablation: the budget b, of a full step.
   quick: bool = False  # Tiny settings for a smoke run (sizes, steps, grids).
 
   def names(self) -> list[str]:
@@ -89,8 +117,11 @@ class AblateConfig(finetune.Config):
   def validate(self) -> None:
     """The study's checks, then every row's settings, before any compute."""
     super().validate()
+    if "levers" in self.names() and not 0.0 < self.lever_budget <= 1.0:
+      raise ValueError(f"--lever_budget must be in (0, 1], got {self.lever_budget}.")
     for name in self.names():
       for row in rows(self, name):
+        methods_lib.parse_name(row.method)  # A budget out of range names itself.
         finetune.Config.validate(dataclasses.replace(self, **row.overrides))
 
 
@@ -166,6 +197,17 @@ def rows(cfg: AblateConfig, name: str) -> list[Row]:
         Row(label, m, {name: v}, v, ref)
         for label, v in zip(labels, values, strict=True)
       ]
+    return out
+  if name == "levers":
+    values = _list(cfg.levers, str, "levers")
+    unknown = [v for v in values if v not in LEVERS]
+    if unknown:
+      raise ValueError(f"--levers must be some of {list(LEVERS)}, got {unknown}.")
+    out = []
+    for label in values:
+      base, overrides = LEVERS[label]
+      method = base if label == "full" else f"{base}@{cfg.lever_budget:g}"
+      out.append(Row(label, method, overrides, label, _reference(values, "default")))
     return out
   values = _list(cfg.groupings, str, "groupings")
   unknown = [g for g in values if g not in GROUPINGS]
@@ -301,9 +343,22 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
   for name in cfg.names():  # Every batch size a row trains with.
     for row in rows(cfg, name):
       finetune.check_sizes(dataclasses.replace(cfg, **row.overrides), found)
+  budgeted = any(
+    methods_lib.parse_name(row.method)[1] is not None
+    for name in cfg.names()
+    for row in rows(cfg, name)
+  )
   tasks = [
-    finetune.prepare(cfg, n, source, target, costs=False) for n, source, target in found
+    finetune.prepare(cfg, n, source, target, costs=budgeted)
+    for n, source, target in found
   ]
+  for task in tasks:  # Budgets below a task's floor, before any run.
+    for name in cfg.names():
+      for row in rows(cfg, name):
+        at = dataclasses.replace(cfg, **row.overrides)
+        why = methods_lib.infeasible(row.method, task.costs, at)
+        if why:
+          raise ValueError(f"{task.name}: {row.method} cannot run: {why}.")
   variants: dict = {}
   out = {}
   for name in cfg.names():

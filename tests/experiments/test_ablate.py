@@ -53,6 +53,9 @@ def test_quick_mode_writes_a_table_and_a_plot_per_ablation(tmp_path):
     ("--batch_sizes=0", "--batch_size must be"),
     ("--lr_values=-1", "--learning_rate must be finite and > 0"),
     ("--groupings=nope", "--groupings must be some of"),
+    ("--levers=default,nope", "--levers must be some of"),
+    ("--lever_budget=1.5", r"--lever_budget must be in \(0, 1\]"),
+    ("--levers=hard,hard", "--levers repeats"),
     ("--seeds=0", "--seeds must be"),
     ("--size=foo", "--size must be one of"),
   ],
@@ -89,3 +92,18 @@ def test_quick_sets_defaults_and_given_flags_win():
   cfg = ablate.parse(["--quick", "--tasks=input_shift", "--seeds=3"])
   assert (cfg.tasks, cfg.seeds, cfg.steps) == ("input_shift", 3, ablate.QUICK["steps"])
   assert ablate.parse(["--seeds=3", "--quick"]).seeds == 3
+
+
+def test_levers_change_one_thing_of_budgeted_rgft():
+  cfg = ablate.parse(["--ablations=levers", "--lever_budget=0.4"])
+  rows = {r.label: r for r in ablate.rows(cfg, "levers")}
+  assert list(rows) == list(ablate.LEVERS)
+  assert {r.reference for r in rows.values()} == {"default"}
+  assert rows["default"].method == "rgft_budget@0.4" and rows["default"].overrides == {}
+  assert rows["hard"].overrides == {"min_scale": 1.0}
+  assert rows["sample"].method == "rgft_budget_sample@0.4"
+  # Full fine-tuning with every step, and with the budget's share of them.
+  assert (rows["full"].method, rows["full@b"].method) == ("full", "full@0.4")
+  for row in rows.values():  # Every row is a setting the study accepts.
+    changed = {k: v for k, v in row.overrides.items() if getattr(cfg, k) != v}
+    assert changed == row.overrides, row.label
