@@ -595,6 +595,42 @@ def head_to_head(runs: list[dict[str, Any]], key: str, points: bool) -> str:
   return _table(["rgft_budget minus", *(f"@{b:g}" for b in budgets)], rows)
 
 
+def vit_peers_both(path: str) -> str:
+  """Budgeted RGFT minus each method at each budget, both tasks in one table
+  (points, paired over seeds, ± the 95% half-width); first against full
+  fine-tuning with all its steps, and its own accuracy."""
+  from experiments import compare  # NumPy and SciPy only.
+
+  tasks = load(path)["tasks"]
+  cols, cells = [], {}
+  for task, label in TASKS.items():
+    runs = tasks[task]["runs"]
+    names = list(dict.fromkeys(r["method"] for r in runs))
+    table = compare.head_to_head(runs, names, "rgft_budget", "test_accuracy")
+    budgets = sorted({b for c in table.values() for b in c})
+    for b in budgets:
+      cols.append(f"{label} @{b:g}")
+      mine = f"rgft_budget@{b:g}"
+      s = tasks[task]["summary"][mine]
+      cells[("its accuracy", cols[-1])] = f"{s['accuracy_mean']:.3f}"
+      full = compare.paired(runs, mine, "full", "test_accuracy")
+      cells[("`full` (all steps)", cols[-1])] = _short_pt(full)
+      for other, per in table.items():
+        label = "`full@b` (fewer steps)" if other == "full" else f"`{other}`"
+        cells[(label, cols[-1])] = _short_pt(per.get(b))
+  rows_of = list(dict.fromkeys(r for r, _ in cells))
+  rows = [[r, *(cells.get((r, c), "n/a") for c in cols)] for r in rows_of]
+  return _table(["rgft_budget minus", *cols], rows)
+
+
+def _short_pt(p: dict[str, Any] | None) -> str:
+  """A paired difference in points, bold where its 95% interval excludes 0."""
+  if p is None:
+    return "n/a"
+  text = f"{p['mean'] * 100:+.1f} ± {p['ci95'] * 100:.1f}"
+  return f"**{text}**" if abs(p["mean"]) > p["ci95"] else text
+
+
 def vit_peers_h2h(task: str, path: str) -> str:
   return head_to_head(load(path)["tasks"][task]["runs"], "test_accuracy", True)
 
@@ -639,11 +675,15 @@ def lm_peers_h2h(path: str) -> str:
 
 # The default run from the shipped plateau checkpoints.
 SHIPPED = "experiments/results/shipped/results.json"
+# The ViT peers study (--methods peers).
+VIT_PEERS = "experiments/results/peers/results.json"
 
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
   "vit_summary_shipped": functools.partial(vit_summary, SHIPPED),
+  "vit_peers_both": functools.partial(vit_peers_both, VIT_PEERS),
+  **{f"vit_peers_{t}": functools.partial(vit_peers, t, VIT_PEERS) for t in TASKS},
   **{f"vit_shipped_{t}": functools.partial(vit_default, t, SHIPPED) for t in TASKS},
   **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
   **{f"vit_fair_{t}": functools.partial(vit_fair, t) for t in TASKS},
