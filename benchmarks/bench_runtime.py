@@ -10,11 +10,15 @@ each size), the RGFT train step (`rgft_jax.train_step`) runs in
 * `runtime`: one compiled step for every set, the set a boolean array;
 * `recompute`: the same, gated calls keeping no residuals (a trained one
   recomputes its forward pass);
+* `runtime_mask`: `runtime` with `hold="mask"`: every parameter's optimizer
+  update computed, held ones selected back (`runtime` skips them,
+  `hold="skip"`);
 * `compiled`: one compiled step per set (`stop_gradient` chosen in Python).
 
 `plain` is the tracked step with nothing detached and no gating. Timings are
 medians over interleaved repeats (every configuration once per round), so
-the machine's load moves them alike. Predicted FLOPs are
+the machine's load moves them alike; one model state runs through all of
+them, donated to each step as a training loop does. Predicted FLOPs are
 `rgft_jax.detach_costs(...).step(set) / full` (per-layer shares of a scanned
 tap from detaching it in every layer); XLA's count of a runtime step includes
 both branches of each `cond`, so only the prediction can be charged.
@@ -45,6 +49,12 @@ from experiments.vit import VisionTransformer
 from experiments.vit import scan_params
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Runtime gating's variants: (column, recompute, hold).
+RUNTIME_MODES = (
+  ("runtime", False, "skip"),
+  ("recompute", True, "skip"),
+  ("runtime_mask", False, "mask"),
+)
 
 
 def vit_case(args, scan: bool):
@@ -67,8 +77,10 @@ def vit_case(args, scan: bool):
 
   tx = rgft_jax.rgft(1e-4, comps)
 
-  def make_step(recompute):
-    return rgft_jax.train_step(tracker, tx, loss_fn, comps, recompute=recompute)
+  def make_step(recompute, hold):
+    return rgft_jax.train_step(
+      tracker, tx, loss_fn, comps, recompute=recompute, hold=hold
+    )
 
   return comps, make_step, (params, tx.init(params)), (x, y)
 
@@ -95,9 +107,10 @@ def lm_case(args, scan: bool):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
 
-  def make_step(recompute):
+  def make_step(recompute, hold):
     nnx_step = rgft_jax.train_step(
-      tracker, None, lm_model.loss, comps, has_aux=True, recompute=recompute
+      tracker, None, lm_model.loss, comps, has_aux=True, recompute=recompute,
+      hold=hold,
     )
 
     def step(state, tokens, detached=frozenset()):
@@ -111,47 +124,49 @@ def lm_case(args, scan: bool):
   return comps, make_step, (state,), (tokens,)
 
 
-def median_seconds(fn, *args):
-  tic = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - tic
-
-
 def run_case(label, case, args):
   comps, make_step, state, data = case
-  step = make_step(False)
+  step = make_step(False, "skip")
   names = comps.names
   n = len(names)
   costs = rgft_jax.detach_costs(step, names, *state, *data)
   order = np.random.default_rng(args.seed).permutation(n)
   sets = {f: frozenset(names[i] for i in order[: round(f * n)]) for f in FRACTIONS}
   flags = {f: jnp.asarray([m in sets[f] for m in names]) for f in FRACTIONS}
-  configs = {}  # (mode, fraction) -> callable of no arguments.
+  k = len(state)  # Leading arguments that are the model's state (donated).
+  configs = {}  # (mode, fraction) -> compiled step of (*state, *data).
+  extra = {}  # (mode, fraction) -> trailing arguments (the runtime flags).
   peak = {}  # (mode, fraction) -> peak bytes of the compiled step.
   tic = time.perf_counter()
-  plain = jax.jit(lambda *a: step(*a, detached=frozenset())).lower(*state, *data)
-  plain = plain.compile()
-  configs[("plain", 0.0)] = lambda: plain(*state, *data)
-  peak[("plain", 0.0)] = rgft_jax.peak_bytes(plain)
-  for mode, recompute in (("runtime", False), ("recompute", True)):
-    gated = make_step(recompute)
-    fn = jax.jit(lambda *a, gated=gated: gated(*a[:-1], detached=a[-1]))
-    compiled = fn.lower(*state, *data, flags[0.0]).compile()
+
+  def compile_(fn, *more):
+    jitted = jax.jit(fn, donate_argnums=tuple(range(k)))
+    return jitted.lower(*state, *data, *more).compile()
+
+  plain = compile_(lambda *a: step(*a, detached=frozenset()))
+  configs[("plain", 0.0)], extra[("plain", 0.0)] = plain, ()
+  for mode, recompute, hold in RUNTIME_MODES:
+    gated = make_step(recompute, hold)
+    compiled = compile_(lambda *a, g=gated: g(*a[:-1], detached=a[-1]), flags[0.0])
     for f in FRACTIONS:
-      configs[(mode, f)] = lambda c=compiled, f=f: c(*state, *data, flags[f])
-      peak[(mode, f)] = rgft_jax.peak_bytes(compiled)
+      configs[(mode, f)], extra[(mode, f)] = compiled, (flags[f],)
   for f in FRACTIONS:
-    fn = jax.jit(lambda *a, d=sets[f]: step(*a, detached=d))
-    compiled = fn.lower(*state, *data).compile()
-    configs[("compiled", f)] = lambda c=compiled: c(*state, *data)
-    peak[("compiled", f)] = rgft_jax.peak_bytes(compiled)
+    configs[("compiled", f)] = compile_(lambda *a, d=sets[f]: step(*a, detached=d))
+    extra[("compiled", f)] = ()
+  peak = {key: rgft_jax.peak_bytes(c) for key, c in configs.items()}
   compile_s = time.perf_counter() - tic
+  # One state runs through every configuration, each call donating it to the
+  # next (as a training loop does), so held leaves can stay in place.
+  state = jax.tree.map(jnp.copy, state)
   times = {key: [] for key in configs}
-  for fn in configs.values():  # Warm-up.
-    jax.block_until_ready(fn())
-  for _ in range(args.repeats):
+  for r in range(args.repeats + 1):  # The first round warms up.
     for key, fn in configs.items():
-      times[key].append(median_seconds(fn))
+      tic = time.perf_counter()
+      out = fn(*state, *data, *extra[key])
+      jax.block_until_ready(out)
+      if r:
+        times[key].append(time.perf_counter() - tic)
+      state = out[-k:]
   medians = {key: statistics.median(v) for key, v in times.items()}
   base = medians[("plain", 0.0)]
   rows = []
@@ -198,11 +213,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=7, help="Timed rounds.")
   parser.add_argument("--seed", type=int, default=0, help="Seed of the sets.")
   parser.add_argument("--models", default="vit,lm", help="Comma-separated.")
+  parser.add_argument("--layouts", default="loop,scan", help="Comma-separated.")
   parser.add_argument("--out", type=pathlib.Path, help="JSON file to write.")
   args = parser.parse_args()
   results = []
   for name in args.models.split(","):
-    for scan in (False, True):
+    for scan in [{"loop": False, "scan": True}[x] for x in args.layouts.split(",")]:
       make = {"vit": vit_case, "lm": lm_case}[name]
       label = f"{name}-{'scan' if scan else 'loop'}"
       results.append(run_case(label, make(args, scan), args))

@@ -20,6 +20,7 @@ from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
 from rgft_jax._sparse import compiled_cost
 from rgft_jax._sparse import hold_masked
+from rgft_jax._sparse import hold_skipped
 from rgft_jax._sparse import train_step
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
@@ -49,6 +50,7 @@ __all__ = (
   "greentrainer_importance",
   "greentrainer_select",
   "hold_masked",
+  "hold_skipped",
   "linear_threshold",
   "peak_bytes",
   "residual_error_state",

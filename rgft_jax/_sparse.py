@@ -63,8 +63,9 @@ def component_masks(components: Components, tree: Any, names: Any) -> Any:
 
 
 def flag_masks(components: Components, tree: Any, flags: jax.Array) -> Any:
-  """Per leaf of `tree`: False (in no component) or a traced bool array, set
-  where the entry's component has its flag set (`flags`: bool[n])."""
+  """Per leaf of `tree`: False (in no component), a traced bool scalar (one
+  component owns the whole leaf) or a traced bool array, set where the entry's
+  component has its flag set (`flags`: bool[n])."""
   components.check(tree)
   table = jnp.append(jnp.asarray(flags, bool), False)  # Index -1 -> False.
   by_path = components._by_path
@@ -73,6 +74,8 @@ def flag_masks(components: Components, tree: Any, flags: jax.Array) -> Any:
     idx = by_path[path_str(path)]
     if (idx < 0).all():
       return False
+    if (idx == idx.flat[0]).all():  # One component owns the leaf: one flag.
+      return table[idx.flat[0]]
     return table[idx]
 
   return jax.tree_util.tree_map_with_path(
@@ -133,6 +136,81 @@ def hold_masked(
   return updates, jax.tree.map(keep, state_masks, new_state, old_state)
 
 
+def hold_skipped(
+  tx: optax.GradientTransformation,
+  masks: Any,
+  grads: Any,
+  state: Any,
+  params: Any,
+  **extra_args: Any,
+) -> tuple[Any, Any]:
+  """`tx`'s update and `optax.apply_updates`, with held leaves' work skipped.
+
+  The same result as `tx.update`, `hold_masked` and `optax.apply_updates`:
+  `masks` (like the parameters) holds a leaf whole (True, or a traced bool
+  scalar when set), holds some of its entries (a bool array) or none (False);
+  a held entry keeps its parameter and its optimizer state. The difference is
+  the cost. A leaf with a traced scalar flag (`flag_masks` gives one where a
+  single component owns the leaf) is updated inside a `lax.cond` that runs
+  only when the flag is clear, so a held leaf costs no optimizer work and no
+  copies (its donated buffers stay in place); `hold_masked` computes every
+  update and then selects between old and new values, which costs more than
+  the update itself on CPU (`benchmarks/bench_hold.py`).
+
+  Exact for any `tx`: each branch traces `tx.update` on the whole tree and XLA
+  drops what its leaf does not read. An update whose leaves read each other
+  (global-norm clipping) is recomputed in every branch that runs, which can
+  cost more than masking; `train_step(..., hold="mask")` keeps masking.
+
+  Returns:
+    `(new_params, new_state)`.
+  """
+  p_leaves, p_def = jax.tree.flatten(params)
+  m_leaves = p_def.flatten_up_to(masks)
+  index = p_def.unflatten(list(range(len(p_leaves))))
+  owner = optax.tree_utils.tree_map_params(
+    tx, lambda _, i: i, state, index, transform_non_params=lambda _: -1
+  )
+  owners = jax.tree.leaves(owner)
+  old_state, s_def = jax.tree.flatten(state)
+  updates, new = tx.update(grads, state, params, **extra_args)
+  u_leaves = p_def.flatten_up_to(updates)
+  new_state = jax.tree.leaves(new)
+  mine = collections.defaultdict(list)  # Param leaf -> its state leaves.
+  for j, i in enumerate(owners):
+    if i >= 0:
+      mine[i].append(j)
+  out = []
+  for i, (p, m) in enumerate(zip(p_leaves, m_leaves, strict=True)):
+    if m is False:
+      out.append(optax.apply_updates(p, u_leaves[i]))
+      continue
+    if m is True or jnp.ndim(m) > 0:  # Hold these entries (or all) by select.
+      out.append(jnp.where(m, p, optax.apply_updates(p, u_leaves[i])))
+      for j in mine[i]:
+        new_state[j] = jnp.where(m, old_state[j], new_state[j])
+      continue
+
+    def run(operands, i=i):
+      g, s, ps = operands
+      u, s = tx.update(g, s, ps, **extra_args)
+      leaves = jax.tree.leaves(s)
+      p = p_def.flatten_up_to(ps)[i]
+      return optax.apply_updates(p, p_def.flatten_up_to(u)[i]), [leaves[j] for j in mine[i]]
+
+    def keep(operands, i=i):
+      _, s, ps = operands
+      return p_def.flatten_up_to(ps)[i], [jax.tree.leaves(s)[j] for j in mine[i]]
+
+    # `cond(trained, run, keep)`: the other way round, XLA on CPU copied
+    # every operand of the keep branch.
+    p, held = jax.lax.cond(jnp.logical_not(m), run, keep, (grads, state, params))
+    out.append(p)
+    for j, leaf in zip(mine[i], held, strict=True):
+      new_state[j] = leaf
+  return p_def.unflatten(out), s_def.unflatten(new_state)
+
+
 def train_step(
   tracker: Any,
   tx: optax.GradientTransformation,
@@ -141,6 +219,7 @@ def train_step(
   has_aux: bool = False,
   exact: bool = False,
   recompute: bool = False,
+  hold: str = "skip",
 ) -> Callable[..., Any]:
   """An RGFT train step that takes the set of detached components.
 
@@ -163,7 +242,8 @@ def train_step(
   * or a boolean array, one entry per component in `components.names`
     order, which may be traced (runtime gating): one program for every set;
     each component's backward pass runs only when it is trained, in loops
-    and scans alike; held parameters and moments are masked at run time.
+    and scans alike; held parameters and moments are held at run time
+    (`hold`).
 
   A component below a detached one (earlier in `components.names`, the
   order `ErrorTracker.components` gives: input side first) is measured
@@ -181,6 +261,11 @@ def train_step(
     exact: measure only the components measured exactly (see above).
     recompute: with runtime gating, keep no residuals for gated backward
       passes and recompute a trained component's forward pass.
+    hold: with runtime gating, how held parameters keep their values:
+      "skip" (`hold_skipped`: a leaf owned by one component is updated only
+      when it trains) or "mask" (`hold_masked`: every update computed, then
+      selected; cheaper only for an optimizer whose leaves read each other,
+      such as global-norm clipping).
 
   Returns:
     The step function.
@@ -210,6 +295,8 @@ def train_step(
   """
 
   names = components.names
+  if hold not in ("skip", "mask"):
+    raise ValueError(f'hold must be "skip" or "mask", got {hold!r}.')
 
   def measured(detached):
     if not exact or is_runtime(detached) or not detached:
@@ -244,6 +331,12 @@ def train_step(
     if isinstance(params, nnx.Module):
       return _nnx_step(params, opt_state, *args, detached=detached)
     out, grads, error_map = attribute(params, args, detached)
+    if is_runtime(detached) and hold == "skip":
+      masks = masks_of(params, detached)
+      params, new_state = hold_skipped(
+        tx, masks, grads, opt_state, params, error_map=error_map
+      )
+      return out, params, new_state
     updates, new_state = tx.update(grads, opt_state, params, error_map=error_map)
     if is_runtime(detached) or detached:
       masks = masks_of(params, detached)
@@ -259,12 +352,21 @@ def train_step(
     wrt = optimizer.wrt
     params = nnx.as_pure(nnx.state(model, wrt))
     old_state = nnx.as_pure(optimizer.opt_state)
-    updates, new_state = optimizer.tx.update(
-      nnx.as_pure(nnx.state(grads, wrt)), old_state, params, error_map=error_map
-    )
+    grads = nnx.as_pure(nnx.state(grads, wrt))
     masks = masks_of(params, detached)
-    updates, new_state = hold_masked(optimizer.tx, masks, updates, new_state, old_state)
-    nnx.update(model, optax.apply_updates(params, updates))
+    if is_runtime(detached) and hold == "skip":
+      new_params, new_state = hold_skipped(
+        optimizer.tx, masks, grads, old_state, params, error_map=error_map
+      )
+    else:
+      updates, new_state = optimizer.tx.update(
+        grads, old_state, params, error_map=error_map
+      )
+      updates, new_state = hold_masked(
+        optimizer.tx, masks, updates, new_state, old_state
+      )
+      new_params = optax.apply_updates(params, updates)
+    nnx.update(model, new_params)
     nnx.update(optimizer.opt_state, nnx.state(new_state))
     optimizer.step[...] += 1
     return out

@@ -145,7 +145,11 @@ def _train_steps(layout, sets, mode):
   model, bound = _model(layout)
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   comps = tracker.components(bound, x)
-  tx = rgft_jax.rgft(1e-2, comps, warmup_steps=2, thresh_final=0.9)
+  # eps well above float32 noise: a key bias's gradient is zero in exact
+  # arithmetic (softmax ignores a shift of every logit), and Adam would turn
+  # the rounding left in it, which differs between two compiled programs,
+  # into a full-size step.
+  tx = rgft_jax.rgft(1e-2, comps, warmup_steps=2, thresh_final=0.9, eps=1e-2)
   if layout.startswith("nnx"):
     optimizer = nnx.Optimizer(bound, tx, wrt=nnx.Param)
     step = rgft_jax.train_step(tracker, None, _tiny_nnx._loss_fn, comps)
@@ -177,7 +181,9 @@ def _train_steps(layout, sets, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["scan", "nnx_scan_remat"])
+# Looped, each leaf has one owner: held leaves skip the optimizer (a cond);
+# scanned, a leaf holds every layer's entries: held entries are selected.
+@pytest.mark.parametrize("layout", ["loop", "scan", "nnx_scan_remat"])
 def test_runtime_updates_equal_the_static_ones_and_hold_moments(layout):
   n = 2 * 2  # Two blocks of two branches.
   rng = np.random.default_rng(1)
