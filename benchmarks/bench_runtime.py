@@ -109,7 +109,12 @@ def lm_case(args, scan: bool):
 
   def make_step(recompute, hold):
     nnx_step = rgft_jax.train_step(
-      tracker, None, lm_model.loss, comps, has_aux=True, recompute=recompute,
+      tracker,
+      None,
+      lm_model.loss,
+      comps,
+      has_aux=True,
+      recompute=recompute,
       hold=hold,
     )
 

@@ -196,7 +196,9 @@ def hold_skipped(
       u, s = tx.update(g, s, ps, **extra_args)
       leaves = jax.tree.leaves(s)
       p = p_def.flatten_up_to(ps)[i]
-      return optax.apply_updates(p, p_def.flatten_up_to(u)[i]), [leaves[j] for j in mine[i]]
+      return optax.apply_updates(p, p_def.flatten_up_to(u)[i]), [
+        leaves[j] for j in mine[i]
+      ]
 
     def keep(operands, i=i):
       _, s, ps = operands

@@ -104,7 +104,10 @@ def test_a_leaf_owned_by_one_component_gets_a_scalar_flag():
 def test_held_buffers_stay_in_place():
   """With donated parameters and state, no parameter-sized buffer is copied:
   a held leaf costs no work (the cond's other way round copied them all)."""
-  params = {"a": {"kernel": jnp.ones((256, 256))}, "b": {"kernel": jnp.ones((256, 256))}}
+  params = {
+    "a": {"kernel": jnp.ones((256, 256))},
+    "b": {"kernel": jnp.ones((256, 256))},
+  }
   grads = jax.tree.map(jnp.ones_like, params)
   comps = rgft_jax.Components(("a", "b"), {"a": {"kernel": 0}, "b": {"kernel": 1}})
   tx = optax.adam(0.1)
