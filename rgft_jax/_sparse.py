@@ -166,15 +166,15 @@ def hold_skipped(
     `(new_params, new_state)`.
   """
   p_leaves, p_def = jax.tree.flatten(params)
-  m_leaves = p_def.flatten_up_to(masks)
-  index = p_def.unflatten(list(range(len(p_leaves))))
+  m_leaves = jax.tree.leaves(masks)  # False, True, or a bool array each.
+  index = jax.tree.unflatten(p_def, list(range(len(p_leaves))))
   owner = optax.tree_utils.tree_map_params(
     tx, lambda _, i: i, state, index, transform_non_params=lambda _: -1
   )
   owners = jax.tree.leaves(owner)
   old_state, s_def = jax.tree.flatten(state)
   updates, new = tx.update(grads, state, params, **extra_args)
-  u_leaves = p_def.flatten_up_to(updates)
+  u_leaves = jax.tree.leaves(updates)
   new_state = jax.tree.leaves(new)
   mine = collections.defaultdict(list)  # Param leaf -> its state leaves.
   for j, i in enumerate(owners):
@@ -195,14 +195,14 @@ def hold_skipped(
       g, s, ps = operands
       u, s = tx.update(g, s, ps, **extra_args)
       leaves = jax.tree.leaves(s)
-      p = p_def.flatten_up_to(ps)[i]
-      return optax.apply_updates(p, p_def.flatten_up_to(u)[i]), [
+      p = jax.tree.leaves(ps)[i]
+      return optax.apply_updates(p, jax.tree.leaves(u)[i]), [
         leaves[j] for j in mine[i]
       ]
 
     def keep(operands, i=i):
       _, s, ps = operands
-      return p_def.flatten_up_to(ps)[i], [jax.tree.leaves(s)[j] for j in mine[i]]
+      return jax.tree.leaves(ps)[i], [jax.tree.leaves(s)[j] for j in mine[i]]
 
     # `cond(trained, run, keep)`: the other way round, XLA on CPU copied
     # every operand of the keep branch.
@@ -210,7 +210,7 @@ def hold_skipped(
     out.append(p)
     for j, leaf in zip(mine[i], held, strict=True):
       new_state[j] = leaf
-  return p_def.unflatten(out), s_def.unflatten(new_state)
+  return jax.tree.unflatten(p_def, out), jax.tree.unflatten(s_def, new_state)
 
 
 def train_step(
