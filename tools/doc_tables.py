@@ -408,6 +408,23 @@ def bench_update() -> str:
   return _table(["update", "median ms"], rows)
 
 
+def bench_hold() -> str:
+  """The optimizer's part of a runtime-gated step, held blocks masked or skipped."""
+  r = load("benchmarks/results/hold.json")
+  rows = [
+    [
+      f"`{row['optimizer']}`",
+      f"{row['held']:g}",
+      f"{row['median_s']['plain'] * 1e3:.0f}",
+      f"{row['vs_plain']['masked']:.2f}",
+      f"{row['vs_plain']['skipped']:.2f}",
+    ]
+    for row in r["rows"]
+  ]
+  head = ["optimizer", "blocks held", "plain ms", 'hold="mask"', 'hold="skip"']
+  return _table(head, rows)
+
+
 TRACKER_STEPS = {
   "plain": "plain Adam",
   "rgft_branches": "RGFT, block branches (24 components)",
@@ -719,6 +736,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "bench_tracker_faithfulness": bench_tracker_faithfulness,
   "bench_sparse": bench_sparse,
   "bench_runtime": bench_runtime,
+  "bench_hold": bench_hold,
 }
 
 
