@@ -243,14 +243,19 @@ def _stats(records: list[dict], reference: list[dict]) -> dict[str, Any]:
   }
 
 
-def run_ablation(cfg: AblateConfig, name: str, tasks, variants: dict) -> dict[str, Any]:
-  """Every row of ablation `name` on every task and seed; its table's data."""
+def run_ablation(cfg: AblateConfig, name: str, tasks) -> dict[str, Any]:
+  """Every row of ablation `name` on every task and seed; its table's data.
+
+  A row's compiled steps are shared by its seeds and dropped after them: kept
+  for every row, a levers ablation's compiled variants once used up the
+  process's memory mappings and XLA could no longer compile."""
   table = rows(cfg, name)
   out = {"ablation": name, "rows": []}
   for task in tasks:
     records = {}
     for row in table:
       at = dataclasses.replace(cfg, **row.overrides)
+      variants: dict = {}
       records[row.label] = [
         finetune.one_run(
           at,
@@ -361,10 +366,9 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
         why = methods_lib.infeasible(row.method, task.costs, at)
         if why:
           raise ValueError(f"{task.name}: {row.method} cannot run: {why}.")
-  variants: dict = {}
   out = {}
   for name in cfg.names():
-    result = run_ablation(cfg, name, tasks, variants)
+    result = run_ablation(cfg, name, tasks)
     result["config"] = dataclasses.asdict(cfg)
     store.save_json(os.path.join(where, f"{name}.json"), result)
     with open(os.path.join(where, f"{name}.md"), "w") as f:
