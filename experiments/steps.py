@@ -68,7 +68,7 @@ def metrics(method, loss, acc, opt_state) -> dict[str, Any]:
   out = {"loss": loss, "accuracy": acc}
   if method.components is not None:
     state = rgft_jax.residual_error_state(opt_state)
-    out["error_map"] = state.error_map  # The EMA.
+    out["error_map"] = state.ema  # The EMA (the record keeps its key).
     out["alpha"] = state.alpha
   return out
 

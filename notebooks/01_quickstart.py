@@ -99,7 +99,7 @@ for step in range(STEPS):
   batch = batches[step]
   p, s, loss = train_step(p, s, batch["image"], batch["label"])
   steps.append(step + 1)
-  ema.append(np.asarray(optax.tree.get(s, "error_map")))
+  ema.append(np.asarray(optax.tree.get(s, "ema")))
   alphas.append(np.asarray(optax.tree.get(s, "alpha")))
 print(f"RGFT, {STEPS} steps: loss {loss:.3f}")
 print(f"{len(comps)} components; parameters in none: {comps.unassigned(params)}")

@@ -581,7 +581,7 @@ class SparseTrainStep:
       assert self.sensitivity is not None  # Checked when made.
       self.budget.allocate(self.sensitivity(params, opt_state, *args))
     if self.budget.due(t):
-      ema = jax.device_get(residual_error_state(opt_state).error_map)
+      ema = jax.device_get(residual_error_state(opt_state).ema)
       self.budget.decide(t, ema)
     detached = self.budget.variant(t)
     if self.mode == _RUNTIME:

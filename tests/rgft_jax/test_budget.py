@@ -210,9 +210,9 @@ def test_exact_steps_fold_in_only_exact_measurements():
   )
   state = tx.init(params)
   _, params, state = step(params, state, x, y)  # Everything measured.
-  before = np.asarray(rgft_jax.residual_error_state(state).error_map)
+  before = np.asarray(rgft_jax.residual_error_state(state).ema)
   _, _, new = step(params, state, x, y, detached=frozenset({"block1"}))
-  after = np.asarray(rgft_jax.residual_error_state(new).error_map)
+  after = np.asarray(rgft_jax.residual_error_state(new).ema)
   # block0 lies below the detached block1: not measured, its EMA is kept;
   # block1 and block2 are measured exactly and move.
   assert after[0] == before[0]

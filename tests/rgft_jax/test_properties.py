@@ -80,7 +80,7 @@ def test_ema_of_a_constant_map_is_the_map(values, beta, steps):
   state = tx.init(params)
   for _ in range(steps):
     _, state = _step(params, tx, state, values)
-  np.testing.assert_allclose(state.error_map, np.float32(values), rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(state.ema, np.float32(values), rtol=1e-5, atol=1e-30)
 
 
 @_settings
@@ -90,9 +90,9 @@ def test_non_finite_entries_leave_the_ema_alone(values, bad):
   _, first = _step(params, tx, tx.init(params), values)
   poisoned = [bad[i % len(bad)] if i % 2 == 0 else v for i, v in enumerate(values)]
   _, second = _step(params, tx, first, poisoned)
-  ema = np.asarray(second.error_map)
+  ema = np.asarray(second.ema)
   assert np.all(np.isfinite(ema)) and np.all(np.isfinite(second.alpha))
-  np.testing.assert_array_equal(ema[::2], np.asarray(first.error_map)[::2])
+  np.testing.assert_array_equal(ema[::2], np.asarray(first.ema)[::2])
 
 
 # Nothing silent: any hyperparameters and any error map.
@@ -355,7 +355,7 @@ def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, ma
     assert np.all(np.isfinite(alpha)), alpha
     assert np.all((alpha >= np.float32(min_scale)) & (alpha <= 1.0)), alpha
     # Subnormal differences (flushed to 0 by XLA on CPU) below float32's tiny.
-    np.testing.assert_allclose(state.error_map, ema, rtol=2e-5, atol=2 * _F32.tiny)
+    np.testing.assert_allclose(state.ema, ema, rtol=2e-5, atol=2 * _F32.tiny)
     np.testing.assert_allclose(
       alpha, _reference_alpha(ema, seen, thresh, min_scale), rtol=2e-5, atol=1e-6
     )
@@ -381,17 +381,15 @@ def test_one_outlier_raises_the_largest_ema_at_most_by_beta_plus_one_minus_beta_
   state = tx.init(params)
   for _ in range(3):
     _, state = _step(params, tx, state, steady)
-  np.testing.assert_allclose(state.error_map, np.float32(steady), rtol=1e-6)
-  top = float(np.max(state.error_map))
+  np.testing.assert_allclose(state.ema, np.float32(steady), rtol=1e-6)
+  top = float(np.max(state.ema))
   i = int(np.argmin(steady))  # The smallest component spikes.
   _, state = _step(params, tx, state, [*steady[:i], spike * top, *steady[i + 1 :]])
-  assert float(np.max(state.error_map)) <= top * (beta + (1 - beta) * ratio) * (
-    1 + 1e-6
-  )
+  assert float(np.max(state.ema)) <= top * (beta + (1 - beta) * ratio) * (1 + 1e-6)
   # Normal maps again: the spike's excess fades like beta ** t.
   for _ in range(20):
     _, state = _step(params, tx, state, steady)
-  excess = float(state.error_map[i]) - steady[i]
+  excess = float(state.ema[i]) - steady[i]
   assert excess <= beta**20 * top * (beta + (1 - beta) * ratio) * (1 + 1e-5) + 1e-6
 
 

@@ -371,8 +371,8 @@ def test_exact_runtime_measures_only_at_and_above_the_topmost_detached():
   _, _, s_runtime = jax.jit(step)(
     params, tx.init(params), x, y, detached=jnp.asarray([n in detached for n in names])
   )
-  ema_static = rgft_jax.residual_error_state(s_static).error_map
-  ema_runtime = rgft_jax.residual_error_state(s_runtime).error_map
+  ema_static = rgft_jax.residual_error_state(s_static).ema
+  ema_runtime = rgft_jax.residual_error_state(s_runtime).ema
   # Below the detached one: not measured (the EMA keeps its initial value).
   np.testing.assert_allclose(ema_runtime, ema_static, rtol=1e-5)
   assert ema_runtime[0] == 0 and (np.asarray(ema_runtime[1:]) > 0).all()

@@ -77,8 +77,8 @@ def test_detached_step_holds_parameters_and_optimizer_state():
   )
   # Measured although detached: its EMA moved.
   i = comps.names.index("block1")
-  ema = optax.tree.get(new_state, "error_map")
-  assert ema[i] != optax.tree.get(state, "error_map")[i]
+  ema = optax.tree.get(new_state, "ema")
+  assert ema[i] != optax.tree.get(state, "ema")[i]
 
 
 def test_retrained_component_continues_from_its_optimizer_state():

@@ -114,7 +114,7 @@ def test_fsdp_rgft_steps_equal_the_single_device_run(scan_layers):
     rgft_jax.residual_error_state(s) for s in (optimizer.opt_state, ref_opt_state)
   )
   assert int(rgft.count) == int(ref_rgft.count) == STEPS
-  for key in ("error_map", "alpha"):
+  for key in ("ema", "alpha"):
     got, want = np.asarray(getattr(rgft, key)), np.asarray(getattr(ref_rgft, key))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
   assert np.ptp(np.asarray(ref_rgft.alpha)) > 0.05  # RGFT did scale updates.
