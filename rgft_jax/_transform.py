@@ -70,7 +70,7 @@ def residual_error_state(opt_state: Any) -> ScaleByResidualErrorState:
     >>> import rgft_jax
     >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
     >>> comps = rgft_jax.Components.from_regex(params, [(r"(\\w)", r"\\1")])
-    >>> tx = rgft_jax.rgft(0.1, comps, thresh=0.5)
+    >>> tx = rgft_jax.rgft(0.1, comps, thresh_init=0.5, thresh_final=0.5)
     >>> state = tx.init(params)
     >>> _, state = tx.update(params, state, params, error_map={"a": 1.0, "b": 0.1})
     >>> rgft_state = rgft_jax.residual_error_state(state)
@@ -444,13 +444,15 @@ def rgft(
   The chain is Adam, decoupled weight decay (when `weight_decay` is not 0; the
   decay is scaled with the component like the rest of its update),
   `scale_by_residual_error` with the threshold rising linearly from
-  `thresh_init` to `thresh_final` over `warmup_steps` updates (or given
-  whole as `thresh`), then the learning rate. Every hyperparameter is checked
+  `thresh_init` to `thresh_final` over `warmup_steps` updates, then the
+  learning rate. For a constant threshold give `thresh_init` = `thresh_final`;
+  for any other schedule chain `scale_by_residual_error(components,
+  thresh=schedule)` yourself. Every hyperparameter is checked
   when its value is known (not under `jax.jit`): a TypeError or ValueError
   names the one that is wrong. Schedules are checked where they can be: a
   `learning_rate` schedule is evaluated at update counts 0 and
-  `warmup_steps` (the threshold's), a `thresh` schedule at 0, and each value
-  must be a real scalar in the constant's range. `update` refuses, with a
+  `warmup_steps` (the threshold's), and each value must be a real scalar in
+  the constant's range. `update` refuses, with a
   TypeError, a state that this optimizer's `init` did not make.
 
   Args:
@@ -470,10 +472,13 @@ def rgft(
     mu_dtype: dtype of Adam's first moment (default: that of the parameters).
     lagged: multipliers from the error map of earlier steps only (see
       `scale_by_residual_error`).
-    thresh: the whole threshold, a real number in (0, 1] or an
-      `optax.Schedule` of the number of updates applied; it replaces
-      `thresh_init`, `thresh_final` and `warmup_steps`, so giving it with any
-      of them is a ValueError.
+    thresh: deprecated (a DeprecationWarning; it goes in the next release):
+      the whole threshold, a real number in (0, 1] or an `optax.Schedule` of
+      the number of updates applied, in place of `thresh_init`,
+      `thresh_final` and `warmup_steps` (giving it with any of them is a
+      ValueError). Give `thresh_init` = `thresh_final` for a constant, or
+      chain `scale_by_residual_error(components, thresh=schedule)` for a
+      schedule.
     outlier_ratio: clipping of outlying error-map entries, > 1 (see
       `scale_by_residual_error`).
 
@@ -507,6 +512,7 @@ def rgft(
     "warmup_steps": warmup_steps,
   }
   counts = [0]  # Where a learning-rate schedule is checked.
+  deprecated = thresh is not None
   if thresh is None:
     warmup = 1000 if warmup_steps is None else warmup_steps
     thresh = _schedules.linear_threshold(
@@ -542,6 +548,15 @@ def rgft(
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
+  if deprecated:  # Once every value is checked: a bad one is the error.
+    warnings.warn(
+      "rgft(thresh=...) is deprecated: for a constant threshold give "
+      "thresh_init and thresh_final the same value; for a schedule chain "
+      "optax.scale_by_adam(), rgft_jax.scale_by_residual_error(components, "
+      "thresh=schedule) and optax.scale_by_learning_rate(learning_rate).",
+      DeprecationWarning,
+      stacklevel=2,
+    )
   where = 1 + len(decay)  # RGFT's place in the chain.
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -387,8 +387,6 @@ def test_a_threshold_schedule_is_checked_when_made(schedule):
   _, comps = _two(3)
   with pytest.raises(ValueError, match=r"thresh \(a schedule, at update count 0"):
     rgft_jax.scale_by_residual_error(comps, thresh=schedule)
-  with pytest.raises(ValueError, match=r"thresh \(a schedule"):
-    rgft_jax.rgft(1e-3, comps, thresh=schedule)
 
 
 def test_a_threshold_schedule_that_turns_into_a_vector_is_refused_when_run():
@@ -403,14 +401,18 @@ def test_a_threshold_schedule_that_turns_into_a_vector_is_refused_when_run():
 
 def test_rgft_takes_a_constant_threshold():
   comps = make_components(make_params())
-  tx = rgft_jax.rgft(1e-2, comps, thresh=0.5, min_scale=0.05)
+  tx = rgft_jax.rgft(1e-2, comps, thresh_init=0.5, thresh_final=0.5, min_scale=0.05)
   run_and_compare(tx, 12, lambda t: dict(lr=1e-2, beta=0.9, thresh=0.5, min_scale=0.05))
 
 
-def test_rgft_takes_a_threshold_schedule():
+def test_a_threshold_schedule_goes_in_a_chain_like_rgfts():
   comps = make_components(make_params())
   schedule = optax.linear_schedule(0.2, 0.6, transition_steps=8)
-  tx = rgft_jax.rgft(1e-2, comps, thresh=schedule, min_scale=0.05)
+  tx = optax.chain(
+    optax.scale_by_adam(),
+    rgft_jax.scale_by_residual_error(comps, thresh=schedule, min_scale=0.05),
+    optax.scale_by_learning_rate(1e-2),
+  )
 
   def hyper(t):
     thresh = 0.2 + 0.4 * min(1.0, t / 8)
@@ -419,8 +421,56 @@ def test_rgft_takes_a_threshold_schedule():
   run_and_compare(tx, 12, hyper)
 
 
+def _updates(tx, steps):
+  """The updates of `tx` at each of `steps` steps of the transform problem."""
+  params, maps, out = make_params(), error_maps(steps), []
+  state = tx.init(params)
+  for t in range(steps):
+    updates, state = tx.update(
+      grads_at(t, params), state, params, error_map=as_dict(maps[t])
+    )
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+@pytest.mark.parametrize(
+  "thresh, linear",
+  [
+    (0.5, dict(thresh_init=0.5, thresh_final=0.5)),
+    (
+      optax.linear_schedule(0.2, 0.6, transition_steps=8),
+      dict(thresh_init=0.2, thresh_final=0.6, warmup_steps=8),
+    ),
+  ],
+  ids=["constant", "schedule"],
+)
+def test_deprecated_rgft_thresh_warns_and_gives_the_same_updates(thresh, linear):
+  comps = make_components(make_params())
+  with pytest.warns(DeprecationWarning, match=r"rgft\(thresh=\.\.\.\) is deprecated"):
+    old = rgft_jax.rgft(1e-2, comps, thresh=thresh, min_scale=0.05)
+  low, high = linear["thresh_init"], linear["thresh_final"]
+  warmup = linear.get("warmup_steps", 1)
+
+  def hyper(t):
+    thresh = low + (high - low) * min(1.0, t / warmup)
+    return dict(lr=1e-2, beta=0.9, thresh=thresh, min_scale=0.05)
+
+  run_and_compare(old, 12, hyper)  # The float64 reference.
+  new = rgft_jax.rgft(1e-2, comps, min_scale=0.05, **linear)
+  for a, b in zip(_updates(old, 12), _updates(new, 12), strict=True):
+    for k in SHAPES:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-12, err_msg=k)
+
+
+def test_deprecated_thresh_is_checked_before_it_warns():
+  comps = make_components(make_params())
+  with pytest.raises(ValueError, match=r"\bthresh\b"):  # No warning (an error here).
+    rgft_jax.rgft(1e-3, comps, thresh=np.nan)
+
+
 @pytest.mark.parametrize("other", ["thresh_init", "thresh_final", "warmup_steps"])
-def test_thresh_with_its_parts_is_an_error(other):
+def test_deprecated_thresh_with_its_parts_is_an_error(other):
   comps = make_components(make_params())
   value = 10 if other == "warmup_steps" else 0.2
   with pytest.raises(ValueError, match=f"thresh replaces .*{other}"):
@@ -471,13 +521,21 @@ _NUMERIC = {
 }
 
 
+def _build(name, value):
+  """`rgft` with `name=value`; a whole threshold goes to the transform that
+  takes it, `scale_by_residual_error` (`rgft(thresh=...)` is deprecated)."""
+  comps = make_components(make_params())
+  if name == "thresh":
+    return rgft_jax.scale_by_residual_error(comps, thresh=value)
+  return rgft_jax.rgft(1e-3, comps, **{name: value})
+
+
 @pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
 @pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), 1j, [0.5]])
 def test_non_numbers_are_a_type_error_naming_the_hyperparameter(name, bad):
-  comps = make_components(make_params())
   error = ValueError if isinstance(bad, list) else TypeError  # A list: an array.
   with pytest.raises(error, match=rf"\b{name}\b"):
-    rgft_jax.rgft(1e-3, comps, **{name: bad})
+    _build(name, bad)
 
 
 @pytest.mark.parametrize(
@@ -491,9 +549,8 @@ def test_none_is_a_type_error_naming_the_hyperparameter(name):
 
 @pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
 def test_nan_is_a_value_error_naming_the_hyperparameter(name):
-  comps = make_components(make_params())
   with pytest.raises(ValueError, match=rf"\b{name}\b"):
-    rgft_jax.rgft(1e-3, comps, **{name: np.nan})
+    _build(name, np.nan)
 
 
 @pytest.mark.parametrize(

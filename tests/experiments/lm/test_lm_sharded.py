@@ -43,7 +43,7 @@ def _train(scan_layers, mesh=None, put=lambda a: a):
   if mesh is not None:
     sharding.shard_model(model, mesh)
   # thresh=1: every multiplier but the largest-error one is below 1.
-  tx = rgft_jax.rgft(1e-2, comps, thresh=1.0)
+  tx = rgft_jax.rgft(1e-2, comps, thresh_init=1.0, thresh_final=1.0)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   if mesh is not None:
     sharding.shard_model(optimizer, mesh)
