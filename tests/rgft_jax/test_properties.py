@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _reference import admit
 from hypothesis import event
@@ -127,29 +128,24 @@ _GOOD = {  # Valid values, tiny and extreme ones included.
   "b2": st.floats(0.0, 0.999),
   "eps": st.floats(0.0, 1.0),
   "weight_decay": st.floats(0.0, 1.0),
-  "thresh": st.one_of(
-    st.floats(1e-40, 1.0), _schedule(st.floats(width=32, allow_nan=True))
-  ),
+  "thresh": st.floats(1e-40, 1.0),  # A constant: thresh_init = thresh_final.
 }
 _ANY = {k: _maybe_bad(v) for k, v in _GOOD.items()}
 _THRESH_PARTS = ("thresh_init", "thresh_final", "warmup_steps")
 
 
-def _hyperparameters(table, both=True):
-  """Keyword arguments of rgft: a threshold given whole or in parts (or both)."""
+def _hyperparameters(table):
+  """Keyword arguments of rgft: a threshold in parts, or a constant one
+  (`thresh_init` = `thresh_final`)."""
   other = {k: v for k, v in table.items() if k not in ("thresh", *_THRESH_PARTS)}
   parts = {k: table[k] for k in _THRESH_PARTS}
-  whole = {"thresh": table["thresh"]}
+  constant = st.builds(lambda t: {"thresh_init": t, "thresh_final": t}, table["thresh"])
   return st.builds(
     lambda a, b: {**a, **b},
     st.fixed_dictionaries(
       {"learning_rate": other.pop("learning_rate")}, optional=other
     ),
-    st.one_of(
-      *[st.fixed_dictionaries({}, optional=parts)] * 4,
-      *[st.fixed_dictionaries(whole)] * 4,
-      *[st.fixed_dictionaries(whole, optional=parts)] * both,
-    ),
+    st.one_of(*[st.fixed_dictionaries({}, optional=parts)] * 4, *[constant] * 4),
   )
 
 
@@ -194,14 +190,6 @@ def _invalid(kwargs):
   for name in ("eps", "weight_decay"):
     if not _in(kwargs.get(name, 0.0), 0.0, np.inf, high_open=False):
       bad.add(name)
-  if kwargs.get("thresh") is not None:  # None: not given.
-    t = kwargs["thresh"]
-    if not callable(t) and not _in(t, 0.0, 1.0, low_open=True, high_open=False):
-      bad.add("thresh")
-    parts = [k for k in _THRESH_PARTS if kwargs.get(k) is not None]
-    if parts:
-      bad.update(["thresh", *parts])
-    return bad
   for name in ("thresh_init", "thresh_final"):
     if not _in(full[name], 0.0, 1.0, low_open=True, high_open=False):
       bad.add(name)
@@ -253,11 +241,31 @@ _maps = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(_hyperparameters(_GOOD, both=False), _maps)
+@given(_hyperparameters(_GOOD), _maps)
 def test_rgft_alpha_is_sound_for_extreme_values(kwargs, maps):
   assert not _invalid(kwargs)
   params, comps = _setup_three()
   _check_alpha(rgft_jax.rgft(components=comps, **kwargs), params, kwargs, maps)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+  st.floats(0.0, 0.999),
+  st.floats(1e-30, 1.0),
+  _schedule(st.floats(width=32, allow_nan=True)),
+  _maps,
+)
+def test_a_threshold_schedule_keeps_alpha_sound(beta, min_scale, schedule, maps):
+  # A schedule goes to scale_by_residual_error, chained the way rgft() chains it.
+  params, comps = _setup_three()
+  tx = optax.chain(
+    optax.scale_by_adam(),
+    rgft_jax.scale_by_residual_error(
+      comps, beta=beta, thresh=schedule, min_scale=min_scale
+    ),
+    optax.scale_by_learning_rate(1e-3),
+  )
+  _check_alpha(tx, params, {"min_scale": min_scale}, maps)
 
 
 @settings(max_examples=200, deadline=None)
