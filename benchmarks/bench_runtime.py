@@ -5,7 +5,7 @@ Two models, each looped and scanned over layers: ViT-B/16 (the model of
 about a second) and the byte-level LM decoder (NNX, sized so that a step takes
 at least half a second). Components are the residual branches. For each
 fraction of components detached (0, 0.25, 0.5, 0.75, 1; a fixed random set of
-each size), the RGFT train step (`rgft_jax.train_step`) runs in
+each size), the RGFT train step (`rgft_jax.detachable_step`) runs in
 
 * `runtime`: one compiled step for every set, the set a boolean array;
 * `recompute`: the same, gated calls keeping no residuals (a trained one
@@ -78,7 +78,7 @@ def vit_case(args, scan: bool):
   tx = rgft_jax.rgft(1e-4, comps)
 
   def make_step(recompute, hold):
-    return rgft_jax.train_step(
+    return rgft_jax.detachable_step(
       tracker, tx, loss_fn, comps, recompute=recompute, hold=hold
     )
 
@@ -108,7 +108,7 @@ def lm_case(args, scan: bool):
   graphdef, state = nnx.split((model, optimizer))
 
   def make_step(recompute, hold):
-    nnx_step = rgft_jax.train_step(
+    nnx_step = rgft_jax.detachable_step(
       tracker,
       None,
       lm_model.loss,

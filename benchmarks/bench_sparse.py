@@ -6,7 +6,7 @@ parameters and optimizer state are abstract (`jax.eval_shape`), and every
 figure is XLA's cost or memory analysis of a lowered or compiled step.
 
 1. The unit: FLOPs of a plain full fine-tuning Adam step (no tracker).
-2. `rgft_jax.detach_costs` of the RGFT step (`rgft_jax.train_step`): what
+2. `rgft_jax.detach_costs` of the RGFT step (`rgft_jax.detachable_step`): what
    detaching each branch alone saves (lowered), and how well savings add up.
 3. For budgets 1.0, 0.7 and 0.5 of the unit, and the floor (everything
    detached): the variant a `Budget` allows per step when every branch has
@@ -101,7 +101,7 @@ def branch_savings(args, lr):
 
   tx = rgft_jax.rgft(lr, comps)
   state = jax.eval_shape(tx.init, params)
-  step = rgft_jax.train_step(tracker, tx, loss_fn, comps)
+  step = rgft_jax.detachable_step(tracker, tx, loss_fn, comps)
   tic = time.perf_counter()
   costs = rgft_jax.detach_costs(step, names, params, state, x, y)
   costs_s = time.perf_counter() - tic
@@ -158,7 +158,7 @@ def head_savings(args, lr):
   params, x, y, tracker, comps, loss_fn = setup(args, args.heads_size, "heads")
   tx = rgft_jax.rgft(lr, comps)
   state = jax.eval_shape(tx.init, params)
-  step = rgft_jax.train_step(tracker, tx, loss_fn, comps)
+  step = rgft_jax.detachable_step(tracker, tx, loss_fn, comps)
   block = f"encoderblock_{args.heads_block}/"
   heads = [n for n in comps.names if block in n]
   rows = []

@@ -96,7 +96,7 @@ def measure_costs(
   rgft = methods_lib.make(
     "rgft_blocks", model, params, example, hyper, jax.random.key(0)
   )
-  sparse = rgft_jax.train_step(
+  sparse = rgft_jax.detachable_step(
     rgft.tracker,
     rgft.tx,
     functools.partial(steps_lib.loss_and_accuracy, model),

@@ -5,6 +5,7 @@ Also the arrays a study caches once (a pretraining): `save_cached`, `load_cached
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import rgft_jax
 from experiments.store import load_json
 from experiments.store import save_json
 
@@ -55,18 +57,62 @@ def signature(
 ) -> dict[str, Any]:
   """What a checkpoint must match to be resumed: the run (task, method, seed),
   its settings (`config`, the learning rate among them), the state layout."""
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {
     "method": method.name,
     "task": task,
     "seed": seed,
     "config": config or {},
     "components": list(method.components.names) if method.components else [],
-    "state": [
-      f"{jax.tree_util.keystr(p)}: {np.dtype(v.dtype).name}{list(np.shape(v))}"
-      for p, v in leaves
-    ],
+    "state": _layout(state),
   }
+
+
+def _layout(state: Any) -> list[str]:
+  """Path, dtype and shape of every array of `state` (arrays or abstract ones)."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return [
+    f"{jax.tree_util.keystr(p)}: {np.dtype(v.dtype).name}{list(np.shape(v))}"
+    for p, v in leaves
+  ]
+
+
+# RGFT's state as checkpoints written before its field `error_map` was renamed
+# `ema` hold it (same fields, same order). Read for one release, like the alias.
+_RGFT = rgft_jax.ScaleByResidualErrorState
+_BeforeEma = collections.namedtuple(
+  "_BeforeEma", ["error_map" if f == "ema" else f for f in _RGFT._fields]
+)
+
+
+def _before_ema(tree: Any) -> Any:
+  """`tree` with every RGFT state in the layout it had before `ema`."""
+
+  def is_rgft(x):
+    return isinstance(x, _RGFT)
+
+  return jax.tree.map(
+    lambda x: _BeforeEma(*x) if is_rgft(x) else x, tree, is_leaf=is_rgft
+  )
+
+
+def _after_ema(tree: Any) -> Any:
+  """Undoes `_before_ema`."""
+
+  def is_old(x):
+    return isinstance(x, _BeforeEma)
+
+  return jax.tree.map(lambda x: _RGFT(*x) if is_old(x) else x, tree, is_leaf=is_old)
+
+
+def _target(saved: Any, sig: dict[str, Any], abstract: Any):
+  """`(sig, abstract)` to check and restore a checkpoint signed `saved` with:
+  those given, or, for a checkpoint from before RGFT's `error_map` became
+  `ema`, the old layout (restored in it, then renamed by `_after_ema`)."""
+  old = _before_ema(abstract)
+  layout = _layout(old)
+  if isinstance(saved, dict) and saved.get("state") == layout != sig["state"]:
+    return {**sig, "state": layout}, old
+  return sig, abstract
 
 
 def check_signature(saved: dict | None, current: dict, where) -> None:
@@ -161,6 +207,8 @@ def restore(ckpt_dir: str, abstract: Any, sig: dict[str, Any]):
   overwritten), with a warning. When checkpoints exist but none is whole,
   ValueError names each one and what is wrong, and nothing is moved. A
   checkpoint written by another setup or run is refused (`check_signature`).
+  One written before RGFT's state field `error_map` became `ema` is read
+  (for one release).
   """
   if not os.path.isdir(ckpt_dir):
     return None
@@ -179,14 +227,17 @@ def restore(ckpt_dir: str, abstract: Any, sig: dict[str, Any]):
       if problem is not None:
         damaged.append((step, problem))
         continue
-      check_signature(log.get("signature"), sig, ckpt_dir)
+      expected, target = _target(log.get("signature"), sig, abstract)
+      check_signature(log.get("signature"), expected, ckpt_dir)
       try:
         state = mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         ).state
       except Exception as e:
         damaged.append((step, f"its arrays do not restore ({type(e).__name__})"))
         continue
+      if target is not abstract:
+        state = _after_ema(state)
       if log.get("checksum") != checksum(state):
         damaged.append((step, "its arrays differ from the checksum saved with them"))
         continue

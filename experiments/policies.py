@@ -113,7 +113,7 @@ class BudgetPolicy(Policy):
       if self.scores is not None:
         self.budget.decide(step, self._scores)
       else:
-        ema = rgft_jax.residual_error_state(opt_state).error_map
+        ema = rgft_jax.residual_error_state(opt_state).ema
         self.budget.decide(step, jax.device_get(ema))
     return self.budget.variant(step)
 

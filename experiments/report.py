@@ -9,6 +9,7 @@ import numpy as np
 
 from experiments import compare
 from experiments import methods as methods_lib
+from experiments.vit import short_name
 
 
 def _reach(rs: list[dict[str, Any]], target: float) -> float | None:
@@ -246,7 +247,9 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
         continue
       h = r["history"]
       fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-      viz.error_map_heatmap(h["error_map"], h["step"], r["components"], ax=axes[0])
+      viz.error_map_heatmap(
+        h["error_map"], h["step"], r["components"], ax=axes[0], label=short_name
+      )
       axes[0].set_title(f"{task}, {r['method']}: EMA error map / max")
       viz.alpha_distribution(h["alpha"], h["step"], ax=axes[1])
       axes[1].set_title("multipliers across components")

@@ -9,7 +9,7 @@
   state of the paths in `variant` (LISA's sampled-out blocks) and, bit for
   bit, the entries a `masks.hold_entries` in the optimizer marks.
 * `detached_step`: budgeted RGFT, `variant` names the components whose output
-  is detached (`rgft_jax.train_step`); with `variant == RUNTIME` the step
+  is detached (`rgft_jax.detachable_step`); with `variant == RUNTIME` the step
   takes the detached set as a fourth argument, a boolean array over the
   components (runtime gating: one program for every set, real savings
   inside a scan over layers).
@@ -68,7 +68,7 @@ def metrics(method, loss, acc, opt_state) -> dict[str, Any]:
   out = {"loss": loss, "accuracy": acc}
   if method.components is not None:
     state = rgft_jax.residual_error_state(opt_state)
-    out["error_map"] = state.error_map  # The EMA.
+    out["error_map"] = state.ema  # The EMA (the record keeps its key).
     out["alpha"] = state.alpha
   return out
 
@@ -110,7 +110,7 @@ def dense_step(model: nn.Module, method, variant: frozenset[str]):
 
 def detached_step(model: nn.Module, method, variant: frozenset[str]):
   """Budgeted RGFT's step: the components in `variant` are detached."""
-  sparse = rgft_jax.train_step(
+  sparse = rgft_jax.detachable_step(
     method.tracker,
     method.tx,
     functools.partial(loss_and_accuracy, model),

@@ -50,6 +50,28 @@ def check_flags(size: str, patch: int, image_size: int) -> None:
     )
 
 
+def short_name(name: str) -> str:
+  """A component name of this ViT without the vision_transformer boilerplate.
+
+  Works segment by segment, so only whole path segments are renamed; for the
+  `label=` of `rgft_jax.viz.head_grid` and `error_map_heatmap`.
+
+  Examples:
+    >>> short_name("Transformer/encoderblock_3/MultiHeadDotProductAttention_1/head0")
+    'block3/attn/head0'
+    >>> short_name("VisionTransformer/encoderblock_x/MlpBlock_3")
+    'VisionTransformer/encoderblock_x/mlp'
+  """
+  renamed = {"MultiHeadDotProductAttention_1": "attn", "MlpBlock_3": "mlp"}
+  out = []
+  for segment in name.split("/"):
+    if segment == "Transformer":
+      continue
+    block = re.fullmatch(r"encoderblock_(\d+)", segment)
+    out.append(f"block{block.group(1)}" if block else renamed.get(segment, segment))
+  return "/".join(out)
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0

@@ -29,6 +29,7 @@ import optax
 import rgft_jax
 from experiments import data
 from experiments.vit import VisionTransformer
+from experiments.vit import short_name
 from rgft_jax import viz
 
 QUICK = os.environ.get("QUICK") == "1"
@@ -99,7 +100,7 @@ for step in range(STEPS):
   batch = batches[step]
   p, s, loss = train_step(p, s, batch["image"], batch["label"])
   steps.append(step + 1)
-  ema.append(np.asarray(optax.tree.get(s, "error_map")))
+  ema.append(np.asarray(optax.tree.get(s, "ema")))
   alphas.append(np.asarray(optax.tree.get(s, "alpha")))
 print(f"RGFT, {STEPS} steps: loss {loss:.3f}")
 print(f"{len(comps)} components; parameters in none: {comps.unassigned(params)}")
@@ -112,7 +113,7 @@ print(f"{len(comps)} components; parameters in none: {comps.unassigned(params)}"
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-viz.error_map_heatmap(np.stack(ema), steps, comps.names, ax=axes[0])
+viz.error_map_heatmap(np.stack(ema), steps, comps.names, ax=axes[0], label=short_name)
 viz.alpha_distribution(np.stack(alphas), steps, ax=axes[1])
 fig.tight_layout()
 plt.show()

@@ -36,6 +36,7 @@ from experiments import data
 from experiments import finetune
 from experiments import methods
 from experiments import train
+from experiments.vit import short_name
 from rgft_jax import viz
 
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
@@ -140,7 +141,7 @@ for ax, task_name in zip(axes[0], TASKS, strict=True):
   for i, method in enumerate(("norm_product", "taylor", "ablation")):
     v = np.abs(maps[method])
     ax.bar(x + (i - 1) * 0.27, v / v.max(), width=0.27, label=method)
-  ax.set_xticks(x, [viz.short_name(n) for n in names], rotation=45, ha="right")
+  ax.set_xticks(x, [short_name(n) for n in names], rotation=45, ha="right")
   ax.set_ylabel("error / max (|ablation|)")
   ax.set_title(task_name)
   ax.legend(fontsize=8)
@@ -151,9 +152,9 @@ plt.show()
 fig, axes = plt.subplots(len(TASKS), 2, figsize=(10, 3.5 * len(TASKS)), squeeze=False)
 for row, task_name in enumerate(TASKS):
   names, maps = results[task_name, "heads"]
-  viz.head_grid(maps["norm_product"], names, ax=axes[row, 0])
+  viz.head_grid(maps["norm_product"], names, ax=axes[row, 0], label=short_name)
   axes[row, 0].set_title(f"{task_name}: norm_product")
-  viz.head_grid(np.abs(maps["ablation"]), names, ax=axes[row, 1])
+  viz.head_grid(np.abs(maps["ablation"]), names, ax=axes[row, 1], label=short_name)
   axes[row, 1].set_title(f"{task_name}: |ablation|")
 fig.tight_layout()
 fig.savefig(FIGURES / "error_map_heads.png", dpi=110)

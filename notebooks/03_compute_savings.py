@@ -12,7 +12,7 @@
 #
 # Soft RGFT scales each component's update by its multiplier; every gradient
 # is still computed. Sparse RGFT detaches the *output* of the components it
-# does not train this step (`rgft_jax.train_step(..., detached=...)`): the
+# does not train this step (`rgft_jax.detachable_step(..., detached=...)`): the
 # output goes behind `stop_gradient`, so XLA drops that branch's whole
 # backward pass while the gradient still reaches the layers below through the
 # residual stream. A `rgft_jax.Budget` decides which components stay trained,
@@ -109,7 +109,7 @@ tracker = rgft_jax.ErrorTracker(model, select="branches")
 comps = tracker.components(params, example)
 tx = rgft_jax.rgft(cfg.learning_rate, comps, warmup_steps=STEPS)
 opt_state = tx.init(params)
-step = rgft_jax.train_step(tracker, tx, loss_fn, comps, has_aux=True)
+step = rgft_jax.detachable_step(tracker, tx, loss_fn, comps, has_aux=True)
 variants = rgft_jax.StepVariants(
   lambda detached: lambda *a: step(*a, detached=detached), max_variants=32
 )

@@ -19,9 +19,13 @@ from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
 from rgft_jax._sparse import compiled_cost
+from rgft_jax._sparse import detachable_step
 from rgft_jax._sparse import hold_masked
 from rgft_jax._sparse import hold_skipped
-from rgft_jax._sparse import train_step
+
+# Deprecated alias of detachable_step for one release; left out of __all__ (a
+# star import would shadow the caller's own train_step).
+from rgft_jax._sparse import train_step as train_step
 from rgft_jax._tracker import ErrorTracker
 from rgft_jax._transform import ScaleByResidualErrorState
 from rgft_jax._transform import residual_error_state
@@ -42,6 +46,7 @@ __all__ = (
   "best_within",
   "compiled_cost",
   "detach_costs",
+  "detachable_step",
   "dropbp_rates",
   "dropbp_sensitivity",
   "flops_of",
@@ -57,5 +62,4 @@ __all__ = (
   "rgft",
   "scale_by_residual_error",
   "tensor_order",
-  "train_step",
 )

@@ -1,6 +1,6 @@
 """A compute budget that the error map spends: which components get a backward pass.
 
-Detaching component `i`'s output (see `train_step`) saves `s_i` FLOPs of a
+Detaching component `i`'s output (see `detachable_step`) saves `s_i` FLOPs of a
 step, measured by XLA's cost analysis. Given a budget `b` (the fraction of a
 full step's FLOPs to spend, averaged over the run, tracking included), the
 `Budget` re-decides every `every` steps which components stay trained: those
@@ -145,7 +145,7 @@ def detach_costs(
 ) -> DetachCosts:
   """Measures what detaching each component saves, from XLA's cost analysis.
 
-  Lowers `step(*args, detached=...)` (a `train_step`) with nothing detached,
+  Lowers `step(*args, detached=...)` (a `detachable_step`) with nothing detached,
   with each component detached alone, with every component detached, and
   with `samples` random subsets; the last two check that savings add up
   (`DetachCosts.additivity_error`). With `compiled`, the compiled steps are
@@ -163,7 +163,7 @@ def detach_costs(
       what detaching the group saves: the layers of one tap inside a scan
       over layers, where a static set detaching some layers only is a mask
       that saves nothing, while runtime gating saves each layer's share.
-      Default: `step.tracker.layer_groups` for a `train_step`, else none.
+      Default: `step.tracker.layer_groups` for a `detachable_step`, else none.
 
   Returns:
     The `DetachCosts`.
@@ -383,7 +383,7 @@ class Budget:
       detached (paid from the budget), so every component is measured
       exactly before each decision. (A component below a detached one is
       measured without the gradient paths through the detached branch;
-      `train_step(..., exact=True)` keeps such measurements out of the EMA.)
+      `detachable_step(..., exact=True)` keeps such measurements out of the EMA.)
     depth: the surgical rules' order, one integer per component (its block
       from the input, say); ties keep the order of `costs.names`. Default:
       the position in `costs.names`.

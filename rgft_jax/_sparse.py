@@ -160,7 +160,7 @@ def hold_skipped(
   Exact for any `tx`: each branch traces `tx.update` on the whole tree and XLA
   drops what its leaf does not read. An update whose leaves read each other
   (global-norm clipping) is recomputed in every branch that runs, which can
-  cost more than masking; `train_step(..., hold="mask")` keeps masking.
+  cost more than masking; `detachable_step(..., hold="mask")` keeps masking.
 
   Returns:
     `(new_params, new_state)`.
@@ -196,9 +196,7 @@ def hold_skipped(
       u, s = tx.update(g, s, ps, **extra_args)
       leaves = jax.tree.leaves(s)
       p = jax.tree.leaves(ps)[i]
-      return optax.apply_updates(p, jax.tree.leaves(u)[i]), [
-        leaves[j] for j in mine[i]
-      ]
+      return optax.apply_updates(p, jax.tree.leaves(u)[i]), [leaves[j] for j in mine[i]]
 
     def keep(operands, i=i):
       _, s, ps = operands
@@ -213,7 +211,7 @@ def hold_skipped(
   return jax.tree.unflatten(p_def, out), jax.tree.unflatten(s_def, new_state)
 
 
-def train_step(
+def detachable_step(
   tracker: Any,
   tx: optax.GradientTransformation,
   loss_fn: Callable[..., Any],
@@ -288,7 +286,7 @@ def train_step(
     >>> comps = tracker.components(params, x)
     >>> tx = rgft_jax.rgft(0.1, comps)
     >>> loss_fn = lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2)
-    >>> step = jax.jit(rgft_jax.train_step(tracker, tx, loss_fn, comps),
+    >>> step = jax.jit(rgft_jax.detachable_step(tracker, tx, loss_fn, comps),
     ...                static_argnames="detached")
     >>> loss, new, _ = step(params, tx.init(params), x,
     ...                     detached=frozenset({"branch0"}))
@@ -375,6 +373,21 @@ def train_step(
 
   step.tracker = tracker  # type: ignore[attr-defined]
   return step
+
+
+def train_step(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+  """Deprecated alias of `detachable_step` (kept for one release).
+
+  The name collided with the train step users write themselves; it warns
+  and forwards every argument to `detachable_step`.
+  """
+  warnings.warn(
+    "rgft_jax.train_step is deprecated (the name collides with your own train "
+    "step): use rgft_jax.detachable_step, which takes the same arguments.",
+    DeprecationWarning,
+    stacklevel=2,
+  )
+  return detachable_step(*args, **kwargs)
 
 
 def _exact_only(error_map: dict, names: tuple[str, ...], flags: jax.Array) -> dict:
@@ -506,7 +519,7 @@ class SparseTrainStep:
   device is never waited on. Compiled steps live in `variants` (a
   `StepVariants`; nothing is donated).
 
-  Two modes (see `train_step`):
+  Two modes (see `detachable_step`):
 
   * `"runtime"`: one compiled step takes the detached set as a boolean array,
     so every set, and a rule that re-draws it every step, costs one
@@ -519,7 +532,7 @@ class SparseTrainStep:
     saves nothing.
 
   Args:
-    step: a step from `train_step` (Linen).
+    step: a step from `detachable_step` (Linen).
     budget: the `Budget` deciding what is trained.
     max_variants: compiled variants kept (compiled mode).
     mode: `"runtime"`, `"compiled"`, or None: runtime when a component is a
@@ -581,7 +594,7 @@ class SparseTrainStep:
       assert self.sensitivity is not None  # Checked when made.
       self.budget.allocate(self.sensitivity(params, opt_state, *args))
     if self.budget.due(t):
-      ema = jax.device_get(residual_error_state(opt_state).error_map)
+      ema = jax.device_get(residual_error_state(opt_state).ema)
       self.budget.decide(t, ema)
     detached = self.budget.variant(t)
     if self.mode == _RUNTIME:

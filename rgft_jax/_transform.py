@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -21,15 +22,31 @@ _MAX = float(np.finfo(np.float32).max)
 
 
 class ScaleByResidualErrorState(NamedTuple):
-  """State of `scale_by_residual_error`; `residual_error_state` finds it."""
+  """State of `scale_by_residual_error`; `residual_error_state` finds it.
+
+  The field `ema` was called `error_map` before; `state.error_map` still
+  reads it, with a DeprecationWarning, for one release (a lookup by name,
+  `optax.tree.get(state, "error_map")`, no longer finds it).
+  """
 
   count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=jnp.int32; updates applied.
-  error_map: jax.Array  # shape=(n,), dtype=jnp.float32; EMA of the error map.
+  ema: jax.Array  # shape=(n,), dtype=jnp.float32; EMA of the error map.
   alpha: jax.Array  # shape=(n,), dtype=jnp.float32; multipliers of the last update.
   observed: jax.Array  # shape=(n,), dtype=jnp.bool_; a finite value was seen.
   nonfinite: jax.Array  # shape=(n,), dtype=jnp.int32; NaN/inf entries ignored.
   negative: jax.Array  # shape=(n,), dtype=jnp.int32; negatives clipped to 0 (jit).
   clipped: jax.Array  # shape=(n,), dtype=jnp.int32; outliers clipped to the cap.
+
+  @property
+  def error_map(self) -> jax.Array:
+    """Deprecated: the EMA of the error map, now `ema`."""
+    warnings.warn(
+      "ScaleByResidualErrorState.error_map is deprecated (it holds the EMA of "
+      "the error map, not the batch's map): use .ema.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return self.ema
 
 
 def residual_error_state(opt_state: Any) -> ScaleByResidualErrorState:
@@ -53,7 +70,7 @@ def residual_error_state(opt_state: Any) -> ScaleByResidualErrorState:
     >>> import rgft_jax
     >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
     >>> comps = rgft_jax.Components.from_regex(params, [(r"(\\w)", r"\\1")])
-    >>> tx = rgft_jax.rgft(0.1, comps, thresh=0.5)
+    >>> tx = rgft_jax.rgft(0.1, comps, thresh_init=0.5, thresh_final=0.5)
     >>> state = tx.init(params)
     >>> _, state = tx.update(params, state, params, error_map={"a": 1.0, "b": 0.1})
     >>> rgft_state = rgft_jax.residual_error_state(state)
@@ -223,10 +240,10 @@ def _check_state(state: Any, names: tuple[str, ...]) -> None:
       "state, not a ScaleByResidualErrorState: pass the state that this "
       "optimizer's own init returned (tx.init(params)), not another optimizer's."
     )
-  n = jnp.shape(state.error_map)
+  n = jnp.shape(state.ema)
   if n != (len(names),):
     raise ValueError(
-      f"The ScaleByResidualErrorState holds an error map of shape {n}, but this "
+      f"The ScaleByResidualErrorState holds an EMA of shape {n}, but this "
       f"transformation has {len(names)} components {list(names)}: pass the state "
       "that this optimizer's own init returned."
     )
@@ -350,7 +367,7 @@ def scale_by_residual_error(
       components.check(params)
     return ScaleByResidualErrorState(
       count=jnp.zeros([], jnp.int32),
-      error_map=jnp.zeros([n], jnp.float32),
+      ema=jnp.zeros([n], jnp.float32),
       alpha=jnp.ones([n], jnp.float32),
       observed=jnp.zeros([n], jnp.bool_),
       nonfinite=jnp.zeros([n], jnp.int32),
@@ -375,30 +392,26 @@ def scale_by_residual_error(
     finite = jnp.isfinite(values)
     negative = finite & (values < 0.0)
     values = jnp.where(finite, jnp.maximum(values, 0.0), 0.0)
-    cap = outlier_cap(values, state.error_map, state.observed, outlier_ratio)
+    cap = outlier_cap(values, state.ema, state.observed, outlier_ratio)
     clipped = finite & (values > cap)
     values = jnp.minimum(values, cap)
     # The barrier keeps XLA from factoring beta = 0.5 into 0.5 * (ema + values),
     # whose sum overflows for values above half float32's range.
-    old, new = jax.lax.optimization_barrier(
-      (beta * state.error_map, (1.0 - beta) * values)
-    )
+    old, new = jax.lax.optimization_barrier((beta * state.ema, (1.0 - beta) * values))
     ema = jnp.clip(old + new, -_MAX, _MAX)  # Rounding can overflow at the edge.
     ema = jnp.where(state.observed, ema, values)
     # NaN only from a NaN `beta` (traced): the old EMA is kept.
     keep = ~finite | jnp.isnan(ema)
-    ema = jnp.where(keep, state.error_map, ema).astype(jnp.float32)
+    ema = jnp.where(keep, state.ema, ema).astype(jnp.float32)
     observed = state.observed | finite
     if lagged:
-      alpha = multipliers(
-        state.error_map, state.observed, threshold(state.count), min_scale
-      )
+      alpha = multipliers(state.ema, state.observed, threshold(state.count), min_scale)
     else:
       alpha = multipliers(ema, observed, threshold(state.count), min_scale)
     updates = components.scale(updates, alpha)
     return updates, ScaleByResidualErrorState(
       count=optax.safe_increment(state.count),
-      error_map=ema,
+      ema=ema,
       alpha=alpha,
       observed=observed,
       nonfinite=_tally(state.nonfinite, ~finite),
@@ -431,13 +444,15 @@ def rgft(
   The chain is Adam, decoupled weight decay (when `weight_decay` is not 0; the
   decay is scaled with the component like the rest of its update),
   `scale_by_residual_error` with the threshold rising linearly from
-  `thresh_init` to `thresh_final` over `warmup_steps` updates (or given
-  whole as `thresh`), then the learning rate. Every hyperparameter is checked
+  `thresh_init` to `thresh_final` over `warmup_steps` updates, then the
+  learning rate. For a constant threshold give `thresh_init` = `thresh_final`;
+  for any other schedule chain `scale_by_residual_error(components,
+  thresh=schedule)` yourself. Every hyperparameter is checked
   when its value is known (not under `jax.jit`): a TypeError or ValueError
   names the one that is wrong. Schedules are checked where they can be: a
   `learning_rate` schedule is evaluated at update counts 0 and
-  `warmup_steps` (the threshold's), a `thresh` schedule at 0, and each value
-  must be a real scalar in the constant's range. `update` refuses, with a
+  `warmup_steps` (the threshold's), and each value must be a real scalar in
+  the constant's range. `update` refuses, with a
   TypeError, a state that this optimizer's `init` did not make.
 
   Args:
@@ -457,10 +472,13 @@ def rgft(
     mu_dtype: dtype of Adam's first moment (default: that of the parameters).
     lagged: multipliers from the error map of earlier steps only (see
       `scale_by_residual_error`).
-    thresh: the whole threshold, a real number in (0, 1] or an
-      `optax.Schedule` of the number of updates applied; it replaces
-      `thresh_init`, `thresh_final` and `warmup_steps`, so giving it with any
-      of them is a ValueError.
+    thresh: deprecated (a DeprecationWarning; it goes in the next release):
+      the whole threshold, a real number in (0, 1] or an `optax.Schedule` of
+      the number of updates applied, in place of `thresh_init`,
+      `thresh_final` and `warmup_steps` (giving it with any of them is a
+      ValueError). Give `thresh_init` = `thresh_final` for a constant, or
+      chain `scale_by_residual_error(components, thresh=schedule)` for a
+      schedule.
     outlier_ratio: clipping of outlying error-map entries, > 1 (see
       `scale_by_residual_error`).
 
@@ -494,6 +512,7 @@ def rgft(
     "warmup_steps": warmup_steps,
   }
   counts = [0]  # Where a learning-rate schedule is checked.
+  deprecated = thresh is not None
   if thresh is None:
     warmup = 1000 if warmup_steps is None else warmup_steps
     thresh = _schedules.linear_threshold(
@@ -529,6 +548,15 @@ def rgft(
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
+  if deprecated:  # Once every value is checked: a bad one is the error.
+    warnings.warn(
+      "rgft(thresh=...) is deprecated: for a constant threshold give "
+      "thresh_init and thresh_final the same value; for a schedule chain "
+      "optax.scale_by_adam(), rgft_jax.scale_by_residual_error(components, "
+      "thresh=schedule) and optax.scale_by_learning_rate(learning_rate).",
+      DeprecationWarning,
+      stacklevel=2,
+    )
   where = 1 + len(decay)  # RGFT's place in the chain.
 
   def update_fn(updates, state, params=None, **extra_args):

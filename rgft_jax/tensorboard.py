@@ -63,14 +63,14 @@ class ErrorMapWriter:
     if step % self.every:
       return False
     state = residual_error_state(opt_state)
-    error_map = np.asarray(jax.device_get(state.error_map))
+    ema = np.asarray(jax.device_get(state.ema))
     alpha = np.asarray(jax.device_get(state.alpha))
-    if error_map.shape != (len(self.names),) or alpha.shape != error_map.shape:
+    if ema.shape != (len(self.names),) or alpha.shape != ema.shape:
       raise ValueError(
-        f"The optimizer state's error map has shape {error_map.shape} and its "
+        f"The optimizer state's EMA error map has shape {ema.shape} and its "
         f"multipliers {alpha.shape}; the writer was given {len(self.names)} names."
       )
-    for name, e, a in zip(self.names, error_map, alpha, strict=True):
+    for name, e, a in zip(self.names, ema, alpha, strict=True):
       self.writer.add_scalar(f"error_map/{name}", float(e), step)
       self.writer.add_scalar(f"alpha/{name}", float(a), step)
     self.writer.add_histogram("alpha", alpha, step)

@@ -7,6 +7,8 @@ axes, the way matplotlib's own helpers do.
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +24,12 @@ def _axes(ax):
 
 
 def error_map_heatmap(
-  values: Any, steps: Sequence[int], names: Sequence[str], ax=None, normalize=True
+  values: Any,
+  steps: Sequence[int],
+  names: Sequence[str],
+  ax=None,
+  normalize=True,
+  label: Callable[[str], str] | None = None,
 ):
   """Components (rows) by logged steps (columns), colour = error map value.
 
@@ -33,6 +40,7 @@ def error_map_heatmap(
     ax: matplotlib axes to draw on.
     normalize: divide each step by its largest entry (what the multiplier
       sees), so the colour scale is [0, 1] throughout.
+    label: the row label of a component name (default: the name itself).
   """
   v = np.asarray(values, np.float64)
   if v.shape != (len(steps), len(names)):
@@ -47,7 +55,8 @@ def error_map_heatmap(
   im = ax.imshow(v.T, aspect="auto", interpolation="nearest", cmap="viridis")
   ticks = np.linspace(0, len(steps) - 1, min(len(steps), 6)).astype(int)
   ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
-  ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=6)
+  label = label or _as_given
+  ax.set_yticks(range(len(names)), [label(n) for n in names], fontsize=6)
   ax.set_xlabel("step")
   ax.figure.colorbar(im, ax=ax, label="error / max" if normalize else "error")
   return ax
@@ -73,7 +82,12 @@ def alpha_distribution(alpha: Any, steps: Sequence[int], ax=None):
   return ax
 
 
-def head_grid(values: Any, names: Sequence[str], ax=None):
+def head_grid(
+  values: Any,
+  names: Sequence[str],
+  ax=None,
+  label: Callable[[str], str] | None = None,
+):
   """Per-head values as a grid: one row per attention module, one column per head.
 
   Names must end in `.../head<k>`, the way `ErrorTracker(select="heads")`
@@ -81,11 +95,17 @@ def head_grid(values: Any, names: Sequence[str], ax=None):
   The head is the number `k` of that last segment; the row is the rest of the
   name (the attention module), so no number elsewhere in the path is taken for
   a layer. Rows come in natural order (`block10` after `block9`) and are
-  labelled with `short_name`.
+  labelled with the module path as given, or with `label(module path)`.
 
   The grid has one row per distinct module, so at most `len(names)` rows, and
   `1 + max(k)` columns; `k` must be below 1024 (more heads than any attention
   layer has), which bounds the grid by `len(names) * 1024` cells.
+
+  Args:
+    values: one number per name.
+    names: component names ending in `/head<k>`.
+    ax: matplotlib axes to draw on.
+    label: the row label of a module path (default: the path itself).
 
   Raises:
     ValueError: if a name does not end in `/head<k>` (or is not `head<k>`),
@@ -101,6 +121,9 @@ def head_grid(values: Any, names: Sequence[str], ax=None):
     >>> print(ax.images[0].get_array().filled(-1))
     [[-1.  2.]
      [ 1. -1.]]
+    >>> ax = head_grid([1.0, 2.0], names, Figure().subplots(), label=str.upper)
+    >>> [t.get_text() for t in ax.get_yticklabels()]
+    ['ENC/BLOCK9/ATTN', 'ENC/BLOCK10/ATTN']
   """
   v = np.asarray(values, np.float64)
   if v.shape != (len(names),):
@@ -138,7 +161,8 @@ def head_grid(values: Any, names: Sequence[str], ax=None):
   ax = _axes(ax)
   im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
   ax.set_xticks(range(heads))
-  ax.set_yticks(range(len(modules)), [short_name(m) for m in modules])
+  label = label or _as_given
+  ax.set_yticks(range(len(modules)), [label(m) for m in modules])
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
   ax.figure.colorbar(im, ax=ax)
@@ -157,17 +181,30 @@ def _natural_key(name: str) -> tuple:
   )
 
 
-def short_name(name: str) -> str:
-  """A ViT component name without the vision_transformer boilerplate.
+def _as_given(name: str) -> str:
+  return name
 
-  Works segment by segment, so only whole path segments are renamed.
+
+def short_name(name: str) -> str:
+  """Deprecated: `experiments.vit.short_name` (kept for one release).
+
+  A ViT component name without the vision_transformer boilerplate; specific
+  to the studies' ViT, so it left the library. Warns, then renames as before.
 
   Examples:
-    >>> short_name("Transformer/encoderblock_3/MultiHeadDotProductAttention_1/head0")
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...   warnings.simplefilter("ignore", DeprecationWarning)
+    ...   short_name("Transformer/encoderblock_3/MultiHeadDotProductAttention_1/head0")
     'block3/attn/head0'
-    >>> short_name("VisionTransformer/encoderblock_x/MlpBlock_3")
-    'VisionTransformer/encoderblock_x/mlp'
   """
+  warnings.warn(
+    "rgft_jax.viz.short_name is deprecated (it is specific to the studies' "
+    "ViT): use experiments.vit.short_name, or pass your own label= to "
+    "head_grid and error_map_heatmap.",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   renamed = {"MultiHeadDotProductAttention_1": "attn", "MlpBlock_3": "mlp"}
   out = []
   for segment in name.split("/"):

@@ -2,7 +2,7 @@
 
 Full fine-tuning and the RGFT methods train the pretrained decoder in its
 scanned layout (`nnx.scan` over stacked layers, as LLM code stacks them);
-budgeted RGFT detaches branches at run time there (`rgft_jax.train_step` with
+budgeted RGFT detaches branches at run time there (`rgft_jax.detachable_step` with
 a boolean array), so a layer's detached branch skips its backward pass inside
 the scan and one compiled step serves every detached set. LISA and LoRA,
 which close over held parameters per layer, train the looped layout (one
@@ -364,13 +364,13 @@ def _rgft_tx(
 def tracked_step(
   decoder: Decoder, tracker, tx, comps, detached, recompute: bool = False
 ) -> Step:
-  """`rgft_jax.train_step` (NNX) as a pure step, with `detached` detached.
+  """`rgft_jax.detachable_step` (NNX) as a pure step, with `detached` detached.
 
   With `detached=RUNTIME` the step takes the detached set as a fourth
   argument, a boolean array over `comps.names` (runtime gating; with
   `recompute`, gated branches keep no residuals).
   """
-  sparse = rgft_jax.train_step(
+  sparse = rgft_jax.detachable_step(
     tracker, None, lm.loss, comps, has_aux=True, recompute=recompute
   )
 

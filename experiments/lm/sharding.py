@@ -147,7 +147,7 @@ def rgft_train_step(
   """A jitted RGFT step `step(model, optimizer, tokens) -> loss`.
 
   It updates `model` and `optimizer` (an `nnx.Optimizer` over `rgft_jax.rgft`)
-  in place, like `rgft_jax.train_step` under `nnx.jit`, but through `jax.jit`
+  in place, like `rgft_jax.detachable_step` under `nnx.jit`, but through `jax.jit`
   with explicit shardings when `mesh` is given: `tokens` [B, T+1] split over
   `axis_name` along B (B must be a multiple of the axis size), and the state
   of model and optimizer in and out by `fsdp_shardings` (pass them through
@@ -165,7 +165,7 @@ def rgft_train_step(
     loss_fn: `loss_fn(model, tokens) -> (loss, aux)`, the batch-mean loss.
     axis_name: the mesh axis of batch and parameter shards.
   """
-  inner = rgft_jax.train_step(tracker, None, loss_fn, components, has_aux=True)
+  inner = rgft_jax.detachable_step(tracker, None, loss_fn, components, has_aux=True)
   graphdef, state = nnx.split((model, optimizer))
   if mesh is None:
     shardings = {}

@@ -103,7 +103,7 @@ def run(
       history["loss"].append(float(metrics["loss"]))
       if method.components is not None:
         state = rgft_jax.residual_error_state(opt_state)
-        history["error_map"].append(np.asarray(state.error_map).tolist())
+        history["error_map"].append(np.asarray(state.ema).tolist())
         history["alpha"].append(np.asarray(state.alpha).tolist())
       tic = time.perf_counter()
     if (
@@ -154,7 +154,7 @@ def run(
       "value": [c[3] for c in curve],
     }
   if method.components is not None:
-    ema = np.asarray(rgft_jax.residual_error_state(opt_state).error_map)
+    ema = np.asarray(rgft_jax.residual_error_state(opt_state).ema)
     record["components"] = list(method.components.names)
     record["error_map"] = dict(zip(method.components.names, ema.tolist(), strict=True))
   budget = getattr(policy, "budget", None)

@@ -13,6 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
+import types
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -664,6 +667,51 @@ def test_a_checkpoint_of_another_seed_or_task_is_not_resumed(tmp_path):
   ):
     _run(model, method, data, test, 4, tmp_path / "a", seed=0, task="b")
   assert _listing(tmp_path) == before
+
+
+class _RGFTStateBeforeEma(NamedTuple):
+  """RGFT's state as the release before the rename wrote it (`ema` was `error_map`)."""
+
+  count: Any
+  error_map: Any
+  alpha: Any
+  observed: Any
+  nonfinite: Any
+  negative: Any
+  clipped: Any
+
+
+def test_a_checkpoint_from_before_the_ema_rename_resumes(tmp_path):
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+  comps = rgft_jax.Components.from_regex(params, [(r"(\w)", r"\1")])
+  tx = rgft_jax.rgft(0.1, comps, warmup_steps=10)
+  grads = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  _, state = tx.update(grads, tx.init(params), params, error_map={"a": 1.0, "b": 0.25})
+  old = tuple(
+    _RGFTStateBeforeEma(*s) if isinstance(s, rgft_jax.ScaleByResidualErrorState) else s
+    for s in state
+  )
+  method = types.SimpleNamespace(name="rgft_blocks", components=comps)
+
+  def sign(tree):
+    return checkpoint.signature(method, tree, {"lr": 0.1}, seed=0, task="t")
+
+  assert "[1][1].error_map: float32[2]" in sign((params, old))["state"]
+  ckpts = checkpoint.Checkpoints(str(tmp_path), sign((params, old)), every=1)
+  assert ckpts.resume((params, old)) is None
+  ckpts.save(1, (params, old), {"step": 1})
+  ckpts.close()
+  fresh = (params, tx.init(params))
+  ckpts = checkpoint.Checkpoints(str(tmp_path), sign(fresh), every=1)
+  (_, restored), log = ckpts.resume(fresh)
+  ckpts.close()
+  assert log["step"] == 1
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  rgft = rgft_jax.residual_error_state(restored)
+  np.testing.assert_array_equal(rgft.ema, np.float32([1.0, 0.25]))  # ema_1 = map.
+  assert int(rgft.count) == 1
+  # Adam's moments came back too: mu = (1 - b1) * grads.
+  np.testing.assert_allclose(restored[0].mu["a"], [0.1, 0.1], rtol=1e-6)
 
 
 def _slow_json_writes(monkeypatch, seconds=1.0, fail=None):

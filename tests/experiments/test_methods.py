@@ -198,7 +198,7 @@ def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
   )
   n = len(method.components)
   _, state = _train(model, method, batch, steps=1)
-  ema = rgft_jax.residual_error_state(state).error_map  # ema_1 = the first map.
+  ema = rgft_jax.residual_error_state(state).ema  # ema_1 = the first map.
   drawn = jax.random.uniform(jax.random.fold_in(jax.random.key(4), 0), (n,))
   np.testing.assert_array_equal(ema, drawn)
   tracker = rgft_jax.ErrorTracker(model, select="branches")
@@ -212,7 +212,7 @@ def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
     "rgft_random", model, params, x, hyper, jax.random.key(0), seed=5
   )
   _, other_state = _train(model, other, batch, steps=1)
-  assert not np.array_equal(rgft_jax.residual_error_state(other_state).error_map, ema)
+  assert not np.array_equal(rgft_jax.residual_error_state(other_state).ema, ema)
   draw = error_maps.RandomErrorMap(method.components.names).draw
   second = np.array(list(draw(state).values()))
   assert not np.array_equal(second, drawn) and np.all((second >= 0) & (second < 1))
@@ -225,7 +225,7 @@ def test_the_shuffled_error_map_is_the_measured_map_permuted():
   method = methods_lib.make("rgft_blocks", model, params, x, hyper, None, seed=3)
   names = method.components.names
   _, state = _train(model, method, batch, steps=1)
-  ema = np.asarray(rgft_jax.residual_error_state(state).error_map)  # The first map.
+  ema = np.asarray(rgft_jax.residual_error_state(state).ema)  # The first map.
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   tracker.components(params, x)
   loss_fn = steps_lib.method_loss(model, method)

@@ -12,6 +12,7 @@ from experiments.vit import SIZES
 from experiments.vit import VisionTransformer
 from experiments.vit import load_npz
 from experiments.vit import scan_params
+from experiments.vit import short_name
 
 
 def test_parameter_layout_matches_vision_transformer_checkpoints():
@@ -259,3 +260,11 @@ def test_load_npz_bounds_the_position_embedding_it_resizes(tmp_path):
   match = rf"pos_embedding: checkpoint \(1, 16642, {width}\), model \(1, 5, {width}\)"
   with pytest.raises(ValueError, match=match + r" \(at most 16385 tokens\)"):
     load_npz(str(path), params)
+
+
+def test_short_name_renames_whole_segments_only():
+  attn = "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/head3"
+  assert short_name(attn) == "block11/attn/head3"
+  assert short_name("Transformer/encoderblock_0/MlpBlock_3") == "block0/mlp"
+  other = "VisionTransformer/my_encoderblock_2/MlpBlock_30"
+  assert short_name(other) == other

@@ -57,7 +57,7 @@ if process_id == 0:
   arrays = {
     jax.tree_util.keystr(p, simple=True, separator="/"): local(v) for p, v in flat
   }
-  arrays["error_map"] = local(optax.tree.get(state, "error_map"))
+  arrays["ema"] = local(optax.tree.get(state, "ema"))
   arrays["alpha"] = local(optax.tree.get(state, "alpha"))
   np.savez(out, **arrays)
 jax.distributed.shutdown()

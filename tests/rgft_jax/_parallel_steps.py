@@ -50,7 +50,7 @@ def _single_device():
 def _assert_same(result):
   ref_params, ref_state = _single_device()
   params, state = result
-  for key in ("error_map", "alpha"):
+  for key in ("ema", "alpha"):
     np.testing.assert_allclose(
       optax.tree.get(state, key), optax.tree.get(ref_state, key), rtol=1e-4, atol=1e-6
     )

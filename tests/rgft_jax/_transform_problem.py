@@ -73,7 +73,7 @@ def run_and_compare(tx, steps, hyper, wrap_update=None, clip=None):
     alpha = ref.step(ref_grads, maps[t], **hyper(t))
     np.testing.assert_allclose(optax.tree.get(state, "alpha"), alpha, rtol=1e-5)
     np.testing.assert_allclose(
-      optax.tree.get(state, "error_map"), ref.ema, rtol=1e-5, atol=1e-7
+      optax.tree.get(state, "ema"), ref.ema, rtol=1e-5, atol=1e-7
     )
     for key, counts in ref.counts.items():
       np.testing.assert_array_equal(

@@ -152,7 +152,7 @@ def test_state_dict_round_trip():
 @pytest.mark.slow
 def test_costs_add_up_and_accounting_equals_variant_flops_times_steps():
   model, params, x, y, tracker, comps, tx = _setup()
-  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(model), comps)
   state = tx.init(params)
   costs = rgft_jax.detach_costs(step, comps.names, params, state, x, y, compiled=True)
   assert costs.additivity_error < 0.01
@@ -205,14 +205,14 @@ def test_refresh_steps_are_full_and_paid_from_the_budget():
 def test_exact_steps_fold_in_only_exact_measurements():
   model, params, x, y, tracker, comps, tx = _setup()
   step = jax.jit(
-    rgft_jax.train_step(tracker, tx, _loss(model), comps, exact=True),
+    rgft_jax.detachable_step(tracker, tx, _loss(model), comps, exact=True),
     static_argnames="detached",
   )
   state = tx.init(params)
   _, params, state = step(params, state, x, y)  # Everything measured.
-  before = np.asarray(rgft_jax.residual_error_state(state).error_map)
+  before = np.asarray(rgft_jax.residual_error_state(state).ema)
   _, _, new = step(params, state, x, y, detached=frozenset({"block1"}))
-  after = np.asarray(rgft_jax.residual_error_state(new).error_map)
+  after = np.asarray(rgft_jax.residual_error_state(new).ema)
   # block0 lies below the detached block1: not measured, its EMA is kept;
   # block1 and block2 are measured exactly and move.
   assert after[0] == before[0]

@@ -35,7 +35,7 @@ def test_orbax_round_trip_resumes_exactly(tmp_path):
     restored = mngr.restore(6, args=ocp.args.StandardRestore(abstract))
   assert jax.tree.structure(restored) == jax.tree.structure(first)
   np.testing.assert_array_equal(
-    optax.tree.get(restored[1], "error_map"), optax.tree.get(first[1], "error_map")
+    optax.tree.get(restored[1], "ema"), optax.tree.get(first[1], "ema")
   )
   resumed = _train(*restored, tx, range(6, 12))
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):

@@ -45,7 +45,7 @@ def test_scanned_detach_costs_equal_the_unrolled_models():
     tracker = rgft_jax.ErrorTracker(m, select="branches")
     comps = tracker.components(p, x)
     tx = rgft_jax.rgft(1e-2, comps)
-    step = rgft_jax.train_step(tracker, tx, _loss_fn(m), comps)
+    step = rgft_jax.detachable_step(tracker, tx, _loss_fn(m), comps)
     costs[name] = rgft_jax.detach_costs(step, comps.names, p, tx.init(p), x, y)
   loop, scan = costs["loop"], costs["scan"]
   assert scan.full == pytest.approx(loop.full, rel=0.02)

@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _reference import admit
 from hypothesis import event
@@ -80,7 +81,7 @@ def test_ema_of_a_constant_map_is_the_map(values, beta, steps):
   state = tx.init(params)
   for _ in range(steps):
     _, state = _step(params, tx, state, values)
-  np.testing.assert_allclose(state.error_map, np.float32(values), rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(state.ema, np.float32(values), rtol=1e-5, atol=1e-30)
 
 
 @_settings
@@ -90,9 +91,9 @@ def test_non_finite_entries_leave_the_ema_alone(values, bad):
   _, first = _step(params, tx, tx.init(params), values)
   poisoned = [bad[i % len(bad)] if i % 2 == 0 else v for i, v in enumerate(values)]
   _, second = _step(params, tx, first, poisoned)
-  ema = np.asarray(second.error_map)
+  ema = np.asarray(second.ema)
   assert np.all(np.isfinite(ema)) and np.all(np.isfinite(second.alpha))
-  np.testing.assert_array_equal(ema[::2], np.asarray(first.error_map)[::2])
+  np.testing.assert_array_equal(ema[::2], np.asarray(first.ema)[::2])
 
 
 # Nothing silent: any hyperparameters and any error map.
@@ -127,29 +128,24 @@ _GOOD = {  # Valid values, tiny and extreme ones included.
   "b2": st.floats(0.0, 0.999),
   "eps": st.floats(0.0, 1.0),
   "weight_decay": st.floats(0.0, 1.0),
-  "thresh": st.one_of(
-    st.floats(1e-40, 1.0), _schedule(st.floats(width=32, allow_nan=True))
-  ),
+  "thresh": st.floats(1e-40, 1.0),  # A constant: thresh_init = thresh_final.
 }
 _ANY = {k: _maybe_bad(v) for k, v in _GOOD.items()}
 _THRESH_PARTS = ("thresh_init", "thresh_final", "warmup_steps")
 
 
-def _hyperparameters(table, both=True):
-  """Keyword arguments of rgft: a threshold given whole or in parts (or both)."""
+def _hyperparameters(table):
+  """Keyword arguments of rgft: a threshold in parts, or a constant one
+  (`thresh_init` = `thresh_final`)."""
   other = {k: v for k, v in table.items() if k not in ("thresh", *_THRESH_PARTS)}
   parts = {k: table[k] for k in _THRESH_PARTS}
-  whole = {"thresh": table["thresh"]}
+  constant = st.builds(lambda t: {"thresh_init": t, "thresh_final": t}, table["thresh"])
   return st.builds(
     lambda a, b: {**a, **b},
     st.fixed_dictionaries(
       {"learning_rate": other.pop("learning_rate")}, optional=other
     ),
-    st.one_of(
-      *[st.fixed_dictionaries({}, optional=parts)] * 4,
-      *[st.fixed_dictionaries(whole)] * 4,
-      *[st.fixed_dictionaries(whole, optional=parts)] * both,
-    ),
+    st.one_of(*[st.fixed_dictionaries({}, optional=parts)] * 4, *[constant] * 4),
   )
 
 
@@ -194,14 +190,6 @@ def _invalid(kwargs):
   for name in ("eps", "weight_decay"):
     if not _in(kwargs.get(name, 0.0), 0.0, np.inf, high_open=False):
       bad.add(name)
-  if kwargs.get("thresh") is not None:  # None: not given.
-    t = kwargs["thresh"]
-    if not callable(t) and not _in(t, 0.0, 1.0, low_open=True, high_open=False):
-      bad.add("thresh")
-    parts = [k for k in _THRESH_PARTS if kwargs.get(k) is not None]
-    if parts:
-      bad.update(["thresh", *parts])
-    return bad
   for name in ("thresh_init", "thresh_final"):
     if not _in(full[name], 0.0, 1.0, low_open=True, high_open=False):
       bad.add(name)
@@ -253,11 +241,31 @@ _maps = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(_hyperparameters(_GOOD, both=False), _maps)
+@given(_hyperparameters(_GOOD), _maps)
 def test_rgft_alpha_is_sound_for_extreme_values(kwargs, maps):
   assert not _invalid(kwargs)
   params, comps = _setup_three()
   _check_alpha(rgft_jax.rgft(components=comps, **kwargs), params, kwargs, maps)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+  st.floats(0.0, 0.999),
+  st.floats(1e-30, 1.0),
+  _schedule(st.floats(width=32, allow_nan=True)),
+  _maps,
+)
+def test_a_threshold_schedule_keeps_alpha_sound(beta, min_scale, schedule, maps):
+  # A schedule goes to scale_by_residual_error, chained the way rgft() chains it.
+  params, comps = _setup_three()
+  tx = optax.chain(
+    optax.scale_by_adam(),
+    rgft_jax.scale_by_residual_error(
+      comps, beta=beta, thresh=schedule, min_scale=min_scale
+    ),
+    optax.scale_by_learning_rate(1e-3),
+  )
+  _check_alpha(tx, params, {"min_scale": min_scale}, maps)
 
 
 @settings(max_examples=200, deadline=None)
@@ -355,7 +363,7 @@ def test_rules_for_numbers_entering_the_ema_match_a_float64_reference(config, ma
     assert np.all(np.isfinite(alpha)), alpha
     assert np.all((alpha >= np.float32(min_scale)) & (alpha <= 1.0)), alpha
     # Subnormal differences (flushed to 0 by XLA on CPU) below float32's tiny.
-    np.testing.assert_allclose(state.error_map, ema, rtol=2e-5, atol=2 * _F32.tiny)
+    np.testing.assert_allclose(state.ema, ema, rtol=2e-5, atol=2 * _F32.tiny)
     np.testing.assert_allclose(
       alpha, _reference_alpha(ema, seen, thresh, min_scale), rtol=2e-5, atol=1e-6
     )
@@ -381,17 +389,15 @@ def test_one_outlier_raises_the_largest_ema_at_most_by_beta_plus_one_minus_beta_
   state = tx.init(params)
   for _ in range(3):
     _, state = _step(params, tx, state, steady)
-  np.testing.assert_allclose(state.error_map, np.float32(steady), rtol=1e-6)
-  top = float(np.max(state.error_map))
+  np.testing.assert_allclose(state.ema, np.float32(steady), rtol=1e-6)
+  top = float(np.max(state.ema))
   i = int(np.argmin(steady))  # The smallest component spikes.
   _, state = _step(params, tx, state, [*steady[:i], spike * top, *steady[i + 1 :]])
-  assert float(np.max(state.error_map)) <= top * (beta + (1 - beta) * ratio) * (
-    1 + 1e-6
-  )
+  assert float(np.max(state.ema)) <= top * (beta + (1 - beta) * ratio) * (1 + 1e-6)
   # Normal maps again: the spike's excess fades like beta ** t.
   for _ in range(20):
     _, state = _step(params, tx, state, steady)
-  excess = float(state.error_map[i]) - steady[i]
+  excess = float(state.ema[i]) - steady[i]
   assert excess <= beta**20 * top * (beta + (1 - beta) * ratio) * (1 + 1e-5) + 1e-6
 
 

@@ -152,7 +152,7 @@ def _train_steps(layout, sets, mode):
   tx = rgft_jax.rgft(1e-2, comps, warmup_steps=2, thresh_final=0.9, eps=1e-2)
   if layout.startswith("nnx"):
     optimizer = nnx.Optimizer(bound, tx, wrt=nnx.Param)
-    step = rgft_jax.train_step(tracker, None, _tiny_nnx._loss_fn, comps)
+    step = rgft_jax.detachable_step(tracker, None, _tiny_nnx._loss_fn, comps)
     jitted = nnx.jit(step, static_argnames=() if mode == "runtime" else "detached")
     history = []
     for flags in sets:
@@ -165,7 +165,7 @@ def _train_steps(layout, sets, mode):
       state = nnx.to_pure_dict(nnx.state(optimizer.opt_state))
       history.append((nnx.to_pure_dict(nnx.state(bound, nnx.Param)), state))
     return comps, history
-  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), comps)
   p, opt_state = bound, tx.init(bound)
   history = []
   for flags in sets:
@@ -228,7 +228,7 @@ def test_twenty_detached_sets_compile_once():
   comps = tracker.components(params, x)
   assert tracker.scanned
   tx = rgft_jax.rgft(1e-2, comps)
-  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), comps)
   costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
   budget = rgft_jax.Budget(costs, 0.8, total_steps=21, every=1, rule="uniform")
   sparse = rgft_jax.SparseTrainStep(step, budget)
@@ -249,7 +249,7 @@ def test_dropbp_draws_every_step_from_one_compilation():
   comps = tracker.components(params, x)
   tx = rgft_jax.rgft(1e-2, comps)
   loss = _loss_fn(model)
-  step = rgft_jax.train_step(tracker, tx, loss, comps)
+  step = rgft_jax.detachable_step(tracker, tx, loss, comps)
   costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
   budget = rgft_jax.Budget(costs, 0.7, total_steps=30, every=1, rule="dropbp")
   calls = []
@@ -277,7 +277,7 @@ def test_a_looped_model_defaults_to_compiled_variants():
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   comps = tracker.components(params, x)
   assert not tracker.scanned
-  step = rgft_jax.train_step(
+  step = rgft_jax.detachable_step(
     tracker, rgft_jax.rgft(1e-2, comps), _loss_fn(model), comps
   )
   costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
@@ -335,7 +335,7 @@ def test_step_variants_and_sparse_steps_check_their_arguments():
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   comps = tracker.components(params, x)
   tx = rgft_jax.rgft(1e-2, comps)
-  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), comps)
   with pytest.raises(TypeError, match="got None"):
     step(params, tx.init(params), x, y, detached=None)
   costs = rgft_jax.DetachCosts(comps.names, 10.0, np.full(len(comps.names), 1.0))
@@ -363,7 +363,7 @@ def test_exact_runtime_measures_only_at_and_above_the_topmost_detached():
   comps = tracker.components(params, x)
   tx = rgft_jax.rgft(1e-2, comps)
   names = comps.names
-  step = rgft_jax.train_step(tracker, tx, _loss_fn(model), comps, exact=True)
+  step = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), comps, exact=True)
   detached = frozenset({names[1]})
   _, _, s_static = jax.jit(step, static_argnames="detached")(
     params, tx.init(params), x, y, detached=detached
@@ -371,8 +371,8 @@ def test_exact_runtime_measures_only_at_and_above_the_topmost_detached():
   _, _, s_runtime = jax.jit(step)(
     params, tx.init(params), x, y, detached=jnp.asarray([n in detached for n in names])
   )
-  ema_static = rgft_jax.residual_error_state(s_static).error_map
-  ema_runtime = rgft_jax.residual_error_state(s_runtime).error_map
+  ema_static = rgft_jax.residual_error_state(s_static).ema
+  ema_runtime = rgft_jax.residual_error_state(s_runtime).ema
   # Below the detached one: not measured (the EMA keeps its initial value).
   np.testing.assert_allclose(ema_runtime, ema_static, rtol=1e-5)
   assert ema_runtime[0] == 0 and (np.asarray(ema_runtime[1:]) > 0).all()

@@ -54,7 +54,8 @@ def test_detaching_needs_known_names():
 
 def _step(tracker, tx, model, comps):
   return jax.jit(
-    rgft_jax.train_step(tracker, tx, _loss(model), comps), static_argnames="detached"
+    rgft_jax.detachable_step(tracker, tx, _loss(model), comps),
+    static_argnames="detached",
   )
 
 
@@ -77,8 +78,34 @@ def test_detached_step_holds_parameters_and_optimizer_state():
   )
   # Measured although detached: its EMA moved.
   i = comps.names.index("block1")
-  ema = optax.tree.get(new_state, "error_map")
-  assert ema[i] != optax.tree.get(state, "error_map")[i]
+  ema = optax.tree.get(new_state, "ema")
+  assert ema[i] != optax.tree.get(state, "ema")[i]
+
+
+def test_deprecated_train_step_warns_and_builds_the_detachable_step():
+  model, params, x, y, tracker, comps, tx = _setup()
+  with pytest.warns(DeprecationWarning, match=r"use rgft_jax\.detachable_step"):
+    old = rgft_jax.train_step(tracker, tx, _loss(model), comps, exact=True)
+  new = rgft_jax.detachable_step(tracker, tx, _loss(model), comps, exact=True)
+  assert old.tracker is tracker
+  state = tx.init(params)
+  detached = frozenset({"block1"})
+  got, want = (
+    jax.jit(step, static_argnames="detached")(params, state, x, y, detached=detached)
+    for step in (old, new)
+  )
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+  _, new_params, _ = got  # The detached block kept its parameters; others moved.
+  for a, b in zip(
+    jax.tree.leaves(new_params["block1"]),
+    jax.tree.leaves(params["block1"]),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(
+    new_params["block2"]["Dense_0"]["kernel"], params["block2"]["Dense_0"]["kernel"]
+  )
 
 
 def test_retrained_component_continues_from_its_optimizer_state():
@@ -119,7 +146,7 @@ def _flops(fn, *args):
 @pytest.mark.parametrize("block", [0, 1, 2])
 def test_detaching_saves_the_hand_counted_backward_at_any_depth(block):
   model, params, x, y, tracker, comps, tx = _setup()
-  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(model), comps)
   state = tx.init(params)
 
   def flops(detached):
@@ -160,7 +187,7 @@ def test_heads_save_only_when_the_whole_attention_is_detached():
   comps = tracker.components(params, x)
   assert comps.names == ("attn/head0", "attn/head1")
   tx = rgft_jax.rgft(1e-2, comps)
-  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(model), comps)
   state = tx.init(params)
 
   def flops(detached):
@@ -229,7 +256,8 @@ def test_nnx_detached_step_matches_a_hand_written_stop_gradient():
 
   optimizer = nnx.Optimizer(model, rgft_jax.rgft(1e-2, comps), wrt=nnx.Param)
   step = nnx.jit(
-    rgft_jax.train_step(tracker, None, _nnx_loss, comps), static_argnames="detached"
+    rgft_jax.detachable_step(tracker, None, _nnx_loss, comps),
+    static_argnames="detached",
   )
   step(model, optimizer, x, y)
   before = jax.tree.map(jnp.copy, nnx.state((model.block1, optimizer.opt_state)))
@@ -249,7 +277,7 @@ def test_nnx_detached_step_matches_a_hand_written_stop_gradient():
 
 def test_variant_cache_keys_on_argument_types_and_counts_compilations():
   model, params, x, y, tracker, comps, tx = _setup()
-  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(model), comps)
   variants = rgft_jax.StepVariants(
     lambda d: lambda *a: step(*a, detached=d), max_variants=2
   )
@@ -268,7 +296,7 @@ def test_variant_cache_keys_on_argument_types_and_counts_compilations():
 
 def test_variant_cache_warns_when_it_thrashes():
   model, params, x, y, tracker, comps, tx = _setup()
-  step = rgft_jax.train_step(tracker, tx, _loss(model), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(model), comps)
   variants = rgft_jax.StepVariants(
     lambda d: lambda *a: step(*a, detached=d), max_variants=1, warn_after=2
   )
@@ -296,7 +324,7 @@ def test_detach_costs_warn_when_a_component_saves_nothing():
   tracker = rgft_jax.ErrorTracker(attn, select="heads")
   comps = tracker.components(params, x)
   tx = rgft_jax.rgft(1e-2, comps)
-  step = rgft_jax.train_step(tracker, tx, _loss(attn), comps)
+  step = rgft_jax.detachable_step(tracker, tx, _loss(attn), comps)
   with pytest.warns(RuntimeWarning) as record:
     rgft_jax.detach_costs(step, comps.names, params, tx.init(params), x, y)
   said = " ".join(str(w.message) for w in record)

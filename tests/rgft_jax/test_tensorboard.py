@@ -27,7 +27,7 @@ def _setup():
 
 def test_writer_reads_rgft_state_inside_a_chain():
   params, comps = _setup()
-  tx = rgft_jax.rgft(0.1, comps, thresh=0.5)
+  tx = rgft_jax.rgft(0.1, comps, thresh_init=0.5, thresh_final=0.5)
   _, state = tx.update(params, tx.init(params), params, error_map={"a": 1.0, "b": 0.1})
   recorder = _Recorder()
   assert ErrorMapWriter(recorder, comps.names, every=5)(5, state)

@@ -74,8 +74,21 @@ def test_first_map_initialises_ema_and_zero_map_gives_one():
   m = {"block0": 2.0, "head0": 1.0, "head1": 0.1, "block1": 0.0}
   _, state = tx.update(params, state, error_map=m)
   # Second map folds into the zeros the first one set: ema = 0.1 * m.
-  np.testing.assert_allclose(state.error_map, [0.2, 0.1, 0.01, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(state.ema, [0.2, 0.1, 0.01, 0.0], rtol=1e-6)
   np.testing.assert_allclose(state.alpha, [1.0, 1.0, 0.1, 0.01], rtol=1e-6)
+
+
+def test_deprecated_error_map_field_reads_the_ema_and_warns():
+  params = make_params()
+  tx = rgft_jax.scale_by_residual_error(make_components(params), beta=0.9, thresh=0.5)
+  m = {"block0": 2.0, "head0": 1.0, "head1": 0.1, "block1": 0.0}
+  _, state = tx.update(params, tx.init(params), error_map=m)
+  with pytest.warns(DeprecationWarning, match=r"use \.ema"):
+    old = state.error_map
+  assert old is state.ema
+  np.testing.assert_array_equal(old, np.float32([2.0, 1.0, 0.1, 0.0]))  # ema_1 = m.
+  # A lookup by the old name finds nothing now (optax.tree.get's default).
+  assert optax.tree.get(state, "error_map") is None
 
 
 def test_all_nan_maps_leave_state_and_give_one():
@@ -85,7 +98,7 @@ def test_all_nan_maps_leave_state_and_give_one():
   nan = {n: jnp.nan for n in NAMES}
   updates, state = tx.update(params, state, error_map=nan)
   np.testing.assert_array_equal(state.alpha, np.ones(4))
-  np.testing.assert_array_equal(state.error_map, np.zeros(4))
+  np.testing.assert_array_equal(state.ema, np.zeros(4))
   assert not np.asarray(state.observed).any()
   for k in SHAPES:
     np.testing.assert_array_equal(updates[k], params[k])
@@ -224,7 +237,7 @@ def test_huge_error_values_stay_finite():
   big = np.finfo(np.float32).max
   for _ in range(3):
     _, state = tx.update(params, state, error_map={"a": big, "b": big, "c": 0.0})
-  assert np.all(np.isfinite(state.error_map))
+  assert np.all(np.isfinite(state.ema))
   np.testing.assert_array_equal(state.alpha[:2], [1.0, 1.0])
 
 
@@ -236,7 +249,7 @@ def test_ema_of_values_above_half_float32s_range_does_not_overflow():
   big = [2.0**127, 1.5 * 2.0**127]
   state = step(tx.init(params), {"a": big[0], "b": big[1], "c": 1.0})
   state = step(state, {"a": big[1], "b": big[0], "c": 1.0})
-  np.testing.assert_allclose(state.error_map, [1.25 * 2.0**127] * 2 + [1.0])
+  np.testing.assert_allclose(state.ema, [1.25 * 2.0**127] * 2 + [1.0])
 
 
 # Numbers entering the EMA: the documented rules, against hand computations.
@@ -254,14 +267,14 @@ def test_a_huge_first_value_is_clipped_and_fades():
   state = tx.init(params)
   _, state = tx.update(params, state, error_map={"a": 3e38, "b": 0.5, "c": 0.4})
   # No EMA yet: a is clipped to 10 times the largest other entry (0.5).
-  np.testing.assert_allclose(state.error_map, [5.0, 0.5, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(state.ema, [5.0, 0.5, 0.4], rtol=1e-6)
   np.testing.assert_allclose(state.alpha, [1.0, 0.2, 0.16], rtol=1e-6)
   np.testing.assert_array_equal(state.clipped, [1, 0, 0])
   normal = {"a": 0.5, "b": 0.5, "c": 0.4}
   for _ in range(30):
     _, state = tx.update(params, state, error_map=normal)
   ema_a = _ema_after(5.0, 0.5, 0.9, 30)  # 0.69
-  np.testing.assert_allclose(state.error_map, [ema_a, 0.5, 0.4], rtol=1e-5)
+  np.testing.assert_allclose(state.ema, [ema_a, 0.5, 0.4], rtol=1e-5)
   expected = np.clip(np.array([ema_a, 0.5, 0.4]) / (0.5 * ema_a), 0.01, 1.0)
   np.testing.assert_allclose(state.alpha, expected, rtol=1e-5)
   assert np.all(state.alpha[1:] > 0.9)  # Back near 1, not pinned at 0.01.
@@ -277,12 +290,12 @@ def test_a_spike_raises_the_largest_ema_by_at_most_beta_plus_one_minus_beta_k():
     _, state = tx.update(params, state, error_map=steady)
   _, state = tx.update(params, state, error_map={**steady, "a": 1e6})
   # Clipped to 4 * max(largest EMA 1.0, largest other entry 0.5) = 4.
-  np.testing.assert_allclose(state.error_map[0], 0.9 * 1.0 + 0.1 * 4.0, rtol=1e-6)
+  np.testing.assert_allclose(state.ema[0], 0.9 * 1.0 + 0.1 * 4.0, rtol=1e-6)
   np.testing.assert_allclose(state.alpha[2], 0.2 / (0.5 * 1.3), rtol=1e-6)
   np.testing.assert_array_equal(state.clipped, [1, 0, 0])
   # Two components rising together are a change of scale: not clipped.
   _, state = tx.update(params, state, error_map={"a": 1e3, "b": 1e3, "c": 0.2})
-  np.testing.assert_allclose(state.error_map[:2], [1.17 + 100.0, 0.45 + 100.0])
+  np.testing.assert_allclose(state.ema[:2], [1.17 + 100.0, 0.45 + 100.0])
   np.testing.assert_array_equal(state.clipped, [1, 0, 0])
 
 
@@ -304,9 +317,9 @@ def test_negative_error_values_under_jit_are_clipped_to_zero_and_counted():
   tx = rgft_jax.scale_by_residual_error(comps, beta=0.9, thresh=0.5)
   step = jax.jit(lambda s, m: tx.update(params, s, error_map=m)[1])
   state = step(tx.init(params), {"a": -5.0, "b": 1.0, "c": 0.5})
-  np.testing.assert_allclose(state.error_map, [0.0, 1.0, 0.5])
+  np.testing.assert_allclose(state.ema, [0.0, 1.0, 0.5])
   state = step(state, {"a": 1.0, "b": 1.0, "c": -0.0})
-  np.testing.assert_allclose(state.error_map, [0.1, 1.0, 0.45], rtol=1e-6)
+  np.testing.assert_allclose(state.ema, [0.1, 1.0, 0.45], rtol=1e-6)
   np.testing.assert_allclose(state.alpha, [0.2, 1.0, 0.9], rtol=1e-6)
   np.testing.assert_array_equal(state.negative, [1, 0, 0])  # -0.0 is not < 0.
 
@@ -374,8 +387,6 @@ def test_a_threshold_schedule_is_checked_when_made(schedule):
   _, comps = _two(3)
   with pytest.raises(ValueError, match=r"thresh \(a schedule, at update count 0"):
     rgft_jax.scale_by_residual_error(comps, thresh=schedule)
-  with pytest.raises(ValueError, match=r"thresh \(a schedule"):
-    rgft_jax.rgft(1e-3, comps, thresh=schedule)
 
 
 def test_a_threshold_schedule_that_turns_into_a_vector_is_refused_when_run():
@@ -390,14 +401,18 @@ def test_a_threshold_schedule_that_turns_into_a_vector_is_refused_when_run():
 
 def test_rgft_takes_a_constant_threshold():
   comps = make_components(make_params())
-  tx = rgft_jax.rgft(1e-2, comps, thresh=0.5, min_scale=0.05)
+  tx = rgft_jax.rgft(1e-2, comps, thresh_init=0.5, thresh_final=0.5, min_scale=0.05)
   run_and_compare(tx, 12, lambda t: dict(lr=1e-2, beta=0.9, thresh=0.5, min_scale=0.05))
 
 
-def test_rgft_takes_a_threshold_schedule():
+def test_a_threshold_schedule_goes_in_a_chain_like_rgfts():
   comps = make_components(make_params())
   schedule = optax.linear_schedule(0.2, 0.6, transition_steps=8)
-  tx = rgft_jax.rgft(1e-2, comps, thresh=schedule, min_scale=0.05)
+  tx = optax.chain(
+    optax.scale_by_adam(),
+    rgft_jax.scale_by_residual_error(comps, thresh=schedule, min_scale=0.05),
+    optax.scale_by_learning_rate(1e-2),
+  )
 
   def hyper(t):
     thresh = 0.2 + 0.4 * min(1.0, t / 8)
@@ -406,8 +421,56 @@ def test_rgft_takes_a_threshold_schedule():
   run_and_compare(tx, 12, hyper)
 
 
+def _updates(tx, steps):
+  """The updates of `tx` at each of `steps` steps of the transform problem."""
+  params, maps, out = make_params(), error_maps(steps), []
+  state = tx.init(params)
+  for t in range(steps):
+    updates, state = tx.update(
+      grads_at(t, params), state, params, error_map=as_dict(maps[t])
+    )
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+@pytest.mark.parametrize(
+  "thresh, linear",
+  [
+    (0.5, dict(thresh_init=0.5, thresh_final=0.5)),
+    (
+      optax.linear_schedule(0.2, 0.6, transition_steps=8),
+      dict(thresh_init=0.2, thresh_final=0.6, warmup_steps=8),
+    ),
+  ],
+  ids=["constant", "schedule"],
+)
+def test_deprecated_rgft_thresh_warns_and_gives_the_same_updates(thresh, linear):
+  comps = make_components(make_params())
+  with pytest.warns(DeprecationWarning, match=r"rgft\(thresh=\.\.\.\) is deprecated"):
+    old = rgft_jax.rgft(1e-2, comps, thresh=thresh, min_scale=0.05)
+  low, high = linear["thresh_init"], linear["thresh_final"]
+  warmup = linear.get("warmup_steps", 1)
+
+  def hyper(t):
+    thresh = low + (high - low) * min(1.0, t / warmup)
+    return dict(lr=1e-2, beta=0.9, thresh=thresh, min_scale=0.05)
+
+  run_and_compare(old, 12, hyper)  # The float64 reference.
+  new = rgft_jax.rgft(1e-2, comps, min_scale=0.05, **linear)
+  for a, b in zip(_updates(old, 12), _updates(new, 12), strict=True):
+    for k in SHAPES:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-12, err_msg=k)
+
+
+def test_deprecated_thresh_is_checked_before_it_warns():
+  comps = make_components(make_params())
+  with pytest.raises(ValueError, match=r"\bthresh\b"):  # No warning (an error here).
+    rgft_jax.rgft(1e-3, comps, thresh=np.nan)
+
+
 @pytest.mark.parametrize("other", ["thresh_init", "thresh_final", "warmup_steps"])
-def test_thresh_with_its_parts_is_an_error(other):
+def test_deprecated_thresh_with_its_parts_is_an_error(other):
   comps = make_components(make_params())
   value = 10 if other == "warmup_steps" else 0.2
   with pytest.raises(ValueError, match=f"thresh replaces .*{other}"):
@@ -458,13 +521,21 @@ _NUMERIC = {
 }
 
 
+def _build(name, value):
+  """`rgft` with `name=value`; a whole threshold goes to the transform that
+  takes it, `scale_by_residual_error` (`rgft(thresh=...)` is deprecated)."""
+  comps = make_components(make_params())
+  if name == "thresh":
+    return rgft_jax.scale_by_residual_error(comps, thresh=value)
+  return rgft_jax.rgft(1e-3, comps, **{name: value})
+
+
 @pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
 @pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), 1j, [0.5]])
 def test_non_numbers_are_a_type_error_naming_the_hyperparameter(name, bad):
-  comps = make_components(make_params())
   error = ValueError if isinstance(bad, list) else TypeError  # A list: an array.
   with pytest.raises(error, match=rf"\b{name}\b"):
-    rgft_jax.rgft(1e-3, comps, **{name: bad})
+    _build(name, bad)
 
 
 @pytest.mark.parametrize(
@@ -478,9 +549,8 @@ def test_none_is_a_type_error_naming_the_hyperparameter(name):
 
 @pytest.mark.parametrize("name", [*_NUMERIC, "thresh"])
 def test_nan_is_a_value_error_naming_the_hyperparameter(name):
-  comps = make_components(make_params())
   with pytest.raises(ValueError, match=rf"\b{name}\b"):
-    rgft_jax.rgft(1e-3, comps, **{name: np.nan})
+    _build(name, np.nan)
 
 
 @pytest.mark.parametrize(

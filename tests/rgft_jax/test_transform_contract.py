@@ -117,7 +117,7 @@ def test_apply_if_finite_skips_bad_step_without_poisoning_state():
     for n in SHAPES:
       np.testing.assert_allclose(params[n], ref.params[n], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-      optax.tree.get(state, "error_map"), ref.ema, rtol=1e-5, atol=1e-7
+      optax.tree.get(state, "ema"), ref.ema, rtol=1e-5, atol=1e-7
     )
   assert int(state.total_notfinite) == 1
 
@@ -136,7 +136,7 @@ def test_dtypes_are_kept():
   for k in SHAPES:
     assert updates[k].dtype == params[k].dtype, k
   assert optax.tree.get(state, "alpha").dtype == jnp.float32
-  assert optax.tree.get(state, "error_map").dtype == jnp.float32
+  assert optax.tree.get(state, "ema").dtype == jnp.float32
 
 
 def test_jit_compiles_once_and_state_shapes_are_stable():

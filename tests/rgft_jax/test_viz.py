@@ -31,7 +31,15 @@ def test_head_grid_draws_tracker_names_one_row_per_block_in_order():
   names = [attn.format(10, 1), attn.format(2, 0), attn.format(2, 1)]
   ax = viz.head_grid([5.0, 6.0, 7.0], names, _ax())
   np.testing.assert_array_equal(_grid(ax), [[6.0, 7.0], [np.nan, 5.0]])
-  assert _rows(ax) == ["block2/attn", "block10/attn"]
+  module = "Transformer/encoderblock_{}/MultiHeadDotProductAttention_1"
+  assert _rows(ax) == [module.format(2), module.format(10)]  # As given.
+
+
+def test_head_grid_labels_rows_with_label():
+  names = ["enc/block10/attn/head0", "enc/block9/attn/head1"]
+  ax = viz.head_grid([1.0, 2.0], names, _ax(), label=lambda m: m.split("/")[1])
+  assert _rows(ax) == ["block9", "block10"]  # Still in the modules' order.
+  np.testing.assert_array_equal(_grid(ax), [[np.nan, 2.0], [1.0, np.nan]])
 
 
 def test_head_grid_does_not_allocate_for_a_huge_layer_number():
@@ -65,18 +73,19 @@ def test_head_grid_needs_one_value_per_name():
     viz.head_grid([1.0, 2.0, 3.0], ["a/head0", "a/head1"], _ax())
 
 
-def test_short_name_renames_whole_segments_only():
+def test_deprecated_short_name_warns_and_still_renames():
   attn = "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/head3"
-  assert viz.short_name(attn) == "block11/attn/head3"
-  assert viz.short_name("Transformer/encoderblock_0/MlpBlock_3") == "block0/mlp"
-  other = "VisionTransformer/my_encoderblock_2/MlpBlock_30"
-  assert viz.short_name(other) == other
+  with pytest.warns(DeprecationWarning, match=r"use experiments\.vit\.short_name"):
+    assert viz.short_name(attn) == "block11/attn/head3"
 
 
 def test_error_map_heatmap_labels_each_component_row():
   ax = viz.error_map_heatmap([[1.0, 4.0], [2.0, 2.0]], [0, 10], ["a", "b"], _ax())
   np.testing.assert_allclose(_grid(ax), [[0.25, 1.0], [1.0, 1.0]])
   assert _rows(ax) == ["a", "b"]
+  names = ["Transformer/encoderblock_0/MlpBlock_3", "Transformer/encoder_norm"]
+  ax = viz.error_map_heatmap(np.ones((1, 2)), [0], names, _ax(), label=str.upper)
+  assert _rows(ax) == [n.upper() for n in names]
 
 
 def test_plots_refuse_values_that_do_not_match_their_labels():

@@ -43,7 +43,7 @@ def _train(scan_layers, mesh=None, put=lambda a: a):
   if mesh is not None:
     sharding.shard_model(model, mesh)
   # thresh=1: every multiplier but the largest-error one is below 1.
-  tx = rgft_jax.rgft(1e-2, comps, thresh=1.0)
+  tx = rgft_jax.rgft(1e-2, comps, thresh_init=1.0, thresh_final=1.0)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   if mesh is not None:
     sharding.shard_model(optimizer, mesh)
@@ -114,7 +114,7 @@ def test_fsdp_rgft_steps_equal_the_single_device_run(scan_layers):
     rgft_jax.residual_error_state(s) for s in (optimizer.opt_state, ref_opt_state)
   )
   assert int(rgft.count) == int(ref_rgft.count) == STEPS
-  for key in ("error_map", "alpha"):
+  for key in ("ema", "alpha"):
     got, want = np.asarray(getattr(rgft, key)), np.asarray(getattr(ref_rgft, key))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
   assert np.ptp(np.asarray(ref_rgft.alpha)) > 0.05  # RGFT did scale updates.
