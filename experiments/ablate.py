@@ -58,8 +58,10 @@ LEVERS = {
   # Drawn in proportion to the error at each decision, not the top set.
   "sample": ("rgft_budget_sample", {}),
   "hard_sample": ("rgft_budget_sample", {"min_scale": 1.0}),
-  # Both: fresh measurements before decisions and more of the budget early.
+  "ramp80": ("rgft_budget", {"budget_ramp": 80}),
+  # Two levers together.
   "refresh_ramp50": ("rgft_budget", {"budget_refresh": True, "budget_ramp": 50}),
+  "taylor_ramp50": ("rgft_budget", {"error_method": "taylor", "budget_ramp": 50}),
   "full": ("full", {}),  # All the steps: b / budget more FLOPs.
   "full@b": ("full", {}),  # Fewer steps, the same FLOPs.
 }

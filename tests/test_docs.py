@@ -73,3 +73,33 @@ def test_every_doc_is_linked_from_the_readme():
   linked = {(ROOT / t).resolve() for t in _links(ROOT / "README.md")}
   docs = set((ROOT / "docs").glob("*.md"))
   assert docs and docs <= linked, sorted(str(d) for d in docs - linked)
+
+
+def test_the_peers_table_puts_each_task_s_figures_in_its_own_columns():
+  """Each cell of `vit_peers_both`, recomputed by hand from the run records:
+  the mean over seeds of rgft_budget@b's test accuracy minus the other's."""
+  import json
+
+  import numpy as np
+
+  results = json.loads(pathlib.Path(doc_tables.VIT_PEERS).read_text())
+  table = doc_tables.vit_peers_both(doc_tables.VIT_PEERS).splitlines()
+  head = [c.strip() for c in table[0].strip("|").split("|")]
+  body = {
+    cells[0]: dict(zip(head[1:], cells[1:], strict=True))
+    for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
+  }
+  checked = 0
+  for task, label in doc_tables.TASKS.items():
+    acc = {}
+    for r in results["tasks"][task]["runs"]:
+      acc.setdefault(r["method"], {})[r["seed"]] = r["test_accuracy"]
+    for b in (0.4, 0.5, 0.7):
+      column = f"{label} @{b:g}"
+      mine = acc[f"rgft_budget@{b:g}"]
+      assert body["its accuracy"][column] == f"{np.mean(list(mine.values())):.3f}"
+      for row, other in (("`dropbp`", f"dropbp@{b:g}"), ("`full` (all steps)", "full")):
+        diff = np.mean([mine[s] - acc[other][s] for s in mine]) * 100
+        assert body[row][column].strip("*").startswith(f"{diff:+.1f} ±"), (row, column)
+        checked += 1
+  assert checked == 12

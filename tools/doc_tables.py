@@ -633,8 +633,8 @@ def vit_peers_both(path: str) -> str:
       full = compare.paired(runs, mine, "full", "test_accuracy")
       cells[("`full` (all steps)", cols[-1])] = _short_pt(full)
       for other, per in table.items():
-        label = "`full@b` (fewer steps)" if other == "full" else f"`{other}`"
-        cells[(label, cols[-1])] = _short_pt(per.get(b))
+        row = "`full@b` (fewer steps)" if other == "full" else f"`{other}`"
+        cells[(row, cols[-1])] = _short_pt(per.get(b))
   rows_of = list(dict.fromkeys(r for r, _ in cells))
   rows = [[r, *(cells.get((r, c), "n/a") for c in cols)] for r in rows_of]
   return _table(["rgft_budget minus", *cols], rows)
@@ -700,6 +700,7 @@ TABLES: dict[str, Callable[[], str]] = {
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
   "vit_summary_shipped": functools.partial(vit_summary, SHIPPED),
   "vit_peers_both": functools.partial(vit_peers_both, VIT_PEERS),
+  "vit_levers": functools.partial(ablation, "experiments/results/levers/levers.json"),
   **{f"vit_peers_{t}": functools.partial(vit_peers, t, VIT_PEERS) for t in TASKS},
   **{f"vit_shipped_{t}": functools.partial(vit_default, t, SHIPPED) for t in TASKS},
   **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
