@@ -37,6 +37,9 @@ def _model(layout):
     return unrolled, params
   if layout.startswith("scan"):
     return ScannedTransformer(remat=layout == "scan_remat"), _stack(params)
+  if layout == "nnx_loop":
+    model = _tiny_nnx._nnx_setup()[0]
+    return model, model
   model = NnxScanned(nnx.Rngs(0), remat=layout == "nnx_scan_remat")
   nnx.update(model, nnx.State(_stack(params)))
   return model, model
@@ -183,7 +186,7 @@ def _train_steps(layout, sets, mode):
 @pytest.mark.slow
 # Looped, each leaf has one owner: held leaves skip the optimizer (a cond);
 # scanned, a leaf holds every layer's entries: held entries are selected.
-@pytest.mark.parametrize("layout", ["loop", "scan", "nnx_scan_remat"])
+@pytest.mark.parametrize("layout", ["loop", "nnx_loop", "scan", "nnx_scan_remat"])
 def test_runtime_updates_equal_the_static_ones_and_hold_moments(layout):
   n = 2 * 2  # Two blocks of two branches.
   rng = np.random.default_rng(1)
