@@ -190,7 +190,7 @@ def _train_steps(layout, sets, mode):
 def test_runtime_updates_equal_the_static_ones_and_hold_moments(layout):
   n = 2 * 2  # Two blocks of two branches.
   rng = np.random.default_rng(1)
-  sets = [rng.random(n) < 0.5 for _ in range(4)]
+  sets = [rng.random(n) < 0.5 for _ in range(3)]
   sets[2] = sets[1]  # Detached for two steps running.
   comps, runtime = _train_steps(layout, sets, "runtime")
   _, static = _train_steps(layout, sets, "compiled")
