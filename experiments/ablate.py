@@ -1,4 +1,4 @@
-"""Ablations of soft RGFT on the embedded tasks: a table (markdown, JSON) and a plot each.
+"""Ablations of RGFT on the embedded tasks: a table (markdown, JSON) and a plot each.
 
   python -m experiments.ablate           # every ablation (sized for 2 CPU cores)
   python -m experiments.ablate --quick   # tiny settings, a smoke run (flags given win)
