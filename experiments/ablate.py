@@ -228,9 +228,19 @@ def _where(cfg: finetune.Config, task: str, method: str, seed: int) -> str:
 
 
 def _stats(records: list[dict], reference: list[dict]) -> dict[str, Any]:
+  """A row's summary; its difference to the reference row paired by seed
+  (`compare.paired`: rows can share a method, so each is labelled here)."""
   acc = np.array([r["test_accuracy"] for r in records])
-  diffs = acc - np.array([r["test_accuracy"] for r in reference])
-  mean, half = compare.interval(diffs)
+  runs = [{**r, "method": "row"} for r in records]
+  diff = compare.paired(
+    [*runs, *({**r, "method": "ref"} for r in reference)], "row", "ref"
+  )
+  assert diff is not None  # Both are labelled above.
+  if len(diff["seeds"]) != len(records):
+    raise ValueError(
+      f"seeds {diff['seeds']} of {len(records)} runs have a reference run."
+    )
+  mean, half = diff["mean"], diff["ci95"]
   flops = float(np.mean([r["train_flops"] for r in records]))
   return {
     "test_accuracy": acc.tolist(),

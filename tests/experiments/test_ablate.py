@@ -107,3 +107,27 @@ def test_levers_change_one_thing_of_budgeted_rgft():
   for row in rows.values():  # Every row is a setting the study accepts.
     changed = {k: v for k, v in row.overrides.items() if getattr(cfg, k) != v}
     assert changed == row.overrides, row.label
+
+
+def _record(seed, acc):
+  return {
+    "seed": seed,
+    "method": "m",
+    "test_accuracy": acc,
+    "train_flops": 1.0,
+    "update_ratio": 1.0,
+    "wall_s": 1.0,
+  }
+
+
+def test_a_row_is_paired_with_its_reference_by_seed():
+  # The reference's runs in another order: each difference is of the same seed.
+  row = [_record(0, 0.5), _record(1, 0.9), _record(2, 0.7)]
+  ref = [_record(2, 0.6), _record(0, 0.4), _record(1, 0.6)]
+  want = np.array([0.5 - 0.4, 0.9 - 0.6, 0.7 - 0.6])
+  stats = ablate._stats(row, ref)
+  assert stats["diff_vs_reference"] == pytest.approx(want.mean())
+  half = 4.302652729911275 * want.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 dof).
+  assert stats["diff_ci95"] == pytest.approx(half)
+  with pytest.raises(ValueError, match="have a reference run"):
+    ablate._stats(row, ref[:2])
