@@ -3,7 +3,8 @@
 Checked against a hand-held reference: optax's own update of the whole tree,
 then, by hand in NumPy, every held entry's parameter and optimizer state put
 back to its old value. Leaves owned by one component (a traced scalar flag,
-the `lax.cond` path), leaves split between components (a flag per entry),
+the `lax.cond` path), leaves split between components (a flag per entry, as for a leaf stacked
+over a scan's layers; these are selected, not skipped),
 leaves in no component, and an optimizer whose leaves read each other
 (global-norm clipping) are all covered.
 """
@@ -24,6 +25,8 @@ def _tree():
     "a": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))},
     "b": {"kernel": rng.normal(size=(4, 2))},
     "split": rng.normal(size=(2, 5)),  # Row 0 is component a's, row 1 b's.
+    "stack": rng.normal(size=(3, 2, 2)),  # Layers a, b, a (as a scan stacks).
+    "cols": rng.normal(size=(3, 2)),  # Column 0 is a's, column 1 b's.
     "head": rng.normal(size=(2,)),  # In no component.
   }
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
@@ -32,6 +35,8 @@ def _tree():
     "a": {"kernel": np.int32(0), "bias": np.int32(0)},
     "b": {"kernel": np.int32(1)},
     "split": np.array([[0], [1]], np.int32),
+    "stack": np.array([[[0]], [[1]], [[0]]], np.int32),
+    "cols": np.array([[0, 1]], np.int32),
     "head": np.int32(-1),
   }
   return params, grads, rgft_jax.Components(("a", "b"), index)
@@ -44,6 +49,8 @@ def _held_by_hand(params, old_state, new_params, new_state, held):
     "a/bias": held[0],
     "b/kernel": held[1],
     "split": np.array([[held[0]], [held[1]]]),
+    "stack": np.array([[[held[0]]], [[held[1]]], [[held[0]]]]),
+    "cols": np.array([[held[0], held[1]]]),
     "head": False,
   }
 
@@ -98,6 +105,8 @@ def test_a_leaf_owned_by_one_component_gets_a_scalar_flag():
   assert jnp.ndim(masks["a"]["kernel"]) == 0 and bool(masks["a"]["kernel"])
   assert jnp.ndim(masks["b"]["kernel"]) == 0 and not bool(masks["b"]["kernel"])
   np.testing.assert_array_equal(masks["split"], [[True], [False]])
+  np.testing.assert_array_equal(masks["stack"], [[[True]], [[False]], [[True]]])
+  np.testing.assert_array_equal(masks["cols"], [[True, False]])
   assert masks["head"] is False
 
 
@@ -131,3 +140,4 @@ def test_an_unknown_hold_mode_is_refused_naming_it():
   comps = _tree()[2]
   with pytest.raises(ValueError, match=r'hold must be "skip" or "mask", got .keep.'):
     rgft_jax.detachable_step(None, optax.adam(0.1), lambda p: 0.0, comps, hold="keep")
+
