@@ -159,7 +159,17 @@ def _log_problem(step: int, log: Any) -> str | None:
 
 
 def _is_abandoned_read(unraisable) -> bool:
-  """An asynchronous read finishing after a failed restore closed its event loop."""
+  """An asynchronous read finishing after a failed restore closed its event
+  loop, or the read's coroutine closed unfinished when it is collected later
+  (orbax then raises an Exception caused by the GeneratorExit)."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if (
+    code is not None
+    and code.co_name == "_read_array_index_and_device_put"
+    and "orbax" in code.co_filename
+    and isinstance(getattr(unraisable.exc_value, "__cause__", None), GeneratorExit)
+  ):
+    return True
   if not isinstance(unraisable.exc_value, RuntimeError):
     return False
   if str(unraisable.exc_value) != "Event loop is closed":
@@ -178,9 +188,11 @@ def _quiet_abandoned_reads() -> None:
   When one array of a damaged checkpoint does not read, orbax closes its
   event loop while tensorstore's other reads are in flight; each one that
   finishes later reports `RuntimeError('Event loop is closed')` through
-  `sys.unraisablehook` (thousands of lines for a large model), burying the
-  one message that says what is wrong. Only those are dropped; anything else
-  reaches the hook that was there before.
+  `sys.unraisablehook`, and each read coroutine left unfinished reports an
+  error when the garbage collector closes it, maybe much later and in other
+  code (thousands of lines for a large model), burying the one message that
+  says what is wrong. Only those are dropped; anything else reaches the hook
+  that was there before.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_abandoned_reads", False):
