@@ -103,3 +103,27 @@ def test_the_peers_table_puts_each_task_s_figures_in_its_own_columns():
         assert body[row][column].strip("*").startswith(f"{diff:+.1f} ±"), (row, column)
         checked += 1
   assert checked == 12
+
+
+def test_the_runtime_targets_table_reads_the_right_rows():
+  """Each cell of `bench_runtime_targets`, looked up by hand in the JSON."""
+  import json
+
+  r = json.loads((ROOT / "benchmarks/results/runtime.json").read_text())
+  lines = doc_tables.bench_runtime_targets().splitlines()[2:]
+  assert len(lines) == len(r["cases"])
+  for line, case in zip(lines, r["cases"], strict=True):
+    cells = [c.strip() for c in line.strip("|").split("|")]
+
+    def cell(mode, f, key, rows=case["rows"]):
+      (row,) = [x for x in rows if x["mode"] == mode and x["fraction_detached"] == f]
+      return f"{row[key]:.2f}"
+
+    assert cells == [
+      case["case"],
+      cell("runtime", 0.0, "time_vs_plain"),
+      cell("runtime", 0.75, "predicted_flops_vs_full"),
+      cell("runtime", 0.75, "time_vs_plain"),
+      cell("compiled", 0.75, "time_vs_plain"),
+      cell("recompute", 0.75, "peak_vs_plain"),
+    ]
