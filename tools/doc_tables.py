@@ -413,6 +413,7 @@ def bench_hold() -> str:
   r = load("benchmarks/results/hold.json")
   rows = [
     [
+      row.get("layout", "loop"),
       f"`{row['optimizer']}`",
       f"{row['held']:g}",
       f"{row['median_s']['plain'] * 1e3:.0f}",
@@ -421,7 +422,14 @@ def bench_hold() -> str:
     ]
     for row in r["rows"]
   ]
-  head = ["optimizer", "blocks held", "plain ms", 'hold="mask"', 'hold="skip"']
+  head = [
+    "layout",
+    "optimizer",
+    "blocks held",
+    "plain ms",
+    'hold="mask"',
+    'hold="skip"',
+  ]
   return _table(head, rows)
 
 

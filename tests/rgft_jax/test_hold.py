@@ -140,4 +140,3 @@ def test_an_unknown_hold_mode_is_refused_naming_it():
   comps = _tree()[2]
   with pytest.raises(ValueError, match=r'hold must be "skip" or "mask", got .keep.'):
     rgft_jax.detachable_step(None, optax.adam(0.1), lambda p: 0.0, comps, hold="keep")
-
