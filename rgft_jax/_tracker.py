@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Callable
 from collections.abc import Collection
 from typing import Any
-from typing import cast
 
 import flax.errors
 import flax.linen as nn
@@ -34,11 +33,9 @@ from rgft_jax._discovery import Select
 from rgft_jax._discovery import build_components
 from rgft_jax._discovery import columns
 from rgft_jax._discovery import describe
-from rgft_jax._discovery import is_branch
 from rgft_jax._discovery import ordered_names
 from rgft_jax._discovery import owned_paths
 from rgft_jax._heads import Heads
-from rgft_jax._heads import find_heads
 from rgft_jax._heads import head_owners
 from rgft_jax._intercept import Call
 from rgft_jax._intercept import Path
@@ -51,10 +48,10 @@ from rgft_jax._intercept import nnx_run
 from rgft_jax._passes import Runtime
 from rgft_jax._passes import ablation
 from rgft_jax._passes import cheap
+from rgft_jax._selectors import selector
 from rgft_jax._structure import Branch
 from rgft_jax._structure import Site
 from rgft_jax._structure import Structure
-from rgft_jax._structure import residual_branches
 from rgft_jax._structure import trace
 
 Module = nn.Module | nnx.Module
@@ -156,17 +153,9 @@ class ErrorTracker:
       )
     if method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if isinstance(select, str):
-      if select not in ("branches", "heads"):
-        raise ValueError(
-          f"select must be 'branches', 'heads' or a predicate, got {select!r}."
-        )
-    elif not callable(select):
-      raise TypeError(
-        f"select must be a string or a callable, got {type(select).__name__}."
-      )
+    self._selector = selector(select)
     self.model = model
-    if owns is not None and (select == "heads" or not callable(owns)):
+    if owns is not None and (not self._selector.takes_owns or not callable(owns)):
       raise ValueError(
         "owns must be a callable owns(path, module) -> module paths, and heads "
         f"own their slices: got owns={owns!r} with select={select!r}."
@@ -182,6 +171,7 @@ class ErrorTracker:
     self._nonfinite: set[str] = set()  # Components warned about.
     # Attentions by dataflow (select="heads"): output projection path -> Heads.
     self._heads: dict[Path, Heads] | None = None
+    self._discovered = False  # Whether `_find_structure` has run.
 
   @property
   def _is_nnx(self) -> bool:
@@ -190,16 +180,11 @@ class ErrorTracker:
   # Interception.
 
   def _wants_output(self, path: Path, module: Module, call: int) -> bool:
-    if not path or self.select == "heads":
+    if not path:
       return False
-    if self.select == "branches":
-      branches = self._branches  # Set with `_structure`, so `_all_shared` implies it.
-      if branches is not None and (branches or self._all_shared):
-        return (path, call) in branches
-      return is_branch(path, module)
-    # Neither string: a predicate (`__init__` accepts no other).
-    predicate = cast(Callable[[Path, Module], bool], self.select)
-    return bool(predicate(path, module))
+    return self._selector.wants_output(
+      path, module, call, self._branches, self._all_shared
+    )
 
   @property
   def _all_shared(self) -> bool:
@@ -210,17 +195,16 @@ class ErrorTracker:
     return s is not None and s.residual and not s.branches
 
   def _find_structure(self, run, params) -> None:
-    """Residual branches or attention heads by dataflow, once."""
-    if self.select not in ("branches", "heads"):
+    """Residual branches or attention heads by dataflow (nothing for a
+    predicate), once: the selector's `find_structure`."""
+    if self._discovered:
       return
-    if (self._branches if self.select == "branches" else self._heads) is not None:
-      return
-    traced = trace(lambda p, handle: run(p, None, handle=handle), _abstract(params))
-    if self.select == "heads":
-      self._heads = find_heads(traced)
-      return
-    self._structure = residual_branches(traced)
-    self._branches = {b.site: b for b in self._structure.branches}
+    self._structure, self._heads = self._selector.find_structure(
+      lambda: trace(lambda p, handle: run(p, None, handle=handle), _abstract(params))
+    )
+    if self._structure is not None:
+      self._branches = {b.site: b for b in self._structure.branches}
+    self._discovered = True
 
   def _handler(self, visit, calls: list | None, is_head_projection, around=None):
     """`handle(call, next_fun, args, kwargs)` for one module call.
@@ -242,7 +226,7 @@ class ErrorTracker:
       owns, leaf = None, None
       if self.owns is not None and heads is None:
         owns = owned_paths(path, self.owns(path, call.module))
-      elif self.select == "branches" and self._branches and heads is None:
+      elif self._branches and heads is None:
         branch = self._branches[(path, k)]
         path, leaf = branch.name, branch.leaf
         owns = tuple(tuple(p.split("/")) for p in branch.owns)
@@ -262,16 +246,14 @@ class ErrorTracker:
       counts[path] = k + 1
       if calls is not None:
         calls.append((path, module))
-      if self.select == "heads" and self._heads:
-        found = self._heads.get(path)
-        if found is not None:
-          t = dataclasses.replace(
-            tap(call, found.attention, found.heads, None), features=found.features
-          )
-          return next_fun(visit(t, args[0], call.read), *args[1:], **kwargs)
-      elif self.select == "heads" and is_head_projection(path, module):
-        x = visit(tap(call, path[:-1], args[0].shape[-2], None), args[0], call.read)
-        return next_fun(x, *args[1:], **kwargs)
+      found = self._selector.heads_at(
+        path, module, self._heads, is_head_projection, args
+      )
+      if found is not None:
+        t = dataclasses.replace(
+          tap(call, found.attention, found.heads, None), features=found.features
+        )
+        return next_fun(visit(t, args[0], call.read), *args[1:], **kwargs)
       before = last_done.get(path[:-1]) if path else None
       feeder = None
       if before is not None and NORM_CLASS.search(type(before[1]).__name__):
@@ -445,7 +427,7 @@ class ErrorTracker:
       )
       entries = _head_entries(taps, owners)
     comps = build_components(params, taps, ordered_names(taps), entries)
-    if self._structure is not None and self.select == "branches":
+    if self._structure is not None:
       comps = self._place_structure(comps, params)
     # Taps that own no parameter (a dropout, a parent of tapped children) are
     # no component: `value_and_grad` leaves them out of the error map too.
