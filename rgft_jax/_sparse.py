@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.extend import core as jex_core
 
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
@@ -158,9 +159,11 @@ def hold_skipped(
   the update itself on CPU (`benchmarks/bench_hold.py`).
 
   Exact for any `tx`: each branch traces `tx.update` on the whole tree and XLA
-  drops what its leaf does not read. An update whose leaves read each other
-  (global-norm clipping) is recomputed in every branch that runs, which can
-  cost more than masking; `detachable_step(..., hold="mask")` keeps masking.
+  drops what its leaf does not read. Where a leaf's update or state reads
+  another leaf's gradient, parameter or state (global-norm clipping), each
+  branch would recompute the whole update, so every leaf is held by select
+  (as `hold_masked`) instead; which leaves read what is found from `tx`'s
+  traced update (`reads_other_leaves`).
 
   Returns:
     `(new_params, new_state)`.
@@ -180,12 +183,13 @@ def hold_skipped(
   for j, i in enumerate(owners):
     if i >= 0:
       mine[i].append(j)
+  select = reads_other_leaves(tx, owners, grads, state, params, **extra_args)
   out = []
   for i, (p, m) in enumerate(zip(p_leaves, m_leaves, strict=True)):
     if m is False:
       out.append(optax.apply_updates(p, u_leaves[i]))
       continue
-    if m is True or jnp.ndim(m) > 0:  # Hold these entries (or all) by select.
+    if m is True or jnp.ndim(m) > 0 or select:  # Hold by select.
       out.append(jnp.where(m, p, optax.apply_updates(p, u_leaves[i])))
       for j in mine[i]:
         new_state[j] = jnp.where(m, old_state[j], new_state[j])
@@ -209,6 +213,50 @@ def hold_skipped(
     for j, leaf in zip(mine[i], held, strict=True):
       new_state[j] = leaf
   return jax.tree.unflatten(p_def, out), jax.tree.unflatten(s_def, new_state)
+
+
+def reads_other_leaves(
+  tx: optax.GradientTransformation,
+  owners: list[int],
+  grads: Any,
+  state: Any,
+  params: Any,
+  **extra_args: Any,
+) -> bool:
+  """Whether some leaf's update or new state, in `tx.update`, reads another
+  parameter leaf's gradient, value or optimizer state.
+
+  `owners[j]` is the parameter leaf that state leaf `j` belongs to (-1: none,
+  such as a step count). Found by tracing `tx.update` and following which
+  inputs each output depends on; an operation with a sub-computation counts
+  as reading all of its inputs, so the answer can be True where a finer look
+  would say False, never the other way round.
+  """
+  n = len(jax.tree.leaves(params))
+  closed = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, **extra_args))(
+    grads, state, params
+  )
+  bits = [1 << i for i in range(n)]  # Gradients.
+  bits += [1 << i if i >= 0 else 0 for i in owners]  # State.
+  bits += [1 << i for i in range(n)]  # Parameters.
+  if len(bits) != len(closed.jaxpr.invars):  # Not laid out as assumed: say so.
+    return True
+  reads: dict[Any, int] = dict(zip(closed.jaxpr.invars, bits, strict=True))
+  for eqn in closed.jaxpr.eqns:
+    seen = 0
+    for v in eqn.invars:
+      if not isinstance(v, jex_core.Literal):
+        seen |= reads.get(v, 0)
+    for v in eqn.outvars:
+      reads[v] = seen
+  outs = [
+    0 if isinstance(v, jex_core.Literal) else reads.get(v, 0)
+    for v in closed.jaxpr.outvars
+  ]
+  # Updates, then the new state; a state leaf of no parameter (a count) takes
+  # its new value from the whole update whatever is held, so it may read all.
+  own = [1 << i for i in range(n)] + [1 << i if i >= 0 else -1 for i in owners]
+  return any(got & ~mine for got, mine in zip(outs, own, strict=True))
 
 
 def detachable_step(

@@ -17,6 +17,7 @@ import pytest
 
 import rgft_jax
 from rgft_jax._sparse import flag_masks
+from rgft_jax._sparse import reads_other_leaves
 
 
 def _tree():
@@ -140,3 +141,32 @@ def test_an_unknown_hold_mode_is_refused_naming_it():
   comps = _tree()[2]
   with pytest.raises(ValueError, match=r'hold must be "skip" or "mask", got .keep.'):
     rgft_jax.detachable_step(None, optax.adam(0.1), lambda p: 0.0, comps, hold="keep")
+
+
+@pytest.mark.parametrize("name", list(TXS))
+def test_leaves_that_read_each_other_are_held_by_select(name):
+  """Global-norm clipping makes every update read every gradient: skipping
+  would recompute the whole update in each leaf's cond (its compilation grows
+  with the square of the leaves), so no cond is made; Adam and RGFT read
+  their own leaf only (and the shared step count and error map)."""
+  params, grads, comps = _tree()
+  tx = optax.with_extra_args_support(TXS[name](comps))
+  extra = {"error_map": {"a": 2.0, "b": 1.0}} if name == "rgft" else {}
+  state = tx.init(params)
+  index = jax.tree.unflatten(
+    jax.tree.structure(params), list(range(len(jax.tree.leaves(params))))
+  )
+  owners = jax.tree.leaves(
+    optax.tree_utils.tree_map_params(
+      tx, lambda _, i: i, state, index, transform_non_params=lambda _: -1
+    )
+  )
+  reads = reads_other_leaves(tx, owners, grads, state, params, **extra)
+  assert reads == (name == "clipped")
+
+  def skipped(flags):
+    masks = flag_masks(comps, params, flags)
+    return rgft_jax.hold_skipped(tx, masks, grads, state, params, **extra)
+
+  text = jax.jit(skipped).lower(jnp.zeros(2, bool)).as_text()
+  assert ("stablehlo.case" in text or "stablehlo.if" in text) == (name != "clipped")
