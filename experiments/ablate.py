@@ -358,7 +358,7 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
   tic = time.perf_counter()
   where = os.path.join(cfg.workdir, "ablations")
   os.makedirs(where, exist_ok=True)
-  found = finetune._tasks(cfg)
+  found = finetune.study_tasks(cfg)
   for name in cfg.names():  # Every batch size a row trains with.
     for row in rows(cfg, name):
       finetune.check_sizes(dataclasses.replace(cfg, **row.overrides), found)

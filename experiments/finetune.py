@@ -260,7 +260,8 @@ def _image_size(cfg: Config) -> int | None:
   return cfg.image_size or None
 
 
-def _batches(cfg: Config, source, seed: int, batch_size: int | None = None):
+def train_batches_of(cfg: Config, source, seed: int, batch_size: int | None = None):
+  """The study's training batches of `source` (its image size and augmentation)."""
   return data_lib.train_batches(
     source,
     batch_size or cfg.batch_size,
@@ -270,13 +271,14 @@ def _batches(cfg: Config, source, seed: int, batch_size: int | None = None):
   )
 
 
-def _eval(cfg: Config, source):
+def eval_batches_of(cfg: Config, source):
+  """A function giving the study's evaluation batches of `source`."""
   return lambda: data_lib.eval_batches(
     source, cfg.eval_batch_size, image_size=_image_size(cfg)
   )
 
 
-def _init(cfg: Config, classes: int, example: jax.Array, scan: bool | None = None):
+def init_model(cfg: Config, classes: int, example: jax.Array, scan: bool | None = None):
   """The model (scanned with `--scan`, or as `scan` says) and fresh parameters."""
   scan = cfg.scan if scan is None else scan
   model = VisionTransformer(
@@ -312,7 +314,7 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   """
   where, settings = pretrain_dir(cfg, name)
   # Pretrained in the looped layout (one cache for both); `prepare` converts.
-  model, params = _init(cfg, task.num_classes, example, scan=False)
+  model, params = init_model(cfg, task.num_classes, example, scan=False)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
   found = checkpoint.load_cached(where, abstract, settings, "pretraining")
   if found is not None:
@@ -323,8 +325,8 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   record, params = train_lib.run(
     model,
     method,
-    _batches(cfg, task.train, seed=0, batch_size=cfg.pretrain_batch_size),
-    _eval(cfg, task.test),
+    train_batches_of(cfg, task.train, seed=0, batch_size=cfg.pretrain_batch_size),
+    eval_batches_of(cfg, task.test),
     steps=cfg.pretrain_steps,
     seed=0,
     workdir=where,
@@ -361,7 +363,7 @@ def _new_head(params, fresh):
   return {**params, "head": fresh["head"]}
 
 
-def _tasks(cfg: Config):
+def study_tasks(cfg: Config):
   """(name, source task or None, target task) triples."""
   if cfg.dataset == "embedded":
     available = data_lib.embedded_tasks()
@@ -442,8 +444,8 @@ def prepare(
     len(train),
     f"the {task_name} training split without its validation examples",
   )
-  example = _batches(cfg, train, 0)[0]["image"][:2]
-  model, fresh = _init(cfg, target.num_classes, example)
+  example = train_batches_of(cfg, train, 0)[0]["image"][:2]
+  model, fresh = init_model(cfg, target.num_classes, example)
   info: dict[str, Any] = {"num_classes": target.num_classes}
   forget = None
   if source is not None:
@@ -455,8 +457,8 @@ def prepare(
     pre = scan_params(pre, cfg.scan)
     params = _new_head(pre, fresh)
     # Forgetting: the fine-tuned body with the source task's head, kept aside.
-    source_model, _ = _init(cfg, source.num_classes, example)
-    forget = (source_model, pre["head"], _eval(cfg, source.test))
+    source_model, _ = init_model(cfg, source.num_classes, example)
+    forget = (source_model, pre["head"], eval_batches_of(cfg, source.test))
   elif cfg.init:
     looped = load_npz(cfg.init, scan_params(fresh, scan=False))
     params = scan_params(looped, cfg.scan)
@@ -467,7 +469,7 @@ def prepare(
   task.forget = forget
   if costs:
     task.costs = accounting.measure_costs(
-      model, params, example, cfg.hyper(), _batches(cfg, train, 0)[0], freeze
+      model, params, example, cfg.hyper(), train_batches_of(cfg, train, 0)[0], freeze
     )
     c = task.costs
     info["costs"] = {
@@ -612,8 +614,8 @@ def one_run(
     record, final = train_lib.run(
       task.model,
       method,
-      _batches(cfg, task.train, seed=seed + 1),
-      _eval(cfg, task.val if tuning else task.test),
+      train_batches_of(cfg, task.train, seed=seed + 1),
+      eval_batches_of(cfg, task.val if tuning else task.test),
       steps=cfg.steps,
       seed=seed,
       workdir=where,
@@ -622,7 +624,7 @@ def one_run(
       writer=writer,
       progress=cfg.progress,
       variants=variants[cache],
-      val_batches=None if tuning else _eval(cfg, task.val),
+      val_batches=None if tuning else eval_batches_of(cfg, task.val),
       eval_every=cfg.eval_every,
       config=settings,
       task=task.name,
@@ -655,7 +657,7 @@ def study(cfg: Config) -> dict[str, Any]:
   names = cfg.method_names()
   budgeted = any(methods_lib.parse_name(n)[1] is not None for n in names)
   out = {"config": dataclasses.asdict(cfg), "tasks": {}}
-  tasks = _tasks(cfg)
+  tasks = study_tasks(cfg)
   check_sizes(cfg, tasks)
   for task_name, source, target in tasks:
     freeze = any(methods_lib.parse_name(n)[0] == "greentrainer" for n in names)

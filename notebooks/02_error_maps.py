@@ -60,9 +60,9 @@ TASKS = ("label_shift",) if QUICK else ("label_shift", "input_shift")
 # %%
 def probed_model(name):
   source, target = data.embedded_tasks()[name]
-  example = finetune._batches(cfg, target.train, 0)[0]["image"][:2]
+  example = finetune.train_batches_of(cfg, target.train, 0)[0]["image"][:2]
   pre, acc = finetune.pretrain(cfg, name, source, example)
-  model, fresh = finetune._init(cfg, target.num_classes, example)
+  model, fresh = finetune.init_model(cfg, target.num_classes, example)
   method = methods.make(
     "head_only", model, {**pre, "head": fresh["head"]}, example, cfg.hyper(), None
   )
@@ -70,8 +70,8 @@ def probed_model(name):
     record, params = train.run(
       model,
       method,
-      finetune._batches(cfg, target.train, 1),
-      finetune._eval(cfg, target.test),
+      finetune.train_batches_of(cfg, target.train, 1),
+      finetune.eval_batches_of(cfg, target.test),
       steps=PROBE_STEPS,
       seed=0,
       workdir=where,

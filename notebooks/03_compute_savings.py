@@ -57,10 +57,10 @@ BUDGET = 0.5  # Fraction of a full fine-tuning step's FLOPs, on average.
 
 # %%
 source, target = data.embedded_tasks()["label_shift"]
-batches = finetune._batches(cfg, target.train, seed=1)
+batches = finetune.train_batches_of(cfg, target.train, seed=1)
 example = batches[0]["image"][:2]
 pretrained, source_accuracy = finetune.pretrain(cfg, "label_shift", source, example)
-model, fresh = finetune._init(cfg, target.num_classes, example)
+model, fresh = finetune.init_model(cfg, target.num_classes, example)
 params = {**pretrained, "head": fresh["head"]}  # A new, zero head for the new labels.
 batch = batches[0]
 print(f"ViT-{cfg.size}/{cfg.patch}, batch {cfg.batch_size}, images {example.shape[1:]}")

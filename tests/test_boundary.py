@@ -3,9 +3,8 @@
 The studies, benchmarks and notebooks import `rgft_jax` the way a user does:
 no private module (`rgft_jax._sparse`) and no private name (`rgft_jax._x`,
 `from rgft_jax.viz import _y`). Across the study packages the same holds for
-private names of another module (`finetune._batches` from a notebook), except
-for the uses listed in `HARNESS_PRIVATE`, which wait for the one research
-harness. Tests may import private modules; they are not walked.
+private names of another module (`finetune._batches` from a notebook). Tests
+may import private modules; they are not walked.
 """
 
 from __future__ import annotations
@@ -17,17 +16,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WALKED = ("experiments", "benchmarks", "notebooks", "tools")
-# (file, module.name) pairs of study-private names used from another file: the
-# ablations and notebooks build the fine-tuning study's tasks, data and model
-# with its helpers, which the unified harness is to make public.
-HARNESS_PRIVATE = {
-  ("experiments/ablate.py", "experiments.finetune._tasks"),
-  ("notebooks/02_error_maps.py", "experiments.finetune._batches"),
-  ("notebooks/02_error_maps.py", "experiments.finetune._eval"),
-  ("notebooks/02_error_maps.py", "experiments.finetune._init"),
-  ("notebooks/03_compute_savings.py", "experiments.finetune._batches"),
-  ("notebooks/03_compute_savings.py", "experiments.finetune._init"),
-}
 
 
 def _private(part: str) -> bool:
@@ -94,11 +82,7 @@ def test_the_walk_sees_every_study_directory():
 @pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_private_names_across_the_boundary(path):
   rel = str(path.relative_to(ROOT))
-  bad = [
-    (line, name)
-    for line, name in violations(path)
-    if (rel, name) not in HARNESS_PRIVATE
-  ]
+  bad = violations(path)
   assert not bad, f"{rel} uses private names: {bad}; import public ones instead"
 
 

@@ -263,7 +263,7 @@ def test_the_shipped_checkpoints_load_for_the_study():
 def test_prepare_starts_from_the_shipped_checkpoint():
   cfg = finetune.Config(pretrained="shipped", scan=True, tasks="label_shift")
   cfg.validate()
-  name, source, target = finetune._tasks(cfg)[0]
+  name, source, target = finetune.study_tasks(cfg)[0]
   task = finetune.prepare(cfg, name, source, target, costs=False)
   npz, sidecar = vit_plateau.paths(name)
   record = json.loads(sidecar.read_text())
