@@ -136,7 +136,9 @@ def test_vit_study_tunes_each_budgeted_method_once(monkeypatch, tmp_path):
   class Task:
     name, costs, info = "label_shift", None, {}
 
-  monkeypatch.setattr(finetune, "_tasks", lambda cfg: [("label_shift", None, None)])
+  monkeypatch.setattr(
+    finetune, "study_tasks", lambda cfg: [("label_shift", None, None)]
+  )
   monkeypatch.setattr(finetune, "check_sizes", lambda cfg, tasks: None)
   monkeypatch.setattr(finetune, "prepare", lambda *a, **k: Task())
   monkeypatch.setattr(finetune, "one_run", one_run)
