@@ -183,7 +183,11 @@ def hold_skipped(
   for j, i in enumerate(owners):
     if i >= 0:
       mine[i].append(j)
-  select = reads_other_leaves(tx, owners, grads, state, params, **extra_args)
+  # Only leaves with one flag would be skipped: trace `tx.update` for them alone.
+  flagged = any(m is not False and m is not True and jnp.ndim(m) == 0 for m in m_leaves)
+  select = flagged and reads_other_leaves(
+    tx, owners, grads, state, params, **extra_args
+  )
   out = []
   for i, (p, m) in enumerate(zip(p_leaves, m_leaves, strict=True)):
     if m is False:
