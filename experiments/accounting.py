@@ -13,48 +13,6 @@ import rgft_jax
 from experiments import methods as methods_lib
 from experiments import steps as steps_lib
 from experiments.trees import count
-from rgft_jax import StepVariants
-
-
-class StepCounts:
-  """Steps run per variant, by the variant's name, and each name's set."""
-
-  def __init__(self, counts=None, names=None):
-    self.counts: dict[str, int] = dict(counts or {})
-    self.names: dict[str, list[str]] = dict(names or {})
-
-  def add(self, name: str, variant: frozenset[str]) -> None:
-    self.counts[name] = self.counts.get(name, 0) + 1
-    if name not in self.names:
-      self.names[name] = sorted(variant)
-
-  def flops(self, cost_of) -> float:
-    """FLOPs of the steps counted so far (`cost_of`: see `step_cost`)."""
-    return sum(cost_of(frozenset(self.names[v]))[0] * n for v, n in self.counts.items())
-
-  def costs(self, cost_of) -> tuple[dict[str, float], int]:
-    """FLOPs of each variant that ran, by name, and the largest peak bytes."""
-    flops, peak = {}, 0
-    for name, members in self.names.items():
-      f, p = cost_of(frozenset(members))
-      flops[name] = f
-      peak = max(peak, p)
-    return flops, peak
-
-
-def step_cost(method: methods_lib.Method, variants: StepVariants, *args):
-  """`variant -> (FLOPs, peak bytes)` of `method`'s step (`args`: a step's
-  arguments). A runtime-gated step is charged its full FLOPs minus what the
-  variant detaches (XLA counts both sides of each gate)."""
-
-  def cost_of(variant: frozenset[str]) -> tuple[float, int]:
-    key, extra = method.key(variant)
-    flops, peak = variants.cost(key, *args, *extra)
-    if method.runtime is not None:
-      flops = method.runtime.step(variant)
-    return flops, peak
-
-  return cost_of
 
 
 def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:

@@ -689,7 +689,9 @@ def study(cfg: Config) -> dict[str, Any]:
 
 
 def parse(argv: list[str]) -> Config:
-  return cli.parse(Config, argv, __doc__.split("\n\n")[0])
+  """The Config of command-line flags (one per field, with its --help)."""
+  methods = methods_lib.REGISTRY.help()
+  return cli.parse(Config, argv, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import optax
 
 import rgft_jax
 from experiments import adapters as adapters_lib
-from experiments import cli
 from experiments import lora as lora_lib
 from experiments import masks
 from experiments import steps as steps_lib
@@ -41,6 +40,7 @@ from experiments.policies import LisaPolicy
 from experiments.policies import Policy
 from experiments.policies import depth
 from experiments.policies import lisa_blocks
+from experiments.registry import Registry
 from experiments.trees import count
 from experiments.trees import flat
 from experiments.trees import identity
@@ -66,41 +66,8 @@ __all__ = (  # What other modules take from here, the registry's names aside.
   "unflat",
 )
 
-BASE_METHODS = (
-  "full",
-  "rgft_blocks",
-  "rgft_heads",
-  "lora",
-  "bitfit",
-  "head_only",
-  "lisa",
-  "rgft_mix",
-  "rgft_random",
-  "adapters",
-  "random_sparse",
-  "magnitude_sparse",
-)
-# Methods given a compute budget b as `name@b`: budgeted RGFT (the error map
-# chooses which block branches get a backward pass; `top` or `sample`), the
-# same budget spent uniformly at random, and the equal-FLOPs baselines (full
-# fine-tuning and LISA trained for fewer steps, so their FLOPs match b).
-BUDGET_METHODS = (
-  "rgft_budget",
-  "rgft_budget_sample",
-  "uniform_budget",
-  "full",
-  "lisa",
-  # Controls: what the error map adds (`rgft_jax.Budget`'s rules).
-  "shuffled_budget",
-  "static_budget",
-  "surgical_first",
-  "surgical_last",
-  # Peers (`rgft_jax._peers`).
-  "dropbp",
-  "greentrainer",
-)
-BUDGETS = (0.3, 0.5, 0.7)
-METHODS = BASE_METHODS + tuple(f"{m}@{b}" for b in BUDGETS for m in BUDGET_METHODS)
+REGISTRY = Registry()  # Filled in below, one entry per method.
+BUDGETS = (0.3, 0.5, 0.7)  # The budgets of `--methods all`.
 # What `sum_i alpha_i size_i / sum_i size_i` over RGFT's block branches came to,
 # averaged over the logged steps of the 10 committed `rgft_blocks` runs (5 seeds
 # on each embedded task; 0.915 to 0.935 per run): the sparsification baselines
@@ -110,17 +77,7 @@ RGFT_BLOCKS_FRACTION = 0.926
 
 def parse_name(name: str) -> tuple[str, float | None]:
   """`"rgft_budget@0.5"` -> `("rgft_budget", 0.5)`; `"full"` -> `("full", None)`."""
-  base, at, budget = name.partition("@")
-  if not at:
-    if base not in BASE_METHODS:
-      raise ValueError(f"Unknown method {name!r}; choose from {METHODS}.")
-    return base, None
-  if base not in BUDGET_METHODS:
-    raise ValueError(
-      f"Unknown budgeted method {name!r}; the budgeted ones are "
-      f"{[m + '@<budget>' for m in BUDGET_METHODS]}."
-    )
-  return base, cli.parse_budget(name, budget)
+  return REGISTRY.parse(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +194,7 @@ class Method:
   head: str = "head"
   build_step: Callable[..., Any] = steps_lib.dense_step
   # With these step costs the detached set is decided at run time (a scanned
-  # model): variant `steps.RUNTIME` takes it as a boolean array, and a step
+  # model): variant `loop.RUNTIME` takes it as a boolean array, and a step
   # is charged `runtime.step(variant)` FLOPs.
   runtime: rgft_jax.DetachCosts | None = None
   recompute: bool = False  # Runtime-gated branches keep no residuals.
@@ -246,12 +203,6 @@ class Method:
     """`variant` as a runtime step's boolean array over the components."""
     assert self.components is not None
     return np.array([n in variant for n in self.components.names], bool)
-
-  def key(self, variant: frozenset[str]) -> tuple[Any, tuple[Any, ...]]:
-    """`(compiled step's key, extra arguments)` of a step running `variant`."""
-    if self.runtime is None:
-      return variant, ()
-    return steps_lib.RUNTIME, (self.flags(variant),)
 
 
 def trainable_count(method: Method) -> int:
@@ -612,31 +563,113 @@ def _lisa(s: Setup) -> Method:
   )
 
 
-# One entry per method name (budgeted ones take `@b`); `make` looks them up.
-ENTRIES: dict[str, Callable[[Setup], Method]] = {
-  "full": _full,
-  "rgft_blocks": lambda s: _soft_rgft(s, "branches", s.hyper.error_method),
-  "rgft_heads": lambda s: _soft_rgft(s, "heads", s.hyper.error_method),
-  "rgft_mix": lambda s: _soft_rgft(s, "mix", s.hyper.error_method),
-  "rgft_random": lambda s: _soft_rgft(s, "branches", "random"),
-  "lora": _lora,
-  "bitfit": _bitfit,
-  "head_only": _head_only,
-  "lisa": _lisa,
-  "adapters": _adapters,
-  "random_sparse": lambda s: _masked(s, "random"),
-  "magnitude_sparse": lambda s: _masked(s, "magnitude"),
-  "rgft_budget": _budgeted,
-  "rgft_budget_sample": _budgeted,
-  "uniform_budget": _budgeted,
-  "shuffled_budget": _budgeted,
-  "static_budget": _budgeted,
-  "surgical_first": _budgeted,
-  "surgical_last": _budgeted,
-  "dropbp": _budgeted,
-  "greentrainer": _greentrainer,
-}
-assert set(ENTRIES) == set(BASE_METHODS) | set(BUDGET_METHODS)
+_ENTRIES = (  # name, builder, budget ("none", "optional", "required"), help.
+  ("full", _full, "optional", "Adam on every parameter; full@b runs b x steps"),
+  (
+    "rgft_blocks",
+    lambda s: _soft_rgft(s, "branches", s.hyper.error_method),
+    "none",
+    "rgft() over each block's attention and MLP branch",
+  ),
+  (
+    "rgft_heads",
+    lambda s: _soft_rgft(s, "heads", s.hyper.error_method),
+    "none",
+    "rgft() over each attention head",
+  ),
+  ("lora", _lora, "none", "LoRA on the blocks' kernels, the head trained"),
+  ("bitfit", _bitfit, "none", "the biases and the head"),
+  ("head_only", _head_only, "none", "the classifier head alone"),
+  (
+    "lisa",
+    _lisa,
+    "optional",
+    "LISA: random blocks trained, redrawn periodically; lisa@b runs fewer steps",
+  ),
+  (
+    "rgft_mix",
+    lambda s: _soft_rgft(s, "mix", s.hyper.error_method),
+    "none",
+    "rgft() over heads and MLP branches together",
+  ),
+  (
+    "rgft_random",
+    lambda s: _soft_rgft(s, "branches", "random"),
+    "none",
+    "control: rgft_blocks on a random error map",
+  ),
+  ("adapters", _adapters, "none", "bottleneck adapters after each block, the head"),
+  (
+    "random_sparse",
+    lambda s: _masked(s, "random"),
+    "none",
+    "a fixed random mask over the branches' entries (--sparse_fraction)",
+  ),
+  (
+    "magnitude_sparse",
+    lambda s: _masked(s, "magnitude"),
+    "none",
+    "a fixed mask of the branches' largest entries (--sparse_fraction)",
+  ),
+  (
+    "rgft_budget",
+    _budgeted,
+    "required",
+    "budgeted RGFT: the error map picks the branches that get a backward pass",
+  ),
+  (
+    "rgft_budget_sample",
+    _budgeted,
+    "required",
+    "budgeted RGFT, branches drawn by error",
+  ),
+  (
+    "uniform_budget",
+    _budgeted,
+    "required",
+    "the same budget spent uniformly at random",
+  ),
+  (
+    "shuffled_budget",
+    _budgeted,
+    "required",
+    "control: budgeted RGFT on the error map permuted once per run",
+  ),
+  (
+    "static_budget",
+    _budgeted,
+    "required",
+    "control: the error map's choice after one window (--budget_every), held",
+  ),
+  (
+    "surgical_first",
+    _budgeted,
+    "required",
+    "control: the first blocks' branches that fit the budget (surgical FT)",
+  ),
+  (
+    "surgical_last",
+    _budgeted,
+    "required",
+    "control: the last blocks' branches that fit the budget (surgical FT)",
+  ),
+  (
+    "dropbp",
+    _budgeted,
+    "required",
+    "DropBP: branches dropped at per-branch rates from a sensitivity, drawn "
+    "every step (Adam, no multipliers)",
+  ),
+  (
+    "greentrainer",
+    _greentrainer,
+    "required",
+    "GreenTrainer: the tensors a knapsack on trial-step importance picks",
+  ),
+)
+for _name, _build, _budget, _help in _ENTRIES:
+  REGISTRY.register(_name, budget=_budget, help=_help)(_build)
+METHODS = REGISTRY.names(BUDGETS)  # Every name `--methods all` runs.
 
 
 def make(
@@ -649,7 +682,7 @@ def make(
   seed: int = 0,
   costs: Costs | None = None,
 ) -> Method:
-  """The method `name` (one of `METHODS`) set up on pretrained `params`.
+  """The method `name` (see `REGISTRY`) set up on pretrained `params`.
 
   `key` draws LoRA's and the adapters' initial factors; `seed` seeds the
   random draws of LISA, the budget, the random mask and the random error
@@ -659,4 +692,4 @@ def make(
   if budget is not None and costs is None:
     raise ValueError(f"{name} needs the task's step costs (costs=...).")
   setup = Setup(name, budget, model, params, example, hyper, key, seed, costs)
-  return ENTRIES[base](setup)
+  return REGISTRY[base].build(setup)

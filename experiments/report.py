@@ -255,7 +255,7 @@ def plots(results: dict[str, Any], where: str) -> list[str]:
       axes[1].set_title("multipliers across components")
       save(fig, f"{task}_{r['method']}_error_map.png")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    bases = list(dict.fromkeys(methods_lib.BASE_METHODS + methods_lib.BUDGET_METHODS))
+    bases = list(methods_lib.REGISTRY)
     colors = plt.get_cmap("tab20")
     # Colour by method, marker and line by budget (none, 0.3, 0.5, 0.7, other).
     looks = {None: ("o", "-"), 0.3: ("v", ":"), 0.5: ("s", "--"), 0.7: ("D", "-.")}

@@ -27,13 +27,12 @@ import optax
 
 import rgft_jax
 from experiments import masks
+from experiments.loop import RUNTIME
 from experiments.trees import flat
 from experiments.trees import identity
 from experiments.trees import unflat
 from rgft_jax import StepVariants
 from rgft_jax import hold_masked
-
-RUNTIME = "runtime"  # The variant key of a runtime-gated step.
 
 
 def _loss(logits, labels):

@@ -7,7 +7,6 @@ The pieces live beside it: `steps` (what a step computes), `checkpoint`
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import loop
 from experiments import methods as methods_lib
-from experiments.accounting import StepCounts
 from experiments.accounting import measure_costs
-from experiments.accounting import step_cost
 from experiments.accounting import update_ratio
 from experiments.checkpoint import Checkpoints
 from experiments.checkpoint import checksum
 from experiments.checkpoint import signature
+from experiments.loop import Every
+from experiments.loop import Now
+from experiments.loop import Progress
+from experiments.loop import StepCounts
+from experiments.loop import When
+from experiments.loop import step_cost
 from experiments.steps import loss_and_accuracy
 from experiments.steps import make_step
 from experiments.steps import variants_of
@@ -76,20 +80,6 @@ def accuracy(
 def evaluate(model, method, params, batches) -> float:
   """Accuracy of `method`'s parameters (LoRA's merged, adapters in) over `batches`."""
   return accuracy(model, params, batches, method.to_model, method.forward)
-
-
-class _Clock:
-  """Wall time of the loop, paused for compilation, logging and evaluation."""
-
-  def __init__(self, elapsed: float):
-    self.elapsed, self._tic = elapsed, time.perf_counter()
-
-  def pause(self, sync: Any) -> None:
-    jax.block_until_ready(sync)
-    self.elapsed += time.perf_counter() - self._tic
-
-  def resume(self) -> None:
-    self._tic = time.perf_counter()
 
 
 def _new_history() -> dict[str, list]:
@@ -152,18 +142,22 @@ def run(
   steps = method.steps or steps
   params = jax.tree.map(jnp.copy, method.params)
   opt_state = method.tx.init(params)
-  history, counts = _new_history(), StepCounts()
-  start, wall, compilations = 0, 0.0, 0
+  history, at = _new_history(), Progress()
   sig = signature(method, (params, opt_state), config, seed=seed, task=task)
   ckpts = Checkpoints(workdir, sig, ckpt_every)
   found = ckpts.resume((params, opt_state))
   if found is not None:
     (params, opt_state), log = found
-    history, counts = log["history"], StepCounts(log["counts"], log["variants"])
-    start, wall, compilations = log["step"], log["wall"], log["compilations"]
-    if start > steps:
+    history = log["history"]
+    at = Progress(
+      log["step"],
+      StepCounts(log["counts"], log["variants"]),
+      log["wall"],
+      log["compilations"],
+    )
+    if at.step > steps:
       raise ValueError(
-        f"The checkpoint in {ckpts.dir} is at step {start}, past this run's "
+        f"The checkpoint in {ckpts.dir} is at step {at.step}, past this run's "
         f"{steps} steps; it is left as it is."
       )
     method.policy.load_state_dict(log["policy"])
@@ -172,61 +166,58 @@ def run(
   if variants is None:
     variants = variants_of(model, method)
 
+  def log_metrics(now: Now) -> None:
+    metrics = jax.device_get(now.metrics)
+    _log_metrics(history, method, now.step, metrics, now.variant)
+    if writer is not None:
+      _write(writer, method, now.step, metrics, now.opt_state)
+
+  def validate(now: Now) -> None:
+    history["val_step"].append(now.step)
+    history["val_accuracy"].append(evaluate(model, method, now.tree, val_batches()))
+    cost_of = step_cost(method, variants, now.tree, now.opt_state, train_batches[0])
+    history["val_flops"].append(
+      now.progress.counts.flops(cost_of)
+      + float(getattr(method.policy, "probe_flops", 0.0))
+    )
+
+  def save(now: Now) -> None:
+    p = now.progress
+    ckpts.save(
+      now.step,
+      (now.tree, now.opt_state),
+      {
+        "history": history,
+        "counts": p.counts.counts,
+        "variants": p.counts.names,
+        "step": now.step,
+        "wall": p.wall,
+        "compilations": p.compilations,
+        "policy": method.policy.state_dict(),
+      },
+    )
+
+  hooks = [Every(log_every, log_metrics)]
+  if val_batches is not None:
+    hooks.append(Every(eval_every, validate))
+  hooks.append(When(0, save, when=lambda step, last: ckpts.due(step, last=last)))
   bar = None
   if progress:
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=method.name, leave=False)
-  clock = _Clock(wall)
-  for step in range(start, steps):
-    batch = train_batches[step]
-    method.policy.prepare(step, params, opt_state, batch)
-    variant = method.policy.variant(step, opt_state)
-    key, extra = method.key(variant)
-    if not variants.has(key, params, opt_state, batch, *extra):
-      clock.pause(params)  # Compilation is reported, not timed.
-      variants.compiled(key, params, opt_state, batch, *extra)
-      compilations += 1
-      clock.resume()
-    counts.add(method.policy.variant_name(variant), variant)
-    params, opt_state, metrics = variants(key, params, opt_state, batch, *extra)
-    method.policy.spend(step, variant)
-    done = step + 1
-    logging = done % log_every == 0 or done == steps
-    evaluating = val_batches is not None and eval_every > 0
-    evaluating = evaluating and (done % eval_every == 0 or done == steps)
-    if logging or evaluating:
-      clock.pause(params)  # Logging and evaluation are not timed.
-    if logging:
-      metrics = jax.device_get(metrics)
-      _log_metrics(history, method, done, metrics, variant)
-      if writer is not None:
-        _write(writer, method, done, metrics, opt_state)
-    if evaluating:
-      history["val_step"].append(done)
-      history["val_accuracy"].append(evaluate(model, method, params, val_batches()))
-      history["val_flops"].append(
-        counts.flops(step_cost(method, variants, params, opt_state, train_batches[0]))
-        + float(getattr(method.policy, "probe_flops", 0.0))
-      )
-    if logging or evaluating:
-      clock.resume()
-    if ckpts.due(done, last=done == steps):
-      ckpts.save(
-        done,
-        (params, opt_state),
-        {
-          "history": history,
-          "counts": counts.counts,
-          "variants": counts.names,
-          "step": done,
-          "wall": clock.elapsed,
-          "compilations": compilations,
-          "policy": method.policy.state_dict(),
-        },
-      )
-    if bar is not None:
-      bar.update(1)
+    bar = tqdm(total=steps, initial=at.step, desc=method.name, leave=False)
+    hooks.append(Every(1, lambda now: bar.update(1), timed=True))
+  params, opt_state, at = loop.train(
+    method,
+    variants,
+    method.policy,
+    train_batches,
+    params,
+    opt_state,
+    steps=steps,
+    hooks=hooks,
+    progress=at,
+  )
   if bar is not None:
     bar.close()
   ckpts.close()
@@ -238,12 +229,12 @@ def run(
     seed=seed,
     steps=steps,
     history=history,
-    counts=counts,
-    costs=counts.costs(
+    counts=at.counts,
+    costs=at.counts.costs(
       step_cost(method, variants, params, opt_state, train_batches[0])
     ),
-    wall=clock.elapsed,
-    compilations=compilations,
+    wall=at.wall,
+    compilations=at.compilations,
   )
   return record, params
 

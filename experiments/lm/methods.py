@@ -36,9 +36,10 @@ from flax import nnx
 from flax import traverse_util
 
 import rgft_jax
-from experiments import cli
 from experiments import methods as vision_methods
 from experiments.lm import model as lm
+from experiments.loop import RUNTIME
+from experiments.registry import Registry
 from rgft_jax import hold_masked
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
@@ -157,9 +158,6 @@ class Method:
     """`variant` as a runtime step's boolean array."""
     assert self.components is not None
     return np.array([n in variant for n in self.components.names], bool)
-
-
-RUNTIME = "runtime"  # The variant key of a runtime-gated step.
 
 
 def key_of(path) -> str:
@@ -572,72 +570,86 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """A registered method: its builder, whether it takes `@budget`, its help."""
-
-  build: Callable[[Setup, str, float | None], Method]
-  budget: str  # "none", "optional" (equal-FLOPs variant) or "required".
-  help: str
-
-
-METHODS: dict[str, Entry] = {
-  "full": Entry(
+_ENTRIES = (  # name, builder, budget, help.
+  (
+    "full",
     _full,
     "optional",
     "Adam on every parameter; full@b runs b x steps (b of the FLOPs)",
   ),
-  "rgft_blocks": Entry(
-    _rgft(is_branch), "none", "rgft() with each layer's attn and mlp branch"
+  (
+    "rgft_blocks",
+    _rgft(is_branch),
+    "none",
+    "rgft() with each layer's attn and mlp branch",
   ),
-  "rgft_heads": Entry(
-    _rgft("heads"), "none", "rgft() with each attention head (select='heads')"
+  (
+    "rgft_heads",
+    _rgft("heads"),
+    "none",
+    "rgft() with each attention head (select='heads')",
   ),
-  "rgft_budget": Entry(
+  (
+    "rgft_budget",
     _budgeted("top"),
     "required",
     "budgeted RGFT: the error map picks the branches that get a backward pass",
   ),
-  "rgft_budget_sample": Entry(
-    _budgeted("sample"), "required", "budgeted RGFT, branches drawn by error"
+  (
+    "rgft_budget_sample",
+    _budgeted("sample"),
+    "required",
+    "budgeted RGFT, branches drawn by error",
   ),
-  "uniform_budget": Entry(
-    _budgeted("uniform"), "required", "the same budget spent uniformly at random"
+  (
+    "uniform_budget",
+    _budgeted("uniform"),
+    "required",
+    "the same budget spent uniformly at random",
   ),
-  "shuffled_budget": Entry(
+  (
+    "shuffled_budget",
     _budgeted("shuffled"),
     "required",
     "control: budgeted RGFT on the error map permuted once per run",
   ),
-  "static_budget": Entry(
+  (
+    "static_budget",
     _budgeted("static"),
     "required",
     "control: the error map's choice after one window (--budget_every), held",
   ),
-  "surgical_first": Entry(
+  (
+    "surgical_first",
     _budgeted("surgical_first"),
     "required",
     "control: the first layers' branches that fit the budget (surgical FT)",
   ),
-  "surgical_last": Entry(
+  (
+    "surgical_last",
     _budgeted("surgical_last"),
     "required",
     "control: the last layers' branches that fit the budget (surgical FT)",
   ),
-  "dropbp": Entry(
+  (
+    "dropbp",
     _budgeted("dropbp"),
     "required",
     "DropBP: branches dropped at per-branch rates from a sensitivity, drawn "
     "every step (Adam, no multipliers)",
   ),
-  "greentrainer": Entry(
+  (
+    "greentrainer",
     _greentrainer,
     "required",
     "GreenTrainer: the tensors a knapsack on trial-step importance picks",
   ),
-  "lora": Entry(_lora, "none", "LoRA on the attention and MLP kernels"),
-  "lisa": Entry(_lisa, "none", "LISA: random layers trained, redrawn periodically"),
-}
+  ("lora", _lora, "none", "LoRA on the attention and MLP kernels"),
+  ("lisa", _lisa, "none", "LISA: random layers trained, redrawn periodically"),
+)
+METHODS = Registry()  # The study's methods, in the order of --help.
+for _name, _build, _budget, _help in _ENTRIES:
+  METHODS.register(_name, budget=_budget, help=_help)(_build)
 
 
 def parse(name: str) -> tuple[str, float | None]:
@@ -646,17 +658,7 @@ def parse(name: str) -> tuple[str, float | None]:
   >>> parse("full@0.5"), parse("lisa")
   (('full', 0.5), ('lisa', None))
   """
-  base, at, value = name.partition("@")
-  if base not in METHODS:
-    raise ValueError(f"Unknown method {name!r}; the methods are {list(METHODS)}.")
-  kind = METHODS[base].budget
-  if not at:
-    if kind == "required":
-      raise ValueError(f"{base} needs a budget: {base}@<fraction>, e.g. {base}@0.5.")
-    return base, None
-  if kind == "none":
-    raise ValueError(f"{base} takes no budget, got {name!r}.")
-  return base, cli.parse_budget(name, value)
+  return METHODS.parse(name)
 
 
 def needs_costs(name: str) -> bool:

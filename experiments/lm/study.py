@@ -949,7 +949,7 @@ def write(results: dict[str, Any], workdir: str) -> tuple[str, list[str]]:
 
 def parse(argv: list[str]) -> Config:
   """The Config of command-line flags (one per field, with its --help)."""
-  methods = "; ".join(f"{n}: {e.help}" for n, e in methods_lib.METHODS.items())
+  methods = methods_lib.METHODS.help()
   parser = cli.parser(Config, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
   parser.prog = "python -m experiments.lm"
   return Config(**vars(parser.parse_args(argv)))

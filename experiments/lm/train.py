@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 import rgft_jax
+from experiments import loop
 from experiments.lm import methods as methods_lib
 
 LN2 = math.log(2.0)
@@ -41,10 +40,6 @@ def bits_per_byte(
   return total / n / LN2
 
 
-def _variant_name(variant: frozenset[str]) -> str:
-  return ",".join(sorted(variant)) if variant else "all"
-
-
 def run(
   method: methods_lib.Method,
   variants: rgft_jax.StepVariants,
@@ -72,61 +67,33 @@ def run(
   tree, opt_state = method.init(learning_rate, seed)
   policy = method.policy(seed)
   policy.reset()
-  history = {"step": [], "loss": [], "error_map": [], "alpha": []}
-  counts: dict[str, int] = {}
-  members: dict[str, frozenset[str]] = {}
-  wall, compilations = 0.0, 0
-  curve: list[tuple[int, dict[str, int], float, float]] = []
-  tic = time.perf_counter()
-  for step in range(steps):
-    batch = batches[step]
-    policy.prepare(step, tree, opt_state, batch)  # Timed: part of the method.
-    variant = policy.variant(step, opt_state)
-    key, extra = variant, ()
-    if method.runtime is not None:  # One compiled step takes every set.
-      key, extra = methods_lib.RUNTIME, (method.flags(variant),)
-    if not variants.has(key, tree, opt_state, batch, *extra):
-      jax.block_until_ready(tree)
-      wall += time.perf_counter() - tic  # Compilation is reported, not timed.
-      variants.compiled(key, tree, opt_state, batch, *extra)
-      compilations += 1
-      tic = time.perf_counter()
-    name = _variant_name(variant)
-    counts[name] = counts.get(name, 0) + 1
-    members[name] = variant
-    tree, opt_state, metrics = variants(key, tree, opt_state, batch, *extra)
-    policy.spend(step, variant)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
-      jax.block_until_ready(tree)
-      wall += time.perf_counter() - tic  # Logging is not timed.
-      history["step"].append(step + 1)
-      history["loss"].append(float(metrics["loss"]))
-      if method.components is not None:
-        state = rgft_jax.residual_error_state(opt_state)
-        history["error_map"].append(np.asarray(state.ema).tolist())
-        history["alpha"].append(np.asarray(state.alpha).tolist())
-      tic = time.perf_counter()
-    if (
-      evaluate is not None
-      and eval_every
-      and ((step + 1) % eval_every == 0 or step + 1 == steps)
-    ):
-      jax.block_until_ready(tree)
-      wall += time.perf_counter() - tic  # Evaluation is not timed.
-      probe = float(getattr(policy, "probe_flops", 0.0))
-      curve.append((step + 1, dict(counts), probe, float(evaluate(tree))))
-      tic = time.perf_counter()
-  jax.block_until_ready(tree)
-  wall += time.perf_counter() - tic
-  flops, peak = {}, 0
-  for name, variant in members.items():
-    if method.runtime is not None:  # Charged full minus what it skipped.
-      extra = (method.flags(variant),)
-      _, p = variants.cost(methods_lib.RUNTIME, tree, opt_state, batches[0], *extra)
-      f = method.runtime.step(variant)
-    else:
-      f, p = variants.cost(variant, tree, opt_state, batches[0])
-    flops[name], peak = f, max(peak, p)
+  history: dict[str, list] = {"step": [], "loss": [], "error_map": [], "alpha": []}
+  curve: list[tuple[int, float, float]] = []
+
+  def cost_of(tree, opt_state):
+    return loop.step_cost(method, variants, tree, opt_state, batches[0])
+
+  def log(now: loop.Now) -> None:
+    history["step"].append(now.step)
+    history["loss"].append(float(now.metrics["loss"]))
+    if method.components is not None:
+      state = rgft_jax.residual_error_state(now.opt_state)
+      history["error_map"].append(np.asarray(state.ema).tolist())
+      history["alpha"].append(np.asarray(state.alpha).tolist())
+
+  def validate(now: loop.Now) -> None:
+    probe = float(getattr(policy, "probe_flops", 0.0))
+    flops = now.progress.counts.flops(cost_of(now.tree, now.opt_state)) + probe
+    curve.append((now.step, flops, float(evaluate(now.tree))))
+
+  hooks = [loop.Every(log_every, log)]
+  if evaluate is not None:
+    hooks.append(loop.Every(eval_every, validate))
+  tree, opt_state, done = loop.train(
+    method, variants, policy, batches, tree, opt_state, steps=steps, hooks=hooks
+  )
+  flops, peak = done.counts.costs(cost_of(tree, opt_state))
+  counts = done.counts.counts
   probe = float(getattr(policy, "probe_flops", 0.0))
   record = {
     "method": method.name,
@@ -140,18 +107,16 @@ def run(
     "step_flops": flops,
     "steps_per_variant": counts,
     "step_variants": len(flops),
-    "compilations": compilations,
+    "compilations": done.compilations,
     "peak_bytes": int(peak),
-    "wall_s": wall,
+    "wall_s": done.wall,
     "history": history,
   }
   if curve:
     record["curve"] = {
       "step": [c[0] for c in curve],
-      "train_flops": [
-        float(sum(flops[v] * n for v, n in c[1].items())) + c[2] for c in curve
-      ],
-      "value": [c[3] for c in curve],
+      "train_flops": [c[1] for c in curve],
+      "value": [c[2] for c in curve],
     }
   if method.components is not None:
     ema = np.asarray(rgft_jax.residual_error_state(opt_state).ema)

@@ -39,7 +39,7 @@ from rgft_jax._sparse import compiled_cost
 CLASSES = 10  # CIFAR-10.
 # Every base method, every budgeted kind, and a budget below the floor.
 MOCK_METHODS = (
-  *methods_lib.BASE_METHODS,
+  *methods_lib.REGISTRY.names(),
   "rgft_budget@0.7",
   "rgft_budget_sample@0.5",
   "uniform_budget@0.5",
@@ -120,7 +120,7 @@ def test_trainable_parameter_counts_by_hand():
   per_block = 2 * 2 * w + 4 * (w * w + w) + w * m + m + m * w + w
   total = 8 * 8 * 3 * w + w + w + (1 + 16) * w + d * per_block + 2 * w + head
   counts = {}
-  for name in methods_lib.BASE_METHODS:
+  for name in methods_lib.REGISTRY.names():
     method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
     counts[name] = methods_lib.trainable_count(method)
     assert methods_lib.count(method.to_model(method.params)) == total

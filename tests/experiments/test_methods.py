@@ -12,6 +12,7 @@ from experiments import adapters
 from experiments import error_maps
 from experiments import masks
 from experiments import methods as methods_lib
+from experiments import registry
 from experiments import steps as steps_lib
 from experiments.trees import flat
 from experiments.trees import unflat
@@ -307,9 +308,10 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
     tx = methods_lib._frozen_tx(s.adam(), s.params, trainable)
     return methods_lib.Method(s.name, s.params, methods_lib.identity, trainable, tx)
 
-  monkeypatch.setitem(methods_lib.ENTRIES, "norms_only", norms_only)
-  monkeypatch.setattr(
-    methods_lib, "BASE_METHODS", (*methods_lib.BASE_METHODS, "norms_only")
+  monkeypatch.setitem(
+    methods_lib.REGISTRY,
+    "norms_only",
+    registry.Entry(norms_only, "none", "the norms and the head"),
   )
   model, params, x, batch = _setup()
   method = methods_lib.make("norms_only", model, params, x, methods_lib.Hyper(), None)
