@@ -63,11 +63,6 @@ def plain_step(loss_fn, lr):
   return step, adam
 
 
-def lowered_flops(lowered):
-  analysis = lowered.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
-
-
 def compile_variant(step, detached, *args):
   """(compiled FLOPs, peak bytes, seconds) of `step` with `detached` detached."""
   tic = time.perf_counter()
@@ -92,7 +87,7 @@ def branch_savings(args, lr):
   adam_state = jax.eval_shape(adam.init, params)
   tic = time.perf_counter()
   lowered = jax.jit(plain).lower(params, adam_state, x, y)
-  unit = lowered_flops(lowered)
+  unit = rgft_jax.flops_of(plain, params, adam_state, x, y)
   plain_flops, plain_peak = compiled_cost(lowered.compile())
   plain_s = time.perf_counter() - tic
   print(

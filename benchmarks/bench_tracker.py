@@ -79,7 +79,7 @@ def cost_and_time(repeats, batch):
   compiled, states, flops = {}, {}, {}
   for name, (fn, state) in steps.items():
     compiled[name] = jax.jit(fn).lower(params, state, x, y).compile()
-    flops[name] = float(compiled[name].cost_analysis()["flops"])
+    flops[name] = rgft_jax.compiled_cost(compiled[name])[0]
     states[name] = state
     for _ in range(2):
       jax.block_until_ready(compiled[name](params, state, x, y))

@@ -158,8 +158,9 @@ plt.show()
 # detaching a branch in some layers only masks its gradient; only a branch
 # detached in every layer saves FLOPs. With one module per layer (the looped
 # layout, `lm.with_layout(model, scan_layers=False)`) each detached branch
-# saves its own backward pass. XLA's counts of the lowered RGFT steps, as
-# fractions of the step with nothing detached:
+# saves its own backward pass. XLA's counts of the lowered RGFT steps (every
+# layer of a scan counted, `rgft_jax.flops_of`), as fractions of the step
+# with nothing detached:
 
 # %%
 batch = batches[0]
@@ -180,7 +181,7 @@ for scan in (True, False):
     ("every MLP", mlps),
   ):
     step = methods.tracked_step(dec, tracker, tx, comps, frozenset(detached))
-    counts[label] = jax.jit(step).lower(p, state, batch).cost_analysis()["flops"]
+    counts[label] = rgft_jax.flops_of(step, p, state, batch)
   row = ", ".join(f"{k} {v / counts['nothing']:.3f}" for k, v in counts.items())
   print(f"{'scanned' if scan else 'looped '}: detached {row}")
 

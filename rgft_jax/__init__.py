@@ -5,6 +5,7 @@ from rgft_jax._budget import DetachCosts
 from rgft_jax._budget import best_within
 from rgft_jax._budget import detach_costs
 from rgft_jax._components import Components
+from rgft_jax._costs import compiled_cost
 from rgft_jax._costs import flops_of
 from rgft_jax._costs import peak_bytes
 from rgft_jax._peers import FreezeCosts
@@ -18,7 +19,6 @@ from rgft_jax._peers import tensor_order
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
-from rgft_jax._sparse import compiled_cost
 from rgft_jax._sparse import detachable_step
 from rgft_jax._sparse import hold_masked
 from rgft_jax._sparse import hold_skipped

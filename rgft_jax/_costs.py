@@ -110,3 +110,21 @@ def peak_bytes(compiled: Any) -> int:
     - mem.alias_size_in_bytes
     + mem.temp_size_in_bytes
   )
+
+
+def compiled_cost(compiled: Any) -> tuple[float, int]:
+  """(FLOPs, peak bytes) of a compiled computation, as XLA counts them.
+
+  Peak bytes are arguments + outputs - aliased + temporaries. XLA counts a
+  while loop's body once, so the FLOPs of a scan over layers are those of
+  one layer: use `flops_of` on the function for those.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import rgft_jax
+    >>> x = jnp.ones((8, 8))
+    >>> flops, peak = rgft_jax.compiled_cost(jax.jit(jnp.dot).lower(x, x).compile())
+    >>> print(flops, peak >= 3 * x.nbytes)  # At least two arguments and the output.
+    1024.0 True
+  """
+  return cost_flops(compiled.cost_analysis()), peak_bytes(compiled)

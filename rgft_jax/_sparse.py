@@ -28,10 +28,9 @@ from jax.extend import core as jex_core
 from rgft_jax._components import Components
 from rgft_jax._components import leaves_by_path
 from rgft_jax._components import path_str
-from rgft_jax._costs import cost_flops
+from rgft_jax._costs import compiled_cost
 from rgft_jax._costs import flops_of
 from rgft_jax._costs import has_scan
-from rgft_jax._costs import peak_bytes
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
@@ -537,24 +536,6 @@ class StepVariants:
 
   def __call__(self, variant: Hashable, *args: Any) -> Any:
     return self.compiled(variant, *args)(*args)
-
-
-def compiled_cost(compiled: Any) -> tuple[float, int]:
-  """(FLOPs, peak bytes) of a compiled computation, as XLA counts them.
-
-  Peak bytes are arguments + outputs - aliased + temporaries. XLA counts a
-  while loop's body once, so the FLOPs of a scan over layers are those of
-  one layer: use `flops_of` on the function for those.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import rgft_jax
-    >>> x = jnp.ones((8, 8))
-    >>> flops, peak = rgft_jax.compiled_cost(jax.jit(jnp.dot).lower(x, x).compile())
-    >>> print(flops, peak >= 3 * x.nbytes)  # At least two arguments and the output.
-    1024.0 True
-  """
-  return cost_flops(compiled.cost_analysis()), peak_bytes(compiled)
 
 
 MODES = ("runtime", "compiled")

@@ -119,3 +119,27 @@ def test_the_check_sees_private_names(tmp_path):
     "experiments.lm.methods._hold",
     "experiments.lm._x",
   ]
+
+
+def _cost_analysis_reads(path: pathlib.Path) -> list[int]:
+  """Lines of `path` that call XLA's `cost_analysis()` themselves."""
+  tree = ast.parse(path.read_text(), filename=str(path))
+  return sorted(
+    node.lineno
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Attribute) and node.attr == "cost_analysis"
+  )
+
+
+def test_xla_flops_are_read_in_one_place(tmp_path):
+  """`rgft_jax._costs` reads XLA's cost analysis (`flops_of`, `compiled_cost`);
+  everything else, the library included, goes through it."""
+  readers = {
+    str(p.relative_to(ROOT))
+    for p in [*_files(), *sorted((ROOT / "rgft_jax").rglob("*.py"))]
+    if _cost_analysis_reads(p)
+  }
+  assert readers == {"rgft_jax/_costs.py"}
+  probe = tmp_path / "probe.py"
+  probe.write_text("f = jax.jit(g).lower(x)\nf.cost_analysis()['flops']\n")
+  assert _cost_analysis_reads(probe) == [2]
