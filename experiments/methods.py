@@ -38,8 +38,7 @@ from experiments.grouping import MixedTracker
 from experiments.policies import BudgetPolicy
 from experiments.policies import LisaPolicy
 from experiments.policies import Policy
-from experiments.policies import depth
-from experiments.policies import lisa_blocks
+from experiments.policies import block_layers
 from experiments.registry import Registry
 from experiments.trees import count
 from experiments.trees import flat
@@ -53,12 +52,11 @@ __all__ = (  # What other modules take from here, the registry's names aside.
   "LisaPolicy",
   "Method",
   "Policy",
+  "block_layers",
   "count",
-  "depth",
   "flat",
   "identity",
   "infeasible",
-  "lisa_blocks",
   "make",
   "parse_name",
   "replace_head",
@@ -550,11 +548,7 @@ def _lisa(s: Setup) -> Method:
       "LISA holds whole blocks, which a model scanned over layers stacks in "
       "one; run it without --scan."
     )
-  if not 1 <= h.lisa_layers <= depth(s.params):
-    raise ValueError(
-      f"lisa_layers must be in [1, {depth(s.params)}], got {h.lisa_layers}."
-    )
-  policy = LisaPolicy(s.params, s.paths, h.lisa_layers, h.lisa_period, s.seed)
+  policy = LisaPolicy(block_layers(s.paths), h.lisa_layers, h.lisa_period, s.seed)
   steps = None
   if s.budget is not None:
     steps = max(1, round(s.budget * h.steps * s.costs.full / s.costs.lisa))

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 import rgft_jax
-from experiments.trees import flat
 
 _BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 
@@ -53,26 +52,43 @@ class Policy:
 
 @dataclasses.dataclass
 class LisaPolicy(Policy):
-  """LISA: `layers` random blocks trained, redrawn every `period` steps."""
+  """LISA: `active` random layers trained, redrawn every `period` steps.
 
-  params: Any
-  trainable: frozenset[str]
-  layers: int
+  `layers` maps each layer's label (`encoderblock_3`, `layers/3`) to what
+  a step leaves out when it holds that layer (parameter paths, or a prefix
+  the step holds everything under); the variant is that of every layer not
+  drawn. What belongs to no layer (embedding, final norm, head) is always
+  trained.
+  """
+
+  layers: dict[str, frozenset[str]]
+  active: int
   period: int
   seed: int
 
+  def __post_init__(self):
+    if not 1 <= self.active <= len(self.layers):
+      raise ValueError(
+        f"lisa_layers must be in [1, {len(self.layers)}], got {self.active}."
+      )
+
+  def trained(self, step: int) -> tuple[int, ...]:
+    """The layers (indices into `layers`) trained at `step`."""
+    rng = np.random.default_rng([self.seed, step // self.period])
+    drawn = rng.choice(len(self.layers), size=self.active, replace=False)
+    return tuple(sorted(drawn.tolist()))
+
   def variant(self, step, opt_state):
     del opt_state
-    active = lisa_blocks(self.params, step, self.seed, self.layers, self.period)
-    return frozenset(
-      p
-      for p in self.trainable
-      if (m := _BLOCK.match(p)) is not None and int(m.group(1)) not in active
-    )
+    trained = self.trained(step)
+    held = [v for i, v in enumerate(self.layers.values()) if i not in trained]
+    return frozenset().union(*held)
 
   def variant_name(self, variant):
-    """The frozen blocks (`encoderblock_0,...`), or `all`."""
-    return super().variant_name(frozenset(p.split("/")[1] for p in variant))
+    """The held layers' labels (`encoderblock_0,...`), or `all`."""
+    return super().variant_name(
+      frozenset(label for label, v in self.layers.items() if v and v <= variant)
+    )
 
 
 @dataclasses.dataclass
@@ -140,11 +156,10 @@ class BudgetPolicy(Policy):
     }
 
 
-def depth(params: Any) -> int:
-  return 1 + max(int(m.group(1)) for p in flat(params) if (m := _BLOCK.match(p)))
-
-
-def lisa_blocks(params, step: int, seed: int, layers: int, period: int) -> tuple:
-  """The blocks LISA trains at `step`: `layers` of them, redrawn every `period`."""
-  rng = np.random.default_rng([seed, step // period])
-  return tuple(sorted(rng.choice(depth(params), size=layers, replace=False).tolist()))
+def block_layers(paths) -> dict[str, frozenset[str]]:
+  """`encoderblock_<i>` -> the paths under it, for each ViT block in order."""
+  blocks: dict[int, set[str]] = {}
+  for p in paths:
+    if (m := _BLOCK.match(p)) is not None:
+      blocks.setdefault(int(m.group(1)), set()).add(p)
+  return {f"encoderblock_{i}": frozenset(blocks[i]) for i in sorted(blocks)}

@@ -39,6 +39,7 @@ import rgft_jax
 from experiments import methods as vision_methods
 from experiments.lm import model as lm
 from experiments.loop import RUNTIME
+from experiments.policies import LisaPolicy
 from experiments.registry import Registry
 from rgft_jax import hold_masked
 
@@ -230,35 +231,17 @@ def _full(setup: Setup, name: str, budget: float | None) -> Method:
   )
 
 
-@dataclasses.dataclass
-class LisaPolicy(vision_methods.Policy):
-  """LISA: `active` random layers trained, redrawn every `period` steps.
-
-  The variant holds the other layers; the embedding, the final norm and the
-  head are always trained.
-  """
-
-  layers: int
-  active: int
-  period: int
-  seed: int
-
-  def variant(self, step, opt_state):
-    del opt_state
-    rng = np.random.default_rng([self.seed, step // self.period])
-    on = rng.choice(self.layers, size=self.active, replace=False)
-    return frozenset(f"layers/{i}" for i in range(self.layers) if i not in on)
-
-
 def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
   del budget
   cfg, layers = setup.cfg, setup.decoder.cfg.n_layers
+  # Holding a layer closes over everything under its prefix (`_adam_step`).
+  held = {f"layers/{i}": frozenset({f"layers/{i}"}) for i in range(layers)}
   return Method(
     name,
     lambda lr, seed: (setup.params, _adam(lr).init(setup.params)),
     lambda variant: _adam_step(setup.decoder, _adam(1.0), variant),
     lambda tree: tree,
-    lambda seed: LisaPolicy(layers, cfg.lisa_layers, cfg.lisa_period, seed),
+    lambda seed: LisaPolicy(held, cfg.lisa_layers, cfg.lisa_period, seed),
     "adam",
   )
 
