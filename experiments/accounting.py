@@ -12,6 +12,7 @@ import numpy as np
 import rgft_jax
 from experiments import methods as methods_lib
 from experiments import steps as steps_lib
+from experiments.budgets import Costs
 from experiments.trees import count
 
 
@@ -36,7 +37,7 @@ def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> f
 
 def measure_costs(
   model: nn.Module, params: Any, example: jax.Array, hyper, batch, freeze: bool = False
-) -> methods_lib.Costs:
+) -> Costs:
   """Per-step FLOPs that size the budgeted methods, from compiled steps (a
   scanned model's from lowered ones, its scans unrolled; LISA cannot run
   on it, and its step costs NaN)."""
@@ -83,4 +84,4 @@ def measure_costs(
     compiled=not scanned,
   )
   lisa = float("nan") if scanned else step_flops("lisa")
-  return methods_lib.Costs(detach, step_flops("full"), lisa, freeze_costs)
+  return Costs(detach, step_flops("full"), lisa, freeze_costs)

@@ -52,6 +52,7 @@ from experiments import store
 from experiments import train as train_lib
 from experiments import vit as vit_lib
 from experiments import vit_plateau
+from experiments.budgets import Costs
 from experiments.report import markdown
 from experiments.report import plots
 from experiments.report import summarize
@@ -423,7 +424,7 @@ class TaskSetup:
   val: Any
   test: Any
   info: dict[str, Any]
-  costs: methods_lib.Costs | None = None
+  costs: Costs | None = None
   forget: tuple | None = None  # (source model, source head, source test batches).
 
 

@@ -20,15 +20,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import rgft_jax
 from experiments import adapters as adapters_lib
+from experiments import budgets
 from experiments import lora as lora_lib
 from experiments import masks
 from experiments import steps as steps_lib
+from experiments.budgets import BRANCH_RULES
+from experiments.budgets import Costs
 from experiments.error_maps import ERROR_METHODS
 from experiments.error_maps import RandomErrorMap
 from experiments.error_maps import ShuffledErrorMap
@@ -230,23 +232,6 @@ def _base(tree: dict[str, Any]) -> Any:
   return tree["base"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Costs:
-  """Per-step FLOPs a budgeted method is sized by (measured once per task).
-
-  `detach` is what detaching each block branch of the RGFT step saves;
-  `full` the FLOPs of a full fine-tuning step, the unit of every budget;
-  `lisa` the FLOPs of a LISA step; `freeze` the FLOPs of a step as a
-  function of the parameter tensors it trains (GreenTrainer's), when a
-  method needs them.
-  """
-
-  detach: rgft_jax.DetachCosts
-  full: float
-  lisa: float
-  freeze: rgft_jax.FreezeCosts | None = None
-
-
 def infeasible(
   name: str, costs: Costs | None, hyper: Hyper | None = None
 ) -> str | None:
@@ -260,34 +245,14 @@ def infeasible(
   base, budget = parse_name(name)
   if base == "lisa" and getattr(hyper, "scan", False):
     return "LISA holds whole blocks, which --scan stacks in one; run it looped"
-  if budget is None or base not in _BUDGET_RULES:
+  if budget is None or base not in BRANCH_RULES:
     return None
-  if base == "static_budget" and hyper is not None:
-    if 1 + hyper.budget_every >= hyper.steps:
-      return (
-        f"'static' decides after its window of --budget_every={hyper.budget_every} "
-        f"steps, which a run of --steps={hyper.steps} never ends"
-      )
-  floor = costs.detach.floor / costs.full
-  if budget < floor:
-    return (
-      f"budget {budget} is below {floor:.3f} of a full step, the cost of a step "
-      "with every branch detached"
-    )
-  return None
+  steps = None if hyper is None else hyper.steps
+  every = 0 if hyper is None else hyper.budget_every
+  return budgets.unavailable(BRANCH_RULES[base], budget, costs, steps, every)
 
 
-_BUDGET_RULES = {
-  "rgft_budget": "top",
-  "rgft_budget_sample": "sample",
-  "uniform_budget": "uniform",
-  "shuffled_budget": "shuffled",
-  "static_budget": "static",
-  "surgical_first": "surgical_first",
-  "surgical_last": "surgical_last",
-  "dropbp": "dropbp",
-}
-BUDGETED_RGFT = tuple(_BUDGET_RULES)  # The methods a `Budget` drives.
+BUDGETED_RGFT = tuple(BRANCH_RULES)  # The methods a `Budget` drives.
 # Attributions a budgeted run can use: detached steps feed the tracker's map
 # to RGFT as it is (non-negative), with no random draw.
 BUDGET_ERROR_METHODS = ("norm_product", "taylor")
@@ -367,28 +332,14 @@ def _block(name: str) -> int:
 
 
 def _dropbp_sensitivity(model: nn.Module, tracker, comps):
-  """DropBP's sensitivity on the first example of the step's batch, and its
-  FLOPs (an upper bound: XLA counts every gate's backward pass as run)."""
-  names = comps.names
+  """DropBP's sensitivity probe (`budgets.dropbp_probe`) on the ViT's loss."""
   loss = functools.partial(steps_lib.loss_and_accuracy, model)
 
   @jax.jit
   def grads(params, batch, flags):
     return tracker.value_and_grad(loss, has_aux=True, detach=flags)(params, batch)[1]
 
-  def flags_of(detached):
-    return jnp.asarray([n in detached for n in names])
-
-  def sensitivity(params, opt_state, batch):
-    del opt_state
-    one = jax.tree.map(lambda a: a[:1], batch)
-    values = rgft_jax.dropbp_sensitivity(
-      lambda d: grads(params, one, flags_of(d)), names
-    )
-    flops = rgft_jax.flops_of(grads, params, one, flags_of(frozenset()))
-    return values, flops * (len(names) + 1)
-
-  return sensitivity
+  return budgets.dropbp_probe(grads, comps.names)
 
 
 def _budgeted(s: Setup) -> Method:
@@ -410,7 +361,7 @@ def _budgeted(s: Setup) -> Method:
       f"are {comps.names}."
     )
   h = s.hyper
-  rule = _BUDGET_RULES[parse_name(s.name)[0]]
+  rule = BRANCH_RULES[parse_name(s.name)[0]]
   dropbp = rule == "dropbp"
   # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
   policy = BudgetPolicy(
@@ -456,19 +407,12 @@ def _greentrainer(s: Setup) -> Method:
   if s.costs is None or s.costs.freeze is None:
     raise ValueError(f"{s.name} needs the task's freeze costs (measure_costs).")
   freeze, h = s.costs.freeze, s.hyper
-  loss = functools.partial(steps_lib.loss_and_accuracy, s.model)
   adam = s.adam()
-  grad = jax.jit(jax.grad(lambda p, b: loss(p, b)[0]))
-  probe: dict[str, float] = {}
 
-  def importance(params, opt_state, batch):
-    values = rgft_jax.greentrainer_importance(
-      lambda p, b: loss(p, b)[0], adam, params, opt_state, batch, names=freeze.names
-    )
-    if "flops" not in probe:  # Two gradients: before and after the trial.
-      probe["flops"] = 2 * rgft_jax.flops_of(grad, params, batch)
-    return values, probe["flops"]
+  def loss(params, batch):
+    return steps_lib.loss_and_accuracy(s.model, params, batch)[0]
 
+  importance = budgets.greentrainer_probe(loss, adam, freeze.names)
   policy = BudgetPolicy(
     rgft_jax.Budget(
       freeze,

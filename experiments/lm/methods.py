@@ -36,10 +36,13 @@ from flax import nnx
 from flax import traverse_util
 
 import rgft_jax
-from experiments import methods as vision_methods
+from experiments import budgets
+from experiments.budgets import Costs
 from experiments.lm import model as lm
 from experiments.loop import RUNTIME
+from experiments.policies import BudgetPolicy
 from experiments.policies import LisaPolicy
+from experiments.policies import Policy
 from experiments.registry import Registry
 from rgft_jax import hold_masked
 
@@ -107,7 +110,7 @@ class Setup:
   params: dict[str, Any]  # Pretrained.
   example: np.ndarray  # A training batch, int32 [B, T + 1].
   cfg: Any
-  costs: vision_methods.Costs | None = None
+  costs: Costs | None = None
   scanned: Decoder | None = None  # The same decoder, layers scanned.
 
   def layout(self, scan: bool) -> tuple[Decoder, dict[str, Any]]:
@@ -149,7 +152,7 @@ class Method:
   init: Callable[[float, int], tuple[Any, Any]]
   make_step: Callable[[frozenset[str]], Step]
   to_params: Callable[[Any], dict[str, Any]]
-  policy: Callable[[int], vision_methods.Policy]
+  policy: Callable[[int], Policy]
   family: str
   components: rgft_jax.Components | None = None
   steps: int | None = None
@@ -182,9 +185,9 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
   return _injected(optax.adam, learning_rate)
 
 
-def _no_policy(seed: int) -> vision_methods.Policy:
+def _no_policy(seed: int) -> Policy:
   del seed
-  return vision_methods.Policy()  # Nothing left out.
+  return Policy()  # Nothing left out.
 
 
 def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
@@ -410,27 +413,15 @@ def _layer(name: str) -> int:
 
 
 def _dropbp_sensitivity(setup: Setup, tracker, comps):
-  """DropBP's sensitivity on the first sequence of the step's batch, and its
-  FLOPs (an upper bound: XLA counts every gate's backward pass as run)."""
+  """DropBP's sensitivity probe (`budgets.dropbp_probe`) on the decoder's loss."""
   decoder, _ = setup.layout(scan=True)
-  names = comps.names
 
   @jax.jit
   def grads(params, batch, flags):
     vg = tracker.value_and_grad(lm.loss, has_aux=True, detach=flags)
     return vg(decoder(params), batch)[1]
 
-  def flags_of(detached):
-    return jnp.asarray([n in detached for n in names])
-
-  def sensitivity(tree, opt_state, batch):
-    del opt_state
-    one = batch[:1]
-    values = rgft_jax.dropbp_sensitivity(lambda d: grads(tree, one, flags_of(d)), names)
-    flops = rgft_jax.flops_of(grads, tree, one, flags_of(frozenset()))
-    return values, flops * (len(names) + 1)
-
-  return sensitivity
+  return budgets.dropbp_probe(grads, comps.names)
 
 
 def _budgeted(rule: str):
@@ -441,29 +432,21 @@ def _budgeted(rule: str):
     cfg, costs = setup.cfg, setup.costs
     if costs is None:
       raise ValueError(f"{name} needs the step costs (Setup.costs).")
-    floor = costs.detach.floor / costs.full
-    if budget < floor:
-      raise Unavailable(
-        f"budget {budget} is below {floor:.3f} of a full step, the cost of a "
-        "step with every branch detached"
-      )
+    why = budgets.unavailable(rule, budget, costs, cfg.steps, cfg.budget_every)
+    if why:
+      raise Unavailable(why)
     tracker, comps = _components(setup, is_branch)
     if costs.detach.names != comps.names:
       raise ValueError(
         f"The step costs are for {costs.detach.names}, the components are "
         f"{comps.names}."
       )
-    if rule == "static" and 1 + cfg.budget_every >= cfg.steps:
-      raise Unavailable(
-        f"'static' decides after its window of --budget_every={cfg.budget_every} "
-        f"steps, which a run of --steps={cfg.steps} never ends"
-      )
     dropbp = rule == "dropbp"
     sensitivity = _dropbp_sensitivity(setup, tracker, comps) if dropbp else None
     depth = [_layer(n) for n in comps.names]
 
     def policy(seed):
-      return vision_methods.BudgetPolicy(
+      return BudgetPolicy(
         rgft_jax.Budget(
           costs.detach,
           budget,
@@ -516,21 +499,11 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
   def loss(p, batch):
     return lm.loss(decoder(p), batch)[0]
 
-  grad = jax.jit(jax.grad(loss))
-  probe = {}
-
-  def importance(tree, opt_state, batch):
-    values = rgft_jax.greentrainer_importance(
-      loss, adam, tree, opt_state, batch, names=freeze.names
-    )
-    if "flops" not in probe:  # Two gradients (before and after the trial).
-      probe["flops"] = 2 * rgft_jax.flops_of(grad, tree, batch)
-    return values, probe["flops"]
-
+  importance = budgets.greentrainer_probe(loss, adam, freeze.names)
   every = max(1, math.ceil(cfg.greentrainer_period * cfg.steps))
 
   def policy(seed):
-    return vision_methods.BudgetPolicy(
+    return BudgetPolicy(
       rgft_jax.Budget(
         freeze,
         budget,
@@ -658,7 +631,7 @@ def build(name: str, setup: Setup) -> Method:
   return METHODS[base].build(setup, name, budget)
 
 
-def measure_costs(setup: Setup, freeze: bool = False) -> vision_methods.Costs:
+def measure_costs(setup: Setup, freeze: bool = False) -> Costs:
   """Step FLOPs that size budgets, from XLA's analysis of the lowered steps.
 
   `full` is a plain full fine-tuning step (the unit of every budget), `lisa`
@@ -701,7 +674,7 @@ def measure_costs(setup: Setup, freeze: bool = False) -> vision_methods.Costs:
       adam.init(setup.params),
       batch,
     )
-  return vision_methods.Costs(
+  return Costs(
     detach,
     flops(_adam_step(decoder, adam, frozenset()), params),
     flops(_adam_step(setup.decoder, adam, held), setup.params),

@@ -1,0 +1,120 @@
+"""What the budgeted methods of every study share: the step costs they are
+sized by, when a budget cannot run, the `Budget` rule of each method, and
+the peers' probes (DropBP's sensitivity, GreenTrainer's importance).
+
+A study supplies its own gradients and loss; everything here works on any
+model the tracker handles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import rgft_jax
+
+# Budgeted methods driven by a `rgft_jax.Budget` over detachable branches,
+# and the rule each uses (GreenTrainer's budget is over tensors instead).
+BRANCH_RULES = {
+  "rgft_budget": "top",
+  "rgft_budget_sample": "sample",
+  "uniform_budget": "uniform",
+  "shuffled_budget": "shuffled",
+  "static_budget": "static",
+  "surgical_first": "surgical_first",
+  "surgical_last": "surgical_last",
+  "dropbp": "dropbp",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Per-step FLOPs a budgeted method is sized by (measured once per task).
+
+  `detach` is what detaching each branch of the RGFT step saves; `full` the
+  FLOPs of a full fine-tuning step, the unit of every budget; `lisa` the
+  FLOPs of a LISA step; `freeze` the FLOPs of a step as a function of the
+  parameter tensors it trains (GreenTrainer's), when a method needs them.
+  """
+
+  detach: rgft_jax.DetachCosts
+  full: float
+  lisa: float
+  freeze: rgft_jax.FreezeCosts | None = None
+
+
+def unavailable(
+  rule: str, budget: float, costs: Costs, steps: int | None, every: int
+) -> str | None:
+  """Why a branch budget with `rule` cannot run, or None.
+
+  No budget can spend less than a step with every branch detached (the
+  forward pass, the measurement and the gradients outside the branches);
+  `"static"` decides once after its first window of `every` steps, which a
+  run of `steps` (when known) must outlast.
+  """
+  if rule == "static" and steps is not None and 1 + every >= steps:
+    return (
+      f"'static' decides after its window of --budget_every={every} steps, "
+      f"which a run of --steps={steps} never ends"
+    )
+  floor = costs.detach.floor / costs.full
+  if budget < floor:
+    return (
+      f"budget {budget} is below {floor:.3f} of a full step, the cost of a step "
+      "with every branch detached"
+    )
+  return None
+
+
+def dropbp_probe(
+  grads: Callable[[Any, Any, jax.Array], Any], names: tuple[str, ...]
+) -> Callable[[Any, Any, Any], tuple[Any, float]]:
+  """DropBP's sensitivity as a `BudgetPolicy` probe.
+
+  `grads(tree, batch, flags)` gives the gradients with the branches flagged
+  in `flags` (one boolean per name) detached. The probe measures on the
+  first example of the step's batch and returns `(sensitivity, FLOPs)`; the
+  FLOPs are an upper bound: XLA counts every gate's backward pass as run.
+  """
+
+  def flags_of(detached):
+    return jnp.asarray([n in detached for n in names])
+
+  def sensitivity(tree, opt_state, batch):
+    del opt_state
+    one = jax.tree.map(lambda a: a[:1], batch)
+    values = rgft_jax.dropbp_sensitivity(lambda d: grads(tree, one, flags_of(d)), names)
+    flops = rgft_jax.flops_of(grads, tree, one, flags_of(frozenset()))
+    return values, flops * (len(names) + 1)
+
+  return sensitivity
+
+
+def greentrainer_probe(
+  loss: Callable[[Any, Any], jax.Array],
+  optimizer: Any,
+  names: tuple[str, ...],
+) -> Callable[[Any, Any, Any], tuple[Any, float]]:
+  """GreenTrainer's tensor importance as a `BudgetPolicy` scorer.
+
+  `loss(tree, batch)` is the scalar loss; `optimizer` the run's (its trial
+  step is taken and undone, `rgft_jax.greentrainer_importance`). Returns
+  `(importance, FLOPs)`: two gradients, before and after the trial.
+  """
+  grad = jax.jit(jax.grad(loss))
+  probe: dict[str, float] = {}
+
+  def importance(tree, opt_state, batch):
+    values = rgft_jax.greentrainer_importance(
+      loss, optimizer, tree, opt_state, batch, names=names
+    )
+    if "flops" not in probe:
+      probe["flops"] = 2 * rgft_jax.flops_of(grad, tree, batch)
+    return values, probe["flops"]
+
+  return importance
