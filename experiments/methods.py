@@ -441,8 +441,18 @@ def _bitfit(s: Setup) -> Method:
   )
 
 
+# Kernels LoRA adapts: attention projections and both MLP layers.
+_LORA_TARGET = re.compile(
+  r".*/(MultiHeadDotProductAttention_1/(query|key|value|out)|MlpBlock_3/Dense_\d)/kernel"
+)
+_LORA_OUTPUT = re.compile(r".*/out/kernel")
+
+
 def _lora(s: Setup) -> Method:
-  tree = {"base": s.params, "lora": lora_lib.init(s.params, s.hyper.lora_rank, s.key)}
+  factors = lora_lib.init(
+    s.params, s.hyper.lora_rank, s.key, _LORA_TARGET, _LORA_OUTPUT
+  )
+  tree = {"base": s.params, "lora": factors}
   trainable = frozenset(
     p for p in flat(tree) if p.startswith("lora/") or p.startswith("base/head/")
   )

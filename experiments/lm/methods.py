@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax import traverse_util
 
 import rgft_jax
 from experiments import budgets
+from experiments import lora as lora_lib
 from experiments.budgets import Costs
 from experiments.lm import model as lm
 from experiments.loop import RUNTIME
@@ -52,6 +52,7 @@ Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
 _LORA_TARGET = re.compile(
   r"layers/\d+/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 )
+_O_PROJ = re.compile(r".*/o_proj/kernel")  # [N, H, D]: heads merged into inputs.
 
 
 class Unavailable(ValueError):
@@ -249,43 +250,13 @@ def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
   )
 
 
-def lora_init(params, rank: int, seed: int) -> dict[str, Any]:
-  """Factors `a` [d_in, r] ~ N(0, 1/d_in) and `b` [r, d_out] = 0 per adapted kernel.
-
-  A kernel is a matrix with its head axes merged: q/k/v [D, N, H] is
-  [D, N*H], o [N, H, D] is [N*H, D].
-  """
-  leaves = {key_of(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  targets = sorted(p for p in leaves if _LORA_TARGET.fullmatch(p))
-  keys = jax.random.split(jax.random.key(seed), len(targets))
-  factors = {}
-  for path, key in zip(targets, keys, strict=True):
-    shape = leaves[path].shape
-    split = 2 if path.endswith("o_proj/kernel") else 1
-    d_in, d_out = int(np.prod(shape[:split])), int(np.prod(shape[split:]))
-    factors[path] = {
-      "a": jax.random.normal(key, (d_in, rank)) / np.sqrt(d_in),
-      "b": jnp.zeros((rank, d_out)),
-    }
-  return factors
-
-
-def lora_merge(tree: dict[str, Any]) -> dict[str, Any]:
-  """`{"base", "lora"}` -> the decoder's parameters, `W + a @ b` per kernel."""
-  base = traverse_util.flatten_dict(tree["base"])
-  for key, leaf in base.items():
-    f = tree["lora"].get("/".join(map(str, key)))
-    if f is not None:
-      base[key] = leaf + (f["a"] @ f["b"]).reshape(leaf.shape)
-  return traverse_util.unflatten_dict(base)
-
-
 def _lora(setup: Setup, name: str, budget: float | None) -> Method:
   del budget
   cfg, decoder = setup.cfg, setup.decoder
 
   def init(lr, seed):
-    factors = lora_init(setup.params, cfg.lora_rank, seed)
+    key = jax.random.key(seed)
+    factors = lora_lib.init(setup.params, cfg.lora_rank, key, _LORA_TARGET, _O_PROJ)
     return {"base": setup.params, "lora": factors}, _adam(lr).init(factors)
 
   def make_step(variant):
@@ -294,7 +265,7 @@ def _lora(setup: Setup, name: str, budget: float | None) -> Method:
 
     def step(tree, opt_state, batch):
       def loss(factors):
-        return lm.loss(decoder(lora_merge({**tree, "lora": factors})), batch)
+        return lm.loss(decoder(lora_lib.merge({**tree, "lora": factors})), batch)
 
       (nats, _), g = jax.value_and_grad(loss, has_aux=True)(tree["lora"])
       updates, opt_state = tx.update(g, opt_state, tree["lora"])
@@ -303,7 +274,7 @@ def _lora(setup: Setup, name: str, budget: float | None) -> Method:
 
     return step
 
-  return Method(name, init, make_step, lora_merge, _no_policy, "lora")
+  return Method(name, init, make_step, lora_lib.merge, _no_policy, "lora")
 
 
 def is_branch(path: tuple[str, ...], module: Any) -> bool:
