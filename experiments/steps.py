@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 import rgft_jax
+from experiments import frozen
 from experiments import masks
 from experiments.loop import RUNTIME
 from experiments.trees import flat
@@ -84,16 +85,9 @@ def dense_step(model: nn.Module, method, variant: frozenset[str]):
       (loss, acc), grads, error_map = method.measure(loss_fn, params, opt_state, batch)
       extra["error_map"] = error_map
     else:
-      fixed = {p: v for p, v in leaves.items() if p not in train}
-
-      def partial_loss(trained, batch):
-        return loss_fn(unflat({**fixed, **trained}), batch)
-
-      trained = {p: v for p, v in leaves.items() if p in train}
-      (loss, acc), g = jax.value_and_grad(partial_loss, has_aux=True)(trained, batch)
-      grads = unflat(
-        {p: g[p] if p in g else jnp.zeros_like(v) for p, v in leaves.items()}
-      )
+      (loss, acc), grads = frozen.value_and_grad(
+        lambda p: loss_fn(p, batch), lambda path: path in train, has_aux=True
+      )(params)
     updates, new_state = method.tx.update(grads, opt_state, params, **extra)
     if variant:
       keep = unflat({p: p in variant for p in leaves})

@@ -29,13 +29,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 import rgft_jax
 from experiments import budgets
+from experiments import frozen
 from experiments import lora as lora_lib
 from experiments.budgets import Costs
 from experiments.lm import model as lm
@@ -165,11 +165,6 @@ class Method:
     return np.array([n in variant for n in self.components.names], bool)
 
 
-def key_of(path) -> str:
-  """`'layers/0/attn'` for a pytree key path."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _under(path: str, prefixes) -> bool:
   """Whether `path` is one of `prefixes` or lies under one."""
   return any(path == p or path.startswith(p + "/") for p in prefixes)
@@ -196,25 +191,16 @@ def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
   over (no gradient work), get no update and keep their optimizer state."""
 
   def step(params, opt_state, batch):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    hold = [_under(key_of(p), held) for p, _ in leaves]
-    values = [v for _, v in leaves]
-
-    def loss(trained):
-      it = iter(trained)
-      tree = [v if h else next(it) for v, h in zip(values, hold, strict=True)]
-      return lm.loss(decoder(jax.tree.unflatten(treedef, tree)), batch)
-
-    trained = [v for v, h in zip(values, hold, strict=True) if not h]
-    (nats, _), g = jax.value_and_grad(loss, has_aux=True)(trained)
-    it = iter(g)
-    grads = [
-      jnp.zeros_like(v) if h else next(it) for v, h in zip(values, hold, strict=True)
-    ]
-    grads = jax.tree.unflatten(treedef, grads)
+    (nats, _), grads = frozen.value_and_grad(
+      lambda p: lm.loss(decoder(p), batch),
+      lambda path: not _under(path, held),
+      has_aux=True,
+    )(params)
     updates, new_state = tx.update(grads, opt_state, params)
-    if any(hold):
-      masks = jax.tree.unflatten(treedef, hold)
+    masks = jax.tree_util.tree_map_with_path(
+      lambda p, _: _under(frozen.path_of(p), held), params
+    )
+    if any(jax.tree.leaves(masks)):
       updates, new_state = hold_masked(tx, masks, updates, new_state, opt_state)
     return optax.apply_updates(params, updates), new_state, {"loss": nats}
 
