@@ -123,7 +123,7 @@ def lm_case(args, scan: bool):
       out = nnx_step(model, optimizer, tokens, detached=detached)
       return out, nnx.state((model, optimizer))
 
-    step.tracker = tracker
+    step.components = comps  # Its layer groups: detach_costs' default.
     return step
 
   return comps, make_step, (state,), (tokens,)

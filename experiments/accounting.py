@@ -74,7 +74,7 @@ def measure_costs(
     freeze_costs = rgft_jax.freeze_costs(
       frozen_step, rgft_jax.tensor_order(loss, params, batch), params, state, batch
     )
-  scanned = rgft.tracker.scanned
+  scanned = bool(rgft.components.layer_groups)
   detach = rgft_jax.detach_costs(
     sparse,
     rgft.components.names,

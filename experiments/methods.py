@@ -393,8 +393,8 @@ def _budgeted(s: Setup) -> Method:
     detaches=True,
     exact=h.budget_exact,
     build_step=steps_lib.detached_step,
-    runtime=s.costs.detach if tracker.scanned or dropbp else None,
-    recompute=h.gate_recompute and (tracker.scanned or dropbp),
+    runtime=s.costs.detach if comps.layer_groups or dropbp else None,
+    recompute=h.gate_recompute and bool(comps.layer_groups or dropbp),
   )
 
 

@@ -16,6 +16,7 @@ from rgft_jax._peers import freeze_step
 from rgft_jax._peers import greentrainer_importance
 from rgft_jax._peers import greentrainer_select
 from rgft_jax._peers import tensor_order
+from rgft_jax._plan import Plan
 from rgft_jax._schedules import linear_threshold
 from rgft_jax._sparse import SparseTrainStep
 from rgft_jax._sparse import StepVariants
@@ -40,6 +41,7 @@ __all__ = (
   "DetachCosts",
   "ErrorTracker",
   "FreezeCosts",
+  "Plan",
   "ScaleByResidualErrorState",
   "SparseTrainStep",
   "StepVariants",

@@ -163,7 +163,8 @@ def detach_costs(
       what detaching the group saves: the layers of one tap inside a scan
       over layers, where a static set detaching some layers only is a mask
       that saves nothing, while runtime gating saves each layer's share.
-      Default: `step.tracker.layer_groups` for a `detachable_step`, else none.
+      Default: the `layer_groups` of a `detachable_step`'s components, else
+      none.
 
   Returns:
     The `DetachCosts`.
@@ -211,8 +212,8 @@ def _units(
 ) -> list[tuple[str, ...]]:
   """The sets `detach_costs` measures: each group, and each name in none."""
   if groups is None:
-    tracker = getattr(step, "tracker", None)
-    groups = tracker.layer_groups if tracker is not None else ()
+    components = getattr(step, "components", None)
+    groups = components.layer_groups if components is not None else ()
   units: list[tuple[str, ...]] = []
   seen: set[str] = set()
   for group in groups:

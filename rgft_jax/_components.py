@@ -130,6 +130,12 @@ class Components:
       (a shared position bias, a layer reused across depth), which therefore
       belong to none of them and take the full update; informational (they
       are among `unassigned()`), filled in by `ErrorTracker.components`.
+    layer_groups: the components that are the layers of one tapped module
+      inside a scan over layers, a tuple of names per tapped module (whole
+      outputs only), filled in by `ErrorTracker.components`. Detaching one
+      of them with a static set is a mask; at run time it saves `1 / layers`
+      of what detaching the whole group saves (`detach_costs`), and
+      `SparseTrainStep` gates a model that has some at run time.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -146,6 +152,7 @@ class Components:
   names: tuple[str, ...]
   index: Any
   shared: tuple[str, ...] = ()
+  layer_groups: tuple[tuple[str, ...], ...] = ()
   _by_path: dict[str, np.ndarray] = dataclasses.field(
     init=False, repr=False, compare=False
   )  # Index leaves by parameter path, set in __post_init__.
@@ -185,8 +192,13 @@ class Components:
         "number); a component without parameters still counts for the largest "
         "error and scales every other one down: leave it out."
       )
+    groups = tuple(tuple(g) for g in self.layer_groups)
+    strays = sorted({n for g in groups for n in g} - set(names))
+    if strays:
+      raise ValueError(f"layer_groups name no component: {strays}.")
     object.__setattr__(self, "names", names)
     object.__setattr__(self, "shared", tuple(self.shared))
+    object.__setattr__(self, "layer_groups", groups)
     object.__setattr__(self, "_by_path", by_path)
 
   def __len__(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -34,33 +33,6 @@ def is_branch(path: Path, module: Module) -> bool:
   return isinstance(module, _ATTENTION) or bool(
     BRANCH_CLASS.search(type(module).__name__)
   )
-
-
-def describe(select: Select) -> str:
-  """What `select` looks for, for error messages."""
-  if select == "branches":
-    return (
-      "'branches' (looks for module outputs added back to what the module "
-      "read; finding none, for flax.linen.MultiHeadDotProductAttention, "
-      "flax.nnx.MultiHeadAttention, and modules whose class name matches "
-      f"{BRANCH_CLASS.pattern!r})"
-    )
-  if select == "heads":
-    return (
-      "'heads' (looks for attention output projections: a module whose input "
-      "is a batched `weights @ values` product, reshaped, whose trailing axes "
-      "it contracts hold the heads and the head dimension, heads major; "
-      "finding none, for the `out` projection of flax.linen."
-      "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
-    )
-  if isinstance(select, str):
-    source = repr(select)  # Not a predicate: a string has no source.
-  else:
-    try:
-      source = inspect.getsource(select).strip()
-    except (OSError, TypeError):
-      source = getattr(select, "__qualname__", repr(select))
-  return f"the predicate {source!r}"
 
 
 def columns(tap: Tap) -> list[tuple[str, int | None, int]]:

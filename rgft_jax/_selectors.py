@@ -4,20 +4,24 @@
 predicate) into a `BranchSelector`, a `HeadSelector` or a `PredicateSelector`.
 Each decides, for its kind, what structure is found once from the model's
 dataflow (`find_structure`), which module calls have their output tapped
-(`wants_output`), and which calls are an attention's output projection whose
-input is tapped per head (`heads_at`).
+(`wants_output`), which calls are an attention's output projection whose
+input is tapped per head (`heads_at`), and how it is worded in an error
+message (`describe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 
 import flax.linen as nn
 from flax import nnx
 
+from rgft_jax._discovery import BRANCH_CLASS
 from rgft_jax._discovery import Select
 from rgft_jax._discovery import is_branch
 from rgft_jax._heads import Heads
@@ -45,6 +49,10 @@ class Selector:
 
   takes_owns: ClassVar[bool] = True
 
+  def describe(self) -> str:
+    """What the selector looks for, for error messages."""
+    return "nothing"
+
   def find_structure(self, traced: Callable[[], Traced]) -> Found:
     """What the dataflow of the model `traced()` traces holds (by default
     nothing, and the model is not traced)."""
@@ -56,7 +64,7 @@ class Selector:
     path: Path,
     module: Module,
     call: int,
-    branches: dict[Site, Branch] | None,
+    branches: Mapping[Site, Branch] | None,
     all_shared: bool,
   ) -> bool:
     """Whether the output of call `call` of the module at `path` is tapped,
@@ -68,7 +76,7 @@ class Selector:
     self,
     path: Path,
     module: Module,
-    heads: dict[Path, Heads] | None,
+    heads: Mapping[Path, Heads] | None,
     is_head_projection: Callable[[Path, Any], bool],
     args: tuple[Any, ...],
   ) -> Heads | None:
@@ -84,6 +92,15 @@ class BranchSelector(Selector):
   """`select="branches"`: the residual branches found from the dataflow
   (`rgft_jax._structure`), or by class (`is_branch`) where there are none."""
 
+  def describe(self) -> str:
+    """`'branches'` and what it looks for."""
+    return (
+      "'branches' (looks for module outputs added back to what the module "
+      "read; finding none, for flax.linen.MultiHeadDotProductAttention, "
+      "flax.nnx.MultiHeadAttention, and modules whose class name matches "
+      f"{BRANCH_CLASS.pattern!r})"
+    )
+
   def find_structure(self, traced: Callable[[], Traced]) -> Found:
     """The residual branches of the model `traced()` traces."""
     return residual_branches(traced()), None
@@ -93,7 +110,7 @@ class BranchSelector(Selector):
     path: Path,
     module: Module,
     call: int,
-    branches: dict[Site, Branch] | None,
+    branches: Mapping[Site, Branch] | None,
     all_shared: bool,
   ) -> bool:
     """Whether the call is one of the `branches` found (none is, where all of
@@ -111,6 +128,16 @@ class HeadSelector(Selector):
 
   takes_owns: ClassVar[bool] = False  # Heads own their slices.
 
+  def describe(self) -> str:
+    """`'heads'` and what it looks for."""
+    return (
+      "'heads' (looks for attention output projections: a module whose input "
+      "is a batched `weights @ values` product, reshaped, whose trailing axes "
+      "it contracts hold the heads and the head dimension, heads major; "
+      "finding none, for the `out` projection of flax.linen."
+      "MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention)"
+    )
+
   def find_structure(self, traced: Callable[[], Traced]) -> Found:
     """The attentions of the model `traced()` traces, by output projection."""
     return None, find_heads(traced())
@@ -119,7 +146,7 @@ class HeadSelector(Selector):
     self,
     path: Path,
     module: Module,
-    heads: dict[Path, Heads] | None,
+    heads: Mapping[Path, Heads] | None,
     is_head_projection: Callable[[Path, Any], bool],
     args: tuple[Any, ...],
   ) -> Heads | None:
@@ -139,12 +166,20 @@ class PredicateSelector(Selector):
 
   predicate: Callable[[Path, Module], bool]
 
+  def describe(self) -> str:
+    """The predicate's source (its name where the source cannot be read)."""
+    try:
+      source = inspect.getsource(self.predicate).strip()
+    except (OSError, TypeError):
+      source = getattr(self.predicate, "__qualname__", repr(self.predicate))
+    return f"the predicate {source!r}"
+
   def wants_output(
     self,
     path: Path,
     module: Module,
     call: int,
-    branches: dict[Site, Branch] | None,
+    branches: Mapping[Site, Branch] | None,
     all_shared: bool,
   ) -> bool:
     """`predicate(path, module)`."""

@@ -423,6 +423,7 @@ def detachable_step(
     return out
 
   step.tracker = tracker  # type: ignore[attr-defined]
+  step.components = components  # type: ignore[attr-defined]
   return step
 
 
@@ -569,8 +570,8 @@ class SparseTrainStep:
     budget: the `Budget` deciding what is trained.
     max_variants: compiled variants kept (compiled mode).
     mode: `"runtime"`, `"compiled"`, or None: runtime when a component is a
-      layer of a scan over layers (`ErrorTracker.scanned`), compiled
-      otherwise.
+      layer of a scan over layers (the step's `Components.layer_groups`
+      hold some), compiled otherwise.
     sensitivity: for a `"dropbp"` budget, `sensitivity(params, opt_state,
       *args)` returning DropBP's sensitivity per component (see
       `dropbp_sensitivity`); called once, at the budget's `allocation_step`.
@@ -585,8 +586,9 @@ class SparseTrainStep:
     sensitivity: Callable[..., Any] | None = None,
   ):
     if mode is None:
-      tracker = getattr(step, "tracker", None)
-      mode = _RUNTIME if tracker is not None and tracker.scanned else "compiled"
+      components = getattr(step, "components", None)
+      scanned = components is not None and bool(components.layer_groups)
+      mode = _RUNTIME if scanned else "compiled"
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}.")
     if budget.rule == "greentrainer":

@@ -15,6 +15,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from collections.abc import Collection
+from collections.abc import Mapping
 from typing import Any
 
 import flax.errors
@@ -25,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from rgft_jax._attribution import METHODS
+from rgft_jax._backends import Bound
+from rgft_jax._backends import backend
 from rgft_jax._collectives import Abstract
 from rgft_jax._collectives import across
 from rgft_jax._components import Components
@@ -32,7 +35,6 @@ from rgft_jax._discovery import NORM_CLASS
 from rgft_jax._discovery import Select
 from rgft_jax._discovery import build_components
 from rgft_jax._discovery import columns
-from rgft_jax._discovery import describe
 from rgft_jax._discovery import ordered_names
 from rgft_jax._discovery import owned_paths
 from rgft_jax._heads import Heads
@@ -41,16 +43,14 @@ from rgft_jax._intercept import Call
 from rgft_jax._intercept import Path
 from rgft_jax._intercept import Tap
 from rgft_jax._intercept import check_lifted
-from rgft_jax._intercept import linen_head_projection
-from rgft_jax._intercept import linen_run
-from rgft_jax._intercept import nnx_head_projections
-from rgft_jax._intercept import nnx_run
 from rgft_jax._passes import Runtime
 from rgft_jax._passes import ablation
 from rgft_jax._passes import cheap
+from rgft_jax._plan import Plan
+from rgft_jax._plan import all_shared
+from rgft_jax._plan import branches_of
+from rgft_jax._selectors import Found
 from rgft_jax._selectors import selector
-from rgft_jax._structure import Branch
-from rgft_jax._structure import Site
 from rgft_jax._structure import Structure
 from rgft_jax._structure import trace
 
@@ -108,6 +108,13 @@ class ErrorTracker:
   pass. Models that couple examples (batch norm in training mode) break that
   identity; their per-example attributions are then approximate.
 
+  The tracker keeps nothing between calls, so no call changes what another
+  returns: `plan()` gives what discovery finds in a model's call (the
+  components, the residual branches or heads found, the layer groups of a
+  scan) as an immutable `Plan`, `components()` its components, and
+  `value_and_grad` finds the same from each trace's own arguments unless it is
+  given that plan.
+
   Examples:
     >>> import flax.linen as nn
     >>> import jax, jax.numpy as jnp
@@ -154,6 +161,7 @@ class ErrorTracker:
     if method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     self._selector = selector(select)
+    self._backend = backend(model)  # Linen or NNX, decided once.
     self.model = model
     if owns is not None and (not self._selector.takes_owns or not callable(owns)):
       raise ValueError(
@@ -163,57 +171,30 @@ class ErrorTracker:
     self.select = select
     self.method = method
     self.owns = owns
-    self._owned: tuple[str, ...] | None = None  # Names from `components()`.
-    self._layer_groups: tuple[tuple[str, ...], ...] = ()
-    # Residual branches by dataflow (select="branches"): call site -> Branch.
-    self._branches: dict[Site, Branch] | None = None
-    self._structure: Structure | None = None
+    # The only state written after construction: what was warned about.
     self._nonfinite: set[str] = set()  # Components warned about.
-    # Attentions by dataflow (select="heads"): output projection path -> Heads.
-    self._heads: dict[Path, Heads] | None = None
-    self._discovered = False  # Whether `_find_structure` has run.
-
-  @property
-  def _is_nnx(self) -> bool:
-    return isinstance(self.model, nnx.Module)
 
   # Interception.
 
-  def _wants_output(self, path: Path, module: Module, call: int) -> bool:
-    if not path:
-      return False
-    return self._selector.wants_output(
-      path, module, call, self._branches, self._all_shared
-    )
-
-  @property
-  def _all_shared(self) -> bool:
-    """Residual branches were found and every one of them computes only with
-    shared parameters (a layer reused across depth): no component, and no
-    fallback to class names either."""
-    s = self._structure
-    return s is not None and s.residual and not s.branches
-
-  def _find_structure(self, run, params) -> None:
-    """Residual branches or attention heads by dataflow (nothing for a
-    predicate), once: the selector's `find_structure`."""
-    if self._discovered:
-      return
-    self._structure, self._heads = self._selector.find_structure(
-      lambda: trace(lambda p, handle: run(p, None, handle=handle), _abstract(params))
-    )
-    if self._structure is not None:
-      self._branches = {b.site: b for b in self._structure.branches}
-    self._discovered = True
-
-  def _handler(self, visit, calls: list | None, is_head_projection, around=None):
-    """`handle(call, next_fun, args, kwargs)` for one module call.
+  def _handler(
+    self,
+    structure: Structure | None,
+    attentions: Mapping[Path, Heads] | None,
+    visit,
+    calls: list | None,
+    is_head_projection,
+    around=None,
+  ):
+    """`handle(call, next_fun, args, kwargs)` for one module call, tapping
+    what the selector wants given the residual branches (`structure`) or the
+    attentions (by output projection path) found.
 
     Passes each tapped value through `visit(tap, value, read)`; with `calls`,
     also records `(path, module)` of every call, in order. With `around`, a
     whole-output tap's call runs as `around(tap, fn, args, read)`, where
     `fn(*args)` makes the call (runtime gating of its backward pass).
     """
+    branches, shared = branches_of(structure), all_shared(structure)
     last_done: dict[Path, tuple[Path, Module]] = {}
     counts: dict[Path, int] = {}  # Calls of each module path so far.
 
@@ -226,8 +207,8 @@ class ErrorTracker:
       owns, leaf = None, None
       if self.owns is not None and heads is None:
         owns = owned_paths(path, self.owns(path, call.module))
-      elif self._branches and heads is None:
-        branch = self._branches[(path, k)]
+      elif branches and heads is None:
+        branch = branches[(path, k)]
         path, leaf = branch.name, branch.leaf
         owns = tuple(tuple(p.split("/")) for p in branch.owns)
       return Tap(path, heads, feeder, call.path, layers, root, owns, call=k, leaf=leaf)
@@ -247,7 +228,7 @@ class ErrorTracker:
       if calls is not None:
         calls.append((path, module))
       found = self._selector.heads_at(
-        path, module, self._heads, is_head_projection, args
+        path, module, attentions, is_head_projection, args
       )
       if found is not None:
         t = dataclasses.replace(
@@ -258,7 +239,9 @@ class ErrorTracker:
       feeder = None
       if before is not None and NORM_CLASS.search(type(before[1]).__name__):
         feeder = before[0]
-      wanted = self._wants_output(path, module, k)
+      wanted = bool(path) and self._selector.wants_output(
+        path, module, k, branches, shared
+      )
       if wanted and around is not None:
         out = around(
           tap(call, path, None, feeder, k),
@@ -276,46 +259,37 @@ class ErrorTracker:
 
     return handle
 
-  def _bind(self, loss_fn: Callable[..., Any], model_or_params: Any, args, kwargs):
-    """`(params, run, finish)` for `loss_fn(model_or_params, *args, **kwargs)`.
+  def _runner(
+    self,
+    bound: Bound,
+    structure: Structure | None = None,
+    attentions: Mapping[Path, Heads] | None = None,
+  ):
+    """`run(params, visit, embed=None, calls=None, handle=None, around=None)`
+    for a bound loss function: calls it on `params` with the taps that
+    `structure` or `attentions` (what discovery found) place (or every module
+    call given to `handle`; `around` see `_handler`) and returns `(output,
+    state)`, `state` what `bound.finish` writes back."""
 
-    `run(params, visit, embed=None, calls=None, handle=None, around=None)`
-    calls the loss function on `params` with the taps in place (or every
-    module call given to `handle`; `around` see `_handler`) and returns
-    `(output, state)`;
-    `finish(state)` writes the model state the call changed back (NNX) or
-    does nothing (Linen).
-    """
-    if not self._is_nnx:
+    def run(params, visit, embed=None, calls=None, handle=None, around=None):
+      def make_handle(is_head_projection):
+        if handle is not None:
+          return handle
+        return self._handler(
+          structure, attentions, visit, calls, is_head_projection, around
+        )
 
-      def run_linen(params, visit, embed=None, calls=None, handle=None, around=None):
-        if handle is None:
-          handle = self._handler(visit, calls, linen_head_projection, around)
-        return linen_run(loss_fn, params, handle, embed, args, kwargs), None
+      return bound.call(params, make_handle, embed)
 
-      return model_or_params, run_linen, lambda state: None
+    return run
 
-    model = model_or_params
-    if not isinstance(model, nnx.Module):
-      raise TypeError(
-        "With a Flax NNX model, the loss function's first argument is the model "
-        f"(an nnx.Module), got {type(model).__name__}."
-      )
-    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
-    (rest,) = others  # Two filters, two states.
-
-    def run_nnx(params, visit, embed=None, calls=None, handle=None, around=None):
-      live = nnx.merge(graphdef, params, rest, copy=True)
-      if handle is None:
-        handle = self._handler(visit, calls, nnx_head_projections(live), around)
-      out = nnx_run(loss_fn, live, handle, embed, args, kwargs)
-      return out, nnx.split(live, nnx.Param, ...)[2]
-
-    return params, run_nnx, lambda state: nnx.update(model, state)
-
-  def _record(self, run, params, inputs) -> tuple[list[tuple[Tap, Any]], list]:
+  def _record(
+    self, run, params, inputs, shared: bool = False
+  ) -> tuple[list[tuple[Tap, Any]], list]:
     """Taps (with abstract values) and module calls of `run(params, ...)`;
-    `inputs` (the model's or the loss's arguments) tell the batch size."""
+    `inputs` (the model's or the loss's arguments) tell the batch size;
+    `shared`: every residual branch found computes only with shared
+    parameters (then finding no tap is no error)."""
     taps: list[tuple[Tap, Any]] = []
     calls: list[tuple[Path, Module]] = []
 
@@ -327,16 +301,125 @@ class ErrorTracker:
 
     with _rng_hint(self.model):
       jax.eval_shape(lambda p: run(p, visit, None, calls)[0], params)
-    if not taps and not self._all_shared:
+    if not taps and not shared:
       modules = sorted({"/".join(p) for p, _ in calls if p})
       raise ValueError(
-        f"select={describe(self.select)} matched no submodule of "
+        f"select={self._selector.describe()} matched no submodule of "
         f"{type(self.model).__name__}; its submodules are: {modules}."
       )
     _batch_of(taps, inputs)
     return taps, calls
 
+  def _find(self, bound: Bound, inputs: Any) -> tuple[Found, list[tuple[Tap, Any]]]:
+    """`((structure, attentions), recorded)` for the bound call, from its own
+    arguments alone: the residual branches or attention heads found by
+    dataflow (nothing for a predicate: the selector's `find_structure`), and
+    the taps recorded under them (with abstract values, see `_record`)."""
+    plain = self._runner(bound)
+    with _rng_hint(self.model):
+      found = self._selector.find_structure(
+        lambda: trace(
+          lambda p, handle: plain(p, None, handle=handle), _abstract(bound.params)
+        )
+      )
+    run = self._runner(bound, *found)
+    recorded, _ = self._record(run, bound.params, inputs, all_shared(found[0]))
+    return found, recorded
+
+  def _plan_of(self, bound: Bound, inputs: Any, params: Any) -> tuple[Plan, list[str]]:
+    """`(plan, notes)` for the bound call: the plan (its components indexing
+    `params`) and a warning's text for each thing discovery could not place.
+    Taps that own no parameter (a dropout, a parent of tapped children) are
+    no component; a head's entries are found by `head_owners`' probe."""
+    found, recorded = self._find(bound, inputs)
+    structure, attentions = found
+    taps = [tap for tap, _ in recorded]
+    entries = {}
+    if attentions:
+      plain = self._runner(bound)
+      owners = head_owners(
+        lambda p, handle: plain(p, None, handle=handle)[0],
+        _abstract(bound.params),
+        attentions,
+      )
+      entries = _head_entries(taps, owners)
+    comps = build_components(params, taps, ordered_names(taps), entries)
+    notes: list[str] = []
+    if structure is not None:
+      comps, notes = _placed(comps, params, structure, type(self.model).__name__)
+    if attentions and len(comps.names) < len(ordered_names(taps)):
+      lost = [n for n in ordered_names(taps) if n not in comps.names]
+      notes.append(
+        f"The heads {lost} own no parameter entry that other heads do not "
+        "share, so they are no component; value_and_grad without plan= "
+        "measures every head of an attention found, so pass it "
+        "plan=tracker.plan(...) to leave them out of its error map too."
+      )
+    groups = tuple(
+      group
+      for tap in dict.fromkeys(taps)
+      if tap.layers is not None and tap.heads is None
+      for group in [tuple(n for n, _, _ in columns(tap) if n in comps.names)]
+      if group
+    )
+    comps = dataclasses.replace(comps, layer_groups=groups)
+    return Plan(comps, structure, attentions), notes
+
   # Components.
+
+  def plan(
+    self, params: Any, *inputs: Any, rngs: Any = None, **call_kwargs: Any
+  ) -> Plan:
+    """What discovery finds in the model's call on `inputs`, as an immutable `Plan`.
+
+    Takes what `components` takes and finds the same (see there): the plan's
+    `components` are what `components(params, *inputs, ...)` returns, and it
+    also holds the residual branches or attentions found from the dataflow,
+    and the `layer_groups` (`scanned`). Give it to `value_and_grad(loss_fn,
+    plan=plan)` to measure what it says instead of discovering the same again
+    from each trace's arguments. Nothing is kept on the tracker: calling this
+    (or `components`) first never changes what `value_and_grad` returns.
+
+    Examples:
+      >>> import flax.linen as nn
+      >>> import jax, jax.numpy as jnp
+      >>> import rgft_jax
+      >>> class Block(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, _):
+      ...     return x + nn.Dense(4, name="mlp")(x), None
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     scan = nn.scan(Block, variable_axes={"params": 0},
+      ...                    split_rngs={"params": True}, length=3)
+      ...     return scan(name="layers")(x, None)[0]
+      >>> model, x = Net(), jnp.ones((2, 4))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> plan = rgft_jax.ErrorTracker(model).plan(params, x)
+      >>> plan.names
+      ('layers/0/mlp', 'layers/1/mlp', 'layers/2/mlp')
+      >>> plan.layer_groups
+      (('layers/0/mlp', 'layers/1/mlp', 'layers/2/mlp'),)
+    """
+    return self._planned(params, inputs, rngs, call_kwargs)
+
+  def _planned(self, params: Any, inputs: tuple, rngs: Any, call_kwargs: dict) -> Plan:
+    """`plan(params, *inputs, rngs=rngs, **call_kwargs)`, warning (at the
+    caller of `plan` or `components`) about what could not be placed."""
+    # Abstract inputs (jax.ShapeDtypeStruct) stand for arrays of their shape.
+    inputs = jax.tree.map(
+      lambda a: (
+        jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a
+      ),
+      inputs,
+    )
+    call, first, params = self._backend.model_call(params, inputs, rngs, call_kwargs)
+    bound = self._backend.bind(call, first, (), {})
+    plan, notes = self._plan_of(bound, (inputs, call_kwargs), params)
+    for note in notes:
+      warnings.warn(note, stacklevel=3)
+    return plan
 
   def components(
     self, params: Any, *inputs: Any, rngs: Any = None, **call_kwargs: Any
@@ -381,65 +464,13 @@ class ErrorTracker:
     parameters and named like the same model unrolled into a list:
     `layers/3/mlp` for layer 3 of the scanned module `layers`. Taps inside
     other lifted transforms (vmap, nested scans) are refused here, naming the
-    transform.
+    transform. Their `Components.layer_groups` list each tapped module's layers.
+
+    A tap that owns no parameter (a dropout, a parent of tapped children) is
+    no component, here or in `value_and_grad`'s error map. This is
+    `plan(params, *inputs, ...).components`.
     """
-    # Abstract inputs (jax.ShapeDtypeStruct) stand for arrays of their shape.
-    inputs = jax.tree.map(
-      lambda a: (
-        jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a
-      ),
-      inputs,
-    )
-    if self._is_nnx:
-      if isinstance(params, nnx.Module):
-        params = nnx.state(params, nnx.Param)
-      model = self.model
-
-      if rngs is not None:
-        call_kwargs = {**call_kwargs, "rngs": rngs}
-
-      def call(m):
-        return m(*inputs, **call_kwargs)
-
-    else:
-      model = params
-
-      kwargs = dict(call_kwargs)
-      # Other collections (batch statistics, say) are made on the fly.
-      kwargs.setdefault("mutable", nn.DenyList("params"))
-      if rngs is not None:
-        kwargs["rngs"] = rngs
-
-      def call(p):
-        return self.model.apply({"params": p}, *inputs, **kwargs)
-
-    bound, run, _ = self._bind(call, model, (), {})
-    with _rng_hint(self.model):
-      self._find_structure(run, bound)
-    recorded, _ = self._record(run, bound, (inputs, call_kwargs))
-    taps = [tap for tap, _ in recorded]
-    entries = {}
-    if self._heads:
-      owners = head_owners(
-        lambda p, handle: run(p, None, handle=handle)[0],
-        _abstract(bound),
-        self._heads,
-      )
-      entries = _head_entries(taps, owners)
-    comps = build_components(params, taps, ordered_names(taps), entries)
-    if self._structure is not None:
-      comps = self._place_structure(comps, params)
-    # Taps that own no parameter (a dropout, a parent of tapped children) are
-    # no component: `value_and_grad` leaves them out of the error map too.
-    self._owned = comps.names
-    self._layer_groups = tuple(
-      group
-      for tap in dict.fromkeys(taps)
-      if tap.layers is not None and tap.heads is None
-      for group in [tuple(n for n, _, _ in columns(tap) if n in comps.names)]
-      if group
-    )
-    return comps
+    return self._planned(params, inputs, rngs, call_kwargs).components
 
   def _check_finite(self, error_map: dict[str, jax.Array]) -> None:
     """A warning, the first time, naming each component whose measured value
@@ -480,54 +511,25 @@ class ErrorTracker:
       bad,
     )
 
-  def _place_structure(self, comps: Components, params: Any) -> Components:
-    """`comps` listing the shared parameters; a warning for each residual
-    add that discovery could not place."""
-    structure = self._structure
-    if structure is None:
-      return comps
-    unassigned = set(comps.unassigned(params))
-    shared = tuple(p for p in structure.shared if p in unassigned)
-    if self._all_shared:
-      warnings.warn(
-        f"{type(self.model).__name__} has no component: each of its residual "
-        "branches computes only with parameters several branches share (a "
-        f"layer reused across depth), so they are in none and shared: {shared}. "
-        "They train at the full rate. Measure other modules with a predicate, "
-        "select=lambda path, module: ..., or select='heads'.",
-        stacklevel=3,
-      )
-    for where, leaves in structure.undecided:
-      missed = [p for p in leaves if p in unassigned and p not in shared]
-      if not missed:
-        continue
-      module = where or type(self.model).__name__
-      warnings.warn(
-        f"Discovery could not place a residual add in {module!r}: it adds a "
-        f"value computed with the parameters {missed} to what it was computed "
-        "from, but no module's output there is added back to what the module "
-        "read, so these parameters are in no component. Measure that branch "
-        "with a predicate, select=lambda path, module: ..., or give the "
-        "parameters to a component with owns=.",
-        stacklevel=3,
-      )
-    return Components(comps.names, comps.index, shared)
-
   @property
   def layer_groups(self) -> tuple[tuple[str, ...], ...]:
-    """The components that are one tap's layers inside a scan over layers, a
-    tuple of names per tap (whole outputs only; from `components()`).
+    """Not kept on the tracker: the layer groups come from the model's call.
 
-    Detaching one of them with a static set is a mask; at run time it saves
-    `1 / layers` of what detaching the whole group saves (`detach_costs`).
+    Read them from the plan or the components, `tracker.plan(params,
+    *inputs).layer_groups` or `tracker.components(...).layer_groups`
+    (`Components.layer_groups`); the tracker keeps nothing between calls.
     """
-    if self._owned is None:
-      raise ValueError("Call components() first: the groups come from its taps.")
-    return self._layer_groups
+    raise ValueError(
+      "The tracker keeps no layer groups: they come from the model's call. "
+      "Read them from the plan or the components: tracker.plan(params, "
+      "*inputs).layer_groups (.scanned), or tracker.components(params, "
+      "*inputs).layer_groups."
+    )
 
   @property
   def scanned(self) -> bool:
-    """Whether some component is a layer of a scan over layers."""
+    """Not kept on the tracker: `tracker.plan(params, *inputs).scanned`, or
+    whether `components(...).layer_groups` holds any (see `layer_groups`)."""
     return bool(self.layer_groups)
 
   # Attribution.
@@ -540,6 +542,7 @@ class ErrorTracker:
     axis_name: str | tuple[str, ...] | None = None,
     detach: Collection[str] | jax.Array = (),
     recompute: bool = False,
+    plan: Plan | None = None,
   ) -> Callable[..., Any]:
     """Wraps `loss_fn` to return `(loss, grads, error_map)`.
 
@@ -592,17 +595,31 @@ class ErrorTracker:
     (`shard_map` already sums the gradients of replicated parameters over the
     axis; they are divided by its size, or averaged where they are not summed.)
     Under `jax.jit` with sharded inputs nothing needs to be passed.
+
+    The components are those of `components()` on the same model: the taps
+    that own some parameter, named in call order (a tapped dropout or a
+    parent of tapped children is in no error map). Each trace finds them from
+    its own arguments, whatever was called before: the residual branches or
+    attentions from the dataflow, the parameters each whole-output tap owns,
+    and every head of an attention found (each owns its rows of the output
+    projection; the probe that `components()` runs for a head's other entries
+    needs concrete values, so it runs there only). `plan`, from `plan()`,
+    gives them instead, found once.
     """
 
     def wrapped(model_or_params, *args, **kwargs):
-      params, run, finish = self._bind(loss_fn, model_or_params, args, kwargs)
-      with _rng_hint(self.model):
-        self._find_structure(run, params)
-      recorded, _ = self._record(run, params, (args, kwargs))
+      bound = self._backend.bind(loss_fn, model_or_params, args, kwargs)
+      params, finish = bound.params, bound.finish
+      if plan is None:  # Found from this call's own arguments.
+        found, recorded = self._find(bound, (args, kwargs))
+        owned = set(_owned_names(recorded, found, _abstract(params)))
+        run = self._runner(bound, *found)
+      else:
+        owned, run = set(plan.names), self._runner(bound, plan.structure, plan.heads)
+        recorded, _ = self._record(run, params, (args, kwargs), plan.all_shared)
       taps = list(dict.fromkeys(tap for tap, _ in recorded))
-      names = ordered_names(taps)
-      if self._owned is not None:
-        names = [n for n in names if n in self._owned]
+      # Taps owning no parameter are no component.
+      names = [n for n in ordered_names(taps) if n in owned]
       wanted = set(names) if measure is None else set(measure)
       detached = _detached(detach, names, recompute)
       static = detached if isinstance(detached, frozenset) else frozenset()
@@ -665,6 +682,56 @@ def _detached(detach: Any, names: list[str], recompute: bool) -> Any:
       f"{list(detach.shape)}."
     )
   return Runtime({n: detach[i] for i, n in enumerate(names)}, bool(recompute))
+
+
+def _owned_names(
+  recorded: list[tuple[Tap, Any]], found: Found, params: Any
+) -> list[str]:
+  """The names of the `recorded` taps that own some parameter of `params`, in
+  call order: `components()`'s names, without its per-head probe.
+
+  Every head of an attention found by dataflow counts: each owns at least
+  its rows of the output projection's kernel (the probe finds them whatever
+  the inputs, where the projection multiplies its input by a kernel of the
+  attention's), and `components()` keeps every head of an attention that owns
+  some entry; `plan()` warns about an attention that owns none.
+  """
+  taps = [tap for tap, _ in recorded]
+  if found[1]:
+    return ordered_names(taps)
+  return list(build_components(params, taps, ordered_names(taps)).names)
+
+
+def _placed(
+  comps: Components, params: Any, structure: Structure, model: str
+) -> tuple[Components, list[str]]:
+  """`comps` listing the shared parameters, and a warning's text for each
+  residual add that discovery could not place (in `model`, named)."""
+  unassigned = set(comps.unassigned(params))
+  shared = tuple(p for p in structure.shared if p in unassigned)
+  notes = []
+  if all_shared(structure):
+    notes.append(
+      f"{model} has no component: each of its residual "
+      "branches computes only with parameters several branches share (a "
+      f"layer reused across depth), so they are in none and shared: {shared}. "
+      "They train at the full rate. Measure other modules with a predicate, "
+      "select=lambda path, module: ..., or select='heads'."
+    )
+  for where, leaves in structure.undecided:
+    missed = [p for p in leaves if p in unassigned and p not in shared]
+    if not missed:
+      continue
+    module = where or model
+    notes.append(
+      f"Discovery could not place a residual add in {module!r}: it adds a "
+      f"value computed with the parameters {missed} to what it was computed "
+      "from, but no module's output there is added back to what the module "
+      "read, so these parameters are in no component. Measure that branch "
+      "with a predicate, select=lambda path, module: ..., or give the "
+      "parameters to a component with owns=."
+    )
+  return Components(comps.names, comps.index, shared), notes
 
 
 def _abstract(params: Any) -> Any:

@@ -619,7 +619,7 @@ def measure_costs(setup: Setup, freeze: bool = False) -> Costs:
     params,
     tx.init(params),
     batch,
-    groups=tracker.layer_groups,
+    groups=comps.layer_groups,
   )
   freeze_costs = None
   if freeze:

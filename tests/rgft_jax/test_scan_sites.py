@@ -75,14 +75,15 @@ def test_scanned_components_are_per_layer(setup):
   looped = rgft_jax.ErrorTracker(Looped(), select="branches")
   scanned = rgft_jax.ErrorTracker(Scanned(), select="branches")
   loop_names = looped.components(params, x).names
-  scan_names = scanned.components(_stack(params), x).names
+  scan_comps = scanned.components(_stack(params), x)
+  scan_names = scan_comps.names
   assert loop_names == tuple(
     f"blocks_{i}/{m}" for i in range(LAYERS) for m in ("attn", "mlp")
   )
   assert scan_names == tuple(
     f"blocks/{i}/{m}" for i in range(LAYERS) for m in ("attn", "mlp")
   )
-  assert scanned.layer_groups == (
+  assert scan_comps.layer_groups == (
     tuple(f"blocks/{i}/attn" for i in range(LAYERS)),
     tuple(f"blocks/{i}/mlp" for i in range(LAYERS)),
   )
