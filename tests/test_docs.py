@@ -105,6 +105,44 @@ def test_the_peers_table_puts_each_task_s_figures_in_its_own_columns():
   assert checked == 12
 
 
+def test_the_lm_peers_table_is_rgft_minus_each_in_bits_per_byte():
+  """Each checked cell of `lm_peers_both`, recomputed by hand from the run
+  records: the mean over seeds of rgft_budget@b's test bits/byte minus the
+  other's, bold exactly where the t interval excludes zero."""
+  import json
+
+  import numpy as np
+  from scipy import stats
+
+  table = doc_tables.lm_peers_both(doc_tables.LM_PEERS).splitlines()
+  head = [c.strip() for c in table[0].strip("|").split("|")]
+  body = {
+    cells[0]: dict(zip(head[1:], cells[1:], strict=True))
+    for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
+  }
+  checked = 0
+  for label, path in doc_tables.LM_PEERS.items():
+    bpb = {}
+    for r in json.loads(pathlib.Path(path).read_text())["runs"]:
+      bpb.setdefault(r["method"], {})[r["seed"]] = r["test_bpb"]
+    for b in (0.4, 0.5, 0.7):
+      column = f"{label} @{b:g}"
+      mine = bpb[f"rgft_budget@{b:g}"]
+      assert body["its bits/byte"][column] == f"{np.mean(list(mine.values())):.4f}"
+      for row, other in (
+        ("`dropbp`", f"dropbp@{b:g}"),
+        ("`full@b` (fewer steps)", f"full@{b:g}"),
+        ("`full` (all steps)", "full"),
+      ):
+        d = np.array([mine[s] - bpb[other][s] for s in sorted(mine)])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        cell = body[row][column]
+        assert cell.strip("*") == f"{d.mean():+.4f} ± {half:.4f}", (row, column)
+        assert cell.startswith("**") == (abs(d.mean()) > half), (row, column)
+        checked += 1
+  assert checked == 9 * len(doc_tables.LM_PEERS)
+
+
 def test_the_runtime_targets_table_reads_the_right_rows():
   """Each cell of `bench_runtime_targets`, looked up by hand in the JSON."""
   import json

@@ -655,39 +655,61 @@ def head_to_head(runs: list[dict[str, Any]], key: str, points: bool) -> str:
   return _table(["rgft_budget minus", *(f"@{b:g}" for b in budgets)], rows)
 
 
-def vit_peers_both(path: str) -> str:
-  """Budgeted RGFT minus each method at each budget, both tasks in one table
-  (points, paired over seeds, ± the 95% half-width); first against full
-  fine-tuning with all its steps, and its own accuracy."""
+def _peers_both(
+  sets: list[tuple[str, dict[str, Any]]], key: str, mean: str, points: bool
+) -> str:
+  """Budgeted RGFT minus each method at each budget, one column per
+  (testbed, budget), paired over seeds, ± the 95% half-width; first its own
+  figure and full fine-tuning with all its steps. `sets` holds each
+  testbed's label and study (`runs`, `summary`)."""
   from experiments import compare  # NumPy and SciPy only.
 
-  tasks = load(path)["tasks"]
   cols, cells = [], {}
-  for task, label in TASKS.items():
-    runs = tasks[task]["runs"]
+  for label, study in sets:
+    runs = study["runs"]
     names = list(dict.fromkeys(r["method"] for r in runs))
-    table = compare.head_to_head(runs, names, "rgft_budget", "test_accuracy")
+    table = compare.head_to_head(runs, names, "rgft_budget", key)
     budgets = sorted({b for c in table.values() for b in c})
     for b in budgets:
       cols.append(f"{label} @{b:g}")
       mine = f"rgft_budget@{b:g}"
-      s = tasks[task]["summary"][mine]
-      cells[("its accuracy", cols[-1])] = f"{s['accuracy_mean']:.3f}"
-      full = compare.paired(runs, mine, "full", "test_accuracy")
-      cells[("`full` (all steps)", cols[-1])] = _short_pt(full)
+      own = study["summary"][mine][mean]
+      cells[("its own", cols[-1])] = f"{own:.3f}" if points else f"{own:.4f}"
+      full = compare.paired(runs, mine, "full", key)
+      cells[("`full` (all steps)", cols[-1])] = _short(full, points)
       for other, per in table.items():
         row = "`full@b` (fewer steps)" if other == "full" else f"`{other}`"
-        cells[(row, cols[-1])] = _short_pt(per.get(b))
+        cells[(row, cols[-1])] = _short(per.get(b), points)
   rows_of = list(dict.fromkeys(r for r, _ in cells))
   rows = [[r, *(cells.get((r, c), "n/a") for c in cols)] for r in rows_of]
   return _table(["rgft_budget minus", *cols], rows)
 
 
-def _short_pt(p: dict[str, Any] | None) -> str:
-  """A paired difference in points, bold where its 95% interval excludes 0."""
+def vit_peers_both(path: str) -> str:
+  """`_peers_both` over the ViT's two tasks, in points of test accuracy."""
+  tasks = load(path)["tasks"]
+  sets = [(label, tasks[task]) for task, label in TASKS.items()]
+  table = _peers_both(sets, "test_accuracy", "accuracy_mean", points=True)
+  return table.replace("| its own |", "| its accuracy |", 1)
+
+
+def lm_peers_both(paths: dict[str, str]) -> str:
+  """`_peers_both` over the LM's target domains, in test bits per byte
+  (lower is better: a positive difference is budgeted RGFT behind)."""
+  sets = [(label, load(path)) for label, path in paths.items()]
+  table = _peers_both(sets, "test_bpb", "test_bpb_mean", points=False)
+  return table.replace("| its own |", "| its bits/byte |", 1)
+
+
+def _short(p: dict[str, Any] | None, points: bool = True) -> str:
+  """A paired difference (in points, or as it is), bold where its 95%
+  interval excludes 0."""
   if p is None:
     return "n/a"
-  text = f"{p['mean'] * 100:+.1f} ± {p['ci95'] * 100:.1f}"
+  if points:
+    text = f"{p['mean'] * 100:+.1f} ± {p['ci95'] * 100:.1f}"
+  else:
+    text = f"{p['mean']:+.4f} ± {p['ci95']:.4f}"
   return f"**{text}**" if abs(p["mean"]) > p["ci95"] else text
 
 
@@ -737,12 +759,16 @@ def lm_peers_h2h(path: str) -> str:
 SHIPPED = "experiments/results/shipped/results.json"
 # The ViT peers study (--methods peers).
 VIT_PEERS = "experiments/results/peers/results.json"
+# The LM peers studies (--methods peers), by target domain.
+LM_PEERS = {"pydoc": "experiments/results/lm_peers_pydoc/results.json"}
 
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
   "vit_summary_shipped": functools.partial(vit_summary, SHIPPED),
   "vit_peers_both": functools.partial(vit_peers_both, VIT_PEERS),
+  "lm_peers_both": functools.partial(lm_peers_both, LM_PEERS),
+  **{f"lm_peers_{t}": functools.partial(lm_peers, p) for t, p in LM_PEERS.items()},
   "vit_levers": functools.partial(ablation, "experiments/results/levers/levers.json"),
   **{f"vit_peers_{t}": functools.partial(vit_peers, t, VIT_PEERS) for t in TASKS},
   **{f"vit_shipped_{t}": functools.partial(vit_default, t, SHIPPED) for t in TASKS},
