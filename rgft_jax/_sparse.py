@@ -31,6 +31,7 @@ from rgft_jax._components import path_str
 from rgft_jax._costs import compiled_cost
 from rgft_jax._costs import flops_of
 from rgft_jax._costs import has_scan
+from rgft_jax._plan import Plan
 from rgft_jax._transform import residual_error_state
 from rgft_jax._validation import in_range
 
@@ -266,7 +267,7 @@ def detachable_step(
   tracker: Any,
   tx: optax.GradientTransformation,
   loss_fn: Callable[..., Any],
-  components: Components,
+  components: Components | Plan,
   has_aux: bool = False,
   exact: bool = False,
   recompute: bool = False,
@@ -307,7 +308,10 @@ def detachable_step(
     tx: the optax transformation with RGFT in it (Linen; with NNX the
       optimizer's own is used and this may be None).
     loss_fn: the batch-mean loss, as `tracker.value_and_grad` takes it.
-    components: the components `tx` scales (`tracker.components(...)`).
+    components: the components `tx` scales (`tracker.components(...)`),
+      or the tracker's `Plan` (`tracker.plan(...)`, whose components they
+      are): the step then measures what the plan found instead of finding it
+      again in each compiled variant's trace.
     has_aux: `loss_fn` returns `(loss, aux)`.
     exact: measure only the components measured exactly (see above).
     recompute: with runtime gating, keep no residuals for gated backward
@@ -345,6 +349,9 @@ def detachable_step(
     True
   """
 
+  plan = components if isinstance(components, Plan) else None
+  if plan is not None:
+    components = plan.components
   names = components.names
   if hold not in ("skip", "mask"):
     raise ValueError(f'hold must be "skip" or "mask", got {hold!r}.')
@@ -368,6 +375,7 @@ def detachable_step(
       detach=detached,
       measure=measured(detached),
       recompute=recompute,
+      plan=plan,
     )(model_or_params, *args)
     if exact and is_runtime(detached):
       error_map = _exact_only(error_map, names, detached)

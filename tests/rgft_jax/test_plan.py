@@ -309,3 +309,47 @@ def test_an_attention_owning_nothing_is_warned_about(monkeypatch):
   assert tuple(every) == (*lost, *plan.names)
   _, _, planned = tracker.value_and_grad(_loss_fn(model), plan=plan)(params, x, y)
   assert tuple(planned) == plan.names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", [False, True])
+def test_a_detachable_step_from_a_plan_finds_nothing_again(runtime, monkeypatch):
+  """Built from the plan, each compiled step measures what the plan found
+  (discovery is not traced again) and gives what a step from the components
+  gives; the detached branch's parameters stay as they were."""
+  model, params, x, y = _setup()
+  tracker = rgft_jax.ErrorTracker(model, select="branches")
+  plan = tracker.plan(params, x)
+  tx = rgft_jax.rgft(0.1, plan.components)
+  state = tx.init(params)
+  detached = frozenset({plan.names[0]})
+  given = np.array([n in detached for n in plan.names]) if runtime else detached
+  from_comps = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), plan.components)
+  want = from_comps(params, state, x, y, detached=given)
+
+  def found_again(*args, **kwargs):
+    raise AssertionError("discovery ran again")
+
+  monkeypatch.setattr(type(tracker._selector), "find_structure", found_again)
+  from_plan = rgft_jax.detachable_step(tracker, tx, _loss_fn(model), plan)
+  assert from_plan.components is plan.components
+  got = from_plan(params, state, x, y, detached=given)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for u, v in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:]), strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+  # The detached branch's parameters (under its module's path) are held exactly.
+  prefix = plan.names[0] + "/"
+  old, new = (
+    {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in leaves}
+    for leaves in (
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree_util.tree_flatten_with_path(got[1])[0],
+    )
+  )
+  under = [p for p in old if p.startswith(prefix)]
+  assert under
+  for p in under:
+    np.testing.assert_array_equal(new[p], old[p], err_msg=p)
+  assert any(not np.array_equal(new[p], old[p]) for p in old if p not in under)
+  with pytest.raises(AssertionError, match="discovery ran again"):
+    from_comps(params, state, x, y, detached=given)  # Without the plan it would.
