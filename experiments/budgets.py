@@ -31,6 +31,26 @@ BRANCH_RULES = {
 }
 
 
+# The budgeted methods both studies register (`name@b`), with their --help.
+BUDGETED = {
+  "rgft_budget": "budgeted RGFT: the error map picks the branches that get a "
+  "backward pass",
+  "rgft_budget_sample": "budgeted RGFT, branches drawn by error",
+  "uniform_budget": "the same budget spent uniformly at random",
+  "shuffled_budget": "control: budgeted RGFT on the error map permuted once per run",
+  "static_budget": "control: the error map's choice after one window "
+  "(--budget_every), held",
+  "surgical_first": "control: the first layers' branches that fit the budget "
+  "(surgical FT)",
+  "surgical_last": "control: the last layers' branches that fit the budget "
+  "(surgical FT)",
+  "dropbp": "DropBP: branches dropped at per-branch rates from a sensitivity, "
+  "drawn every step (Adam, no multipliers)",
+  "greentrainer": "GreenTrainer: the tensors a knapsack on trial-step importance picks",
+}
+assert set(BRANCH_RULES) | {"greentrainer"} == set(BUDGETED)
+
+
 @dataclasses.dataclass(frozen=True)
 class Costs:
   """Per-step FLOPs a budgeted method is sized by (measured once per task).

@@ -559,60 +559,9 @@ _ENTRIES = (  # name, builder, budget ("none", "optional", "required"), help.
     "none",
     "a fixed mask of the branches' largest entries (--sparse_fraction)",
   ),
-  (
-    "rgft_budget",
-    _budgeted,
-    "required",
-    "budgeted RGFT: the error map picks the branches that get a backward pass",
-  ),
-  (
-    "rgft_budget_sample",
-    _budgeted,
-    "required",
-    "budgeted RGFT, branches drawn by error",
-  ),
-  (
-    "uniform_budget",
-    _budgeted,
-    "required",
-    "the same budget spent uniformly at random",
-  ),
-  (
-    "shuffled_budget",
-    _budgeted,
-    "required",
-    "control: budgeted RGFT on the error map permuted once per run",
-  ),
-  (
-    "static_budget",
-    _budgeted,
-    "required",
-    "control: the error map's choice after one window (--budget_every), held",
-  ),
-  (
-    "surgical_first",
-    _budgeted,
-    "required",
-    "control: the first blocks' branches that fit the budget (surgical FT)",
-  ),
-  (
-    "surgical_last",
-    _budgeted,
-    "required",
-    "control: the last blocks' branches that fit the budget (surgical FT)",
-  ),
-  (
-    "dropbp",
-    _budgeted,
-    "required",
-    "DropBP: branches dropped at per-branch rates from a sensitivity, drawn "
-    "every step (Adam, no multipliers)",
-  ),
-  (
-    "greentrainer",
-    _greentrainer,
-    "required",
-    "GreenTrainer: the tensors a knapsack on trial-step importance picks",
+  *(
+    (name, _greentrainer if name == "greentrainer" else _budgeted, "required", help)
+    for name, help in budgets.BUDGETED.items()
   ),
 )
 for _name, _build, _budget, _help in _ENTRIES:

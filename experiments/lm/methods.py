@@ -37,6 +37,7 @@ import rgft_jax
 from experiments import budgets
 from experiments import frozen
 from experiments import lora as lora_lib
+from experiments.budgets import BRANCH_RULES
 from experiments.budgets import Costs
 from experiments.lm import model as lm
 from experiments.loop import RUNTIME
@@ -502,60 +503,14 @@ _ENTRIES = (  # name, builder, budget, help.
     "none",
     "rgft() with each attention head (select='heads')",
   ),
-  (
-    "rgft_budget",
-    _budgeted("top"),
-    "required",
-    "budgeted RGFT: the error map picks the branches that get a backward pass",
-  ),
-  (
-    "rgft_budget_sample",
-    _budgeted("sample"),
-    "required",
-    "budgeted RGFT, branches drawn by error",
-  ),
-  (
-    "uniform_budget",
-    _budgeted("uniform"),
-    "required",
-    "the same budget spent uniformly at random",
-  ),
-  (
-    "shuffled_budget",
-    _budgeted("shuffled"),
-    "required",
-    "control: budgeted RGFT on the error map permuted once per run",
-  ),
-  (
-    "static_budget",
-    _budgeted("static"),
-    "required",
-    "control: the error map's choice after one window (--budget_every), held",
-  ),
-  (
-    "surgical_first",
-    _budgeted("surgical_first"),
-    "required",
-    "control: the first layers' branches that fit the budget (surgical FT)",
-  ),
-  (
-    "surgical_last",
-    _budgeted("surgical_last"),
-    "required",
-    "control: the last layers' branches that fit the budget (surgical FT)",
-  ),
-  (
-    "dropbp",
-    _budgeted("dropbp"),
-    "required",
-    "DropBP: branches dropped at per-branch rates from a sensitivity, drawn "
-    "every step (Adam, no multipliers)",
-  ),
-  (
-    "greentrainer",
-    _greentrainer,
-    "required",
-    "GreenTrainer: the tensors a knapsack on trial-step importance picks",
+  *(
+    (
+      name,
+      _greentrainer if name == "greentrainer" else _budgeted(BRANCH_RULES[name]),
+      "required",
+      help,
+    )
+    for name, help in budgets.BUDGETED.items()
   ),
   ("lora", _lora, "none", "LoRA on the attention and MLP kernels"),
   ("lisa", _lisa, "none", "LISA: random layers trained, redrawn periodically"),
