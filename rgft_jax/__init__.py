@@ -1,5 +1,7 @@
 """Residual-Guided Fine-Tuning (RGFT) for JAX."""
 
+from rgft_jax._adam import ScaleByAdamPerEntryState
+from rgft_jax._adam import scale_by_adam_per_entry
 from rgft_jax._budget import Budget
 from rgft_jax._budget import DetachCosts
 from rgft_jax._budget import best_within
@@ -42,6 +44,7 @@ __all__ = (
   "ErrorTracker",
   "FreezeCosts",
   "Plan",
+  "ScaleByAdamPerEntryState",
   "ScaleByResidualErrorState",
   "SparseTrainStep",
   "StepVariants",
@@ -62,6 +65,7 @@ __all__ = (
   "peak_bytes",
   "residual_error_state",
   "rgft",
+  "scale_by_adam_per_entry",
   "scale_by_residual_error",
   "tensor_order",
 )

@@ -284,7 +284,9 @@ def detachable_step(
   The `detached` components get no gradient (see
   `ErrorTracker.value_and_grad`): they are measured as usual, their
   parameters get no update and their optimizer state (Adam's moments) is
-  held, so a component trained again later resumes where it left off.
+  held, so a component trained again later resumes where it left off (its
+  bias correction too with `rgft(..., adam_count="per_entry")`; optax's Adam
+  counts every step of the run, `scale_by_adam_per_entry`).
   `detached` is either
 
   * a frozenset of names, static under `jit` (compiled variants, one program

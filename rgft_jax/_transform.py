@@ -14,6 +14,7 @@ import optax
 
 from rgft_jax import _schedules
 from rgft_jax import _validation
+from rgft_jax._adam import scale_by_adam_per_entry
 from rgft_jax._components import Components
 
 # float32's smallest normal and largest finite numbers.
@@ -438,6 +439,7 @@ def rgft(
   lagged: bool = False,
   thresh: float | optax.Schedule | None = None,
   outlier_ratio: float = 10.0,
+  adam_count: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose per-component updates are scaled by RGFT multipliers.
 
@@ -481,6 +483,10 @@ def rgft(
       schedule.
     outlier_ratio: clipping of outlying error-map entries, > 1 (see
       `scale_by_residual_error`).
+    adam_count: Adam's bias correction counts the run's steps ("global",
+      `optax.scale_by_adam`) or each parameter entry's own ("per_entry",
+      `scale_by_adam_per_entry`: a component held by detaching resumes Adam
+      where it left off instead of taking oversized steps).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -506,6 +512,8 @@ def rgft(
   _validation.in_range("b1", b1, 0.0, 1.0, high_open=True)
   _validation.in_range("b2", b2, 0.0, 1.0, high_open=True)
   _validation.in_range("eps", eps, 0.0, None, finite=True)
+  if adam_count not in ("global", "per_entry"):
+    raise ValueError(f'adam_count must be "global" or "per_entry", got {adam_count!r}.')
   linear = {
     "thresh_init": thresh_init,
     "thresh_final": thresh_final,
@@ -535,8 +543,9 @@ def rgft(
   # (a tracer under jit) and the chain must have the same shape in init and update.
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   decay = [] if no_decay else [optax.add_decayed_weights(weight_decay)]
+  adam = scale_by_adam_per_entry if adam_count == "per_entry" else optax.scale_by_adam
   chain = optax.chain(
-    optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+    adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
     *decay,
     scale_by_residual_error(
       components,

@@ -178,8 +178,17 @@ def _injected(make: Callable[[float], optax.GradientTransformation], lr: float):
   )
 
 
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-  return _injected(optax.adam, learning_rate)
+def _adam(learning_rate: float, count: str) -> optax.GradientTransformation:
+  """Adam at `learning_rate`, its bias correction counting the run's steps
+  (`count="global"`, `optax.adam`) or each entry's (`"per_entry"`)."""
+  if count == "global":
+    return _injected(optax.adam, learning_rate)
+  return _injected(
+    lambda learning_rate: optax.chain(
+      rgft_jax.scale_by_adam_per_entry(), optax.scale_by_learning_rate(learning_rate)
+    ),
+    learning_rate,
+  )
 
 
 def _no_policy(seed: int) -> Policy:
@@ -211,10 +220,11 @@ def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
 def _full(setup: Setup, name: str, budget: float | None) -> Method:
   steps = None if budget is None else max(1, round(budget * setup.cfg.steps))
   decoder, params = setup.layout(scan=True)
+  count = setup.cfg.adam_count
   return Method(
     name,
-    lambda lr, seed: (params, _adam(lr).init(params)),
-    lambda variant: _adam_step(decoder, _adam(1.0), variant),
+    lambda lr, seed: (params, _adam(lr, count).init(params)),
+    lambda variant: _adam_step(decoder, _adam(1.0, count), variant),
     setup.to_looped(scan=True),
     _no_policy,
     "adam:scan",
@@ -227,10 +237,11 @@ def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
   cfg, layers = setup.cfg, setup.decoder.cfg.n_layers
   # Holding a layer closes over everything under its prefix (`_adam_step`).
   held = {f"layers/{i}": frozenset({f"layers/{i}"}) for i in range(layers)}
+  count = cfg.adam_count
   return Method(
     name,
-    lambda lr, seed: (setup.params, _adam(lr).init(setup.params)),
-    lambda variant: _adam_step(setup.decoder, _adam(1.0), variant),
+    lambda lr, seed: (setup.params, _adam(lr, count).init(setup.params)),
+    lambda variant: _adam_step(setup.decoder, _adam(1.0, count), variant),
     lambda tree: tree,
     lambda seed: LisaPolicy(held, cfg.lisa_layers, cfg.lisa_period, seed),
     "adam",
@@ -244,11 +255,13 @@ def _lora(setup: Setup, name: str, budget: float | None) -> Method:
   def init(lr, seed):
     key = jax.random.key(seed)
     factors = lora_lib.init(setup.params, cfg.lora_rank, key, _LORA_TARGET, _O_PROJ)
-    return {"base": setup.params, "lora": factors}, _adam(lr).init(factors)
+    return {"base": setup.params, "lora": factors}, _adam(lr, cfg.adam_count).init(
+      factors
+    )
 
   def make_step(variant):
     del variant
-    tx = _adam(1.0)
+    tx = _adam(1.0, cfg.adam_count)
 
     def step(tree, opt_state, batch):
       def loss(factors):
@@ -296,6 +309,7 @@ def _rgft_tx(
         thresh_final=cfg.thresh_final,
         warmup_steps=cfg.steps,
         min_scale=min_scale,
+        adam_count=cfg.adam_count,
       ),
       lr,
     )
@@ -430,9 +444,9 @@ def _budgeted(rule: str):
   return build
 
 
-def _freeze_step(decoder: Decoder):
+def _freeze_step(decoder: Decoder, count: str):
   """`_adam_step` as `rgft_jax.freeze_costs` calls it."""
-  adam = _adam(1.0)
+  adam = _adam(1.0, count)
 
   def step(params, opt_state, batch, frozen):
     return _adam_step(decoder, adam, frozen)(params, opt_state, batch)
@@ -452,7 +466,7 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
     raise ValueError(f"{name} needs the freeze costs (measure_costs(freeze=True)).")
   freeze = costs.freeze
   decoder, params = setup.decoder, setup.params
-  adam = _adam(1.0)
+  adam = _adam(1.0, cfg.adam_count)
 
   def loss(p, batch):
     return lm.loss(decoder(p), batch)[0]
@@ -476,7 +490,7 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
 
   return Method(
     name,
-    lambda lr, seed: (params, _adam(lr).init(params)),
+    lambda lr, seed: (params, _adam(lr, cfg.adam_count).init(params)),
     lambda variant: _adam_step(decoder, adam, variant),
     lambda tree: tree,
     policy,
@@ -555,7 +569,7 @@ def measure_costs(setup: Setup, freeze: bool = False) -> Costs:
   parameter tensors it trains (`rgft_jax.freeze_costs`, GreenTrainer's).
   """
   batch = setup.example
-  adam = _adam(1.0)
+  adam = _adam(1.0, setup.cfg.adam_count)
 
   def flops(step, params):
     return rgft_jax.flops_of(step, params, adam.init(params), batch)
@@ -580,7 +594,7 @@ def measure_costs(setup: Setup, freeze: bool = False) -> Costs:
   if freeze:
     loss = lambda p, b: lm.loss(setup.decoder(p), b)[0]  # noqa: E731
     freeze_costs = rgft_jax.freeze_costs(
-      _freeze_step(setup.decoder),
+      _freeze_step(setup.decoder, setup.cfg.adam_count),
       rgft_jax.tensor_order(loss, setup.params, batch),
       setup.params,
       adam.init(setup.params),

@@ -126,6 +126,10 @@ class Config:
   thresh_init: float = 0.1  # RGFT: threshold at the first step.
   thresh_final: float = 0.3  # RGFT: threshold at the last step.
   min_scale: float = 0.01  # RGFT: smallest multiplier.
+  # Every method's Adam: bias correction by the run's step count ("global",
+  # optax's) or by each parameter entry's own ("per_entry": held parameters
+  # resume where they left off).
+  adam_count: str = "global"
   budget_every: int = 25  # Budgeted RGFT: steps between decisions.
   budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the branches trained now.
   gate_recompute: bool = True  # Budgeted RGFT: gated branches keep no residuals.
@@ -305,9 +309,12 @@ class Config:
         thresh_init=self.thresh_init,
         thresh_final=self.thresh_final,
         min_scale=self.min_scale,
+        adam_count=self.adam_count,
       )
     except (TypeError, ValueError) as e:
-      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
+      raise ValueError(
+        f"RGFT flags (--beta, --thresh_*, --min_scale, --adam_count): {e}"
+      ) from None
     width = self.context + 1
     for corpus, split, least in (
       (self.target, "train", 2 * width),
