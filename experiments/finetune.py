@@ -243,6 +243,7 @@ class Config(methods_lib.Hyper):
       "adapter_width",
       "sparse_fraction",
       "greentrainer_period",
+      "adam_count",
     ):
       if getattr(self, k) != defaults[k]:
         out[k] = getattr(self, k)

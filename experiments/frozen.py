@@ -14,6 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+
+import rgft_jax
+
+ADAM_COUNTS = ("global", "per_entry")
 
 
 def path_of(key_path) -> str:
@@ -55,3 +60,17 @@ def value_and_grad(
     return out, jax.tree.unflatten(treedef, grads)
 
   return run
+
+
+def adam(learning_rate: Any, count: str = "global") -> optax.GradientTransformation:
+  """Adam for steps that hold parameters: bias correction by the run's step
+  count (`"global"`, `optax.adam` itself) or by each entry's own
+  (`"per_entry"`, `rgft_jax.scale_by_adam_per_entry`: a held parameter
+  resumes where it left off)."""
+  if count == "global":
+    return optax.adam(learning_rate)
+  if count == "per_entry":
+    return optax.chain(
+      rgft_jax.scale_by_adam_per_entry(), optax.scale_by_learning_rate(learning_rate)
+    )
+  raise ValueError(f"Adam's count must be one of {ADAM_COUNTS}, got {count!r}.")

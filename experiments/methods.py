@@ -26,6 +26,7 @@ import optax
 import rgft_jax
 from experiments import adapters as adapters_lib
 from experiments import budgets
+from experiments import frozen
 from experiments import lora as lora_lib
 from experiments import masks
 from experiments import steps as steps_lib
@@ -112,6 +113,9 @@ class Hyper:
   budget_exact: bool = False  # Budgeted RGFT: only exact measurements count.
   greentrainer_period: float = 0.4  # GreenTrainer: re-selects every this part of a run.
   gate_recompute: bool = True  # Run-time gating: gated branches keep no residuals.
+  # Adam's bias correction: the run's step count ("global", optax's) or each
+  # parameter entry's own ("per_entry": held parameters resume where they left off).
+  adam_count: str = "global"
 
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range."""
@@ -143,6 +147,10 @@ class Hyper:
     if not 0.0 < self.sparse_fraction <= 1.0:
       raise ValueError(
         f"--sparse_fraction must be in (0, 1], got {self.sparse_fraction}."
+      )
+    if self.adam_count not in frozen.ADAM_COUNTS:
+      raise ValueError(
+        f"--adam_count must be one of {frozen.ADAM_COUNTS}, got {self.adam_count!r}."
       )
     if self.error_method not in ERROR_METHODS:
       raise ValueError(
@@ -281,7 +289,7 @@ class Setup:
     return frozenset(p for p in self.paths if p.startswith("head/"))
 
   def adam(self) -> optax.GradientTransformation:
-    return optax.adam(self.hyper.learning_rate)
+    return frozen.adam(self.hyper.learning_rate, self.hyper.adam_count)
 
 
 def _rgft_tx(hyper: Hyper, comps: rgft_jax.Components):
@@ -293,6 +301,7 @@ def _rgft_tx(hyper: Hyper, comps: rgft_jax.Components):
     thresh_final=hyper.thresh_final,
     warmup_steps=hyper.warmup_steps or hyper.steps,
     min_scale=hyper.min_scale,
+    adam_count=hyper.adam_count,
   )
 
 

@@ -179,15 +179,8 @@ def _injected(make: Callable[[float], optax.GradientTransformation], lr: float):
 
 
 def _adam(learning_rate: float, count: str) -> optax.GradientTransformation:
-  """Adam at `learning_rate`, its bias correction counting the run's steps
-  (`count="global"`, `optax.adam`) or each entry's (`"per_entry"`)."""
-  if count == "global":
-    return _injected(optax.adam, learning_rate)
   return _injected(
-    lambda learning_rate: optax.chain(
-      rgft_jax.scale_by_adam_per_entry(), optax.scale_by_learning_rate(learning_rate)
-    ),
-    learning_rate,
+    lambda learning_rate: frozen.adam(learning_rate, count), learning_rate
   )
 
 

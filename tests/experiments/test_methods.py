@@ -367,3 +367,29 @@ def test_hold_entries_zeroes_what_it_holds():
   updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
   np.testing.assert_array_equal(updates["w"], [0.0, -1.0, 0.0])
   np.testing.assert_array_equal(masks.held_entries(state)["w"], held["w"])
+
+
+def _adam_states(state):
+  """The Adam states in an optimizer state, optax's or per entry."""
+  kinds = (optax.ScaleByAdamState, rgft_jax.ScaleByAdamPerEntryState)
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+  return [type(x) for x in leaves if isinstance(x, kinds)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", ["per_entry"])
+def test_every_method_s_adam_counts_as_the_flag_says(count):
+  """`--adam_count` reaches the Adam of every method that needs no step costs
+  (the budgeted ones build theirs with the same two helpers)."""
+  model, params, x, _ = _setup()
+  hyper = methods_lib.Hyper(adam_count=count)
+  want = {
+    "global": optax.ScaleByAdamState,
+    "per_entry": rgft_jax.ScaleByAdamPerEntryState,
+  }
+  for name, entry in methods_lib.REGISTRY.items():
+    if entry.budget == "required":
+      continue
+    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+    kinds = _adam_states(method.tx.init(method.params))
+    assert kinds and set(kinds) == {want[count]}, (name, kinds)
