@@ -62,6 +62,13 @@ LEVERS = {
   # Two levers together.
   "refresh_ramp50": ("rgft_budget", {"budget_refresh": True, "budget_ramp": 50}),
   "taylor_ramp50": ("rgft_budget", {"error_method": "taylor", "budget_ramp": 50}),
+  # Adam's bias correction by each entry's own steps (`--adam_count`): a
+  # branch first trained late, or trained again, starts or resumes Adam as
+  # Adam would instead of taking oversized steps.
+  "per_entry": ("rgft_budget", {"adam_count": "per_entry"}),
+  "ramp80_per_entry": ("rgft_budget", {"budget_ramp": 80, "adam_count": "per_entry"}),
+  # The allocation decided once, after the first window, and held.
+  "static": ("static_budget", {}),
   "full": ("full", {}),  # All the steps: b / budget more FLOPs.
   "full@b": ("full", {}),  # Fewer steps, the same FLOPs.
 }

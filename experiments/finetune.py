@@ -84,14 +84,20 @@ FAIR_METHODS = (
 PEER_METHODS = compare.peer_methods(("lisa", "full"))
 # Tuning runs use seeds TUNE_SEED, TUNE_SEED + 1, ...: never a reported seed.
 TUNE_SEED = 1000
-# The settings that changed a run's result when the committed study ran.
-_LEGACY_SETTINGS = (
-  "dataset size patch image_size batch_size steps pretrain_steps learning_rate "
-  "beta thresh_init thresh_final min_scale "
-  "lora_rank lisa_layers lisa_period budget_every budget_ramp budget_hysteresis "
-  "budget_refresh budget_exact "
-  "augment init val_fraction"
-).split()
+# Settings that change no run's result: which runs a command makes, where they
+# are kept, and how they report.
+_NOT_IN_SIGNATURE = (
+  "tasks",
+  "methods",
+  "seeds",
+  "lr_grid",
+  "tune_seeds",
+  "tune_budget",
+  "workdir",
+  "data_dir",
+  "ckpt_every",
+  "progress",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,37 +226,14 @@ class Config(methods_lib.Hyper):
       )
 
   def run_settings(self) -> dict:
-    """The settings that change a fine-tuning run's result (its signature).
-
-    Settings added since the committed study join only when they differ from
-    what that study's code did, so its runs keep their signatures.
-    """
-    out = {k: getattr(self, k) for k in _LEGACY_SETTINGS}
-    did = {
-      "pretrain_learning_rate": self.learning_rate,
-      "pretrain_batch_size": self.batch_size,
-      "warmup_steps": self.steps,
+    """The settings that change a fine-tuning run's result (its signature):
+    every field of `Config` but those in `_NOT_IN_SIGNATURE`, and the shipped
+    source models by their SHA-256."""
+    out = {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(Config)
+      if f.name not in _NOT_IN_SIGNATURE
     }
-    defaults = {f.name: f.default for f in dataclasses.fields(methods_lib.Hyper)}
-    for k in ("pretrain_learning_rate", "pretrain_batch_size", "warmup_steps"):
-      value = getattr(self, k)
-      if k == "warmup_steps":
-        value = value or self.steps
-      if value != did[k]:
-        out[k] = value
-    for k in (
-      "error_method",
-      "adapter_width",
-      "sparse_fraction",
-      "greentrainer_period",
-      "adam_count",
-    ):
-      if getattr(self, k) != defaults[k]:
-        out[k] = getattr(self, k)
-    if self.scan:
-      out["scan"] = True
-    if not self.gate_recompute:  # Same results; recorded all the same.
-      out["gate_recompute"] = False
     if self.pretrained == "shipped" and self.dataset == "embedded":  # By hash.
       out["pretrained"] = {
         t: vit_plateau.recorded_sha256(t) for t in self.tasks.split(",") if t

@@ -755,6 +755,56 @@ def lm_peers_h2h(path: str) -> str:
   return head_to_head(load(path)["runs"], "test_bpb", False)
 
 
+def lm_adam_count(optax_path: str, per_entry_path: str) -> str:
+  """Each method of an LM study run with `--adam_count per_entry` beside the
+  same method of one run with optax's count: its tuned rate in each, test
+  bits/byte, per entry minus optax's count and each minus full fine-tuning
+  of its own study (paired over seeds; bold where the 95% interval excludes
+  0; negative is better)."""
+  from experiments import compare  # NumPy and SciPy only.
+
+  studies = {"optax": load(optax_path), "per entry": load(per_entry_path)}
+  runs = [
+    {**r, "method": f"{r['method']} ({label})"}
+    for label, study in studies.items()
+    for r in study["runs"]
+  ]
+
+  def cell(s: dict[str, Any]) -> str:
+    return f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f}"
+
+  rows = []
+  for name, mine in studies["per entry"]["summary"].items():
+    theirs = studies["optax"]["summary"].get(name)
+    if theirs is None:
+      continue
+
+    def vs(a: str, b: str) -> str:
+      return _short(compare.paired(runs, a, b, "test_bpb"), points=False)
+
+    rows.append(
+      [
+        name,
+        f"{theirs['learning_rate']:g} / {mine['learning_rate']:g}",
+        cell(theirs),
+        cell(mine),
+        vs(f"{name} (per entry)", f"{name} (optax)"),
+        "n/a" if name == "full" else vs(f"{name} (optax)", "full (optax)"),
+        "n/a" if name == "full" else vs(f"{name} (per entry)", "full (per entry)"),
+      ]
+    )
+  head = [
+    "method",
+    "LR (optax / per entry)",
+    "test bpb, optax's count",
+    "test bpb, per entry",
+    "per entry minus optax's",
+    "minus full, optax's",
+    "minus full, per entry",
+  ]
+  return _table(head, rows)
+
+
 # The default run from the shipped plateau checkpoints.
 SHIPPED = "experiments/results/shipped/results.json"
 # The ViT peers study (--methods peers).

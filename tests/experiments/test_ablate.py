@@ -102,6 +102,8 @@ def test_levers_change_one_thing_of_budgeted_rgft():
   assert rows["default"].method == "rgft_budget@0.4" and rows["default"].overrides == {}
   assert rows["hard"].overrides == {"min_scale": 1.0}
   assert rows["sample"].method == "rgft_budget_sample@0.4"
+  assert rows["per_entry"].overrides == {"adam_count": "per_entry"}
+  assert rows["static"].method == "static_budget@0.4"
   # Full fine-tuning with every step, and with the budget's share of them.
   assert (rows["full"].method, rows["full@b"].method) == ("full", "full@0.4")
   for row in rows.values():  # Every row is a setting the study accepts.

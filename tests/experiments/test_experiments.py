@@ -608,6 +608,27 @@ def test_a_damaged_pretraining_cache_is_refused(tmp_path, monkeypatch):
   gc.collect()
 
 
+def _another(value):
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, int | float):
+    return value * 2 + 1
+  return value + "_x"
+
+
+def test_every_setting_but_the_listed_ones_is_in_a_run_s_signature():
+  """Changing any field of the study's config changes a run's settings,
+  except those that only choose, place or report runs."""
+  cfg = finetune.Config(pretrained="train")
+  free = set(finetune._NOT_IN_SIGNATURE)
+  fields = [f.name for f in dataclasses.fields(finetune.Config)]
+  assert free < set(fields)
+  for name in fields:
+    changed = dataclasses.replace(cfg, **{name: _another(getattr(cfg, name))})
+    same = changed.run_settings() == cfg.run_settings()
+    assert same == (name in free), name
+
+
 def test_a_result_of_another_run_is_refused(tmp_path):
   cfg = _tiny_config(tmp_path)
   task = finetune.TaskSetup("label_shift", *[None] * 7)
