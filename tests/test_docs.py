@@ -143,6 +143,48 @@ def test_the_lm_peers_table_is_rgft_minus_each_in_bits_per_byte():
   assert checked == 9 * len(doc_tables.LM_PEERS)
 
 
+def _body(table: str) -> dict[str, dict[str, str]]:
+  lines = table.splitlines()
+  head = [c.strip() for c in lines[0].strip("|").split("|")]
+  return {
+    cells[0]: dict(zip(head[1:], cells[1:], strict=True))
+    for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+  }
+
+
+def test_the_adam_count_tables_pair_the_two_studies_by_hand():
+  """`lm_adam_count`'s per-entry-minus-optax cells, and the curves' last
+  column, recomputed from the two studies' run records."""
+  import json
+
+  import numpy as np
+  from scipy import stats
+
+  def runs(path):
+    return json.loads(pathlib.Path(path).read_text())["runs"]
+
+  optax_runs = runs(doc_tables.LM_PEERS["pydoc"])
+  mine_runs = runs(doc_tables.LM_ADAM_COUNT)
+  body = _body(doc_tables.TABLES["lm_adam_count"]())
+  assert set(body) == {r["method"] for r in mine_runs}
+  for method, row in body.items():
+    a = {r["seed"]: r["test_bpb"] for r in mine_runs if r["method"] == method}
+    b = {r["seed"]: r["test_bpb"] for r in optax_runs if r["method"] == method}
+    d = np.array([a[s] - b[s] for s in sorted(a)])
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    if not d.any():  # Full fine-tuning: the same runs under both counts.
+      assert row["per entry minus optax's"] == "+0.0000 ± 0.0000"
+      continue
+    cell = row["per entry minus optax's"]
+    assert cell.strip("*") == f"{d.mean():+.4f} ± {half:.4f}", method
+    assert cell.startswith("**") == (abs(d.mean()) > half), method
+  curves = _body(doc_tables.TABLES["lm_adam_count_curves"]())
+  last = [
+    r["curve"]["value"][-1] for r in mine_runs if r["method"] == "rgft_budget@0.5"
+  ]
+  assert curves["rgft_budget@0.5 (per entry)"]["150"] == f"{np.mean(last):.3f}"
+
+
 def test_the_runtime_targets_table_reads_the_right_rows():
   """Each cell of `bench_runtime_targets`, looked up by hand in the JSON."""
   import json

@@ -770,9 +770,6 @@ def lm_adam_count(optax_path: str, per_entry_path: str) -> str:
     for r in study["runs"]
   ]
 
-  def cell(s: dict[str, Any]) -> str:
-    return f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f}"
-
   rows = []
   for name, mine in studies["per entry"]["summary"].items():
     theirs = studies["optax"]["summary"].get(name)
@@ -786,8 +783,8 @@ def lm_adam_count(optax_path: str, per_entry_path: str) -> str:
       [
         name,
         f"{theirs['learning_rate']:g} / {mine['learning_rate']:g}",
-        cell(theirs),
-        cell(mine),
+        _bpb(theirs),
+        _bpb(mine),
         vs(f"{name} (per entry)", f"{name} (optax)"),
         "n/a" if name == "full" else vs(f"{name} (optax)", "full (optax)"),
         "n/a" if name == "full" else vs(f"{name} (per entry)", "full (per entry)"),
@@ -805,12 +802,100 @@ def lm_adam_count(optax_path: str, per_entry_path: str) -> str:
   return _table(head, rows)
 
 
+# An LM study's flags that choose which runs it makes and where, not what a run does.
+_CHOOSING = (
+  "methods",
+  "seeds",
+  "tune_seeds",
+  "tune_budget",
+  "learning_rates",
+  "workdir",
+  "progress",
+)
+
+
+def lm_levers(default_path: str, levers: dict[str, str], method: str) -> str:
+  """Levers of an LM study: each its own study of `method` with settings
+  changed, beside the default study's `method` and its full fine-tuning
+  (paired over seeds; bold where the 95% interval excludes 0; negative
+  bits per byte is better)."""
+  from experiments import compare  # NumPy and SciPy only.
+
+  default = load(default_path)
+  base = default["config"]
+  runs = [r for r in default["runs"] if r["method"] in (method, "full")]
+  rows = [["default", "", _bpb(default["summary"][method]), "default", ""]]
+  for label, path in levers.items():
+    study = load(path)
+    changed = ", ".join(
+      f"{k} {v}"
+      for k, v in study["config"].items()
+      if k not in _CHOOSING and base.get(k) != v
+    )
+    runs += [{**r, "method": label} for r in study["runs"] if r["method"] == method]
+    rows.append([label, changed, _bpb(study["summary"][method]), "", ""])
+  rows[0][4] = _short(compare.paired(runs, method, "full", "test_bpb"), points=False)
+  for row in rows[1:]:
+    row[3] = _short(compare.paired(runs, row[0], method, "test_bpb"), points=False)
+    row[4] = _short(compare.paired(runs, row[0], "full", "test_bpb"), points=False)
+  head = ["lever", "changed", "test bpb", "minus default", "minus full"]
+  return _table(head, rows)
+
+
+def lm_curves(studies: dict[str, str], methods: tuple[str, ...]) -> str:
+  """Validation bits/byte during fine-tuning, the mean over each method's
+  reported seeds, one row per (method, study)."""
+  import numpy as np
+
+  rows, steps = [], None
+  for method in methods:
+    for label, path in studies.items():
+      curves = [r["curve"] for r in load(path)["runs"] if r["method"] == method]
+      if not curves:
+        continue
+      steps = steps or curves[0]["step"]
+      if any(c["step"] != steps for c in curves):
+        raise ValueError(f"{method} in {path}: curves at other steps than {steps}.")
+      mean = np.mean([c["value"] for c in curves], axis=0)
+      rows.append([f"{method} ({label})", *(f"{v:.3f}" for v in mean)])
+  return _table(["step", *(f"{t}" for t in steps or [])], rows)
+
+
+def lm_decisions(studies: dict[str, str], method: str) -> str:
+  """The components a budgeted method trained from each decision on, seed 0
+  of each study, and on how many seeds every decision was the same."""
+  cols, alike = {}, {}
+  for label, path in studies.items():
+    runs = sorted(
+      (r for r in load(path)["runs"] if r["method"] == method), key=lambda r: r["seed"]
+    )
+    decided = [
+      [(t, sorted(names)) for t, names in r["budget"]["decisions"]] for r in runs
+    ]
+    cols[label] = dict(decided[0])
+    alike[label] = f"{sum(d == decided[0] for d in decided)}/{len(decided)}"
+  steps = sorted({t for c in cols.values() for t in c})
+
+  def names(c: dict[int, list[str]], t: int) -> str:
+    return "nothing" if c.get(t) == [] else ", ".join(c.get(t, ["n/a"]))
+
+  rows = [[f"{t}", *(names(c, t) for c in cols.values())] for t in steps]
+  rows.append(["seeds deciding as seed 0", *alike.values()])
+  return _table(["from step", *(f"trained ({k})" for k in cols)], rows)
+
+
+def _bpb(s: dict[str, Any]) -> str:
+  return f"{s['test_bpb_mean']:.4f} ± {s['test_bpb_std']:.4f}"
+
+
 # The default run from the shipped plateau checkpoints.
 SHIPPED = "experiments/results/shipped/results.json"
 # The ViT peers study (--methods peers).
 VIT_PEERS = "experiments/results/peers/results.json"
 # The LM peers studies (--methods peers), by target domain.
 LM_PEERS = {"pydoc": "experiments/results/lm_peers_pydoc/results.json"}
+# The pydoc peers at budget 0.5 again, every Adam counting each entry's steps.
+LM_ADAM_COUNT = "experiments/results/lm_adam_count/results.json"
 
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
@@ -818,6 +903,20 @@ TABLES: dict[str, Callable[[], str]] = {
   "vit_summary_shipped": functools.partial(vit_summary, SHIPPED),
   "vit_peers_both": functools.partial(vit_peers_both, VIT_PEERS),
   "lm_peers_both": functools.partial(lm_peers_both, LM_PEERS),
+  "lm_adam_count": functools.partial(lm_adam_count, LM_PEERS["pydoc"], LM_ADAM_COUNT),
+  "lm_adam_count_curves": functools.partial(
+    lm_curves,
+    {"optax's count": LM_PEERS["pydoc"], "per entry": LM_ADAM_COUNT},
+    ("rgft_budget@0.5", "static_budget@0.5", "full"),
+  ),
+  "lm_adam_count_decisions": functools.partial(
+    lm_decisions,
+    {"optax's count": LM_PEERS["pydoc"], "per entry": LM_ADAM_COUNT},
+    "rgft_budget@0.5",
+  ),
+  "lm_peers_per_entry": functools.partial(
+    lm_peers_both, {"pydoc, per entry": LM_ADAM_COUNT}
+  ),
   **{f"lm_peers_{t}": functools.partial(lm_peers, p) for t, p in LM_PEERS.items()},
   "vit_levers": functools.partial(ablation, "experiments/results/levers/levers.json"),
   **{f"vit_peers_{t}": functools.partial(vit_peers, t, VIT_PEERS) for t in TASKS},
