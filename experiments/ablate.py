@@ -69,6 +69,12 @@ LEVERS = {
   "ramp80_per_entry": ("rgft_budget", {"budget_ramp": 80, "adam_count": "per_entry"}),
   # The allocation decided once, after the first window, and held.
   "static": ("static_budget", {}),
+  # A larger bonus for the components trained now: fewer changes of the set.
+  "hyst05": ("rgft_budget", {"budget_hysteresis": 0.5}),
+  "hyst05_per_entry": (
+    "rgft_budget",
+    {"budget_hysteresis": 0.5, "adam_count": "per_entry"},
+  ),
   "full": ("full", {}),  # All the steps: b / budget more FLOPs.
   "full@b": ("full", {}),  # Fewer steps, the same FLOPs.
 }

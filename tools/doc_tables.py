@@ -814,17 +814,19 @@ _CHOOSING = (
 )
 
 
-def lm_levers(default_path: str, levers: dict[str, str], method: str) -> str:
+def lm_levers(
+  default_path: str, levers: dict[str, str], method: str, others: tuple[str, ...]
+) -> str:
   """Levers of an LM study: each its own study of `method` with settings
-  changed, beside the default study's `method` and its full fine-tuning
-  (paired over seeds; bold where the 95% interval excludes 0; negative
-  bits per byte is better)."""
+  changed, beside the default study's `method` and `others` (paired over
+  seeds; bold where the 95% interval excludes 0; negative bits per byte is
+  better). Validation bits/byte too: the split a lever should be picked on."""
   from experiments import compare  # NumPy and SciPy only.
 
   default = load(default_path)
   base = default["config"]
-  runs = [r for r in default["runs"] if r["method"] in (method, "full")]
-  rows = [["default", "", _bpb(default["summary"][method]), "default", ""]]
+  runs = [r for r in default["runs"] if r["method"] in (method, *others)]
+  labels = {"default": ("", default["summary"][method])}
   for label, path in levers.items():
     study = load(path)
     changed = ", ".join(
@@ -833,13 +835,25 @@ def lm_levers(default_path: str, levers: dict[str, str], method: str) -> str:
       if k not in _CHOOSING and base.get(k) != v
     )
     runs += [{**r, "method": label} for r in study["runs"] if r["method"] == method]
-    rows.append([label, changed, _bpb(study["summary"][method]), "", ""])
-  rows[0][4] = _short(compare.paired(runs, method, "full", "test_bpb"), points=False)
-  for row in rows[1:]:
-    row[3] = _short(compare.paired(runs, row[0], method, "test_bpb"), points=False)
-    row[4] = _short(compare.paired(runs, row[0], "full", "test_bpb"), points=False)
-  head = ["lever", "changed", "test bpb", "minus default", "minus full"]
-  return _table(head, rows)
+    labels[label] = (changed, study["summary"][method])
+  rows = []
+  for label, (changed, s) in labels.items():
+    mine = method if label == "default" else label
+    rows.append(
+      [
+        label,
+        changed,
+        f"{s['validation_bpb_mean']:.4f}",
+        _bpb(s),
+        *(
+          _short(compare.paired(runs, mine, other, "test_bpb"), points=False)
+          for other in ((method,) if label != "default" else ()) + others
+        ),
+      ]
+    )
+  rows[0][4:4] = ["default"]
+  head = ["lever", "changed", "validation bpb", "test bpb", "minus default"]
+  return _table(head + [f"minus {o}" for o in others], rows)
 
 
 def lm_curves(studies: dict[str, str], methods: tuple[str, ...]) -> str:
@@ -896,6 +910,11 @@ VIT_PEERS = "experiments/results/peers/results.json"
 LM_PEERS = {"pydoc": "experiments/results/lm_peers_pydoc/results.json"}
 # The pydoc peers at budget 0.5 again, every Adam counting each entry's steps.
 LM_ADAM_COUNT = "experiments/results/lm_adam_count/results.json"
+# Budgeted RGFT at 0.5 with the per-entry count and one setting changed.
+LM_LEVERS = {
+  k: f"experiments/results/lm_levers/{k}/results.json"
+  for k in ("hyst05", "every50", "every75")
+}
 
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
@@ -914,11 +933,29 @@ TABLES: dict[str, Callable[[], str]] = {
     {"optax's count": LM_PEERS["pydoc"], "per entry": LM_ADAM_COUNT},
     "rgft_budget@0.5",
   ),
+  "lm_levers": functools.partial(
+    lm_levers,
+    LM_ADAM_COUNT,
+    LM_LEVERS,
+    "rgft_budget@0.5",
+    (
+      "full",
+      "full@0.5",
+      "static_budget@0.5",
+      "surgical_last@0.5",
+      "dropbp@0.5",
+      "greentrainer@0.5",
+    ),
+  ),
+  "lm_levers_decisions": functools.partial(lm_decisions, LM_LEVERS, "rgft_budget@0.5"),
   "lm_peers_per_entry": functools.partial(
     lm_peers_both, {"pydoc, per entry": LM_ADAM_COUNT}
   ),
   **{f"lm_peers_{t}": functools.partial(lm_peers, p) for t, p in LM_PEERS.items()},
   "vit_levers": functools.partial(ablation, "experiments/results/levers/levers.json"),
+  "vit_levers_adam": functools.partial(
+    ablation, "experiments/results/levers_adam/levers.json"
+  ),
   **{f"vit_peers_{t}": functools.partial(vit_peers, t, VIT_PEERS) for t in TASKS},
   **{f"vit_shipped_{t}": functools.partial(vit_default, t, SHIPPED) for t in TASKS},
   **{f"vit_all_{t}": functools.partial(vit_all, t) for t in TASKS},
