@@ -907,7 +907,10 @@ SHIPPED = "experiments/results/shipped/results.json"
 # The ViT peers study (--methods peers).
 VIT_PEERS = "experiments/results/peers/results.json"
 # The LM peers studies (--methods peers), by target domain.
-LM_PEERS = {"pydoc": "experiments/results/lm_peers_pydoc/results.json"}
+LM_PEERS = {
+  "pydoc": "experiments/results/lm_peers_pydoc/results.json",
+  "cheaders": "experiments/results/lm_peers_cheaders/results.json",
+}
 # The pydoc peers at budget 0.5 again, every Adam counting each entry's steps.
 LM_ADAM_COUNT = "experiments/results/lm_adam_count/results.json"
 # Budgeted RGFT at 0.5 with the per-entry count and one setting changed.
