@@ -86,7 +86,7 @@ PEER_METHODS = compare.peer_methods(("lisa", "full"))
 TUNE_SEED = 1000
 # Settings that change no run's result: which runs a command makes, where they
 # are kept, and how they report.
-_NOT_IN_SIGNATURE = (
+NOT_IN_SIGNATURE = (
   "tasks",
   "methods",
   "seeds",
@@ -227,12 +227,12 @@ class Config(methods_lib.Hyper):
 
   def run_settings(self) -> dict:
     """The settings that change a fine-tuning run's result (its signature):
-    every field of `Config` but those in `_NOT_IN_SIGNATURE`, and the shipped
+    every field of `Config` but those in `NOT_IN_SIGNATURE`, and the shipped
     source models by their SHA-256."""
     out = {
       f.name: getattr(self, f.name)
       for f in dataclasses.fields(Config)
-      if f.name not in _NOT_IN_SIGNATURE
+      if f.name not in NOT_IN_SIGNATURE
     }
     if self.pretrained == "shipped" and self.dataset == "embedded":  # By hash.
       out["pretrained"] = {

@@ -802,18 +802,6 @@ def lm_adam_count(optax_path: str, per_entry_path: str) -> str:
   return _table(head, rows)
 
 
-# An LM study's flags that choose which runs it makes and where, not what a run does.
-_CHOOSING = (
-  "methods",
-  "seeds",
-  "tune_seeds",
-  "tune_budget",
-  "learning_rates",
-  "workdir",
-  "progress",
-)
-
-
 def lm_levers(
   default_path: str, levers: dict[str, str], method: str, others: tuple[str, ...]
 ) -> str:
@@ -822,6 +810,7 @@ def lm_levers(
   seeds; bold where the 95% interval excludes 0; negative bits per byte is
   better). Validation bits/byte too: the split a lever should be picked on."""
   from experiments import compare  # NumPy and SciPy only.
+  from experiments.lm.study import NOT_IN_SIGNATURE
 
   default = load(default_path)
   base = default["config"]
@@ -832,7 +821,7 @@ def lm_levers(
     changed = ", ".join(
       f"{k} {v}"
       for k, v in study["config"].items()
-      if k not in _CHOOSING and base.get(k) != v
+      if k not in NOT_IN_SIGNATURE and base.get(k) != v
     )
     runs += [{**r, "method": label} for r in study["runs"] if r["method"] == method]
     labels[label] = (changed, study["summary"][method])

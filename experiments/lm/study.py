@@ -374,7 +374,7 @@ def train_batches(cfg: Config, seed: int):
 # Bumped whenever the same settings would give another run record.
 _RUN_FORMAT = 1
 # Settings that choose which runs a study makes, not what one run gives.
-_NOT_IN_SIGNATURE = (
+NOT_IN_SIGNATURE = (
   "methods",
   "seeds",
   "tune_seeds",
@@ -390,7 +390,7 @@ def signature(cfg: Config) -> str:
   fingerprint and the shipped decoder's SHA-256: runs are kept under it and
   reused by it."""
   named = {
-    k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_SIGNATURE
+    k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_SIGNATURE
   }
   named["format"] = _RUN_FORMAT
   named["data"] = data.fingerprint((cfg.target, cfg.source()))  # This machine's.

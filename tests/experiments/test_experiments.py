@@ -620,7 +620,7 @@ def test_every_setting_but_the_listed_ones_is_in_a_run_s_signature():
   """Changing any field of the study's config changes a run's settings,
   except those that only choose, place or report runs."""
   cfg = finetune.Config(pretrained="train")
-  free = set(finetune._NOT_IN_SIGNATURE)
+  free = set(finetune.NOT_IN_SIGNATURE)
   fields = [f.name for f in dataclasses.fields(finetune.Config)]
   assert free < set(fields)
   for name in fields:
