@@ -185,6 +185,40 @@ def test_the_adam_count_tables_pair_the_two_studies_by_hand():
   assert curves["rgft_budget@0.5 (per entry)"]["150"] == f"{np.mean(last):.3f}"
 
 
+def test_the_lever_tables_read_each_lever_s_own_runs():
+  """`lm_levers`: a lever minus a method of the default study, recomputed from
+  both studies' records; its changed setting read from the configs by hand.
+  `lm_levers_decisions`: seed 0's recorded decisions."""
+  import json
+
+  import numpy as np
+  from scipy import stats
+
+  def study(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+  default = study(doc_tables.LM_ADAM_COUNT)
+  body = _body(doc_tables.TABLES["lm_levers"]())
+  for label, path in doc_tables.LM_LEVERS.items():
+    lever = study(path)
+    mine = {r["seed"]: r["test_bpb"] for r in lever["runs"]}
+    for other in ("dropbp@0.5", "full"):
+      theirs = {
+        r["seed"]: r["test_bpb"] for r in default["runs"] if r["method"] == other
+      }
+      d = np.array([mine[s] - theirs[s] for s in sorted(mine)])
+      half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+      assert body[label][f"minus {other}"].strip("*") == f"{d.mean():+.4f} ± {half:.4f}"
+    key = "budget_hysteresis" if label.startswith("hyst") else "budget_every"
+    assert body[label]["changed"] == f"{key} {lever['config'][key]}"
+  decisions = _body(doc_tables.TABLES["lm_levers_decisions"]())
+  seed0 = next(
+    r for r in study(doc_tables.LM_LEVERS["hyst05"])["runs"] if r["seed"] == 0
+  )
+  for step, names in seed0["budget"]["decisions"]:
+    assert decisions[str(step)]["trained (hyst05)"] == ", ".join(sorted(names))
+
+
 def test_the_runtime_targets_table_reads_the_right_rows():
   """Each cell of `bench_runtime_targets`, looked up by hand in the JSON."""
   import json
