@@ -29,6 +29,7 @@ from experiments import budgets
 from experiments import frozen
 from experiments import lora as lora_lib
 from experiments import masks
+from experiments import registry
 from experiments import steps as steps_lib
 from experiments.budgets import BRANCH_RULES
 from experiments.budgets import Costs
@@ -42,7 +43,6 @@ from experiments.policies import BudgetPolicy
 from experiments.policies import LisaPolicy
 from experiments.policies import Policy
 from experiments.policies import block_layers
-from experiments.registry import Registry
 from experiments.trees import count
 from experiments.trees import flat
 from experiments.trees import identity
@@ -67,7 +67,7 @@ __all__ = (  # What other modules take from here, the registry's names aside.
   "unflat",
 )
 
-REGISTRY = Registry()  # Filled in below, one entry per method.
+REGISTRY = registry.METHODS.task("vit")  # The ViT's builders, registered below.
 BUDGETS = (0.3, 0.5, 0.7)  # The budgets of `--methods all`.
 # What `sum_i alpha_i size_i / sum_i size_i` over RGFT's block branches came to,
 # averaged over the logged steps of the 10 committed `rgft_blocks` runs (5 seeds
@@ -520,61 +520,26 @@ def _lisa(s: Setup) -> Method:
   )
 
 
-_ENTRIES = (  # name, builder, budget ("none", "optional", "required"), help.
-  ("full", _full, "optional", "Adam on every parameter; full@b runs b x steps"),
-  (
-    "rgft_blocks",
-    lambda s: _soft_rgft(s, "branches", s.hyper.error_method),
-    "none",
-    "rgft() over each block's attention and MLP branch",
-  ),
-  (
-    "rgft_heads",
-    lambda s: _soft_rgft(s, "heads", s.hyper.error_method),
-    "none",
-    "rgft() over each attention head",
-  ),
-  ("lora", _lora, "none", "LoRA on the blocks' kernels, the head trained"),
-  ("bitfit", _bitfit, "none", "the biases and the head"),
-  ("head_only", _head_only, "none", "the classifier head alone"),
-  (
-    "lisa",
-    _lisa,
-    "optional",
-    "LISA: random blocks trained, redrawn periodically; lisa@b runs fewer steps",
-  ),
-  (
-    "rgft_mix",
-    lambda s: _soft_rgft(s, "mix", s.hyper.error_method),
-    "none",
-    "rgft() over heads and MLP branches together",
-  ),
-  (
-    "rgft_random",
-    lambda s: _soft_rgft(s, "branches", "random"),
-    "none",
-    "control: rgft_blocks on a random error map",
-  ),
-  ("adapters", _adapters, "none", "bottleneck adapters after each block, the head"),
-  (
-    "random_sparse",
-    lambda s: _masked(s, "random"),
-    "none",
-    "a fixed random mask over the branches' entries (--sparse_fraction)",
-  ),
-  (
-    "magnitude_sparse",
-    lambda s: _masked(s, "magnitude"),
-    "none",
-    "a fixed mask of the branches' largest entries (--sparse_fraction)",
-  ),
+_BUILDERS = (  # name, builder, budget ("none", "optional", "required").
+  ("full", _full, "optional"),
+  ("rgft_blocks", lambda s: _soft_rgft(s, "branches", s.hyper.error_method), "none"),
+  ("rgft_heads", lambda s: _soft_rgft(s, "heads", s.hyper.error_method), "none"),
+  ("lora", _lora, "none"),
+  ("bitfit", _bitfit, "none"),
+  ("head_only", _head_only, "none"),
+  ("lisa", _lisa, "optional"),
+  ("rgft_mix", lambda s: _soft_rgft(s, "mix", s.hyper.error_method), "none"),
+  ("rgft_random", lambda s: _soft_rgft(s, "branches", "random"), "none"),
+  ("adapters", _adapters, "none"),
+  ("random_sparse", lambda s: _masked(s, "random"), "none"),
+  ("magnitude_sparse", lambda s: _masked(s, "magnitude"), "none"),
   *(
-    (name, _greentrainer if name == "greentrainer" else _budgeted, "required", help)
-    for name, help in budgets.BUDGETED.items()
+    (name, _greentrainer if name == "greentrainer" else _budgeted, "required")
+    for name in budgets.BUDGETED
   ),
 )
-for _name, _build, _budget, _help in _ENTRIES:
-  REGISTRY.register(_name, budget=_budget, help=_help)(_build)
+for _name, _build, _budget in _BUILDERS:
+  registry.METHODS.register(_name, task="vit", budget=_budget)(_build)
 METHODS = REGISTRY.names(BUDGETS)  # Every name `--methods all` runs.
 
 

@@ -241,3 +241,32 @@ def test_the_runtime_targets_table_reads_the_right_rows():
       cell("compiled", 0.75, "time_vs_plain"),
       cell("recompute", 0.75, "peak_vs_plain"),
     ]
+
+
+def test_the_methods_table_says_where_each_name_parses():
+  """Each row's tasks and budgets, checked by parsing the names in each study."""
+  from experiments import methods as vit
+  from experiments.lm import methods as lm
+
+  rows = doc_tables.methods().splitlines()[2:]
+  studies = {"ViT digits": vit.REGISTRY, "byte-level LM": lm.METHODS}
+  assert len(rows) == len(set(vit.REGISTRY) | set(lm.METHODS))
+  for row in rows:
+    name, _, where = (c.strip() for c in row.strip("|").split("|"))
+    name = name.strip("`")
+    for label, methods in studies.items():
+      cell = re.search(re.escape(label) + r"( \((also )?@b\))?", where)
+      plain = _parses(methods, name)
+      budgeted = _parses(methods, f"{name}@0.5")
+      assert (cell is not None) == (plain or budgeted), (name, label)
+      if cell is not None:
+        want = "" if not budgeted else " (also @b)" if plain else " (@b)"
+        assert (cell[1] or "") == want, (name, label)
+
+
+def _parses(methods, name):
+  try:
+    methods.parse(name)
+  except ValueError:
+    return False
+  return True

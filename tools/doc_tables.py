@@ -7,7 +7,8 @@ A table in a Markdown file sits between two markers,
     <!-- /table -->
 
 and `TABLES[NAME]` makes its rows from `experiments/results/**.json`,
-`benchmarks/results/*.json` or the shipped checkpoints' `checkpoints/*.json`, so a table cannot say what its data does not.
+`benchmarks/results/*.json`, the shipped checkpoints' `checkpoints/*.json`
+or the method registry (`methods`), so a table cannot say what its data does not.
 
     python -m tools.doc_tables          # rewrite every table in place
     python -m tools.doc_tables --check  # exit 1 naming each table that differs
@@ -908,6 +909,26 @@ LM_LEVERS = {
   for k in ("hyst05", "every50", "every75")
 }
 
+
+def methods() -> str:
+  """Every method of the harness's one registry, what it is, where it runs."""
+  from experiments import methods as _vit  # noqa: F401  Registers the ViT's.
+  from experiments import registry
+  from experiments.lm import methods as _lm  # noqa: F401  Registers the LM's.
+
+  tasks = {"vit": "ViT digits", "lm": "byte-level LM"}
+  budget = {"none": "", "optional": " (also @b)", "required": " (@b)"}
+  rows = []
+  for name, text in registry.CATALOGUE.items():
+    where = []
+    for task, label in tasks.items():
+      view = registry.METHODS.task(task)
+      if name in view:
+        where.append(label + budget[view[name].budget])
+    rows.append([f"`{name}`", text, ", ".join(where)])
+  return _table(["method", "what it is", "runs on"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
   "vit_summary": vit_summary,
   **{f"vit_default_{t}": functools.partial(vit_default, t) for t in TASKS},
@@ -986,6 +1007,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "bench_runtime": bench_runtime,
   "bench_runtime_targets": bench_runtime_targets,
   "bench_hold": bench_hold,
+  "methods": methods,
 }
 
 

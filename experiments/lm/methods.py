@@ -37,6 +37,7 @@ import rgft_jax
 from experiments import budgets
 from experiments import frozen
 from experiments import lora as lora_lib
+from experiments import registry
 from experiments.budgets import BRANCH_RULES
 from experiments.budgets import Costs
 from experiments.lm import model as lm
@@ -44,7 +45,6 @@ from experiments.loop import RUNTIME
 from experiments.policies import BudgetPolicy
 from experiments.policies import LisaPolicy
 from experiments.policies import Policy
-from experiments.registry import Registry
 from rgft_jax import hold_masked
 
 Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
@@ -491,40 +491,24 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
   )
 
 
-_ENTRIES = (  # name, builder, budget, help.
-  (
-    "full",
-    _full,
-    "optional",
-    "Adam on every parameter; full@b runs b x steps (b of the FLOPs)",
-  ),
-  (
-    "rgft_blocks",
-    _rgft(is_branch),
-    "none",
-    "rgft() with each layer's attn and mlp branch",
-  ),
-  (
-    "rgft_heads",
-    _rgft("heads"),
-    "none",
-    "rgft() with each attention head (select='heads')",
-  ),
+_BUILDERS = (  # name, builder, budget ("none", "optional", "required").
+  ("full", _full, "optional"),
+  ("rgft_blocks", _rgft(is_branch), "none"),
+  ("rgft_heads", _rgft("heads"), "none"),
   *(
     (
       name,
       _greentrainer if name == "greentrainer" else _budgeted(BRANCH_RULES[name]),
       "required",
-      help,
     )
-    for name, help in budgets.BUDGETED.items()
+    for name in budgets.BUDGETED
   ),
-  ("lora", _lora, "none", "LoRA on the attention and MLP kernels"),
-  ("lisa", _lisa, "none", "LISA: random layers trained, redrawn periodically"),
+  ("lora", _lora, "none"),
+  ("lisa", _lisa, "none"),
 )
-METHODS = Registry()  # The study's methods, in the order of --help.
-for _name, _build, _budget, _help in _ENTRIES:
-  METHODS.register(_name, budget=_budget, help=_help)(_build)
+for _name, _build, _budget in _BUILDERS:
+  registry.METHODS.register(_name, task="lm", budget=_budget)(_build)
+METHODS = registry.METHODS.task("lm")  # The study's methods, in the order of --help.
 
 
 def parse(name: str) -> tuple[str, float | None]:

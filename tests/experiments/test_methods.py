@@ -308,11 +308,13 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
     tx = methods_lib._frozen_tx(s.adam(), s.params, trainable)
     return methods_lib.Method(s.name, s.params, methods_lib.identity, trainable, tx)
 
-  monkeypatch.setitem(
-    methods_lib.REGISTRY,
-    "norms_only",
-    registry.Entry(norms_only, "none", "the norms and the head"),
+  methods = registry.METHODS
+  monkeypatch.setitem(methods.catalogue, "norms_only", "the norms and the head")
+  monkeypatch.setattr(  # Registered for this test only.
+    methods, "_builders", {t: dict(b) for t, b in methods._builders.items()}
   )
+  methods.register("norms_only", task="vit")(norms_only)
+  assert methods.tasks_of("norms_only") == ("vit",)
   model, params, x, batch = _setup()
   method = methods_lib.make("norms_only", model, params, x, methods_lib.Hyper(), None)
   test = [{**batch, "mask": jnp.ones(4)}]
