@@ -10,28 +10,34 @@ import jax
 import numpy as np
 
 import rgft_jax
+from experiments import loop
 from experiments import methods as methods_lib
 from experiments import steps as steps_lib
 from experiments.budgets import Costs
 from experiments.trees import count
+from experiments.trees import flat
 
 
-def update_ratio(method: methods_lib.Method, frozen: frozenset[str], alpha) -> float:
+def update_ratio(
+  method: methods_lib.Method, tree: Any, opt_state: Any, frozen: frozenset[str], alpha
+) -> float:
   """Fraction of the model's parameters a step moves, alpha-weighted for RGFT.
 
   Frozen parameters (LISA's, sparse RGFT's) and held entries (the masked
-  baselines') count as not moved. Counted on the model's parameters: LoRA's
-  update of an adapted kernel counts as its factors' size, the way LoRA is
-  usually compared (adapters likewise count as their own size).
+  baselines', in `opt_state`) count as not moved. Counted on the model's
+  parameters (`to_params(tree)`): LoRA's update of an adapted kernel counts
+  as its factors' size, the way LoRA is usually compared (adapters likewise
+  count as their own size).
   """
-  total = count(method.to_model(method.params))
+  total = count(method.to_params(tree))
   if method.components is not None:
-    sizes = method.components.sizes(method.params)
+    sizes = method.components.sizes(tree)
     alpha = np.where([n in frozen for n in method.components.names], 0.0, alpha)
     return float((np.sum(alpha * sizes) + (total - sizes.sum())) / total)
-  moved = count(method.params, method.trainable - frozen)
-  if method.held is not None:
-    moved -= sum(int(np.sum(m)) for m in jax.tree.leaves(method.held))
+  trainable = method.trainable
+  if trainable is None:
+    trainable = frozenset(flat(tree))
+  moved = count(tree, trainable - frozen) - methods_lib.held_count(opt_state)
   return moved / total
 
 
@@ -43,45 +49,36 @@ def measure_costs(
   on it, and its step costs NaN)."""
 
   def step_flops(name):
-    method = methods_lib.make(name, model, params, example, hyper, jax.random.key(0))
-    state = method.tx.init(method.params)
-    variant = method.policy.variant(0, state)
-    return steps_lib.variants_of(model, method).cost(
-      variant, method.params, state, batch
-    )[0]
+    method = methods_lib.make(name, model, params, example, hyper)
+    tree, state = method.init(hyper.learning_rate, 0)
+    variant = method.policy(0).variant(0, state)
+    return loop.variants_of(method).cost(variant, tree, state, batch)[0]
 
   # The budgeted methods' step without its metrics (the study's results were
   # sized by this; the metrics change a step's count by about 1e-6).
-  rgft = methods_lib.make(
-    "rgft_blocks", model, params, example, hyper, jax.random.key(0)
-  )
+  tracker, comps, tx = methods_lib.rgft_parts(model, params, example, hyper)
   sparse = rgft_jax.detachable_step(
-    rgft.tracker,
-    rgft.tx,
+    tracker,
+    tx,
     functools.partial(steps_lib.loss_and_accuracy, model),
-    rgft.components,
+    comps,
     has_aux=True,
   )
   freeze_costs = None
   if freeze:  # GreenTrainer's: a full fine-tuning step by the tensors it trains.
-    full = methods_lib.make("full", model, params, example, hyper, jax.random.key(0))
-    state = full.tx.init(params)
+    full = methods_lib.make("full", model, params, example, hyper)
+    _, state = full.init(hyper.learning_rate, 0)
     loss = lambda p, b: steps_lib.loss_and_accuracy(model, p, b)[0]  # noqa: E731
 
     def frozen_step(params, opt_state, batch, frozen):
-      return steps_lib.dense_step(model, full, frozen)(params, opt_state, batch)
+      return full.make_step(frozen)(params, opt_state, batch)
 
     freeze_costs = rgft_jax.freeze_costs(
       frozen_step, rgft_jax.tensor_order(loss, params, batch), params, state, batch
     )
-  scanned = bool(rgft.components.layer_groups)
+  scanned = bool(comps.layer_groups)
   detach = rgft_jax.detach_costs(
-    sparse,
-    rgft.components.names,
-    params,
-    rgft.tx.init(params),
-    batch,
-    compiled=not scanned,
+    sparse, comps.names, params, tx.init(params), batch, compiled=not scanned
   )
   lisa = float("nan") if scanned else step_flops("lisa")
   return Costs(detach, step_flops("full"), lisa, freeze_costs)

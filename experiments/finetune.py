@@ -305,14 +305,14 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   if found is not None:
     params, record = found
     return params, record["test_accuracy"]
-  hyper = dataclasses.replace(cfg.hyper(), learning_rate=cfg.pretrain_learning_rate)
-  method = methods_lib.make("full", model, params, example, hyper, jax.random.key(0))
+  method = methods_lib.make("full", model, params, example, cfg.hyper())
   record, params = train_lib.run(
     model,
     method,
     train_batches_of(cfg, task.train, seed=0, batch_size=cfg.pretrain_batch_size),
     eval_batches_of(cfg, task.test),
     steps=cfg.pretrain_steps,
+    learning_rate=cfg.pretrain_learning_rate,
     seed=0,
     workdir=where,
     log_every=cfg.log_every,
@@ -586,13 +586,14 @@ def one_run(
     record = store.load_json(done)
     check_result(record, done, task.name, name, seed, settings, tuning)
     return record
-  key = jax.random.fold_in(jax.random.key(seed), 1)
   method = methods_lib.make(
-    name, task.model, task.params, task.example, cfg.hyper(), key, seed, task.costs
+    name, task.model, task.params, task.example, cfg.hyper(), task.costs
   )
+  # Compiled steps shared by the seeds (one step would serve every rate too,
+  # but a run's record counts the compilations it made).
   cache = (task.name, name, json.dumps(settings, sort_keys=True))
   if cache not in variants:
-    variants[cache] = train_lib.variants_of(task.model, method)
+    variants[cache] = train_lib.variants_of(method)
   from tensorboardX import SummaryWriter
 
   with SummaryWriter(os.path.join(where, "tb")) as writer:
@@ -602,6 +603,7 @@ def one_run(
       train_batches_of(cfg, task.train, seed=seed + 1),
       eval_batches_of(cfg, task.val if tuning else task.test),
       steps=cfg.steps,
+      learning_rate=cfg.learning_rate,
       seed=seed,
       workdir=where,
       log_every=cfg.log_every,
@@ -627,7 +629,7 @@ def one_run(
       source_model,
       methods_lib.replace_head(method, final, head),
       batches(),
-      method.to_model,
+      method.to_params,
       method.forward,
     )
   record["task"] = task.name

@@ -74,3 +74,16 @@ def adam(learning_rate: Any, count: str = "global") -> optax.GradientTransformat
       rgft_jax.scale_by_adam_per_entry(), optax.scale_by_learning_rate(learning_rate)
     )
   raise ValueError(f"Adam's count must be one of {ADAM_COUNTS}, got {count!r}.")
+
+
+def injected(
+  make: Callable[[Any], optax.GradientTransformation], learning_rate: float
+) -> optax.GradientTransformation:
+  """`make(learning_rate)` with the rate in its state (`optax.inject_hyperparams`):
+  its `update` reads the rate from the state, so one compiled step serves
+  every rate (and `injected(make, 1.0).update` any state `init` made).
+  `make(learning_rate)` is called once here, so a bad setting raises now."""
+  make(learning_rate)
+  return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
+    learning_rate=learning_rate
+  )

@@ -1,10 +1,10 @@
 """The training loop of every study: a policy picks each step's variant, the
 compiled step of that variant runs, hooks log, evaluate and checkpoint.
 
-A method (`experiments.methods.Method`, `experiments.lm.methods.Method`)
-trains a tree with an optimizer state; its policy names what a step leaves
-out (a variant, a `frozenset` of names) and `rgft_jax.StepVariants` holds one
-compiled step per variant. A runtime-gated method (`method.runtime` set) has
+A method (`experiments.registry.Method`) trains a tree with an optimizer
+state; its policy names what a step leaves out (a variant, a `frozenset` of
+names) and `rgft_jax.StepVariants` holds one compiled step per variant
+(`variants_of`). A runtime-gated method (`method.runtime` set) has
 one compiled step, keyed `RUNTIME`, that takes the variant as a boolean array
 over `method.components.names`. The loop times the steps (the policy's own
 measurements included) and leaves compilation and hooks out of the time.
@@ -27,6 +27,12 @@ import jax
 from rgft_jax import StepVariants
 
 RUNTIME = "runtime"  # The variant key of a runtime-gated step.
+
+
+def variants_of(method: Any) -> StepVariants:
+  """The compiled steps of `method`, one per variant, for runs of every
+  learning rate and seed (what differs between them is in the state)."""
+  return StepVariants(method.make_step, max_variants=32)
 
 
 def step_key(method: Any, variant: frozenset[str]) -> tuple[Any, tuple[Any, ...]]:

@@ -1,11 +1,13 @@
-"""The fine-tuning methods compared side by side, on one ViT parameter layout.
+"""The ViT's fine-tuning methods, one registry entry each, on one parameter layout.
 
-Every method is a `Method`: the parameters it trains from (LoRA and the
-adapters add their own), how those become the model's parameters or logits,
-which of them are trainable, the optax transformation, where RGFT's error map
-comes from, and the step builder (`experiments.steps`). Each name is one
-registry entry (`ENTRIES`) that builds its `Method`; the training loop knows
-no method. Frozen parameters are held out of differentiation, so XLA drops
+Each builder returns a `Method` (`registry.Method`: a run's start from a
+learning rate and a seed, the step of each variant, the policy picking
+variants), set up on the pretrained parameters: what it trains (LoRA and
+the adapters add their own parameters), how that becomes the model's
+parameters or logits, the optimizer (which holds the learning rate, so one
+compiled step serves every rate and seed), and where RGFT's error map comes
+from (`experiments.steps` builds the steps). The training loop knows no
+method. Frozen parameters are held out of differentiation, so XLA drops
 their weight-gradient work and the counted FLOPs show each method's real cost.
 """
 
@@ -58,11 +60,13 @@ __all__ = (  # What other modules take from here, the registry's names aside.
   "block_layers",
   "count",
   "flat",
+  "held_count",
   "identity",
   "infeasible",
   "make",
   "parse_name",
   "replace_head",
+  "rgft_parts",
   "trainable_count",
   "unflat",
 )
@@ -172,59 +176,32 @@ class Hyper:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Method:
-  """A fine-tuning method: what it trains, its optimizer, how it picks variants.
+class Method(registry.Method):
+  """A ViT method: a harness `registry.Method`, plus where the classifier
+  head sits in its tree and, for the adapters, the logits of the tree
+  (`forward(model, tree, images)`, in place of the model on `to_params`)."""
 
-  Variants (hashable) are what `policy` leaves out of a step: parameter paths
-  for LISA, detached components for budgeted RGFT (`build_step` is then
-  `steps.detached_step`). `steps` overrides the run's steps (equal-FLOPs
-  baselines). `measure` gives the loss, gradients and the error map of
-  methods with one (`error_maps`); `forward`, when set, gives the logits of
-  `params` in place of `model.apply(to_model(params))` (adapters); `held`
-  marks entries never updated (the sparsification baselines; their optimizer
-  holds the same mask); `head` is where the classifier head sits in `params`.
-  """
-
-  name: str
-  params: Any  # What the optimizer updates.
-  to_model: Callable[[Any], Any]  # `params` -> the model's parameters.
-  trainable: frozenset[str]  # Paths of `params` that are trained.
-  tx: optax.GradientTransformation
-  tracker: Any = None  # `rgft_jax.ErrorTracker` (or `grouping.MixedTracker`).
-  components: rgft_jax.Components | None = None
-  policy: Policy = dataclasses.field(default_factory=Policy)
-  detaches: bool = False  # Variants name detached components.
-  exact: bool = False  # Detached steps measure only what they measure exactly.
-  steps: int | None = None
-  measure: Callable[..., Any] | None = None
   forward: Callable[[nn.Module, Any, jax.Array], jax.Array] | None = None
-  held: Any = None
   head: str = "head"
-  build_step: Callable[..., Any] = steps_lib.dense_step
-  # With these step costs the detached set is decided at run time (a scanned
-  # model): variant `loop.RUNTIME` takes it as a boolean array, and a step
-  # is charged `runtime.step(variant)` FLOPs.
-  runtime: rgft_jax.DetachCosts | None = None
-  recompute: bool = False  # Runtime-gated branches keep no residuals.
-
-  def flags(self, variant: frozenset[str]) -> np.ndarray:
-    """`variant` as a runtime step's boolean array over the components."""
-    assert self.components is not None
-    return np.array([n in variant for n in self.components.names], bool)
 
 
-def trainable_count(method: Method) -> int:
-  """Entries `method` trains: its trainable paths, less the entries it holds."""
-  held = (
-    0
-    if method.held is None
-    else sum(int(np.sum(m)) for m in jax.tree.leaves(method.held))
-  )
-  return count(method.params, method.trainable) - held
+def held_count(opt_state: Any) -> int:
+  """Entries a `masks.hold_entries` in `opt_state` holds (0 without one)."""
+  held = masks.held_entries(opt_state)
+  return 0 if held is None else sum(int(np.sum(m)) for m in jax.tree.leaves(held))
+
+
+def trainable_count(method: Method, tree: Any, opt_state: Any) -> int:
+  """Entries `method` trains in `tree`: its trainable paths, less the entries
+  its optimizer holds."""
+  trainable = method.trainable
+  if trainable is None:
+    trainable = frozenset(flat(tree))
+  return count(tree, trainable) - held_count(opt_state)
 
 
 def replace_head(method: Method, tree: Any, head: Any) -> Any:
-  """`tree` (a `method.params`) with `head` as the classifier head."""
+  """`tree` (a `method`'s trained tree) with `head` as the classifier head."""
   prefix = method.head + "/"
   kept = {p: v for p, v in flat(tree).items() if not p.startswith(prefix)}
   return unflat({**kept, **{prefix + p: v for p, v in flat(head).items()}})
@@ -266,6 +243,11 @@ BUDGETED_RGFT = tuple(BRANCH_RULES)  # The methods a `Budget` drives.
 BUDGET_ERROR_METHODS = ("norm_product", "taylor")
 
 
+def init_key(seed: int) -> jax.Array:
+  """The key of a run's own initial parameters (LoRA's, the adapters')."""
+  return jax.random.fold_in(jax.random.key(seed), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a registry entry builds its method from (see `make`)."""
@@ -276,8 +258,6 @@ class Setup:
   params: Any
   example: jax.Array
   hyper: Hyper
-  key: jax.Array
-  seed: int
   costs: Costs | None
 
   @property
@@ -288,50 +268,111 @@ class Setup:
   def head(self) -> frozenset[str]:
     return frozenset(p for p in self.paths if p.startswith("head/"))
 
-  def adam(self) -> optax.GradientTransformation:
-    return frozen.adam(self.hyper.learning_rate, self.hyper.adam_count)
+  def adam(self, learning_rate: float) -> optax.GradientTransformation:
+    return frozen.injected(
+      lambda rate: frozen.adam(rate, self.hyper.adam_count), learning_rate
+    )
 
 
-def _rgft_tx(hyper: Hyper, comps: rgft_jax.Components):
-  return rgft_jax.rgft(
-    hyper.learning_rate,
-    comps,
-    beta=hyper.beta,
-    thresh_init=hyper.thresh_init,
-    thresh_final=hyper.thresh_final,
-    warmup_steps=hyper.warmup_steps or hyper.steps,
-    min_scale=hyper.min_scale,
-    adam_count=hyper.adam_count,
+TxOf = Callable[[float, int], optax.GradientTransformation]  # (rate, seed) -> tx
+
+
+def _dense(
+  s: Setup,
+  tx_of: TxOf,
+  trainable: frozenset[str],
+  *,
+  tree_of: Callable[[int], Any] | None = None,
+  measure: Callable[..., Any] | None = None,
+  components: rgft_jax.Components | None = None,
+  **fields: Any,
+) -> Method:
+  """A method whose step differentiates `trainable` (`steps.dense_step`):
+  `tx_of(rate, seed)` its optimizer (the rate and the seed only shape its
+  state), `tree_of(seed)` the tree it trains (the pretrained parameters)."""
+  tree_of = tree_of or (lambda seed: s.params)
+  loss_fn = steps_lib.method_loss(
+    s.model, fields.get("to_params", identity), fields.get("forward")
   )
+  tx = tx_of(1.0, 0)
+
+  def init(learning_rate: float, seed: int):
+    tree = tree_of(seed)
+    return tree, tx_of(learning_rate, seed).init(tree)
+
+  return Method(
+    s.name,
+    init,
+    lambda variant: steps_lib.dense_step(loss_fn, tx, trainable, variant, measure),
+    trainable=trainable,
+    components=components,
+    **fields,
+  )
+
+
+def _rgft_tx(
+  hyper: Hyper, comps: rgft_jax.Components, learning_rate: float | None = None
+):
+  """RGFT with `hyper`'s settings at `learning_rate` (`hyper`'s if None)."""
+  if learning_rate is None:
+    learning_rate = hyper.learning_rate
+  return frozen.injected(
+    lambda rate: rgft_jax.rgft(
+      rate,
+      comps,
+      beta=hyper.beta,
+      thresh_init=hyper.thresh_init,
+      thresh_final=hyper.thresh_final,
+      warmup_steps=hyper.warmup_steps or hyper.steps,
+      min_scale=hyper.min_scale,
+      adam_count=hyper.adam_count,
+    ),
+    learning_rate,
+  )
+
+
+def rgft_parts(model: nn.Module, params: Any, example: jax.Array, hyper: Hyper):
+  """`rgft_blocks`' tracker, components and optimizer (at `hyper`'s rate):
+  what the budgeted methods' step costs are measured on."""
+  tracker = rgft_jax.ErrorTracker(model, select="branches", method=_attribution(hyper))
+  comps = tracker.components(params, example)
+  return tracker, comps, _rgft_tx(hyper, comps)
+
+
+def _attribution(hyper: Hyper, error_method: str | None = None) -> str:
+  """The tracker's attribution for `error_method` (`hyper`'s if None): the
+  random and shuffled maps only need the components it names."""
+  error_method = error_method or hyper.error_method
+  return "norm_product" if error_method in ("random", "shuffled") else error_method
 
 
 def _soft_rgft(s: Setup, select: str, error_method: str) -> Method:
   """Soft RGFT over `select` ("branches", "heads" or "mix"), map from `error_method`."""
-  attribution = (
-    "norm_product" if error_method in ("random", "shuffled") else error_method
-  )
+  attribution = _attribution(s.hyper, error_method)
   if select == "mix":
     tracker = MixedTracker(s.model, method=attribution)
   else:
     tracker = rgft_jax.ErrorTracker(s.model, select=select, method=attribution)
   comps = tracker.components(s.params, s.example)
-  tx = _rgft_tx(s.hyper, comps)
+
+  def tx_of(learning_rate, seed):
+    tx = _rgft_tx(s.hyper, comps, learning_rate)
+    if error_method in ("random", "shuffled"):  # The map's seed, in the state.
+      tx = optax.chain(random_map_seed(seed), tx)
+    return tx
+
   if error_method == "random":  # The tracker only named the components.
-    tx = optax.chain(random_map_seed(s.seed), tx)
-    tracker, measure = None, RandomErrorMap(comps.names)
+    measure: Any = RandomErrorMap(comps.names)
   elif error_method == "shuffled":
-    tx = optax.chain(random_map_seed(s.seed), tx)
     measure = ShuffledErrorMap(Tracked(tracker), comps.names)
   else:
     measure = Tracked(tracker, absolute=error_method == "ablation")
-  return Method(
-    s.name, s.params, identity, s.paths, tx, tracker, comps, measure=measure
-  )
+  return _dense(s, tx_of, s.paths, measure=measure, components=comps)
 
 
 def _full(s: Setup) -> Method:
   steps = None if s.budget is None else max(1, round(s.budget * s.hyper.steps))
-  return Method(s.name, s.params, identity, s.paths, s.adam(), steps=steps)
+  return _dense(s, lambda lr, seed: s.adam(lr), s.paths, steps=steps)
 
 
 def _block(name: str) -> int:
@@ -364,46 +405,60 @@ def _budgeted(s: Setup) -> Method:
     s.model, select="branches", method=s.hyper.error_method
   )
   comps = tracker.components(s.params, s.example)
-  if s.costs.detach.names != comps.names:
+  assert s.costs is not None
+  costs = s.costs
+  if costs.detach.names != comps.names:
     raise ValueError(
-      f"The step costs are for components {s.costs.detach.names}, this model's "
+      f"The step costs are for components {costs.detach.names}, this model's "
       f"are {comps.names}."
     )
   h = s.hyper
   rule = BRANCH_RULES[parse_name(s.name)[0]]
   dropbp = rule == "dropbp"
-  # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
-  policy = BudgetPolicy(
-    rgft_jax.Budget(
-      s.costs.detach,
-      s.budget,
-      total_steps=h.steps,
-      every=1 if dropbp else h.budget_every,
-      rule=rule,
-      ramp_steps=h.budget_ramp,
-      hysteresis=h.budget_hysteresis,
-      seed=s.seed,
-      unit=s.costs.full,
-      refresh=h.budget_refresh,
-      depth=[_block(n) for n in comps.names],
-    ),
-    sensitivity=_dropbp_sensitivity(s.model, tracker, comps) if dropbp else None,
-  )
-  tx = _rgft_tx(dataclasses.replace(h, min_scale=1.0) if dropbp else h, comps)
+  sensitivity = _dropbp_sensitivity(s.model, tracker, comps) if dropbp else None
+
+  def policy(seed: int) -> BudgetPolicy:
+    # Budgets are fractions of a full fine-tuning step; tracking is paid from them.
+    return BudgetPolicy(
+      rgft_jax.Budget(
+        costs.detach,
+        s.budget,
+        total_steps=h.steps,
+        every=1 if dropbp else h.budget_every,
+        rule=rule,
+        ramp_steps=h.budget_ramp,
+        hysteresis=h.budget_hysteresis,
+        seed=seed,
+        unit=costs.full,
+        refresh=h.budget_refresh,
+        depth=[_block(n) for n in comps.names],
+      ),
+      sensitivity=sensitivity,
+    )
+
+  def tx_of(learning_rate):
+    return _rgft_tx(
+      dataclasses.replace(h, min_scale=1.0) if dropbp else h, comps, learning_rate
+    )
+
+  gated = bool(comps.layer_groups or dropbp)
+  tx = tx_of(1.0)
   return Method(
     s.name,
-    s.params,
-    identity,
-    s.paths,
-    tx,
-    tracker,
-    comps,
+    lambda learning_rate, seed: (s.params, tx_of(learning_rate).init(s.params)),
+    lambda variant: steps_lib.detached_step(
+      s.model,
+      tracker,
+      tx,
+      comps,
+      variant,
+      exact=h.budget_exact,
+      recompute=h.gate_recompute and gated,
+    ),
     policy,
-    detaches=True,
-    exact=h.budget_exact,
-    build_step=steps_lib.detached_step,
-    runtime=s.costs.detach if comps.layer_groups or dropbp else None,
-    recompute=h.gate_recompute and bool(comps.layer_groups or dropbp),
+    trainable=s.paths,
+    components=comps,
+    runtime=costs.detach if gated else None,
   )
 
 
@@ -415,38 +470,41 @@ def _greentrainer(s: Setup) -> Method:
   frozen tensors (`steps.dense_step` closes over it)."""
   if s.costs is None or s.costs.freeze is None:
     raise ValueError(f"{s.name} needs the task's freeze costs (measure_costs).")
-  freeze, h = s.costs.freeze, s.hyper
-  adam = s.adam()
+  costs, h = s.costs, s.hyper
+  freeze = costs.freeze
+  assert freeze is not None
 
   def loss(params, batch):
     return steps_lib.loss_and_accuracy(s.model, params, batch)[0]
 
-  importance = budgets.greentrainer_probe(loss, adam, freeze.names)
-  policy = BudgetPolicy(
-    rgft_jax.Budget(
-      freeze,
-      s.budget,
-      h.steps,
-      every=max(1, math.ceil(h.greentrainer_period * h.steps)),
-      rule="greentrainer",
-      seed=s.seed,
-      unit=s.costs.full,
-    ),
-    scores=importance,
-  )
-  return Method(s.name, s.params, identity, s.paths, adam, policy=policy)
+  # Its trial step reads the run's rate from the run's state.
+  importance = budgets.greentrainer_probe(loss, s.adam(1.0), freeze.names)
+
+  def policy(seed: int) -> BudgetPolicy:
+    return BudgetPolicy(
+      rgft_jax.Budget(
+        freeze,
+        s.budget,
+        h.steps,
+        every=max(1, math.ceil(h.greentrainer_period * h.steps)),
+        rule="greentrainer",
+        seed=seed,
+        unit=costs.full,
+      ),
+      scores=importance,
+    )
+
+  return _dense(s, lambda lr, seed: s.adam(lr), s.paths, policy=policy)
 
 
 def _head_only(s: Setup) -> Method:
-  return Method(
-    s.name, s.params, identity, s.head, _frozen_tx(s.adam(), s.params, s.head)
-  )
+  return _dense(s, lambda lr, seed: _frozen_tx(s.adam(lr), s.params, s.head), s.head)
 
 
 def _bitfit(s: Setup) -> Method:
   trainable = s.head | {p for p in s.paths if p.endswith("/bias")}
-  return Method(
-    s.name, s.params, identity, trainable, _frozen_tx(s.adam(), s.params, trainable)
+  return _dense(
+    s, lambda lr, seed: _frozen_tx(s.adam(lr), s.params, trainable), trainable
   )
 
 
@@ -457,51 +515,64 @@ _LORA_TARGET = re.compile(
 _LORA_OUTPUT = re.compile(r".*/out/kernel")
 
 
-def _lora(s: Setup) -> Method:
-  factors = lora_lib.init(
-    s.params, s.hyper.lora_rank, s.key, _LORA_TARGET, _LORA_OUTPUT
-  )
-  tree = {"base": s.params, "lora": factors}
+def _with_own(s: Setup, name: str, init_own: Callable[[jax.Array], Any], **fields):
+  """A method training `name`'s parameters of its own (drawn from the run's
+  seed, `init_key`) beside the frozen pretrained ones, and the head."""
+
+  def tree_of(seed: int) -> dict[str, Any]:
+    return {"base": s.params, name: init_own(init_key(seed))}
+
+  tree = tree_of(0)  # The layout, the same for every seed.
   trainable = frozenset(
-    p for p in flat(tree) if p.startswith("lora/") or p.startswith("base/head/")
+    p for p in flat(tree) if p.startswith(name + "/") or p.startswith("base/head/")
   )
-  tx = _frozen_tx(s.adam(), tree, trainable)
-  return Method(s.name, tree, lora_lib.merge, trainable, tx, head="base/head")
+  return _dense(
+    s,
+    lambda lr, seed: _frozen_tx(s.adam(lr), tree, trainable),
+    trainable,
+    tree_of=tree_of,
+    head="base/head",
+    **fields,
+  )
+
+
+def _lora(s: Setup) -> Method:
+  rank = s.hyper.lora_rank
+  return _with_own(
+    s,
+    "lora",
+    lambda key: lora_lib.init(s.params, rank, key, _LORA_TARGET, _LORA_OUTPUT),
+    to_params=lora_lib.merge,
+  )
 
 
 def _adapters(s: Setup) -> Method:
   width = s.hyper.adapter_width
-  tree = {
-    "base": s.params,
-    "adapters": adapters_lib.init(s.model, s.params, s.example, width, s.key),
-  }
-  trainable = frozenset(
-    p for p in flat(tree) if p.startswith("adapters/") or p.startswith("base/head/")
-  )
-  tx = _frozen_tx(s.adam(), tree, trainable)
-  return Method(
-    s.name,
-    tree,
-    _base,
-    trainable,
-    tx,
+  return _with_own(
+    s,
+    "adapters",
+    lambda key: adapters_lib.init(s.model, s.params, s.example, width, key),
+    to_params=_base,
     forward=adapters_lib.forward,
-    head="base/head",
   )
 
 
 def _masked(s: Setup, rule: str) -> Method:
-  """A fixed mask over the block branches' entries (see `masks`)."""
+  """A fixed mask over the block branches' entries (see `masks`), drawn from
+  the run's seed for "random"; it lives in the optimizer state."""
   comps = rgft_jax.ErrorTracker(s.model, select="branches").components(
     s.params, s.example
   )
   fraction = s.hyper.sparse_fraction
-  if rule == "random":
-    held = masks.random_mask(comps, s.params, fraction, s.seed)
-  else:
-    held = masks.magnitude_mask(comps, s.params, fraction)
-  tx = optax.chain(masks.hold_entries(held), s.adam())
-  return Method(s.name, s.params, identity, s.paths, tx, held=held)
+
+  def tx_of(learning_rate, seed):
+    if rule == "random":
+      held = masks.random_mask(comps, s.params, fraction, seed)
+    else:
+      held = masks.magnitude_mask(comps, s.params, fraction)
+    return optax.chain(masks.hold_entries(held), s.adam(learning_rate))
+
+  return _dense(s, tx_of, s.paths)
 
 
 def _lisa(s: Setup) -> Method:
@@ -511,12 +582,17 @@ def _lisa(s: Setup) -> Method:
       "LISA holds whole blocks, which a model scanned over layers stacks in "
       "one; run it without --scan."
     )
-  policy = LisaPolicy(block_layers(s.paths), h.lisa_layers, h.lisa_period, s.seed)
   steps = None
   if s.budget is not None:
+    assert s.costs is not None
     steps = max(1, round(s.budget * h.steps * s.costs.full / s.costs.lisa))
-  return Method(
-    s.name, s.params, identity, s.paths, s.adam(), policy=policy, steps=steps
+  layers = block_layers(s.paths)
+  return _dense(
+    s,
+    lambda lr, seed: s.adam(lr),
+    s.paths,
+    policy=lambda seed: LisaPolicy(layers, h.lisa_layers, h.lisa_period, seed),
+    steps=steps,
   )
 
 
@@ -549,18 +625,17 @@ def make(
   params: Any,
   example: jax.Array,
   hyper: Hyper,
-  key: jax.Array,
-  seed: int = 0,
   costs: Costs | None = None,
 ) -> Method:
   """The method `name` (see `REGISTRY`) set up on pretrained `params`.
 
-  `key` draws LoRA's and the adapters' initial factors; `seed` seeds the
-  random draws of LISA, the budget, the random mask and the random error
-  map; budgeted methods (`name@b`) need the task's `costs`.
+  A run starts from `method.init(learning_rate, seed)`: the seed draws
+  LoRA's and the adapters' initial factors (`init_key`), the random mask
+  and the random error map's seed, and `method.policy(seed)` the draws of
+  LISA and the budget. Budgeted methods (`name@b`) need the task's `costs`.
   """
   base, budget = parse_name(name)
   if budget is not None and costs is None:
     raise ValueError(f"{name} needs the task's step costs (costs=...).")
-  setup = Setup(name, budget, model, params, example, hyper, key, seed, costs)
+  setup = Setup(name, budget, model, params, example, hyper, costs)
   return REGISTRY[base].build(setup)

@@ -2,9 +2,9 @@
 
 `METHODS` lists every method of the harness once, with what it is (its
 --help text, `CATALOGUE`); each task registers its builder of the methods it
-runs, and a study reads its task's view: the names it runs, which take a
-compute budget, `parse` and --help. A method given a budget b in (0, 1] is
-named `name@b`:
+runs, which returns a `Method`, and a study reads its task's view: the names
+it runs, which take a compute budget, `parse` and --help. A method given a
+budget b in (0, 1] is named `name@b`:
 
 >>> methods = Registry({"full": "Adam on everything", "lora": "LoRA"})
 >>> @methods.register("full", task="vit", budget="optional")
@@ -30,10 +30,69 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+import rgft_jax
 from experiments import budgets
 from experiments import cli
+from experiments.policies import Policy
+from experiments.trees import identity
 
 BUDGET_KINDS = ("none", "optional", "required")
+# `step(tree, opt_state, batch[, flags]) -> (tree, opt_state, metrics)`.
+Step = Callable[..., tuple[Any, Any, dict[str, Any]]]
+
+
+def no_policy(seed: int) -> Policy:
+  """The policy of a method that runs one variant: nothing left out."""
+  del seed
+  return Policy()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Method:
+  """What a builder returns: a fine-tuning method on one task, the same for
+  every learning rate and seed (they share its compiled steps).
+
+  Attributes:
+    name: as given, e.g. `"rgft_budget@0.5"`.
+    init: `(learning_rate, seed) -> (tree, opt_state)`, a run's start: the
+      tree it trains (the pretrained parameters; LoRA's factors beside them)
+      and the optimizer state, which holds the rate and whatever the seed
+      draws (masks, a random map's seed).
+    make_step: `variant -> step(tree, opt_state, batch) -> (tree, opt_state,
+      metrics)`, a pure function for `jax.jit`; a variant (a `frozenset` of
+      names) is what the step leaves out.
+    policy: `seed -> Policy` choosing each step's variant.
+    to_params: the trained tree -> the model's parameters.
+    trainable: the paths of the tree it trains (None: every path).
+    family: methods of one family build the same step for the same variant,
+      so they can share compiled steps (`full`, `full@b` and `lisa`, say);
+      "" shares with none.
+    components: RGFT's components, if any.
+    steps: the steps it runs when not the study's (equal-FLOPs baselines).
+    runtime: with these step costs, the detached set is decided at run
+      time: `make_step(loop.RUNTIME)` takes it as a fourth argument, a
+      boolean array over `components.names`, and a step is charged
+      `runtime.step(variant)` FLOPs (XLA counts both sides of each gate).
+  """
+
+  name: str
+  init: Callable[[float, int], tuple[Any, Any]]
+  make_step: Callable[[Any], Step]
+  policy: Callable[[int], Policy] = no_policy
+  to_params: Callable[[Any], Any] = identity
+  trainable: frozenset[str] | None = None
+  family: str = ""
+  components: rgft_jax.Components | None = None
+  steps: int | None = None
+  runtime: rgft_jax.DetachCosts | None = None
+
+  def flags(self, variant: frozenset[str]) -> np.ndarray:
+    """`variant` as a runtime step's boolean array over the components."""
+    assert self.components is not None
+    return np.array([n in variant for n in self.components.names], bool)
+
 
 # Every method of the studies, in the order of --help and `--methods all`:
 # its name and what it is.

@@ -28,9 +28,8 @@ from experiments.loop import Progress
 from experiments.loop import StepCounts
 from experiments.loop import When
 from experiments.loop import step_cost
+from experiments.loop import variants_of
 from experiments.steps import loss_and_accuracy
-from experiments.steps import make_step
-from experiments.steps import variants_of
 from experiments.store import load_json
 from experiments.store import lock
 from experiments.store import save_json
@@ -45,7 +44,6 @@ __all__ = (  # Names other modules use from here.
   "load_json",
   "lock",
   "loss_and_accuracy",
-  "make_step",
   "measure_costs",
   "run",
   "save_json",
@@ -77,9 +75,9 @@ def accuracy(
   return hits / total
 
 
-def evaluate(model, method, params, batches) -> float:
-  """Accuracy of `method`'s parameters (LoRA's merged, adapters in) over `batches`."""
-  return accuracy(model, params, batches, method.to_model, method.forward)
+def evaluate(model, method, tree, batches) -> float:
+  """Accuracy of `method`'s trained tree (LoRA's merged, adapters in) over `batches`."""
+  return accuracy(model, tree, batches, method.to_params, method.forward)
 
 
 def _new_history() -> dict[str, list]:
@@ -88,8 +86,9 @@ def _new_history() -> dict[str, list]:
   return history
 
 
-def _log_metrics(history, method, step, metrics, variant) -> None:
+def _log_metrics(history, method, now: Now, metrics) -> None:
   """Appends a logged step's loss, accuracy, error map, multipliers, update ratio."""
+  step, variant = now.step, now.variant
   history["step"].append(step)
   history["loss"].append(float(metrics["loss"]))
   history["accuracy"].append(float(metrics["accuracy"]))
@@ -97,7 +96,8 @@ def _log_metrics(history, method, step, metrics, variant) -> None:
   if alpha is not None:
     history["error_map"].append(np.asarray(metrics["error_map"]).tolist())
     history["alpha"].append(np.asarray(alpha).tolist())
-  history.setdefault("update_ratio", []).append(update_ratio(method, variant, alpha))
+  ratio = update_ratio(method, now.tree, now.opt_state, variant, alpha)
+  history.setdefault("update_ratio", []).append(ratio)
 
 
 def _write(writer, method, step, metrics, opt_state):
@@ -114,6 +114,7 @@ def run(
   eval_batches: Callable[[], Any],
   *,
   steps: int,
+  learning_rate: float,
   seed: int,
   workdir: str,
   log_every: int = 10,
@@ -126,12 +127,13 @@ def run(
   config: dict[str, Any] | None = None,
   task: str | None = None,
 ) -> tuple[dict[str, Any], Any]:
-  """Fine-tunes for `steps` steps, resuming from `workdir`'s checkpoint if any.
+  """Fine-tunes from `method.init(learning_rate, seed)` for `steps` steps,
+  resuming from `workdir`'s checkpoint if any.
 
   `train_batches[step]` is the batch of a step (so a resumed run sees the same
   data). `method.steps`, when set, replaces `steps` (equal-FLOPs baselines).
-  `variants` holds the compiled step variants (`variants_of`); runs that
-  differ only in seed and parameter values can share it. With `val_batches`
+  `variants` holds the compiled step variants (`variants_of`); runs of a
+  method at any rate and seed can share it. With `val_batches`
   and `eval_every`, held-out accuracy is logged every `eval_every` steps next
   to the FLOPs spent so far. `config` (the settings that change the result)
   is part of the checkpoint's signature, with `task`, the method and `seed`:
@@ -140,8 +142,9 @@ def run(
   logged trajectories) and the final parameters.
   """
   steps = method.steps or steps
-  params = jax.tree.map(jnp.copy, method.params)
-  opt_state = method.tx.init(params)
+  params, opt_state = method.init(learning_rate, seed)
+  params = jax.tree.map(jnp.copy, params)
+  policy = method.policy(seed)
   history, at = _new_history(), Progress()
   sig = signature(method, (params, opt_state), config, seed=seed, task=task)
   ckpts = Checkpoints(workdir, sig, ckpt_every)
@@ -160,15 +163,15 @@ def run(
         f"The checkpoint in {ckpts.dir} is at step {at.step}, past this run's "
         f"{steps} steps; it is left as it is."
       )
-    method.policy.load_state_dict(log["policy"])
+    policy.load_state_dict(log["policy"])
   else:
-    method.policy.reset()
+    policy.reset()
   if variants is None:
-    variants = variants_of(model, method)
+    variants = variants_of(method)
 
   def log_metrics(now: Now) -> None:
     metrics = jax.device_get(now.metrics)
-    _log_metrics(history, method, now.step, metrics, now.variant)
+    _log_metrics(history, method, now, metrics)
     if writer is not None:
       _write(writer, method, now.step, metrics, now.opt_state)
 
@@ -177,8 +180,7 @@ def run(
     history["val_accuracy"].append(evaluate(model, method, now.tree, val_batches()))
     cost_of = step_cost(method, variants, now.tree, now.opt_state, train_batches[0])
     history["val_flops"].append(
-      now.progress.counts.flops(cost_of)
-      + float(getattr(method.policy, "probe_flops", 0.0))
+      now.progress.counts.flops(cost_of) + float(getattr(policy, "probe_flops", 0.0))
     )
 
   def save(now: Now) -> None:
@@ -193,7 +195,7 @@ def run(
         "step": now.step,
         "wall": p.wall,
         "compilations": p.compilations,
-        "policy": method.policy.state_dict(),
+        "policy": policy.state_dict(),
       },
     )
 
@@ -210,7 +212,7 @@ def run(
   params, opt_state, at = loop.train(
     method,
     variants,
-    method.policy,
+    policy,
     train_batches,
     params,
     opt_state,
@@ -224,7 +226,9 @@ def run(
   record = report(
     model,
     method,
+    policy,
     params,
+    opt_state,
     eval_batches,
     seed=seed,
     steps=steps,
@@ -242,7 +246,9 @@ def run(
 def report(
   model,
   method,
+  policy,
   params,
+  opt_state,
   eval_batches,
   *,
   seed,
@@ -261,7 +267,7 @@ def report(
   flops, peak = costs
   # What the policy spent measuring the model (DropBP's sensitivity,
   # GreenTrainer's importance) is paid besides the steps.
-  probe = float(getattr(method.policy, "probe_flops", 0.0))
+  probe = float(getattr(policy, "probe_flops", 0.0))
   record = {
     "method": method.name,
     "seed": seed,
@@ -276,10 +282,10 @@ def report(
     "peak_bytes": peak,
     "wall_s": wall,
     "update_ratio": float(np.mean(history["update_ratio"])),
-    "trainable_params": methods_lib.trainable_count(method),
-    "model_params": methods_lib.count(method.to_model(method.params)),
+    "trainable_params": methods_lib.trainable_count(method, params, opt_state),
+    "model_params": methods_lib.count(method.to_params(params)),
     "components": list(method.components.names) if method.components else [],
     "history": history,
   }
-  record.update(method.policy.record())
+  record.update(policy.record())
   return record

@@ -64,7 +64,7 @@ def probed_model(name):
   pre, acc = finetune.pretrain(cfg, name, source, example)
   model, fresh = finetune.init_model(cfg, target.num_classes, example)
   method = methods.make(
-    "head_only", model, {**pre, "head": fresh["head"]}, example, cfg.hyper(), None
+    "head_only", model, {**pre, "head": fresh["head"]}, example, cfg.hyper()
   )
   with tempfile.TemporaryDirectory() as where:
     record, params = train.run(
@@ -73,6 +73,7 @@ def probed_model(name):
       finetune.train_batches_of(cfg, target.train, 1),
       finetune.eval_batches_of(cfg, target.test),
       steps=PROBE_STEPS,
+      learning_rate=cfg.learning_rate,
       seed=0,
       workdir=where,
       progress=False,

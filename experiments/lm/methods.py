@@ -7,7 +7,8 @@ a boolean array), so a layer's detached branch skips its backward pass inside
 the scan and one compiled step serves every detached set. LISA and LoRA,
 which close over held parameters per layer, train the looped layout (one
 module per layer). Parameters are pure dicts (`nnx.to_pure_dict`); trained
-parameters are evaluated in the looped layout (`Method.to_params`). A `Method` says how to initialise what it trains, how
+parameters are evaluated in the looped layout (`Method.to_params`). A
+`Method` (`experiments.registry.Method`) says how to initialise what it trains, how
 to build the train step of a variant, how its trained tree becomes the
 decoder's parameters, and which policy picks each step's variant. The
 learning rate lives in the optimizer state (`optax.inject_hyperparams`), so
@@ -44,10 +45,10 @@ from experiments.lm import model as lm
 from experiments.loop import RUNTIME
 from experiments.policies import BudgetPolicy
 from experiments.policies import LisaPolicy
-from experiments.policies import Policy
+from experiments.registry import Method
+from experiments.registry import Step
+from experiments.trees import flat
 from rgft_jax import hold_masked
-
-Step = Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]
 
 # Kernels LoRA adapts: the attention projections and the MLP's three layers.
 _LORA_TARGET = re.compile(
@@ -129,64 +130,13 @@ class Setup:
     return lambda tree: tree
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Method:
-  """A fine-tuning method, independent of the learning rate and the seed.
-
-  Attributes:
-    name: as given, e.g. `"rgft_budget@0.5"`.
-    init: `(learning_rate, seed) -> (tree, opt_state)`, the tree it trains.
-    make_step: `variant -> step(tree, opt_state, batch) -> (tree, opt_state,
-      {"loss": nats})`, a pure function for `jax.jit`.
-    to_params: the trained tree -> the decoder's parameters.
-    policy: `seed -> Policy` choosing each step's variant.
-    family: methods of one family build the same step for the same variant,
-      so they can share compiled steps (`full`, `full@b` and `lisa`, say).
-    components: the RGFT components, if any.
-    steps: the steps it runs when not the study's (equal-FLOPs baselines).
-    runtime: with these step costs, the detached set is decided at run
-      time: `make_step(RUNTIME)` takes it as a fourth argument, a boolean
-      array over `components.names`, and a step is charged
-      `runtime.step(variant)` FLOPs (XLA counts both sides of each gate).
-  """
-
-  name: str
-  init: Callable[[float, int], tuple[Any, Any]]
-  make_step: Callable[[frozenset[str]], Step]
-  to_params: Callable[[Any], dict[str, Any]]
-  policy: Callable[[int], Policy]
-  family: str
-  components: rgft_jax.Components | None = None
-  steps: int | None = None
-  runtime: rgft_jax.DetachCosts | None = None
-
-  def flags(self, variant: frozenset[str]) -> np.ndarray:
-    """`variant` as a runtime step's boolean array."""
-    assert self.components is not None
-    return np.array([n in variant for n in self.components.names], bool)
-
-
 def _under(path: str, prefixes) -> bool:
   """Whether `path` is one of `prefixes` or lies under one."""
   return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
-def _injected(make: Callable[[float], optax.GradientTransformation], lr: float):
-  """`make(learning_rate)` with the learning rate in its state."""
-  return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
-    learning_rate=lr
-  )
-
-
 def _adam(learning_rate: float, count: str) -> optax.GradientTransformation:
-  return _injected(
-    lambda learning_rate: frozen.adam(learning_rate, count), learning_rate
-  )
-
-
-def _no_policy(seed: int) -> Policy:
-  del seed
-  return Policy()  # Nothing left out.
+  return frozen.injected(lambda rate: frozen.adam(rate, count), learning_rate)
 
 
 def _adam_step(decoder: Decoder, tx, held: frozenset[str]) -> Step:
@@ -218,9 +168,8 @@ def _full(setup: Setup, name: str, budget: float | None) -> Method:
     name,
     lambda lr, seed: (params, _adam(lr, count).init(params)),
     lambda variant: _adam_step(decoder, _adam(1.0, count), variant),
-    setup.to_looped(scan=True),
-    _no_policy,
-    "adam:scan",
+    to_params=setup.to_looped(scan=True),
+    family="adam:scan",
     steps=steps,
   )
 
@@ -235,9 +184,8 @@ def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
     name,
     lambda lr, seed: (setup.params, _adam(lr, count).init(setup.params)),
     lambda variant: _adam_step(setup.decoder, _adam(1.0, count), variant),
-    lambda tree: tree,
     lambda seed: LisaPolicy(held, cfg.lisa_layers, cfg.lisa_period, seed),
-    "adam",
+    family="adam",
   )
 
 
@@ -267,7 +215,18 @@ def _lora(setup: Setup, name: str, budget: float | None) -> Method:
 
     return step
 
-  return Method(name, init, make_step, lora_lib.merge, _no_policy, "lora")
+  factors = lora_lib.init(  # The layout, the same for every seed.
+    setup.params, cfg.lora_rank, jax.random.key(0), _LORA_TARGET, _O_PROJ
+  )
+  trainable = frozenset("lora/" + p for p in flat(factors))
+  return Method(
+    name,
+    init,
+    make_step,
+    to_params=lora_lib.merge,
+    trainable=trainable,
+    family="lora",
+  )
 
 
 def is_branch(path: tuple[str, ...], module: Any) -> bool:
@@ -293,7 +252,7 @@ def _rgft_tx(
   min_scale = cfg.min_scale if min_scale is None else min_scale
 
   def tx_of(lr):
-    return _injected(
+    return frozen.injected(
       lambda learning_rate: rgft_jax.rgft(
         learning_rate,
         comps,
@@ -354,9 +313,9 @@ def _tracked(
     lambda variant: tracked_step(
       decoder, tracker, tx_of(1.0), comps, variant, recompute
     ),
-    setup.to_looped(scan=True),
     policy,
-    family,
+    to_params=setup.to_looped(scan=True),
+    family=family,
     components=comps,
     runtime=runtime,
   )
@@ -367,7 +326,7 @@ def _rgft(select):
     del budget
     tracker, comps = _components(setup, select)
     family = f"rgft:{select if isinstance(select, str) else 'branches'}"
-    return _tracked(setup, name, tracker, comps, _no_policy, family)
+    return _tracked(setup, name, tracker, comps, registry.no_policy, family)
 
   return build
 
@@ -485,9 +444,8 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
     name,
     lambda lr, seed: (params, _adam(lr, cfg.adam_count).init(params)),
     lambda variant: _adam_step(decoder, adam, variant),
-    lambda tree: tree,
     policy,
-    "adam",
+    family="adam",
   )
 
 

@@ -37,9 +37,9 @@ import numpy as np
 import rgft_jax
 from experiments import cli
 from experiments import compare
+from experiments import loop
 from experiments import report
 from experiments import store
-from experiments import train as vision_train
 from experiments.lm import data
 from experiments.lm import methods as methods_lib
 from experiments.lm import model as lm
@@ -598,7 +598,7 @@ def study(cfg: Config, log=print, keep: dict | None = None) -> dict[str, Any]:
       log(f"{name}: not run: {e}")
       return
     if method.family not in shared:
-      shared[method.family] = train_lib.variants_of(method)
+      shared[method.family] = loop.variants_of(method)
     search[name], done[name] = _method_runs(
       cfg, method, shared[method.family], bpb, log, rate
     )
@@ -947,7 +947,7 @@ def _natural(name: str) -> list:
 
 def write(results: dict[str, Any], workdir: str) -> tuple[str, list[str]]:
   """`results.json`, `results.md` and `plots/` in `workdir`; returns the table."""
-  vision_train.save_json(os.path.join(workdir, "results.json"), results)
+  store.save_json(os.path.join(workdir, "results.json"), results)
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
@@ -974,7 +974,7 @@ def run(cfg: Config, keep: dict | None = None) -> dict[str, Any]:
       minutes, seconds = divmod(int(time.perf_counter() - start), 60)
       print(f"[{minutes:02d}:{seconds:02d}]", *args, flush=True)
 
-  with vision_train.lock(cfg.workdir):
+  with store.lock(cfg.workdir):
     results = study(cfg, log=log, keep=keep)
     table, files = write(results, cfg.workdir)
   print(table)

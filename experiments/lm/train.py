@@ -11,13 +11,9 @@ import numpy as np
 import rgft_jax
 from experiments import loop
 from experiments.lm import methods as methods_lib
+from experiments.registry import Method
 
 LN2 = math.log(2.0)
-
-
-def variants_of(method: methods_lib.Method) -> rgft_jax.StepVariants:
-  """The compiled steps of `method`, one per variant, shared by its runs."""
-  return rgft_jax.StepVariants(method.make_step, max_variants=32)
 
 
 def bits_per_byte(
@@ -41,7 +37,7 @@ def bits_per_byte(
 
 
 def run(
-  method: methods_lib.Method,
+  method: Method,
   variants: rgft_jax.StepVariants,
   batches,
   *,

@@ -121,9 +121,10 @@ def test_trainable_parameter_counts_by_hand():
   total = 8 * 8 * 3 * w + w + w + (1 + 16) * w + d * per_block + 2 * w + head
   counts = {}
   for name in methods_lib.REGISTRY.names():
-    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
-    counts[name] = methods_lib.trainable_count(method)
-    assert methods_lib.count(method.to_model(method.params)) == total
+    method = methods_lib.make(name, model, params, x, hyper)
+    tree, state = method.init(1e-3, 0)
+    counts[name] = methods_lib.trainable_count(method, tree, state)
+    assert methods_lib.count(method.to_params(tree)) == total
   assert counts["full"] == counts["lisa"] == counts["rgft_blocks"] == total
   assert counts["head_only"] == head
   # Every bias: embedding, per block LN0, q/k/v/out, LN2, both Dense; final norm.
@@ -169,11 +170,11 @@ def test_flop_accounting_against_hand_counts():
   hyper = methods_lib.Hyper(lisa_layers=1, lisa_period=1)
   step = {}
   for name in ("full", "head_only", "lisa"):
-    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
-    opt_state = method.tx.init(method.params)
-    variant = method.policy.variant(0, opt_state)
-    variants = train_lib.variants_of(model, method)
-    step[name] = variants.cost(variant, method.params, opt_state, batch)[0]
+    method = methods_lib.make(name, model, params, x, hyper)
+    tree, opt_state = method.init(1e-3, 0)
+    variant = method.policy(0).variant(0, opt_state)
+    variants = train_lib.variants_of(method)
+    step[name] = variants.cost(variant, tree, opt_state, batch)[0]
   # Backward: twice the forward matmuls, less the input gradient of the patch
   # embedding (nothing below it): full = 3 F - embed dX, up to elementwise work.
   embed = 8 * 2 * 16 * 8 * 8 * 3 * SIZES["mu"].width
@@ -205,6 +206,7 @@ def _run(model, method, data, test, steps, where, seed=0, ckpt_every=2, **kwargs
     data,
     lambda: test,
     steps=steps,
+    learning_rate=1e-3,
     seed=seed,
     workdir=str(where),
     ckpt_every=ckpt_every,
@@ -231,9 +233,7 @@ def test_run_resumes_bit_identically(tmp_path, tiny_costs):
   data, test = _small_data()
   hyper = methods_lib.Hyper(steps=6, lisa_period=2, budget_every=2)
   for name in ("rgft_heads", "lisa", "rgft_budget_sample@0.7"):
-    method = methods_lib.make(
-      name, model, params, x, hyper, jax.random.key(0), seed=1, costs=costs
-    )
+    method = methods_lib.make(name, model, params, x, hyper, costs=costs)
 
     def go(steps, where, method=method):
       return _run(model, method, data, test, steps, where, seed=1, log_every=1)
@@ -276,13 +276,14 @@ def test_a_different_setup_does_not_resume_or_overwrite(tmp_path):
   hyper = methods_lib.Hyper(steps=2)
 
   def go(name):
-    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
+    method = methods_lib.make(name, model, params, x, hyper)
     return train_lib.run(
       model,
       method,
       [batch] * 2,
       lambda: test,
       steps=2,
+      learning_rate=1e-3,
       seed=0,
       workdir=str(tmp_path),
       ckpt_every=1,
@@ -378,7 +379,7 @@ def test_a_damaged_checkpoint_is_never_trained_on(tmp_path, monkeypatch):
   hyper = methods_lib.Hyper(steps=6)
 
   def go(steps, where):
-    method = methods_lib.make("full", model, params, x, hyper, jax.random.key(0))
+    method = methods_lib.make("full", model, params, x, hyper)
     return _run(model, method, data, test, steps, where, seed=1)
 
   straight, p_straight = go(6, tmp_path / "a")
@@ -429,9 +430,7 @@ def test_pretraining_cache_is_keyed_by_every_setting_that_changes_it():
 def test_a_checkpoint_past_the_run_is_refused(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
-  method = methods_lib.make(
-    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
-  )
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper(steps=6))
 
   def go(steps):
     return _run(model, method, data, test, steps, tmp_path)
@@ -670,9 +669,7 @@ def test_a_result_of_another_run_is_refused(tmp_path):
 def test_a_checkpoint_of_another_seed_or_task_is_not_resumed(tmp_path):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
-  method = methods_lib.make(
-    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
-  )
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper(steps=6))
   _run(model, method, data, test, 2, tmp_path / "seed0", seed=0)
   # Seed 0's checkpoint in seed 1's directory (swapped by hand): refused.
   shutil.copytree(tmp_path / "seed0" / "ckpt", tmp_path / "seed1" / "ckpt")
@@ -757,9 +754,7 @@ def test_a_checkpoint_holds_the_log_of_its_own_step(tmp_path, monkeypatch):
   _slow_json_writes(monkeypatch)
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
-  method = methods_lib.make(
-    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
-  )
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper(steps=6))
   _run(model, method, data, test, 4, tmp_path, log_every=1)
   for step in (2, 4):
     log = json.loads((tmp_path / "ckpt" / str(step) / "log" / "metadata").read_text())
@@ -773,7 +768,7 @@ def test_an_edited_checkpoint_log_is_damaged(tmp_path):
   hyper = methods_lib.Hyper(steps=6)
 
   def go(steps, where):
-    method = methods_lib.make("full", model, params, x, hyper, jax.random.key(0))
+    method = methods_lib.make("full", model, params, x, hyper)
     return _run(model, method, data, test, steps, where, seed=1, log_every=1)
 
   straight, p_straight = go(6, tmp_path / "a")
@@ -803,9 +798,7 @@ def test_a_log_edited_anywhere_fails_its_checksum():
 def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch, caplog):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
-  method = methods_lib.make(
-    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
-  )
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper(steps=6))
   _slow_json_writes(monkeypatch, 0.0, OSError(errno.EFBIG, "File too large"))
   with pytest.raises(OSError, match="Cannot write the checkpoint of step 4") as e:
     _run(model, method, data, test, 6, tmp_path)
@@ -819,9 +812,7 @@ def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch, caplog):
 def test_no_whole_checkpoint_is_one_message(tmp_path, monkeypatch):
   model, params, x = _tiny(classes=3, image=16, patch=4)
   data, test = _small_data()
-  method = methods_lib.make(
-    "full", model, params, x, methods_lib.Hyper(steps=6), jax.random.key(0)
-  )
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper(steps=6))
   _run(model, method, data, test, 4, tmp_path)
   for p in (tmp_path / "ckpt").rglob("*"):  # Every array file cut short.
     if p.is_file() and "state" in p.parts and p.parent.name == "d":
@@ -944,10 +935,10 @@ def test_a_scanned_vit_gates_at_run_time_and_equals_the_loop(tmp_path, tiny_cost
     ("loop", looped, params, costs),
     ("scan", scanned, scan_params(params), scan_costs),
   ):
-    method = methods_lib.make(
-      "rgft_budget@0.7", model, p, x, hyper, jax.random.key(0), seed=1, costs=c
+    method = methods_lib.make("rgft_budget@0.7", model, p, x, hyper, costs=c)
+    runs[name] = _run(
+      model, method, data, test, 8, tmp_path / name, seed=1, log_every=1
     )
-    runs[name] = _run(model, method, data, test, 8, tmp_path / name, log_every=1)
     runs[name] += (method,)
   (loop, p_loop, m_loop), (scan, p_scan, m_scan) = runs["loop"], runs["scan"]
   assert m_loop.runtime is None and m_scan.runtime is scan_costs.detach
@@ -996,10 +987,10 @@ def test_controls_and_peers_run_within_their_budget(tmp_path, tiny_costs):
     "dropbp@0.8",
     "greentrainer@0.9",
   ):
-    method = methods_lib.make(
-      name, model, params, x, hyper, jax.random.key(0), seed=1, costs=costs
+    method = methods_lib.make(name, model, params, x, hyper, costs=costs)
+    record, _ = _run(
+      model, method, data, test, 12, tmp_path / name, seed=1, log_every=1
     )
-    record, _ = _run(model, method, data, test, 12, tmp_path / name, log_every=1)
     budget = record["budget"]
     steps = sum(
       record["step_flops"][v] * n for v, n in record["steps_per_variant"].items()

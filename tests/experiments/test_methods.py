@@ -10,6 +10,7 @@ import pytest
 import rgft_jax
 from experiments import adapters
 from experiments import error_maps
+from experiments import loop
 from experiments import masks
 from experiments import methods as methods_lib
 from experiments import registry
@@ -43,10 +44,15 @@ def _setup(seed=0):
   return model, params, x, batch
 
 
-def _train(model, method, batch, steps=3):
-  """`steps` steps of `method` on `batch`; the final parameters and state."""
-  step = jax.jit(steps_lib.make_step(model, method, frozenset()))
-  params, state = method.params, method.tx.init(method.params)
+LR = 1e-3
+
+
+def _train(model, method, batch, steps=3, seed=0):
+  """`steps` steps of `method` on `batch` from its start at rate `LR` and
+  `seed`; the final parameters and state."""
+  del model
+  step = jax.jit(method.make_step(frozenset()))
+  params, state = method.init(LR, seed)
   for _ in range(steps):
     params, state, _ = step(params, state, batch)
   return params, state
@@ -70,9 +76,9 @@ def test_masked_entries_and_their_adam_state_are_held_bit_for_bit(name):
   # Negative zeros among the held entries: `p + 0.0` would turn them positive.
   params = jax.tree.map(lambda v: jnp.where(jnp.abs(v) < 0.02, -0.0, v), params)
   hyper = methods_lib.Hyper(sparse_fraction=0.5)
-  method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0), seed=3)
-  final, state = _train(model, method, batch)
-  held = flat(method.held)
+  method = methods_lib.make(name, model, params, x, hyper)
+  final, state = _train(model, method, batch, seed=3)
+  held = flat(masks.held_entries(state))
   before, after = flat(params), flat(final)
   mu, nu = flat(optax.tree.get(state, "mu")), flat(optax.tree.get(state, "nu"))
   assert any(
@@ -87,8 +93,9 @@ def test_masked_entries_and_their_adam_state_are_held_bit_for_bit(name):
   size = sum(int(v.sum()) for v in in_blocks.values())
   total = sum(v.size for v in in_blocks.values())
   assert sum(int(m.sum()) for m in held.values()) == size - round(0.5 * size)
-  assert methods_lib.trainable_count(method) == round(0.5 * size) + total - size
-  assert moved > 0.9 * methods_lib.trainable_count(method)  # The rest train.
+  trained = methods_lib.trainable_count(method, final, state)
+  assert trained == round(0.5 * size) + total - size
+  assert moved > 0.9 * trained  # The rest train.
   for p, m in held.items():  # Nothing outside the blocks is held.
     assert not np.any(m & ~in_blocks[p])
 
@@ -154,16 +161,13 @@ def _by_hand(params, ads, images):
 @pytest.mark.slow
 def test_adapters_are_residual_bottlenecks_after_each_branch():
   model, params, x, batch = _setup()
-  method = methods_lib.make(
-    "adapters", model, params, x, methods_lib.Hyper(), jax.random.key(5)
-  )
-  ads = method.params["adapters"]
+  method = methods_lib.make("adapters", model, params, x, methods_lib.Hyper())
+  tree, _ = method.init(LR, 5)
+  ads = tree["adapters"]
   assert len(ads) == 2 * SIZES["mu"].depth
   # Zero up-projections: the adapted model is the pretrained one, exactly.
   plain = model.apply({"params": params}, batch["image"])
-  np.testing.assert_array_equal(
-    adapters.forward(model, method.params, batch["image"]), plain
-  )
+  np.testing.assert_array_equal(adapters.forward(model, tree, batch["image"]), plain)
   # Random adapters: the hand-written residual bottleneck after every branch.
   keys = iter(jax.random.split(jax.random.key(7), 4 * len(ads)))
   ads = jax.tree.map(lambda v: 0.3 * jax.random.normal(next(keys), v.shape), ads)
@@ -179,40 +183,36 @@ def test_adapters_are_residual_bottlenecks_after_each_branch():
 def test_adapters_train_only_the_adapters_and_the_head():
   model, params, x, batch = _setup()
   hyper = methods_lib.Hyper(adapter_width=3)
-  method = methods_lib.make("adapters", model, params, x, hyper, jax.random.key(5))
-  final, _ = _train(model, method, batch)
-  before, after = flat(method.params), flat(final)
+  method = methods_lib.make("adapters", model, params, x, hyper)
+  final, state = _train(model, method, batch, seed=5)
+  before, after = flat(method.init(LR, 5)[0]), flat(final)
   for p in before:
     changed = not np.array_equal(before[p], after[p])
     assert changed == (p.startswith("adapters/") or p.startswith("base/head/")), p
   w, d = SIZES["mu"].width, SIZES["mu"].depth
   head = w * CLASSES + CLASSES
-  assert methods_lib.trainable_count(method) == 2 * d * (2 * w * 3 + 3 + w) + head
+  want = 2 * d * (2 * w * 3 + 3 + w) + head
+  assert methods_lib.trainable_count(method, final, state) == want
 
 
 @pytest.mark.slow
 def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
   model, params, x, batch = _setup()
   hyper = methods_lib.Hyper()
-  method = methods_lib.make(
-    "rgft_random", model, params, x, hyper, jax.random.key(0), seed=4
-  )
+  method = methods_lib.make("rgft_random", model, params, x, hyper)
   n = len(method.components)
-  _, state = _train(model, method, batch, steps=1)
+  _, state = _train(model, method, batch, steps=1, seed=4)
   ema = rgft_jax.residual_error_state(state).ema  # ema_1 = the first map.
   drawn = jax.random.uniform(jax.random.fold_in(jax.random.key(4), 0), (n,))
   np.testing.assert_array_equal(ema, drawn)
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   tracker.components(params, x)
-  loss_fn = steps_lib.method_loss(model, method)
+  loss_fn = steps_lib.method_loss(model)
   _, _, real = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
   real = np.array([real[c] for c in method.components.names])
   assert np.all(real > 0) and not np.allclose(real / real.max(), ema / ema.max())
   # Another seed draws another map; the next step draws afresh.
-  other = methods_lib.make(
-    "rgft_random", model, params, x, hyper, jax.random.key(0), seed=5
-  )
-  _, other_state = _train(model, other, batch, steps=1)
+  _, other_state = _train(model, method, batch, steps=1, seed=5)
   assert not np.array_equal(rgft_jax.residual_error_state(other_state).ema, ema)
   draw = error_maps.RandomErrorMap(method.components.names).draw
   second = np.array(list(draw(state).values()))
@@ -223,23 +223,23 @@ def test_the_random_error_map_is_a_seeded_uniform_draw_not_the_tracker_s():
 def test_the_shuffled_error_map_is_the_measured_map_permuted():
   model, params, x, batch = _setup()
   hyper = methods_lib.Hyper(error_method="shuffled")
-  method = methods_lib.make("rgft_blocks", model, params, x, hyper, None, seed=3)
+  method = methods_lib.make("rgft_blocks", model, params, x, hyper)
   names = method.components.names
-  _, state = _train(model, method, batch, steps=1)
+  _, state = _train(model, method, batch, steps=1, seed=3)
   ema = np.asarray(rgft_jax.residual_error_state(state).ema)  # The first map.
   tracker = rgft_jax.ErrorTracker(model, select="branches")
   tracker.components(params, x)
-  loss_fn = steps_lib.method_loss(model, method)
+  loss_fn = steps_lib.method_loss(model)
   _, _, real = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
   real = np.array([real[c] for c in names])
   perm = np.asarray(jax.random.permutation(jax.random.key(3), len(names)))
   assert not np.array_equal(perm, np.arange(len(names)))
   np.testing.assert_allclose(ema, real[perm], rtol=1e-5)
   # The same permutation every step: the EMA stays the measured EMA permuted.
-  _, state = _train(model, method, batch, steps=3)
-  measured = method.measure.tracked
-  _, _, again = measured(loss_fn, params, None, batch)
-  shuffled = method.measure.shuffle(again, state)
+  _, state = _train(model, method, batch, steps=3, seed=3)
+  measure = error_maps.ShuffledErrorMap(error_maps.Tracked(tracker), names)
+  _, _, again = measure.tracked(loss_fn, params, None, batch)
+  shuffled = measure.shuffle(again, state)
   np.testing.assert_array_equal(
     [shuffled[n] for n in names], np.array([again[n] for n in names])[perm]
   )
@@ -248,9 +248,7 @@ def test_the_shuffled_error_map_is_the_measured_map_permuted():
 @pytest.mark.slow
 def test_the_mix_measures_heads_in_attention_and_whole_mlps():
   model, params, x, batch = _setup()
-  method = methods_lib.make(
-    "rgft_mix", model, params, x, methods_lib.Hyper(), jax.random.key(0)
-  )
+  method = methods_lib.make("rgft_mix", model, params, x, methods_lib.Hyper())
   comps = method.components
   heads = rgft_jax.ErrorTracker(model, select="heads")
   branches = rgft_jax.ErrorTracker(model, select="branches")
@@ -270,15 +268,17 @@ def test_the_mix_measures_heads_in_attention_and_whole_mlps():
   dense = index["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
   assert comps.names[int(dense)] == mlps[0]
   assert int(index["Transformer/encoderblock_0/LayerNorm_0/scale"]) == -1
-  # Heads' values from the heads tracker, the MLPs' from the branches tracker.
-  loss_fn = steps_lib.method_loss(model, method)
-  _, _, got = method.tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  # Heads' values from the heads tracker, the MLPs' from the branches tracker:
+  # the first step's map (the EMA after one step) is the measured one.
+  loss_fn = steps_lib.method_loss(model)
+  final, state = _train(model, method, batch, steps=1)
+  ema = np.asarray(rgft_jax.residual_error_state(state).ema)
+  got = dict(zip(comps.names, ema, strict=True))
   _, _, by_head = heads.value_and_grad(loss_fn, has_aux=True)(params, batch)
   _, _, by_branch = branches.value_and_grad(loss_fn, has_aux=True)(params, batch)
   for name in comps.names:
     want = by_head[name] if name in by_head else by_branch[name]
     np.testing.assert_allclose(got[name], want, rtol=1e-6)
-  final, _ = _train(model, method, batch, steps=1)
   query = f"{attention}/query/kernel"
   assert not np.array_equal(flat(final)[query], flat(params)[query])
 
@@ -287,16 +287,19 @@ def test_exact_ablation_feeds_rgft_its_absolute_value():
   model, params, x, batch = _setup()
   tracker = rgft_jax.ErrorTracker(model, select="branches", method="ablation")
   tracker.components(params, x)
-  loss_fn = steps_lib.method_loss(
-    model, methods_lib.make("full", model, params, x, methods_lib.Hyper(), None)
-  )
+  loss_fn = steps_lib.method_loss(model)
   _, _, signed = tracker.value_and_grad(loss_fn, has_aux=True)(params, batch)
   _, _, fed = error_maps.Tracked(tracker, absolute=True)(loss_fn, params, None, batch)
   for name, value in signed.items():
     np.testing.assert_array_equal(fed[name], np.abs(value))
   hyper = methods_lib.Hyper(error_method="ablation")
-  method = methods_lib.make("rgft_blocks", model, params, x, hyper, None)
-  assert method.tracker.method == "ablation" and method.measure.absolute
+  method = methods_lib.make("rgft_blocks", model, params, x, hyper)
+  _, state = _train(model, method, batch, steps=1)  # The EMA: the first map.
+  ema = rgft_jax.residual_error_state(state).ema
+  want = [np.abs(signed[n]) for n in method.components.names]
+  assert any(signed[n] < 0 for n in signed)  # Some ablation helps: abs matters.
+  # The same ablation in another program: loss differences differ in rounding.
+  np.testing.assert_allclose(ema, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
@@ -305,8 +308,14 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
 
   def norms_only(s):
     trainable = s.head | {p for p in s.paths if "LayerNorm" in p or "norm" in p}
-    tx = methods_lib._frozen_tx(s.adam(), s.params, trainable)
-    return methods_lib.Method(s.name, s.params, methods_lib.identity, trainable, tx)
+    return methods_lib.Method(
+      s.name,
+      lambda lr, seed: (s.params, optax.adam(lr).init(s.params)),
+      lambda variant: steps_lib.dense_step(
+        steps_lib.method_loss(s.model), optax.adam(LR), trainable, variant
+      ),
+      trainable=trainable,
+    )
 
   methods = registry.METHODS
   monkeypatch.setitem(methods.catalogue, "norms_only", "the norms and the head")
@@ -316,7 +325,7 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
   methods.register("norms_only", task="vit")(norms_only)
   assert methods.tasks_of("norms_only") == ("vit",)
   model, params, x, batch = _setup()
-  method = methods_lib.make("norms_only", model, params, x, methods_lib.Hyper(), None)
+  method = methods_lib.make("norms_only", model, params, x, methods_lib.Hyper())
   test = [{**batch, "mask": jnp.ones(4)}]
   record, final = train_lib.run(
     model,
@@ -324,6 +333,7 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
     [batch] * 2,
     lambda: test,
     steps=2,
+    learning_rate=LR,
     seed=0,
     workdir=str(tmp_path),
     progress=False,
@@ -342,18 +352,15 @@ def test_masked_steps_compile_once_for_every_seed():
   # Threshold 1: every multiplier is ema_i / max_j ema_j, so seeds' maps show.
   hyper = methods_lib.Hyper(sparse_fraction=0.5, thresh_init=1.0, thresh_final=1.0)
   for name in ("random_sparse", "rgft_random"):
-    a, b = (
-      methods_lib.make(name, model, params, x, hyper, jax.random.key(0), seed=s)
-      for s in (0, 1)
-    )
-    variants = steps_lib.variants_of(model, a)
+    method = methods_lib.make(name, model, params, x, hyper)
+    variants = loop.variants_of(method)
     ran = []
-    for m in (a, b):
-      state = m.tx.init(m.params)
-      ran.append(variants(frozenset(), m.params, state, batch)[0])
+    for seed in (0, 1):
+      tree, state = method.init(LR, seed)
+      ran.append(variants(frozenset(), tree, state, batch)[0])
     assert variants.compilations == 1
-    # Seed 1 through seed 0's compiled step is seed 1's own step.
-    own, _ = _train(model, b, batch, steps=1)
+    # Seed 1 through the step compiled for seed 0 is seed 1's own step.
+    own, _ = _train(model, methods_lib.make(name, model, params, x, hyper), batch, 1, 1)
     for u, v in zip(jax.tree.leaves(ran[1]), jax.tree.leaves(own), strict=True):
       np.testing.assert_array_equal(u, v)
     assert not all(
@@ -392,6 +399,30 @@ def test_every_method_s_adam_counts_as_the_flag_says(count):
   for name, entry in methods_lib.REGISTRY.items():
     if entry.budget == "required":
       continue
-    method = methods_lib.make(name, model, params, x, hyper, jax.random.key(0))
-    kinds = _adam_states(method.tx.init(method.params))
+    method = methods_lib.make(name, model, params, x, hyper)
+    kinds = _adam_states(method.init(LR, 0)[1])
     assert kinds and set(kinds) == {want[count]}, (name, kinds)
+
+
+def test_one_compiled_step_serves_every_rate_and_seed():
+  """The rate lives in the optimizer state: a step compiled at one rate
+  runs another as Adam at that rate would (optax by hand)."""
+  model, params, x, batch = _setup()
+  method = methods_lib.make("full", model, params, x, methods_lib.Hyper())
+  variants = loop.variants_of(method)
+  variants(frozenset(), *method.init(LR, 0), batch)
+  tree, state = method.init(3e-2, 1)
+  got, _, _ = variants(frozenset(), tree, state, batch)
+  assert variants.compilations == 1
+
+  def loss(p):
+    return steps_lib.loss_and_accuracy(model, p, batch)[0]
+
+  adam = optax.adam(3e-2)
+  updates, _ = adam.update(jax.grad(loss)(params), adam.init(params), params)
+  want = optax.apply_updates(params, updates)
+  # Another program (rounding of tiny gradients in Adam's first step); a step
+  # at the rate the step was compiled with would be 0.029 off.
+  for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(params)[0])
