@@ -92,9 +92,9 @@ def parse(
   """The config of the command line `argv`: `get_config(ARG)` of `--config
   ARG` (default ""), with the flags given in `argv` in place of its values.
 
-  Every field but `exclude` is a flag (`parser`); `--help` shows the chosen
-  config's values as the defaults. An unknown ARG raises `get_config`'s
-  ValueError, before anything else is read.
+  Every field but `exclude` is a flag (`parser`) whose default is the chosen
+  config's value. An unknown ARG raises `get_config`'s ValueError, before any
+  other flag is read.
   """
   first = argparse.ArgumentParser(add_help=False)
   first.add_argument("--config", default="")

@@ -162,7 +162,7 @@ def test_given_flags_win_over_the_config_in_either_order(name):
     ["--eval_every=7", "--config=quick"],
   ):
     assert module.parse(argv) == dataclasses.replace(quick, eval_every=7)
-  # --help shows the chosen config's values as the defaults.
+  # The parser's defaults are the chosen config's values.
   assert _flags(module, ["--config=quick"])["--eval_every"][0] == quick.eval_every
 
 
