@@ -1,7 +1,7 @@
 """Ablations of RGFT on the embedded tasks: a table (markdown, JSON) and a plot each.
 
-  python -m experiments.ablate           # every ablation (sized for 2 CPU cores)
-  python -m experiments.ablate --quick   # tiny settings, a smoke run (flags given win)
+  python -m experiments.ablate                  # every ablation (sized for 2 CPU cores)
+  python -m experiments.ablate --config quick   # a smoke run (flags given win)
 
 Each ablation changes one thing of `rgft_blocks` (or of `full` fine-tuning, for
 the sensitivity ones) and compares it with the default on the same seeds:
@@ -28,6 +28,7 @@ import numpy as np
 
 from experiments import cli
 from experiments import compare
+from experiments import configs
 from experiments import finetune
 from experiments import methods as methods_lib
 from experiments import store
@@ -79,25 +80,6 @@ LEVERS = {
   "full@b": ("full", {}),  # Fewer steps, the same FLOPs.
 }
 GROUPINGS = {"blocks": "rgft_blocks", "heads": "rgft_heads", "mix": "rgft_mix"}
-# What --quick sets: a tiny model, few steps, one seed, two values per grid.
-QUICK = {
-  "tasks": "label_shift",
-  "seeds": 1,
-  "size": "mu",
-  "pretrained": "train",  # The shipped source models are ViT-xs.
-  "steps": 6,
-  "pretrain_steps": 6,
-  "batch_size": 16,
-  "pretrain_batch_size": 16,
-  "log_every": 3,
-  "thresholds": "0.1:0.3,0.5:1.0",
-  "warmups": "3,6",
-  "batch_sizes": "8,16",
-  "lr_values": "1e-3,3e-3",
-  "levers": "default,hard,full,full@b",
-  "lever_budget": 0.7,  # 0.5 is below the floor of the quick model.
-  "progress": False,
-}
 # Flags of the fine-tuning study that mean nothing here.
 _NOT_HERE = ("methods", "lr_grid", "tune_seeds", "tune_budget")
 
@@ -108,9 +90,9 @@ class AblateConfig(finetune.Config):
 
   methods: str = "full,rgft_blocks,rgft_heads,rgft_mix"  # Methods the rows use.
   learning_rate: float = 1e-3  # Adam's rate of every row (but learning_rate's).
-  seeds: int = 5  # Seeds 0..seeds-1 of every row.
-  eval_every: int = 0  # Held-out accuracy logged this often (0: never).
-  workdir: str = "workdir/ablate"  # Tables, plots, cached runs and pretraining.
+  seeds: int = 5
+  eval_every: int = 0
+  workdir: str = "workdir/ablate"
   ablations: str = ",".join(ABLATIONS)  # Which ablations to run, comma-separated.
   # error_method ablation: the attributions compared.
   error_methods: str = "norm_product,taylor,ablation,random,shuffled"
@@ -122,7 +104,6 @@ class AblateConfig(finetune.Config):
   groupings: str = "blocks,heads,mix"  # grouping ablation (mix: heads + MLPs).
   levers: str = ",".join(LEVERS)  # levers ablation: which rows (see LEVERS).
   lever_budget: float = 0.5  # levers ablation: the budget b, of a full step.
-  quick: bool = False  # Tiny settings for a smoke run (sizes, steps, grids).
 
   def names(self) -> list[str]:
     names = [a for a in self.ablations.split(",") if a]
@@ -407,12 +388,35 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
   return out
 
 
+def get_config(arg: str = "") -> AblateConfig:
+  """The ablations' settings: `""` the defaults, `"quick"` a smoke run's (a
+  tiny model, few steps, one seed, two values per grid)."""
+  configs.check_arg(arg)
+  if arg == "quick":
+    return AblateConfig(
+      tasks="label_shift",
+      seeds=1,
+      size="mu",
+      pretrained="train",  # The shipped source models are ViT-xs.
+      steps=6,
+      pretrain_steps=6,
+      batch_size=16,
+      pretrain_batch_size=16,
+      log_every=3,
+      thresholds="0.1:0.3,0.5:1.0",
+      warmups="3,6",
+      batch_sizes="8,16",
+      lr_values="1e-3,3e-3",
+      levers="default,hard,full,full@b",
+      lever_budget=0.7,  # 0.5 is below the floor of the quick model.
+      progress=False,
+    )
+  return AblateConfig()
+
+
 def parse(argv: list[str]) -> AblateConfig:
-  """The config of `argv`; `--quick` changes the defaults, flags given still win."""
-  parser = cli.parser(AblateConfig, __doc__.split("\n\n")[0], exclude=_NOT_HERE)
-  if parser.parse_args(argv).quick:
-    parser.set_defaults(**QUICK)
-  cfg = AblateConfig(**vars(parser.parse_args(argv)))
+  """The config of `argv` (`cli.parse`: `--config`, then the flags given)."""
+  cfg = cli.parse(get_config, argv, __doc__.split("\n\n")[0], exclude=_NOT_HERE)
   return dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import textwrap
 import tokenize
+from collections.abc import Callable
 from typing import Any
 
 
@@ -49,31 +50,62 @@ def field_help(cls: type) -> dict[str, str]:
   return helps
 
 
-def parser(cls: type, description: str, exclude=()) -> argparse.ArgumentParser:
-  """`--<field>` for every field of `cls` but `exclude`, defaults and help from it."""
+def parser(
+  cls: type, description: str, exclude=(), defaults: Any = None
+) -> argparse.ArgumentParser:
+  """`--<field>` for every field of `cls` but `exclude`, help from its comment,
+  defaults from `defaults` (an instance of `cls`; the fields' own when None)."""
   out = argparse.ArgumentParser(description=description)
   helps = field_help(cls)
   for f in dataclasses.fields(cls):
     if f.name in exclude:
       continue
+    default = f.default if defaults is None else getattr(defaults, f.name)
     if f.type == "bool":
       out.add_argument(
         f"--{f.name}",
         action=argparse.BooleanOptionalAction,
-        default=f.default,
+        default=default,
         help=helps.get(f.name),
       )
     else:
       kind = {"int": int, "float": float}.get(f.type, str)
       out.add_argument(
-        f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name)
+        f"--{f.name}", type=kind, default=default, help=helps.get(f.name)
       )
   return out
 
 
-def parse(cls: type, argv: list[str], description: str, exclude=()) -> Any:
-  """An instance of `cls` from the command line `argv`."""
-  return cls(**vars(parser(cls, description, exclude).parse_args(argv)))
+CONFIG_HELP = (
+  "Named settings that give every other flag's default: '' (the study's own) "
+  "or quick (tiny settings for a smoke run); flags given still win."
+)
+
+
+def parse(
+  get_config: Callable[[str], Any],
+  argv: list[str],
+  description: str,
+  exclude=(),
+  prog: str | None = None,
+) -> Any:
+  """The config of the command line `argv`: `get_config(ARG)` of `--config
+  ARG` (default ""), with the flags given in `argv` in place of its values.
+
+  Every field but `exclude` is a flag (`parser`) whose default is the chosen
+  config's value. An unknown ARG raises `get_config`'s ValueError, before any
+  other flag is read.
+  """
+  first = argparse.ArgumentParser(add_help=False)
+  first.add_argument("--config", default="")
+  base = get_config(first.parse_known_args(argv)[0].config)
+  out = parser(type(base), description, exclude, defaults=base)
+  out.add_argument("--config", default="", help=CONFIG_HELP)
+  if prog:
+    out.prog = prog
+  given = vars(out.parse_args(argv))
+  del given["config"]
+  return dataclasses.replace(base, **given)
 
 
 def check_integers(cfg: Any, at_least: dict[str, int]) -> None:

@@ -46,6 +46,7 @@ from experiments import accounting
 from experiments import checkpoint
 from experiments import cli
 from experiments import compare
+from experiments import configs
 from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import store
@@ -101,19 +102,16 @@ NOT_IN_SIGNATURE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(methods_lib.Hyper):
-  """Every setting of the study: the methods' (`Hyper`) and its own, each a flag."""
+class Config(methods_lib.Hyper, configs.RunConfig):
+  """Every setting of the study: the methods' (`Hyper`), the shared run
+  settings (`configs.RunConfig`) and its own, each a flag."""
 
   dataset: str = "embedded"  # "embedded", or a tfds name such as "cifar10".
   tasks: str = "label_shift,input_shift"  # Embedded tasks to run.
   methods: str = ",".join(DEFAULT_METHODS)  # Comma-separated, fair, peers or all.
-  seeds: int = 5  # Seeds 0..seeds-1 reported (data order, inits, random draws).
   # Rates each method is tuned over on validation ("": --learning_rate only).
   lr_grid: str = ""  # e.g. "3e-4,1e-3,3e-3,1e-2"; empty: --learning_rate for all.
   tune_seeds: int = 1  # Seeds per tuning run (1000, 1001, ...; never reported).
-  # Budgeted methods tuned at this budget only, their rate reused at the
-  # others (0: every name@b tuned on its own).
-  tune_budget: float = 0.0
   size: str = "xs"  # ViT size: mu, xs, Ti, S, B or L.
   patch: int = 7  # Patch size in pixels.
   # Blocks scanned over layers (big_vision's scan=True); budgeted RGFT then
@@ -132,13 +130,10 @@ class Config(methods_lib.Hyper):
   augment: bool = False  # Random crop and flip (tfds datasets).
   init: str = ""  # A vision_transformer .npz checkpoint (tfds datasets).
   data_dir: str = ""  # TFDS data directory (default: TFDS's own).
-  workdir: str = "workdir/finetune"  # Results, checkpoints, caches, logs.
+  workdir: str = "workdir/finetune"
   val_fraction: float = 0.1  # Of the target task's training data, held out.
-  eval_every: int = 20  # Held-out accuracy logged every this many steps.
-  log_every: int = 10  # Loss, error map and multipliers logged this often.
   ckpt_every: int = 100  # Checkpoint every this many steps (two are kept).
   eval_batch_size: int = 250  # Batch size of evaluation.
-  progress: bool = True  # Progress bars.
 
   def hyper(self) -> methods_lib.Hyper:
     """The methods' settings (the `Hyper` fields of this config)."""
@@ -183,16 +178,14 @@ class Config(methods_lib.Hyper):
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range, before any compute."""
     super().validate()
+    configs.RunConfig.validate(self)
     at_least = {
-      "seeds": 1,
       "tune_seeds": 1,
       "patch": 1,
       "image_size": 0,
       "batch_size": 1,
       "pretrain_steps": 1,
       "pretrain_batch_size": 1,
-      "eval_every": 0,
-      "log_every": 1,
       "ckpt_every": 1,
       "eval_batch_size": 1,
     }
@@ -201,8 +194,6 @@ class Config(methods_lib.Hyper):
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}.")
     vit_lib.check_flags(self.size, self.patch, self.image_size)
-    if not self.workdir.strip():
-      raise ValueError("--workdir must name a directory, got an empty string.")
     if self.pretrained not in ("train", "shipped"):
       raise ValueError(
         f"--pretrained must be train or shipped, got {self.pretrained!r}."
@@ -212,8 +203,6 @@ class Config(methods_lib.Hyper):
         if task:  # Raises naming a missing checkpoint or another model.
           vit_plateau.check_model(task, self)
     self.learning_rates()
-    if self.tune_budget:
-      cli.parse_budget("--tune_budget", str(self.tune_budget))
     budgeted = [
       n
       for n in self.method_names()
@@ -675,10 +664,30 @@ def study(cfg: Config) -> dict[str, Any]:
   return out
 
 
+def get_config(arg: str = "") -> Config:
+  """The study's settings: `""` its defaults, `"quick"` a smoke run's (one task
+  and seed, 20 steps from 20 of pretraining; the notebooks' tiny settings):
+
+    python -m experiments.finetune --config quick
+  """
+  configs.check_arg(arg)
+  if arg == "quick":
+    return Config(
+      tasks="label_shift",
+      seeds=1,
+      steps=20,
+      budget_every=5,
+      pretrain_steps=20,
+      progress=False,
+    )
+  return Config()
+
+
 def parse(argv: list[str]) -> Config:
-  """The Config of command-line flags (one per field, with its --help)."""
+  """The Config of command-line flags (`cli.parse`: `--config`, then one flag
+  per field, with its --help)."""
   methods = methods_lib.REGISTRY.help()
-  return cli.parse(Config, argv, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
+  return cli.parse(get_config, argv, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

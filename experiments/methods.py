@@ -28,6 +28,8 @@ import optax
 import rgft_jax
 from experiments import adapters as adapters_lib
 from experiments import budgets
+from experiments import cli
+from experiments import configs
 from experiments import frozen
 from experiments import lora as lora_lib
 from experiments import masks
@@ -86,75 +88,43 @@ def parse_name(name: str) -> tuple[str, float | None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Hyper:
+class Hyper(configs.RgftConfig, configs.BudgetConfig, configs.BaselineConfig):
   """What the methods read: one rule for all (the study tunes only the rate).
 
-  `experiments.finetune.Config` extends it with the study's settings, so each
-  field is declared once, with its default and its --help text (the comment).
+  RGFT's, the budget's and the baselines' settings come from the shared
+  sub-configs (`experiments.configs`); `experiments.finetune.Config` extends it
+  with the study's settings, so each field is declared once, with its default
+  and its --help text (the comment).
   """
 
   learning_rate: float = 1e-3  # Fine-tuning Adam rate when --lr_grid is empty.
   steps: int = 200  # Fine-tuning steps (equal-FLOPs baselines run fewer).
-  beta: float = 0.9  # RGFT: EMA decay of the error map.
-  thresh_init: float = 0.1  # RGFT: threshold at the first step.
-  thresh_final: float = 0.3  # RGFT: threshold after the warmup.
   warmup_steps: int = 0  # RGFT: steps of the threshold's rise (0: --steps).
-  min_scale: float = 0.01  # RGFT: smallest multiplier.
   # RGFT's attribution: norm_product, taylor, ablation (|exact|), random, or
   # shuffled (the norm_product map, permuted across components, one
   # permutation per run).
   error_method: str = "norm_product"
-  lora_rank: int = 4  # LoRA: rank of the factors.
   adapter_width: int = 8  # Adapters: bottleneck width.
   # random_sparse, magnitude_sparse: fraction of the branches' entries trained.
   sparse_fraction: float = RGFT_BLOCKS_FRACTION
-  lisa_layers: int = 1  # LISA: blocks trained at a time.
-  lisa_period: int = 20  # LISA: steps between redraws.
-  budget_every: int = 20  # Budgeted RGFT: steps between decisions.
   budget_ramp: int = 0  # Budgeted RGFT: steps of the fall from full steps.
-  budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the trained ("top").
   budget_refresh: bool = False  # Budgeted RGFT: a full step before decisions.
   budget_exact: bool = False  # Budgeted RGFT: only exact measurements count.
-  greentrainer_period: float = 0.4  # GreenTrainer: re-selects every this part of a run.
-  gate_recompute: bool = True  # Run-time gating: gated branches keep no residuals.
-  # Adam's bias correction: the run's step count ("global", optax's) or each
-  # parameter entry's own ("per_entry": held parameters resume where they left off).
-  adam_count: str = "global"
 
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range."""
-    at_least = {
-      "steps": 1,
-      "warmup_steps": 0,
-      "lora_rank": 1,
-      "adapter_width": 1,
-      "lisa_layers": 1,
-      "lisa_period": 1,
-      "budget_every": 1,
-      "budget_ramp": 0,
-    }
-    for name, low in at_least.items():
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    cli.check_integers(
+      self, {"steps": 1, "warmup_steps": 0, "adapter_width": 1, "budget_ramp": 0}
+    )
+    configs.BaselineConfig.validate(self)
+    configs.BudgetConfig.validate(self)
     if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
       raise ValueError(
         f"--learning_rate must be finite and > 0, got {self.learning_rate}."
       )
-    g = self.greentrainer_period
-    if not (isinstance(g, int | float) and np.isfinite(g) and 0 < g <= 1):
-      raise ValueError(f"--greentrainer_period must be in (0, 1], got {g}.")
-    if not (np.isfinite(self.budget_hysteresis) and self.budget_hysteresis >= 0):
-      raise ValueError(
-        f"--budget_hysteresis must be finite and >= 0, got {self.budget_hysteresis}."
-      )
     if not 0.0 < self.sparse_fraction <= 1.0:
       raise ValueError(
         f"--sparse_fraction must be in (0, 1], got {self.sparse_fraction}."
-      )
-    if self.adam_count not in frozen.ADAM_COUNTS:
-      raise ValueError(
-        f"--adam_count must be one of {frozen.ADAM_COUNTS}, got {self.adam_count!r}."
       )
     if self.error_method not in ERROR_METHODS:
       raise ValueError(
@@ -168,11 +138,7 @@ class Hyper:
       raise ValueError(
         f"--warmup_steps must be in [0, --steps={self.steps}], got {self.warmup_steps}."
       )
-    try:  # RGFT's own checks, on a one-parameter stand-in.
-      stand_in = {"w": np.zeros(1, np.float32)}
-      _rgft_tx(self, rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]))
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"RGFT flags (--beta, --thresh_*, --min_scale): {e}") from None
+    configs.RgftConfig.validate(self)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -54,6 +54,7 @@ from flax import traverse_util
 
 from experiments import checkpoint
 from experiments import cli
+from experiments import configs
 from experiments import data as data_lib
 from experiments import store
 from experiments import vit as vit_lib
@@ -436,9 +437,41 @@ def load_shipped(task: str, model: dict[str, Any], directory=SHIPPED_DIR):
   return traverse_util.unflatten_dict(params, sep="/"), record
 
 
+def get_config(arg: str = "") -> PlateauConfig:
+  """The pretraining's settings: `""` its defaults, `"quick"` a smoke run's (a
+  tiny ViT for 10 steps on one task, written under its work directory, not
+  over the shipped checkpoints)."""
+  configs.check_arg(arg)
+  if arg == "quick":
+    return PlateauConfig(
+      tasks="label_shift",
+      size="mu",
+      patch=4,
+      batch_size=8,
+      warmup_steps=2,
+      shift=1,
+      val_fraction=0.25,
+      eval_every=2,
+      window=4,
+      min_delta=0.0,
+      max_steps=10,
+      eval_batch_size=16,
+      ckpt_minutes=60.0,
+      workdir="workdir/vit_plateau_quick",
+      out="workdir/vit_plateau_quick/checkpoints",
+    )
+  return PlateauConfig()
+
+
+def parse(argv: list[str]) -> PlateauConfig:
+  """The config of command-line flags (`cli.parse`: `--config`, then one flag
+  per field, with its --help)."""
+  return cli.parse(get_config, argv, __doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   argv = sys.argv[1:] if argv is None else argv
-  cfg = cli.parse(PlateauConfig, argv, __doc__.split("\n\n")[0])
+  cfg = parse(argv)
   cfg = dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
   cfg.validate()
   command = " ".join([COMMAND, *map(shlex.quote, argv)])

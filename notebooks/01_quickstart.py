@@ -16,7 +16,8 @@
 # that measures each transformer branch's share of the error, and `rgft()` in
 # place of Adam. The model is not touched.
 #
-# Set `QUICK=1` in the environment for a short run on tiny settings (what CI does).
+# Set `RGFT_CONFIG=quick` in the environment for a short run on tiny settings (what
+# CI does).
 
 # %%
 import os
@@ -27,13 +28,15 @@ import numpy as np
 import optax
 
 import rgft_jax
+from experiments import configs
 from experiments import data
 from experiments.vit import VisionTransformer
 from experiments.vit import short_name
 from rgft_jax import viz
 
-QUICK = os.environ.get("QUICK") == "1"
-STEPS = 20 if QUICK else 300
+ARG = os.environ.get("RGFT_CONFIG", "")  # The studies' `get_config(ARG)`.
+configs.check_arg(ARG)
+STEPS = 20 if ARG == "quick" else 300
 
 # %% [markdown]
 # ## Data and model

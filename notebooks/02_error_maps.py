@@ -18,9 +18,10 @@
 # `ablation` (the loss change when a component's output is zeroed). Their rank
 # agreement says how far the cheap ones can be trusted.
 #
-# `QUICK=1` runs it on tiny settings (what CI does).
+# `RGFT_CONFIG=quick` runs it on the study's tiny settings (what CI does).
 
 # %%
+import dataclasses
 import os
 import pathlib
 import tempfile
@@ -42,16 +43,14 @@ from rgft_jax import viz
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
   ROOT = ROOT.parent
-QUICK = os.environ.get("QUICK") == "1"
+ARG = os.environ.get("RGFT_CONFIG", "")  # finetune.get_config's argument.
 WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "finetune"))
 FIGURES = pathlib.Path(os.environ.get("FIGURES", ROOT / "docs" / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
-cfg = finetune.Config(
-  workdir=WORKDIR, pretrain_steps=20 if QUICK else 400, progress=False
-)
-PROBE_STEPS = 10 if QUICK else 200
-BATCHES = 1 if QUICK else 8
-TASKS = ("label_shift",) if QUICK else ("label_shift", "input_shift")
+cfg = dataclasses.replace(finetune.get_config(ARG), workdir=WORKDIR, progress=False)
+PROBE_STEPS = 10 if ARG == "quick" else cfg.steps
+BATCHES = 1 if ARG == "quick" else 8
+TASKS = tuple(cfg.tasks.split(","))
 
 # %% [markdown]
 # ## Pretrain (cached), then fit the new head only

@@ -22,9 +22,10 @@
 # timed). The model is the study's small ViT on the embedded label-shift task
 # (MNIST digits 0-4 to 5-9), pretrained on the source task.
 #
-# `QUICK=1` runs it on tiny settings (what CI does).
+# `RGFT_CONFIG=quick` runs it on the study's tiny settings (what CI does).
 
 # %%
+import dataclasses
 import functools
 import os
 import pathlib
@@ -43,13 +44,11 @@ from rgft_jax import compiled_cost
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
   ROOT = ROOT.parent
-QUICK = os.environ.get("QUICK") == "1"
+ARG = os.environ.get("RGFT_CONFIG", "")  # finetune.get_config's argument.
 WORKDIR = os.environ.get("WORKDIR", str(ROOT / "workdir" / "finetune"))
-cfg = finetune.Config(
-  workdir=WORKDIR, pretrain_steps=20 if QUICK else 400, progress=False
-)
-STEPS = 20 if QUICK else 200  # Fine-tuning steps of each run.
-EVERY = 5 if QUICK else 20  # Steps between the budget's decisions.
+cfg = dataclasses.replace(finetune.get_config(ARG), workdir=WORKDIR, progress=False)
+STEPS = cfg.steps  # Fine-tuning steps of each run.
+EVERY = cfg.budget_every  # Steps between the budget's decisions.
 BUDGET = 0.5  # Fraction of a full fine-tuning step's FLOPs, on average.
 
 # %% [markdown]
@@ -143,7 +142,7 @@ print(f"largest gap between a checked subset and the sum: {costs.additivity_erro
 
 # %%
 n = len(comps.names)
-ks = [0, n // 2, n] if QUICK else list(range(0, n + 1, 2))
+ks = [0, n // 2, n] if ARG == "quick" else list(range(0, n + 1, 2))
 rows = []
 for k in ks:
   for where, names in (("bottom", comps.names[:k]), ("top", comps.names[n - k :])):

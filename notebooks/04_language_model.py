@@ -20,7 +20,7 @@
 # pretrained decoder, where its error sits on the new domain, why budgeted
 # RGFT runs the decoder with one module per layer, and the study's results.
 #
-# `QUICK=1` runs it on tiny settings (what CI does).
+# `RGFT_CONFIG=quick` runs it on the study's tiny settings (what CI does).
 
 # %%
 import dataclasses
@@ -44,14 +44,12 @@ from rgft_jax import viz
 ROOT = pathlib.Path.cwd()  # Where the work directory goes: the repository root.
 if not (ROOT / "experiments").exists():  # Started from notebooks/.
   ROOT = ROOT.parent
-QUICK = os.environ.get("QUICK") == "1"
+ARG = os.environ.get("RGFT_CONFIG", "")  # study.get_config's argument.
 WORKDIR = str(pathlib.Path(os.environ.get("WORKDIR", ROOT / "workdir")) / "lm")
-cfg = (
-  study.Config.quick(workdir=WORKDIR)
-  if QUICK
-  else study.Config(workdir=WORKDIR, progress=False, pretrained="train").resolved()
-)
-BATCHES = 2 if QUICK else 8  # Target batches the error maps are averaged over.
+cfg = dataclasses.replace(
+  study.get_config(ARG), workdir=WORKDIR, progress=False, pretrained="train"
+).resolved()
+BATCHES = 2 if ARG == "quick" else 8  # Target batches the error maps are averaged over.
 
 # %% [markdown]
 # ## The two domains

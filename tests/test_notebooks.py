@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom in QUICK mode, as a script (jupytext percent format)."""
+"""Every notebook runs top to bottom on the quick config, as a script (jupytext
+percent format)."""
 
 import os
 import pathlib
@@ -29,7 +30,7 @@ def test_notebook_runs_quick(path, tmp_path_factory):
   shared = tmp_path_factory.getbasetemp() / "notebooks"  # Pretraining cached across.
   env = {
     **os.environ,
-    "QUICK": "1",
+    "RGFT_CONFIG": "quick",
     "MPLBACKEND": "Agg",
     "WORKDIR": str(shared / "work"),
     "FIGURES": str(shared / "figures"),

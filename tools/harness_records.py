@@ -13,6 +13,7 @@ A few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -75,7 +76,9 @@ def records(workdir: str) -> dict[str, Any]:
     cfg.validate()
     runs = finetune.study(cfg)["tasks"]["label_shift"]["runs"]
     out[f"vit_scan{int(scan)}"] = strip(runs)
-  cfg = lm_study.Config.quick(methods=LM_METHODS, workdir=f"{workdir}/lm")
+  cfg = dataclasses.replace(
+    lm_study.get_config("quick"), methods=LM_METHODS, workdir=f"{workdir}/lm"
+  )
   out["lm"] = strip(lm_study.study(cfg, log=lambda *a: None)["runs"])
   return out
 

@@ -52,6 +52,7 @@ import optax
 
 from experiments import checkpoint
 from experiments import cli
+from experiments import configs
 from experiments.lm import data
 from experiments.lm import model as lm
 from experiments.lm import pretrain as pretrain_lib
@@ -65,8 +66,10 @@ _FORMAT = 1
 _OPERATIONAL = ("workdir", "export", "checkpoint_every_s", "log_every", "progress")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
+  """Every setting of the pretraining, each a flag."""
+
   corpus: str = data.PYTHON_SOURCE  # Training and validation corpus (data.load).
   context: int = 128  # Bytes the decoder reads.
   d_model: int = 192  # Decoder width.
@@ -94,31 +97,6 @@ class Config:
   checkpoint_every_s: float = 300.0  # Seconds between checkpoints.
   log_every: int = 50  # Steps between training-loss lines.
   progress: bool = True  # Print progress.
-
-  @classmethod
-  def tiny(cls, **changes) -> Config:
-    """A tiny run for tests (a second or two on a CPU)."""
-    small = dict(
-      corpus="pydoc",
-      context=16,
-      d_model=16,
-      n_layers=2,
-      n_heads=2,
-      n_kv_heads=1,
-      d_ff=32,
-      batch_size=4,
-      learning_rate=1e-2,
-      warmup_steps=4,
-      eval_every=5,
-      eval_windows=16,
-      window=2,
-      threshold=0.05,
-      max_steps=40,
-      export="",
-      checkpoint_every_s=1e9,
-      progress=False,
-    )
-    return cls(**{**small, **changes})
 
   def validate(self) -> None:
     """Raises ValueError naming the flag and its allowed range."""
@@ -416,7 +394,7 @@ def finish(
 
 def run(cfg: Config, should_stop: Callable[[int], bool] = lambda step: False):
   """Checks `cfg`, trains (or resumes) and, when the run has ended, exports."""
-  cfg.workdir = os.path.expanduser(cfg.workdir)
+  cfg = dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
   cfg.validate()
   begin = time.perf_counter()
 
@@ -434,10 +412,47 @@ def run(cfg: Config, should_stop: Callable[[int], bool] = lambda step: False):
   return record
 
 
+def get_config(arg: str = "") -> Config:
+  """The pretraining's settings: `""` its defaults, `"quick"` a tiny run for
+  tests (a second or two on a CPU; it exports nothing)."""
+  configs.check_arg(arg)
+  if arg == "quick":
+    return Config(
+      corpus="pydoc",
+      context=16,
+      d_model=16,
+      n_layers=2,
+      n_heads=2,
+      n_kv_heads=1,
+      d_ff=32,
+      batch_size=4,
+      learning_rate=1e-2,
+      warmup_steps=4,
+      eval_every=5,
+      eval_windows=16,
+      window=2,
+      threshold=0.05,
+      max_steps=40,
+      export="",
+      checkpoint_every_s=1e9,
+      progress=False,
+    )
+  return Config()
+
+
+def parse(argv: list[str]) -> Config:
+  """The Config of command-line flags (`cli.parse`: `--config`, then one flag
+  per field, with its --help)."""
+  return cli.parse(
+    get_config,
+    argv,
+    __doc__.split("\n\n")[0],
+    prog="python -m experiments.lm.plateau",
+  )
+
+
 def main(argv: list[str] | None = None):
-  parser = cli.parser(Config, __doc__.split("\n\n")[0])
-  parser.prog = "python -m experiments.lm.plateau"
-  cfg = Config(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+  cfg = parse(sys.argv[1:] if argv is None else argv)
   stop = []
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.append(True))

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-import rgft_jax
 from experiments import cli
 from experiments import compare
+from experiments import configs
 from experiments import loop
 from experiments import report
 from experiments import store
@@ -94,16 +94,18 @@ def shipped_model() -> dict[str, int]:
   }
 
 
-@dataclasses.dataclass
-class Config:
+@dataclasses.dataclass(frozen=True)
+class Config(
+  configs.RgftConfig, configs.BudgetConfig, configs.BaselineConfig, configs.RunConfig
+):
+  """Every setting of the study, each a flag: the shared ones (`configs`),
+  some with this study's own defaults, and its own."""
+
   # Comma-separated, name@b for budgets; "peers": budgeted RGFT, DropBP,
   # GreenTrainer, the controls and full@b at budgets 0.4, 0.5 and 0.7.
   methods: str = ",".join(DEFAULT_METHODS)
-  seeds: int = 4  # Seeds 0..seeds-1 (data order, LoRA init, random draws).
+  seeds: int = 4
   tune_seeds: int = 1  # Seeds 0..tune_seeds-1 pick the rate (mean validation).
-  # Budgeted methods tuned at this budget only, their rate reused at the
-  # others (0: every name@b searched on its own).
-  tune_budget: float = 0.0
   learning_rates: str = "3e-4,1e-3,3e-3"  # The grid every method picks from.
   target: str = "pydoc"  # Target domain: pydoc (English prose) or cheaders (C).
   steps: int = 150  # Fine-tuning steps of every method (full@b: b x steps).
@@ -122,57 +124,13 @@ class Config:
   pretrain_steps: int = 600  # --pretrained train: pretraining steps (cached).
   pretrain_batch_size: int = 16  # --pretrained train: windows per step.
   pretrain_learning_rate: float = 3e-3  # --pretrained train: peak rate.
-  beta: float = 0.9  # RGFT: EMA decay of the error map.
-  thresh_init: float = 0.1  # RGFT: threshold at the first step.
-  thresh_final: float = 0.3  # RGFT: threshold at the last step.
-  min_scale: float = 0.01  # RGFT: smallest multiplier.
-  # Every method's Adam: bias correction by the run's step count ("global",
-  # optax's) or by each parameter entry's own ("per_entry": held parameters
-  # resume where they left off).
-  adam_count: str = "global"
-  budget_every: int = 25  # Budgeted RGFT: steps between decisions.
-  budget_hysteresis: float = 0.1  # Budgeted RGFT: bonus of the branches trained now.
-  gate_recompute: bool = True  # Budgeted RGFT: gated branches keep no residuals.
-  lora_rank: int = 8  # LoRA: rank of the factors.
-  lisa_layers: int = 1  # LISA: layers trained at a time.
-  lisa_period: int = 25  # LISA: steps between redraws.
-  greentrainer_period: float = (
-    0.4  # GreenTrainer: re-selects every this much of the run.
-  )
+  budget_every: int = 25
+  lora_rank: int = 8
+  lisa_period: int = 25
   eval_windows: int = 256  # Most windows per evaluation split (evenly spaced).
-  log_every: int = 10  # Loss and error map logged every this many steps.
-  eval_every: int = 25  # Validation bits/byte every this many steps (0: never).
+  eval_every: int = 25
   target_margin: float = 0.01  # FLOPs to reach full's final validation + this.
-  workdir: str = "workdir/lm"  # Results, plots and the pretraining cache.
-  progress: bool = True  # Print progress.
-
-  @classmethod
-  def quick(cls, **changes) -> Config:
-    """A tiny study for tests and notebooks (a few seconds per method)."""
-    tiny = dict(
-      seeds=2,
-      pretrained="train",
-      learning_rates="1e-3,1e-2",
-      steps=12,
-      batch_size=4,
-      context=16,
-      pretrain_steps=30,
-      pretrain_batch_size=8,
-      d_model=32,
-      n_layers=2,
-      n_heads=4,
-      n_kv_heads=2,
-      d_ff=256,
-      budget_every=4,
-      lora_rank=2,
-      lisa_period=12,
-      greentrainer_period=1.0,
-      eval_windows=24,
-      eval_every=4,
-      log_every=2,
-      progress=False,
-    )
-    return cls(**{**tiny, **changes})
+  workdir: str = "workdir/lm"
 
   def method_names(self) -> list[str]:
     if self.methods == "peers":
@@ -244,8 +202,8 @@ class Config:
     self.resolved()._validate()
 
   def _validate(self) -> None:
+    configs.RunConfig.validate(self)
     at_least = {
-      "seeds": 1,
       "steps": 1,
       "batch_size": 1,
       "context": 1,
@@ -256,43 +214,29 @@ class Config:
       "n_heads": 1,
       "n_kv_heads": 1,
       "d_ff": 1,
-      "budget_every": 1,
-      "lora_rank": 1,
-      "lisa_layers": 1,
-      "lisa_period": 1,
       "eval_windows": 1,
-      "log_every": 1,
       "tune_seeds": 1,
     }
     cli.check_integers(self, at_least)
-    cli.check_integers(self, {"eval_every": 0})
+    configs.BaselineConfig.validate(self)
+    configs.BudgetConfig.validate(self)
     if self.tune_seeds > self.seeds:
       raise ValueError(
         f"--tune_seeds must be in [1, --seeds={self.seeds}], got {self.tune_seeds}."
       )
     if self.target not in data.TARGETS:
       raise ValueError(f"--target must be one of {data.TARGETS}, got {self.target!r}.")
-    g = self.greentrainer_period
-    if not (isinstance(g, int | float) and math.isfinite(g) and 0 < g <= 1):
-      raise ValueError(f"--greentrainer_period must be in (0, 1], got {g}.")
     m = self.target_margin
     if not (isinstance(m, int | float) and math.isfinite(m) and m >= 0):
       raise ValueError(f"--target_margin must be finite and >= 0, got {m}.")
     cli.check_rate("pretrain_learning_rate", self.pretrain_learning_rate)
-    h = self.budget_hysteresis
-    if not (isinstance(h, int | float) and math.isfinite(h) and h >= 0):
-      raise ValueError(f"--budget_hysteresis must be finite and >= 0, got {h}.")
     if self.lisa_layers > self.n_layers:
       raise ValueError(
         f"--lisa_layers must be in [1, --n_layers={self.n_layers}], got "
         f"{self.lisa_layers}."
       )
-    if not self.workdir.strip():
-      raise ValueError("--workdir must name a directory, got an empty string.")
     self.method_names()
-    if self.tune_budget:
-      cli.parse_budget("--tune_budget", str(self.tune_budget))
-    grid = self.grid()
+    self.grid()
     try:
       pretrain_lib.model_config(self)
     except ValueError as e:
@@ -300,21 +244,7 @@ class Config:
         f"Model flags (--d_model, --n_layers, --n_heads, --n_kv_heads, --d_ff, "
         f"--context): {e}"
       ) from None
-    try:  # RGFT's own checks, on a one-parameter stand-in.
-      stand_in = {"w": np.zeros(1, np.float32)}
-      rgft_jax.rgft(
-        grid[0],
-        rgft_jax.Components.from_regex(stand_in, [(r"w", "w")]),
-        beta=self.beta,
-        thresh_init=self.thresh_init,
-        thresh_final=self.thresh_final,
-        min_scale=self.min_scale,
-        adam_count=self.adam_count,
-      )
-    except (TypeError, ValueError) as e:
-      raise ValueError(
-        f"RGFT flags (--beta, --thresh_*, --min_scale, --adam_count): {e}"
-      ) from None
+    configs.RgftConfig.validate(self)
     width = self.context + 1
     for corpus, split, least in (
       (self.target, "train", 2 * width),
@@ -954,18 +884,52 @@ def write(results: dict[str, Any], workdir: str) -> tuple[str, list[str]]:
   return table, plots(results, os.path.join(workdir, "plots"))
 
 
+def get_config(arg: str = "") -> Config:
+  """The study's settings: `""` its defaults, `"quick"` a tiny study for tests
+  and notebooks (a few seconds per method):
+
+    python -m experiments.lm --config quick
+  """
+  configs.check_arg(arg)
+  if arg == "quick":
+    return Config(
+      seeds=2,
+      pretrained="train",
+      learning_rates="1e-3,1e-2",
+      steps=12,
+      batch_size=4,
+      context=16,
+      pretrain_steps=30,
+      pretrain_batch_size=8,
+      d_model=32,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=2,
+      d_ff=256,
+      budget_every=4,
+      lora_rank=2,
+      lisa_period=12,
+      greentrainer_period=1.0,
+      eval_windows=24,
+      eval_every=4,
+      log_every=2,
+      progress=False,
+    )
+  return Config()
+
+
 def parse(argv: list[str]) -> Config:
-  """The Config of command-line flags (one per field, with its --help)."""
+  """The Config of command-line flags (`cli.parse`: `--config`, then one flag
+  per field, with its --help)."""
   methods = methods_lib.METHODS.help()
-  parser = cli.parser(Config, __doc__.split("\n\n")[0] + f" Methods: {methods}.")
-  parser.prog = "python -m experiments.lm"
-  return Config(**vars(parser.parse_args(argv)))
+  description = __doc__.split("\n\n")[0] + f" Methods: {methods}."
+  return cli.parse(get_config, argv, description, prog="python -m experiments.lm")
 
 
 def run(cfg: Config, keep: dict | None = None) -> dict[str, Any]:
   """Checks `cfg`, runs the study in its work directory (one study at a time)
   and writes and prints its results; `keep` as in `study`."""
-  cfg.workdir = os.path.expanduser(cfg.workdir)
+  cfg = dataclasses.replace(cfg, workdir=os.path.expanduser(cfg.workdir))
   cfg.validate()
   start = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""The ablation command: its quick mode writes every file; flags checked first."""
+"""The ablation command: its quick config writes every file; flags checked first."""
 
 import json
 
@@ -9,15 +9,15 @@ from experiments import ablate
 
 
 @pytest.mark.slow
-def test_quick_mode_writes_a_table_and_a_plot_per_ablation(tmp_path):
-  results = ablate.main(["--quick", f"--workdir={tmp_path}"])
+def test_quick_config_writes_a_table_and_a_plot_per_ablation(tmp_path):
+  results = ablate.main(["--config=quick", f"--workdir={tmp_path}"])
   where = tmp_path / "ablations"
   assert list(results) == list(ablate.ABLATIONS)
   for name in ablate.ABLATIONS:
     for ext in ("md", "json", "png"):
       assert (where / f"{name}.{ext}").stat().st_size > 0, (name, ext)
     saved = json.loads((where / f"{name}.json").read_text())
-    cfg = ablate.parse(["--quick"])
+    cfg = ablate.parse(["--config=quick"])
     assert len(saved["rows"]) == len(ablate.rows(cfg, name))  # One task.
     table = (where / f"{name}.md").read_text()
     assert table.count("\n| label_shift |") == len(saved["rows"])
@@ -78,7 +78,7 @@ def test_two_tasks_share_no_compiled_step(tmp_path):
   heads of different sizes, and the second task once got the first's step."""
   results = ablate.main(
     [
-      "--quick",
+      "--config=quick",
       f"--workdir={tmp_path}",
       "--ablations=warmup",
       "--tasks=label_shift,input_shift",
@@ -89,9 +89,9 @@ def test_two_tasks_share_no_compiled_step(tmp_path):
 
 
 def test_quick_sets_defaults_and_given_flags_win():
-  cfg = ablate.parse(["--quick", "--tasks=input_shift", "--seeds=3"])
-  assert (cfg.tasks, cfg.seeds, cfg.steps) == ("input_shift", 3, ablate.QUICK["steps"])
-  assert ablate.parse(["--seeds=3", "--quick"]).seeds == 3
+  cfg = ablate.parse(["--config=quick", "--tasks=input_shift", "--seeds=3"])
+  assert (cfg.tasks, cfg.seeds, cfg.steps) == ("input_shift", 3, 6)
+  assert ablate.parse(["--seeds=3", "--config=quick"]).seeds == 3
 
 
 def test_levers_change_one_thing_of_budgeted_rgft():

@@ -34,23 +34,12 @@ def _noise_task(n=48, classes=3, side=8):
 
 
 def _tiny(tmp_path, **changes):
-  settings = dict(
-    size="mu",
-    patch=4,
-    batch_size=8,
-    warmup_steps=2,
-    shift=1,
-    val_fraction=0.25,
-    eval_every=2,
-    window=4,
-    min_delta=0.0,
-    max_steps=10,
-    eval_batch_size=16,
-    ckpt_minutes=60.0,
+  return dataclasses.replace(
+    vit_plateau.get_config("quick"),
     workdir=str(tmp_path / "work"),
     out=str(tmp_path / "out"),
+    **changes,
   )
-  return vit_plateau.PlateauConfig(**{**settings, **changes})
 
 
 def _quiet(_):

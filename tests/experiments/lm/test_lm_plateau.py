@@ -199,7 +199,9 @@ def expected_run(cfg, values: dict[int, float]) -> tuple[int, str, int, list[int
 
 @pytest.mark.slow
 def test_the_run_stops_where_the_rule_says(tmp_path):
-  cfg = plateau.Config.tiny(workdir=str(tmp_path), max_steps=400)
+  cfg = dataclasses.replace(
+    plateau.get_config("quick"), workdir=str(tmp_path), max_steps=400
+  )
   # Falls fast, then by less than the threshold (0.05) over two evaluations
   # (first at step 35: 3.30 - min(3.28, 3.26) = 0.04), then rises again.
   values = {5: 6.0, 10: 5.0, 15: 4.2, 20: 3.8, 25: 3.30, 30: 3.28, 35: 3.26}
@@ -221,7 +223,9 @@ def test_the_run_stops_where_the_rule_says(tmp_path):
 
 
 def test_without_a_plateau_the_cooldown_starts_in_time_for_max_steps(tmp_path):
-  cfg = plateau.Config.tiny(workdir=str(tmp_path), max_steps=30)
+  cfg = dataclasses.replace(
+    plateau.get_config("quick"), workdir=str(tmp_path), max_steps=30
+  )
   values = {t: 10.0 - 0.2 * t for t in range(1, 60)}  # Never flat.
   start, by, last, _ = expected_run(cfg, values)
   assert (start, by, last) == (25, "max_steps", 30)  # int(30 / 1.2) = 25, + 5.
@@ -235,7 +239,9 @@ def test_without_a_plateau_the_cooldown_starts_in_time_for_max_steps(tmp_path):
 
 @pytest.mark.slow
 def test_updates_equal_an_optax_adamw_loop(tmp_path):
-  cfg = plateau.Config.tiny(workdir=str(tmp_path), max_steps=1000, eval_every=10)
+  cfg = dataclasses.replace(
+    plateau.get_config("quick"), workdir=str(tmp_path), max_steps=1000, eval_every=10
+  )
   falling = {t: 10.0 - 0.01 * t for t in range(1, 100)}
   evaluate, seen = curve_from(falling)
   plateau.train(cfg, evaluate=evaluate, should_stop=lambda t: t == 10)
@@ -275,7 +281,9 @@ def test_updates_equal_an_optax_adamw_loop(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
-  cfg = plateau.Config.tiny(workdir=str(tmp_path / "whole"))
+  cfg = dataclasses.replace(
+    plateau.get_config("quick"), workdir=str(tmp_path / "whole")
+  )
   whole, whole_progress = plateau.train(cfg)
   assert whole_progress["stopped"] in ("plateau", "max_steps")
   parts = dataclasses.replace(cfg, workdir=str(tmp_path / "parts"))
@@ -297,7 +305,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
-  cfg = plateau.Config.tiny(workdir=str(tmp_path))
+  cfg = dataclasses.replace(plateau.get_config("quick"), workdir=str(tmp_path))
   plateau.train(cfg, should_stop=lambda t: t == 3)
   other = dataclasses.replace(cfg, learning_rate=3e-2)
   with pytest.raises(ValueError, match=r"different setup.*learning_rate 0\.01"):
@@ -400,8 +408,6 @@ def test_another_corpus_is_a_warning_and_recorded(artifact):
 def test_command_spells_out_every_setting():
   cfg = plateau.Config(d_model=192, threshold=0.01)
   text = plateau.command(cfg)
-  parsed = plateau.Config(
-    **vars(plateau.cli.parser(plateau.Config, "").parse_args(text.split()[3:]))
-  )
+  parsed = plateau.parse(text.split()[3:])
   assert dataclasses.replace(parsed, export=cfg.export) == cfg
   assert math.isclose(parsed.threshold, 0.01)

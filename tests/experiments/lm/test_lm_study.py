@@ -1,4 +1,4 @@
-"""The language-model study: a QUICK study end to end, its pretraining cache,
+"""The language-model study: a quick study end to end, its pretraining cache,
 its metrics against independent computations, and its flags."""
 
 import dataclasses
@@ -22,7 +22,7 @@ from experiments.lm import shipped
 from experiments.lm import study
 
 # Every registered method, once. The peers measure the model besides their
-# steps, which in a QUICK run of 12 steps needs a larger budget.
+# steps, which in a quick run of 12 steps needs a larger budget.
 CONTROLS = (
   "shuffled_budget@0.5",
   "static_budget@0.5",
@@ -40,12 +40,14 @@ ALL = (
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-  """The QUICK study over every method: (config, results, final parameters).
+  """The quick study over every method: (config, results, final parameters).
 
   It takes over a minute, so every test that uses it is marked slow.
   """
-  cfg = study.Config.quick(
-    workdir=str(tmp_path_factory.mktemp("lm")), methods=",".join(ALL)
+  cfg = dataclasses.replace(
+    study.get_config("quick"),
+    workdir=str(tmp_path_factory.mktemp("lm")),
+    methods=",".join(ALL),
   )
   keep = {}
   results = study.run(cfg, keep=keep)
@@ -350,8 +352,12 @@ def test_rate_is_picked_on_the_mean_of_the_tuning_seeds(monkeypatch, tmp_path):
     return score.get((lr, seed), 2.0) if split == "validation" else 0.0
 
   monkeypatch.setattr(study.train_lib, "run", fake_run)
-  cfg = study.Config.quick(
-    seeds=3, tune_seeds=2, learning_rates="1e-3,1e-2", workdir=str(tmp_path)
+  cfg = dataclasses.replace(
+    study.get_config("quick"),
+    seeds=3,
+    tune_seeds=2,
+    learning_rates="1e-3,1e-2",
+    workdir=str(tmp_path),
   )
   search, seeds = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
   assert search["validation_bpb"] == pytest.approx([1.25, 1.15])
@@ -412,8 +418,12 @@ def test_runs_are_saved_and_read_back_never_from_other_settings(tmp_path, monkey
     return {"validation": lr, "test": 10 * lr + seed, "source_test": 1.0}[split]
 
   monkeypatch.setattr(study.train_lib, "run", fake_run)
-  cfg = study.Config.quick(
-    seeds=3, tune_seeds=1, learning_rates="1e-3,1e-2", workdir=str(tmp_path)
+  cfg = dataclasses.replace(
+    study.get_config("quick"),
+    seeds=3,
+    tune_seeds=1,
+    learning_rates="1e-3,1e-2",
+    workdir=str(tmp_path),
   )
   first = study._method_runs(cfg, Method(), None, bpb, lambda *a: None)
   assert calls == [(1e-3, 0, 12), (1e-2, 0, 12), (1e-3, 1, 12), (1e-3, 2, 12)]
@@ -494,7 +504,7 @@ def test_the_study_starts_from_the_shipped_decoder_by_default(tmp_path):
 
 
 def test_a_run_signature_follows_the_data_and_the_settings(monkeypatch):
-  cfg = study.Config.quick()
+  cfg = study.get_config("quick")
   base = study.signature(cfg)
   assert study.signature(dataclasses.replace(cfg, seeds=9, workdir="x")) == base
   assert study.signature(dataclasses.replace(cfg, steps=13)) != base
