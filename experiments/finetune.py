@@ -135,12 +135,6 @@ class Config(methods_lib.Hyper, configs.RunConfig):
   ckpt_every: int = 100  # Checkpoint every this many steps (two are kept).
   eval_batch_size: int = 250  # Batch size of evaluation.
 
-  def hyper(self) -> methods_lib.Hyper:
-    """The methods' settings (the `Hyper` fields of this config)."""
-    return methods_lib.Hyper(
-      **{f.name: getattr(self, f.name) for f in dataclasses.fields(methods_lib.Hyper)}
-    )
-
   def method_names(self) -> list[str]:
     if self.methods == "all":
       names = list(methods_lib.METHODS)
@@ -294,7 +288,7 @@ def pretrain(cfg: Config, name: str, task: data_lib.Task, example) -> tuple[Any,
   if found is not None:
     params, record = found
     return params, record["test_accuracy"]
-  method = methods_lib.make("full", model, params, example, cfg.hyper())
+  method = methods_lib.make("full", model, params, example, cfg)
   record, params = train_lib.run(
     model,
     method,
@@ -443,7 +437,7 @@ def prepare(
   task.forget = forget
   if costs:
     task.costs = accounting.measure_costs(
-      model, params, example, cfg.hyper(), train_batches_of(cfg, train, 0)[0], freeze
+      model, params, example, cfg, train_batches_of(cfg, train, 0)[0], freeze
     )
     c = task.costs
     info["costs"] = {
@@ -576,7 +570,7 @@ def one_run(
     check_result(record, done, task.name, name, seed, settings, tuning)
     return record
   method = methods_lib.make(
-    name, task.model, task.params, task.example, cfg.hyper(), task.costs
+    name, task.model, task.params, task.example, cfg, task.costs
   )
   # Compiled steps shared by the seeds (one step would serve every rate too,
   # but a run's record counts the compilations it made).

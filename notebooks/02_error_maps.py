@@ -63,7 +63,7 @@ def probed_model(name):
   pre, acc = finetune.pretrain(cfg, name, source, example)
   model, fresh = finetune.init_model(cfg, target.num_classes, example)
   method = methods.make(
-    "head_only", model, {**pre, "head": fresh["head"]}, example, cfg.hyper()
+    "head_only", model, {**pre, "head": fresh["head"]}, example, cfg
   )
   with tempfile.TemporaryDirectory() as where:
     record, params = train.run(
