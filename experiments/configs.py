@@ -43,6 +43,31 @@ class RgftConfig:
   # resume where they left off).
   adam_count: str = "global"
 
+  def rgft_tx(
+    self,
+    learning_rate: float,
+    components: rgft_jax.Components,
+    warmup_steps: int,
+    min_scale: float | None = None,
+  ):
+    """`rgft_jax.rgft` with these settings (`min_scale` in place of this
+    one's if given: 1 is Adam that still measures the error map), the
+    learning rate in its state (`frozen.injected`)."""
+    scale = self.min_scale if min_scale is None else min_scale
+    return frozen.injected(
+      lambda rate: rgft_jax.rgft(
+        rate,
+        components,
+        beta=self.beta,
+        thresh_init=self.thresh_init,
+        thresh_final=self.thresh_final,
+        warmup_steps=warmup_steps,
+        min_scale=scale,
+        adam_count=self.adam_count,
+      ),
+      learning_rate,
+    )
+
   def validate(self) -> None:
     """Raises ValueError naming the flags, from RGFT's own checks."""
     if self.adam_count not in frozen.ADAM_COUNTS:

@@ -277,24 +277,15 @@ def _dense(
 
 
 def _rgft_tx(
-  hyper: Hyper, comps: rgft_jax.Components, learning_rate: float | None = None
+  hyper: Hyper,
+  comps: rgft_jax.Components,
+  learning_rate: float | None = None,
+  min_scale: float | None = None,
 ):
-  """RGFT with `hyper`'s settings at `learning_rate` (`hyper`'s if None)."""
-  if learning_rate is None:
-    learning_rate = hyper.learning_rate
-  return frozen.injected(
-    lambda rate: rgft_jax.rgft(
-      rate,
-      comps,
-      beta=hyper.beta,
-      thresh_init=hyper.thresh_init,
-      thresh_final=hyper.thresh_final,
-      warmup_steps=hyper.warmup_steps or hyper.steps,
-      min_scale=hyper.min_scale,
-      adam_count=hyper.adam_count,
-    ),
-    learning_rate,
-  )
+  """RGFT with `hyper`'s settings at `learning_rate` (`hyper`'s if None), the
+  threshold rising over `--warmup_steps` (0: the run)."""
+  rate = hyper.learning_rate if learning_rate is None else learning_rate
+  return hyper.rgft_tx(rate, comps, hyper.warmup_steps or hyper.steps, min_scale)
 
 
 def rgft_parts(model: nn.Module, params: Any, example: jax.Array, hyper: Hyper):
@@ -403,9 +394,7 @@ def _budgeted(s: Setup) -> Method:
     )
 
   def tx_of(learning_rate):
-    return _rgft_tx(
-      dataclasses.replace(h, min_scale=1.0) if dropbp else h, comps, learning_rate
-    )
+    return _rgft_tx(h, comps, learning_rate, 1.0 if dropbp else None)
 
   gated = bool(comps.layer_groups or dropbp)
   tx = tx_of(1.0)

@@ -249,22 +249,9 @@ def _rgft_tx(
   """RGFT's transformation at a learning rate; `min_scale=1` is plain Adam
   (every multiplier 1) that still measures the error map."""
   cfg = setup.cfg
-  min_scale = cfg.min_scale if min_scale is None else min_scale
 
   def tx_of(lr):
-    return frozen.injected(
-      lambda learning_rate: rgft_jax.rgft(
-        learning_rate,
-        comps,
-        beta=cfg.beta,
-        thresh_init=cfg.thresh_init,
-        thresh_final=cfg.thresh_final,
-        warmup_steps=cfg.steps,
-        min_scale=min_scale,
-        adam_count=cfg.adam_count,
-      ),
-      lr,
-    )
+    return cfg.rgft_tx(lr, comps, cfg.steps, min_scale)
 
   return tx_of
 
