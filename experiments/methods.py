@@ -249,17 +249,19 @@ def _dense(
   trainable: frozenset[str],
   *,
   tree_of: Callable[[int], Any] | None = None,
+  to_params: Callable[[Any], Any] = identity,
+  forward: Callable[..., jax.Array] | None = None,
   measure: Callable[..., Any] | None = None,
   components: rgft_jax.Components | None = None,
   **fields: Any,
 ) -> Method:
   """A method whose step differentiates `trainable` (`steps.dense_step`):
   `tx_of(rate, seed)` its optimizer (the rate and the seed only shape its
-  state), `tree_of(seed)` the tree it trains (the pretrained parameters)."""
+  state), `tree_of(seed)` the tree it trains (the pretrained parameters),
+  `to_params`/`forward` how that gives the model's output, `measure` RGFT's
+  error map; `fields` the rest of the `Method`'s."""
   tree_of = tree_of or (lambda seed: s.params)
-  loss_fn = steps_lib.method_loss(
-    s.model, fields.get("to_params", identity), fields.get("forward")
-  )
+  loss_fn = steps_lib.method_loss(s.model, to_params, forward)
   tx = tx_of(1.0, 0)
 
   def init(learning_rate: float, seed: int):
@@ -270,8 +272,10 @@ def _dense(
     s.name,
     init,
     lambda variant: steps_lib.dense_step(loss_fn, tx, trainable, variant, measure),
+    to_params=to_params,
     trainable=trainable,
     components=components,
+    forward=forward,
     **fields,
   )
 
