@@ -283,6 +283,7 @@ def test_the_mix_measures_heads_in_attention_and_whole_mlps():
   assert not np.array_equal(flat(final)[query], flat(params)[query])
 
 
+@pytest.mark.slow
 def test_exact_ablation_feeds_rgft_its_absolute_value():
   model, params, x, batch = _setup()
   tracker = rgft_jax.ErrorTracker(model, select="branches", method="ablation")

@@ -35,6 +35,7 @@ def test_a_scan_counts_every_iteration_like_the_loop():
   assert float(jax.jit(grad).lower(w, x).cost_analysis()["flops"]) < 0.4 * matmuls
 
 
+@pytest.mark.slow
 def test_scanned_detach_costs_equal_the_unrolled_models():
   model, params, x, y = _setup()
   costs = {}

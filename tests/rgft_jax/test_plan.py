@@ -101,6 +101,7 @@ def _assert_same(a, b, rtol=1e-6):
     np.testing.assert_allclose(u, v, rtol=rtol, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_error_map_holds_the_owned_taps_whatever_ran_before():
   params, x, y = _net()
   fresh = rgft_jax.ErrorTracker(Net(), select=_in_branch)
@@ -133,6 +134,7 @@ def test_a_plan_gives_what_each_trace_finds():
 
 
 @pytest.mark.parametrize("select", ["branches", "heads"])
+@pytest.mark.slow
 def test_order_does_not_matter_on_a_transformer(select):
   model, params, x, y = _setup()
   names = rgft_jax.ErrorTracker(model, select=select).components(params, x).names

@@ -58,6 +58,7 @@ def test_alpha_is_within_min_scale_and_one(values, thresh, min_scale):
 
 @_settings
 @given(_maps, _thresh, _min_scale)
+@pytest.mark.slow
 def test_the_largest_error_gets_one(values, thresh, min_scale):
   params, tx = _setup(len(values), thresh, min_scale)
   _, state = _step(params, tx, tx.init(params), values)

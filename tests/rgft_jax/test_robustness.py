@@ -67,6 +67,7 @@ def test_bf16_model_attributions_are_float32_and_close():
     np.testing.assert_allclose(error_map[name], value, rtol=5e-2, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_leaves_the_state_unpoisoned():
   x, y = _data()
   model = Net()

@@ -224,6 +224,7 @@ def _owner(comps, key):
   return None
 
 
+@pytest.mark.slow
 def test_twenty_detached_sets_compile_once():
   _, _, x, y = _setup()
   model, params = _model("scan")
@@ -359,6 +360,7 @@ def test_an_empty_batch_is_refused_naming_it():
     tracker.value_and_grad(_loss_fn(model))(params, x[:0], y[:0])
 
 
+@pytest.mark.slow
 def test_exact_runtime_measures_only_at_and_above_the_topmost_detached():
   _, _, x, y = _setup()
   model, params = _model("scan")

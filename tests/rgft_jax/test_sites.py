@@ -144,6 +144,7 @@ def test_reused_drop_path_is_one_component_per_call():
 
 
 @pytest.mark.parametrize("detach", [(), ("block0/attn",), ("block1/fc2",)])
+@pytest.mark.slow
 def test_detaching_one_call_of_a_reused_module(detach):
   model, params, x, y = _dp_setup()
   tracker = rgft_jax.ErrorTracker(model)
@@ -509,6 +510,7 @@ def _flat_forward(p, x, deltas=None):
   return (x + h2 + d2).reshape(shape), {"attn": h1, "fc2": h2.reshape(shape)}
 
 
+@pytest.mark.slow
 def test_batch_flattened_with_time_is_measured_per_example():
   model = FlatBlock()
   x = jax.random.normal(jax.random.key(1), (B, T, W))
@@ -638,6 +640,7 @@ def _mlp_leaves(prefix):
 
 
 @pytest.mark.parametrize("own", [True, False], ids=["and_own_layer", "only"])
+@pytest.mark.slow
 def test_a_layer_reused_across_depth_is_shared(own):
   """The reused layer's parameters (its norm too) are in no component and are
   listed as shared; with no layer of its own the model has no component

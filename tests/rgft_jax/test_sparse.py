@@ -307,6 +307,7 @@ def test_variant_cache_warns_when_it_thrashes():
     variants(frozenset({"block0"}), params, state, x, y)
 
 
+@pytest.mark.slow
 def test_detach_costs_warn_when_a_component_saves_nothing():
   """Heads share one einsum: detaching one alone saves nothing, and that is said."""
 

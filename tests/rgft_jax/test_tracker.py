@@ -40,6 +40,7 @@ def test_cheap_methods_match_per_example_vmap(granularity, method):
 
 
 @pytest.mark.parametrize("granularity", ["branches", "heads"])
+@pytest.mark.slow
 def test_ablation_matches_masked_forwards(granularity):
   model, params, x, y = _setup()
   tracker = rgft_jax.ErrorTracker(model, select=granularity, method="ablation")

@@ -222,6 +222,7 @@ def test_the_run_stops_where_the_rule_says(tmp_path):
   assert not jax.tree.all(jax.tree.map(np.array_equal, best, seen[42]))
 
 
+@pytest.mark.slow
 def test_without_a_plateau_the_cooldown_starts_in_time_for_max_steps(tmp_path):
   cfg = dataclasses.replace(
     plateau.get_config("quick"), workdir=str(tmp_path), max_steps=30
