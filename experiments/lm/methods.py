@@ -175,8 +175,15 @@ def _full(setup: Setup, name: str, budget: float | None) -> Method:
 
 
 def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
-  del budget
+  """LISA; `lisa@b` runs as many steps as give b of full fine-tuning's FLOPs,
+  each charged a LISA step's (`Costs.lisa`: the lowest layer trained, the
+  dearest)."""
   cfg, layers = setup.cfg, setup.decoder.cfg.n_layers
+  steps = None
+  if budget is not None:
+    if setup.costs is None:
+      raise ValueError(f"{name} needs the step costs (Setup.costs).")
+    steps = max(1, round(budget * cfg.steps * setup.costs.full / setup.costs.lisa))
   # Holding a layer closes over everything under its prefix (`_adam_step`).
   held = {f"layers/{i}": frozenset({f"layers/{i}"}) for i in range(layers)}
   count = cfg.adam_count
@@ -186,6 +193,7 @@ def _lisa(setup: Setup, name: str, budget: float | None) -> Method:
     lambda variant: _adam_step(setup.decoder, _adam(1.0, count), variant),
     lambda seed: LisaPolicy(held, cfg.lisa_layers, cfg.lisa_period, seed),
     family="adam",
+    steps=steps,
   )
 
 
@@ -449,7 +457,7 @@ _BUILDERS = (  # name, builder, budget ("none", "optional", "required").
     for name in budgets.BUDGETED
   ),
   ("lora", _lora, "none"),
-  ("lisa", _lisa, "none"),
+  ("lisa", _lisa, "optional"),
 )
 for _name, _build, _budget in _BUILDERS:
   registry.METHODS.register(_name, task="lm", budget=_budget)(_build)
@@ -466,7 +474,10 @@ def parse(name: str) -> tuple[str, float | None]:
 
 
 def needs_costs(name: str) -> bool:
-  return METHODS[parse(name)[0]].budget == "required"
+  """Whether `name` is sized by the step costs: every `name@b` but `full@b`
+  (b x the steps)."""
+  base, budget = parse(name)
+  return budget is not None and base != "full"
 
 
 def needs_freeze_costs(name: str) -> bool:

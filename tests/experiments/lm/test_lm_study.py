@@ -35,6 +35,7 @@ ALL = (
   *CONTROLS,
   "dropbp@0.7",
   "greentrainer@0.9",
+  "lisa@0.5",
 )
 
 
@@ -115,6 +116,11 @@ def test_every_method_is_registered_and_trains(quick):
     r["step_variants"] >= 3 for r in results["runs"] if r["method"] == "dropbp@0.7"
   )
   assert results["summary"]["full@0.5"]["steps"] == cfg.steps // 2
+  # LISA at equal FLOPs: more (cheaper) steps, sized by its dearest step (the
+  # lowest layer trained), within half a step of b of full's FLOPs or under.
+  lisa = results["summary"]["lisa@0.5"]
+  assert lisa["steps"] > cfg.steps // 2
+  assert 0.3 < lisa["flops_vs_full"] <= 0.5 + 0.5 / cfg.steps
 
 
 @pytest.mark.slow
