@@ -15,7 +15,6 @@ from experiments import methods as methods_lib
 from experiments import steps as steps_lib
 from experiments.budgets import Costs
 from experiments.trees import count
-from experiments.trees import flat
 
 
 def update_ratio(
@@ -34,10 +33,8 @@ def update_ratio(
     sizes = method.components.sizes(tree)
     alpha = np.where([n in frozen for n in method.components.names], 0.0, alpha)
     return float((np.sum(alpha * sizes) + (total - sizes.sum())) / total)
-  trainable = method.trainable
-  if trainable is None:
-    trainable = frozenset(flat(tree))
-  moved = count(tree, trainable - frozen) - methods_lib.held_count(opt_state)
+  trained = methods_lib.trained_paths(method, tree) - frozen
+  moved = count(tree, trained) - methods_lib.held_count(opt_state)
   return moved / total
 
 

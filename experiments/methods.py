@@ -70,6 +70,7 @@ __all__ = (  # What other modules take from here, the registry's names aside.
   "replace_head",
   "rgft_parts",
   "trainable_count",
+  "trained_paths",
   "unflat",
 )
 
@@ -157,13 +158,15 @@ def held_count(opt_state: Any) -> int:
   return 0 if held is None else sum(int(np.sum(m)) for m in jax.tree.leaves(held))
 
 
+def trained_paths(method: Method, tree: Any) -> frozenset[str]:
+  """The paths of `tree` that `method` trains (all when it does not say)."""
+  return frozenset(flat(tree)) if method.trainable is None else method.trainable
+
+
 def trainable_count(method: Method, tree: Any, opt_state: Any) -> int:
   """Entries `method` trains in `tree`: its trainable paths, less the entries
   its optimizer holds."""
-  trainable = method.trainable
-  if trainable is None:
-    trainable = frozenset(flat(tree))
-  return count(tree, trainable) - held_count(opt_state)
+  return count(tree, trained_paths(method, tree)) - held_count(opt_state)
 
 
 def replace_head(method: Method, tree: Any, head: Any) -> Any:
