@@ -36,6 +36,7 @@ from flax import nnx
 
 import rgft_jax
 from experiments import budgets
+from experiments import error_maps
 from experiments import frozen
 from experiments import lora as lora_lib
 from experiments import registry
@@ -326,6 +327,43 @@ def _rgft(select):
   return build
 
 
+def _rgft_random(setup: Setup, name: str, budget: float | None) -> Method:
+  """Soft RGFT over the branches fed a random error map (`U[0, 1)` per
+  branch, drawn each step from the run's seed, `error_maps.RandomErrorMap`)
+  through the same EMA and threshold: does attribution matter? Gradients are
+  plain `jax.grad`; the map's seed lives in the optimizer state."""
+  del budget
+  _, comps = _components(setup, is_branch)
+  tx_of = _rgft_tx(setup, comps)
+  decoder, params = setup.layout(scan=True)
+  draw = error_maps.RandomErrorMap(comps.names).draw
+
+  def tx(learning_rate: float, seed: int):
+    return optax.chain(error_maps.random_map_seed(seed), tx_of(learning_rate))
+
+  def make_step(variant: frozenset[str]) -> Step:
+    del variant
+    update = tx(1.0, 0).update  # Rate and seed are read from the state.
+
+    def step(params, opt_state, batch):
+      (nats, _), grads = jax.value_and_grad(
+        lambda p: lm.loss(decoder(p), batch), has_aux=True
+      )(params)
+      updates, opt_state = update(grads, opt_state, params, error_map=draw(opt_state))
+      return optax.apply_updates(params, updates), opt_state, {"loss": nats}
+
+    return step
+
+  return Method(
+    name,
+    lambda lr, seed: (params, tx(lr, seed).init(params)),
+    make_step,
+    to_params=setup.to_looped(scan=True),
+    family="rgft:random",
+    components=comps,
+  )
+
+
 def _layer(name: str) -> int:
   """The decoder layer of a component (`layers/3/mlp` -> 3)."""
   return int(re.match(r"layers/(\d+)/", name).group(1))
@@ -448,6 +486,7 @@ _BUILDERS = (  # name, builder, budget ("none", "optional", "required").
   ("full", _full, "optional"),
   ("rgft_blocks", _rgft(is_branch), "none"),
   ("rgft_heads", _rgft("heads"), "none"),
+  ("rgft_random", _rgft_random, "none"),
   *(
     (
       name,

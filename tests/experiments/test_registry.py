@@ -81,12 +81,11 @@ def test_the_studies_are_views_of_one_registry():
   for name in set(vit) & set(lm):
     assert vit[name].help == lm[name].help == registry.CATALOGUE[name]
   # Built for the ViT only: its classifier head and biases, adapters, masks,
-  # the mixed grouping and the random-map control.
+  # and the mixed grouping.
   assert set(vit) - set(lm) == {
     "bitfit",
     "head_only",
     "rgft_mix",
-    "rgft_random",
     "adapters",
     "random_sparse",
     "magnitude_sparse",

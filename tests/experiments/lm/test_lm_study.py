@@ -32,6 +32,7 @@ CONTROLS = (
 ALL = (
   *study.DEFAULT_METHODS,
   "rgft_budget_sample@0.5",
+  "rgft_random",
   *CONTROLS,
   "dropbp@0.7",
   "greentrainer@0.9",
