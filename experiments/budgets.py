@@ -70,23 +70,30 @@ class Costs:
 def unavailable(
   rule: str, budget: float, costs: Costs, steps: int | None, every: int
 ) -> str | None:
-  """Why a branch budget with `rule` cannot run, or None.
+  """Why a budget with `rule` (a branch rule, or "greentrainer") cannot run, or None.
 
-  No budget can spend less than a step with every branch detached (the
-  forward pass, the measurement and the gradients outside the branches);
-  `"static"` decides once after its first window of `every` steps, which a
-  run of `steps` (when known) must outlast.
+  No budget can spend less than its cheapest step: with every branch detached
+  (the forward pass, the measurement and the gradients outside the
+  branches), or for GreenTrainer a step training no tensor (the forward pass;
+  known once its freeze costs are measured, None before). `"static"` decides
+  once after its first window of `every` steps, which a run of `steps` (when
+  known) must outlast.
   """
   if rule == "static" and steps is not None and 1 + every >= steps:
     return (
       f"'static' decides after its window of --budget_every={every} steps, "
       f"which a run of --steps={steps} never ends"
     )
-  floor = costs.detach.floor / costs.full
+  if rule == "greentrainer":
+    if costs.freeze is None:
+      return None
+    floor, cheapest = costs.freeze.floor / costs.full, "training no tensor"
+  else:
+    floor, cheapest = costs.detach.floor / costs.full, "with every branch detached"
   if budget < floor:
     return (
       f"budget {budget} is below {floor:.3f} of a full step, the cost of a step "
-      "with every branch detached"
+      + cheapest
     )
   return None
 

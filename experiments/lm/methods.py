@@ -449,6 +449,9 @@ def _greentrainer(setup: Setup, name: str, budget: float | None) -> Method:
   cfg, costs = setup.cfg, setup.costs
   if costs is None or costs.freeze is None:
     raise ValueError(f"{name} needs the freeze costs (measure_costs(freeze=True)).")
+  why = budgets.unavailable("greentrainer", budget, costs, cfg.steps, cfg.budget_every)
+  if why:
+    raise Unavailable(why)
   freeze = costs.freeze
   decoder, params = setup.decoder, setup.params
   adam = _adam(1.0, cfg.adam_count)
