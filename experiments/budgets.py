@@ -48,7 +48,9 @@ BUDGETED = {
   "drawn every step (Adam, no multipliers)",
   "greentrainer": "GreenTrainer: the tensors a knapsack on trial-step importance picks",
 }
-assert set(BRANCH_RULES) | {"greentrainer"} == set(BUDGETED)
+# Every budgeted method's `Budget` rule, GreenTrainer's (over tensors) included.
+RULES = {**BRANCH_RULES, "greentrainer": "greentrainer"}
+assert set(RULES) == set(BUDGETED)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,7 +200,7 @@ def infeasible(
   base, budget = parse_name(name)
   if base == "lisa" and getattr(hyper, "scan", False):
     return "LISA holds whole blocks, which --scan stacks in one; run it looped"
-  rule = "greentrainer" if base == "greentrainer" else BRANCH_RULES.get(base)
+  rule = budgets.RULES.get(base)
   if budget is None or rule is None:
     return None
   steps = None if hyper is None else hyper.steps
